@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Full fine-tuning: language model, merger and vision tower all train (freeze any with the variables).
+# With no settings it runs the offline demo (tiny model + data_examples/) on whatever this machine has.
+# Every setting is an environment variable; extra vlft flags can follow on the command line:
+#   MODEL=Qwen/Qwen2-VL-2B-Instruct DATA=train.json IMAGE_FOLDER=images/ bash scripts/finetune.sh
+set -euo pipefail
+source "$(dirname "$0")/_common.sh"
+
+MODEL="${MODEL:-}"                                   # empty = tiny offline demo model
+DATA="${DATA:-$REPO/data_examples/llava_demo.json}"
+IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples/images}"
+OUTPUT_DIR="${OUTPUT_DIR:-$(new_output_dir finetune)}"
+if [ -z "$MODEL" ]; then
+  MODEL="$(tiny_model qwen2_vl)"
+  EPOCHS="${EPOCHS:-20}"; LR="${LR:-1e-3}"; BATCH_SIZE="${BATCH_SIZE:-2}"; GRAD_ACCUM="${GRAD_ACCUM:-1}"
+  NUM_WORKERS="${NUM_WORKERS:-0}"
+fi
+EPOCHS="${EPOCHS:-1}"
+LR="${LR:-1e-5}"
+BATCH_SIZE="${BATCH_SIZE:-4}"                        # per device
+GRAD_ACCUM="${GRAD_ACCUM:-4}"
+MAX_SEQ_LENGTH="${MAX_SEQ_LENGTH:-8192}"
+IMAGE_MIN_PIXELS="${IMAGE_MIN_PIXELS:-3136}"
+IMAGE_MAX_PIXELS="${IMAGE_MAX_PIXELS:-12845056}"
+FREEZE_VISION_TOWER="${FREEZE_VISION_TOWER:-false}"
+FREEZE_MERGER="${FREEZE_MERGER:-false}"
+FREEZE_LLM="${FREEZE_LLM:-false}"
+BF16="${BF16:-$(default_bf16)}"
+ATTN="${ATTN:-sdpa}"
+GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-false}"
+NUM_WORKERS="${NUM_WORKERS:-4}"
+SAVE_STEPS="${SAVE_STEPS:-500}"
+LOGGING_STEPS="${LOGGING_STEPS:-1}"
+REPORT_TO="${REPORT_TO:-none}"
+
+vlft_launch sft \
+  --model_id "$MODEL" \
+  --data_path "$DATA" \
+  --image_folder "$IMAGE_FOLDER" \
+  --output_dir "$OUTPUT_DIR" \
+  --freeze_vision_tower "$FREEZE_VISION_TOWER" \
+  --freeze_merger "$FREEZE_MERGER" \
+  --freeze_llm "$FREEZE_LLM" \
+  --num_train_epochs "$EPOCHS" \
+  --learning_rate "$LR" \
+  --per_device_train_batch_size "$BATCH_SIZE" \
+  --gradient_accumulation_steps "$GRAD_ACCUM" \
+  --max_seq_length "$MAX_SEQ_LENGTH" \
+  --image_min_pixels "$IMAGE_MIN_PIXELS" \
+  --image_max_pixels "$IMAGE_MAX_PIXELS" \
+  --bf16 "$BF16" \
+  --attn_implementation "$ATTN" \
+  --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
+  --weight_decay 0.0 \
+  --warmup_ratio 0.03 \
+  --lr_scheduler_type cosine \
+  --logging_steps "$LOGGING_STEPS" \
+  --save_strategy steps \
+  --save_steps "$SAVE_STEPS" \
+  --save_total_limit 3 \
+  --dataloader_num_workers "$NUM_WORKERS" \
+  --report_to "$REPORT_TO" \
+  "$@"
+mark_latest "$OUTPUT_DIR"

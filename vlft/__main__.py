@@ -1,0 +1,5 @@
+import sys
+
+from vlft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,40 @@
+"""`vlft <command> [flags]`: one table of command -> entry point."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from vlft.errors import VlftError
+
+COMMANDS = {
+    "sft": ("vlft.train.sft", "supervised fine-tuning (full or LoRA) on LLaVA-format data"),
+    "check-data": ("vlft.check", "validate a data file against a model's processor, without training"),
+    "tiny-model": ("vlft.models.tiny", "build the tiny offline Qwen-VL used by the demo and tests"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: vlft <command> [flags]   (vlft <command> --help for its flags)", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"vlft: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        return module.main(rest) or 0
+    except VlftError as err:
+        print(f"vlft {command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data loading: LLaVA files -> validated samples, and image loading/sizing."""

@@ -1,0 +1,123 @@
+"""Image files -> RGB images at the size the Qwen-VL vision encoder will see."""
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from vlft.errors import VlftError
+
+MAX_ASPECT_RATIO = 200  # Qwen-VL's limit; beyond it one side would shrink below a single patch
+
+
+class MediaError(VlftError):
+    """An image (or later a video) that cannot be used."""
+
+
+def resolve_media_path(path: str, image_folder: str | None, data_file: str) -> Path:
+    """Relative paths are relative to --image_folder, or to the data file's folder when it is not given."""
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    base = Path(image_folder) if image_folder else Path(data_file).parent
+    return base / p
+
+
+def smart_size(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen-VL's target (height, width): multiples of factor, pixel count within bounds, aspect ratio kept."""
+    if height <= 0 or width <= 0:
+        raise MediaError(f"image size {width}x{height} (width x height) is empty")
+    if min_pixels > max_pixels:
+        raise VlftError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels}); lower it")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise MediaError(f"image size {width}x{height} (width x height) has an aspect ratio over "
+                         f"{MAX_ASPECT_RATIO}; crop or pad it")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        # the clamp keeps a very thin image at one patch row instead of zero
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def image_token_count(height: int, width: int, *, patch_size: int, merge_size: int, min_pixels: int,
+                      max_pixels: int) -> int:
+    """Image pad tokens for an image of this original size, once fitted with factor patch_size * merge_size."""
+    h, w = smart_size(height, width, factor=patch_size * merge_size, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (h // patch_size) * (w // patch_size) // merge_size**2
+
+
+_STRICT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _strict_decoding():
+    # Another library may have set this global to True; a half-decoded image would then train as grey noise.
+    # Restored afterwards so we never change what the rest of the process sees. In the usual case (False)
+    # nothing is touched, so threads decoding in parallel (the data check) never serialise on the lock.
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        yield
+        return
+    with _STRICT_LOCK:
+        saved = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image, turn it upright per EXIF, and convert it to RGB."""
+    path = Path(path)
+    try:
+        with _strict_decoding(), Image.open(path) as img:
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+    except FileNotFoundError as e:
+        raise MediaError(f"image {path} does not exist; check the path in the record and --image_folder") from e
+    except IsADirectoryError as e:
+        raise MediaError(f"image {path} is a directory, not an image file") from e
+    except UnidentifiedImageError as e:
+        raise MediaError(f"image {path} is not an image file Pillow can read (unknown or broken format)") from e
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"image {path} is too large to decode safely: {e}") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise MediaError(f"image {path} is truncated or corrupt and could not be decoded: {e}") from e
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        # transparent pixels often hold black; on white they look as the image was meant to be seen
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode.startswith("I") or img.mode == "F":
+        # Pillow clips wide grey values to 255 instead of scaling, which turns 16-bit scans white
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or values.max() > 255:
+            values = values / 257
+        grey = Image.fromarray(np.clip(values.round(), 0, 255).astype(np.uint8))
+        return grey.convert("RGB")
+    return img.convert("RGB")
+
+
+def fit_image(img: Image.Image, *, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+    """Resize to smart_size; the same object when it already fits."""
+    h, w = smart_size(img.height, img.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    if (w, h) == img.size:
+        return img
+    return img.resize((w, h), Image.Resampling.BICUBIC)

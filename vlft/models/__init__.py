@@ -1,0 +1,1 @@
+"""Model families, loading, freezing, LoRA and the offline tiny model."""

@@ -1,0 +1,66 @@
+"""Load the processor and the model the same way for a hub id, a local checkpoint or the tiny model."""
+from __future__ import annotations
+
+import torch
+
+from vlft.errors import VlftError
+from vlft.models.registry import Family, get_family
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _wrap_load_error(what: str, model_id: str, err: Exception) -> VlftError:
+    return VlftError(
+        f"could not load the {what} from --model_id {model_id!r}: {err}. "
+        "Pass a local checkpoint directory (with config.json) or a Hugging Face model id you can reach."
+    )
+
+
+def load_family(model_id: str) -> Family:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as err:
+        raise _wrap_load_error("config", model_id, err) from None
+    return get_family(config.model_type)
+
+
+def load_processor(model_id: str):
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+    except (OSError, ValueError) as err:
+        raise _wrap_load_error("processor", model_id, err) from None
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise VlftError(f"{model_id!r} has no image processor + tokenizer; is it a Qwen-VL checkpoint?")
+    if processor.tokenizer.pad_token_id is None:
+        raise VlftError(f"the tokenizer of {model_id!r} has no pad token; set pad_token in tokenizer_config.json")
+    return processor
+
+
+def load_model(model_id: str, *, dtype: str = "fp32", attn_implementation: str = "sdpa"):
+    """Returns (model, family). `dtype` is the storage dtype of the weights (bf16 for GPU runs)."""
+    from transformers import AutoModelForImageTextToText
+
+    family = load_family(model_id)
+    if attn_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise VlftError(
+                "--attn_implementation flash_attention_2 needs the flash-attn package and a CUDA GPU; "
+                "install it (pip install flash-attn --no-build-isolation) or use --attn_implementation sdpa"
+            )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_id, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError) as err:
+        raise _wrap_load_error("model", model_id, err) from None
+    if model.config.model_type != family.model_type:  # pragma: no cover - guards against a transformers remap
+        raise VlftError(f"loaded {model.config.model_type!r} but the config says {family.model_type!r}")
+    # Training never uses the KV cache; leaving it on only wastes memory and warns under checkpointing.
+    model.config.use_cache = False
+    return model, family

@@ -1,0 +1,189 @@
+"""The embedded default model: a tiny, randomly initialised Qwen-VL built entirely offline.
+
+Tests and the demo use it so that nothing is downloaded; it is saved as an ordinary model
+directory, so it goes through exactly the same loading code as a real checkpoint.
+
+    vlft tiny-model .cache/vlft/tiny-qwen2_vl --family qwen2_vl
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from vlft.constants import ENDOFTEXT, IM_END, IMAGE_PAD, QWEN_SPECIAL_TOKENS, VIDEO_PAD, VISION_END, VISION_START
+from vlft.utils import log
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+PATCH = 8  # vision patch size (real models: 14 or 16); small so tiny images give a few tokens
+MERGE = 2  # spatial merge size, as in the real models
+TEMPORAL_PATCH = 2
+MIN_PIXELS = (2 * PATCH * MERGE) ** 2
+MAX_PIXELS = (8 * PATCH * MERGE) ** 2
+
+# The BPE is trained on this text so that the demo data tokenises into few tokens.
+_CORPUS = """You are a helpful assistant. You are a careful visual assistant.
+Describe the image. What is in the picture? What colour is the shape? What shape is it?
+The image shows a red square on a blue background. A green circle on a white background.
+A blue triangle on a white background. A gray gradient from dark to light. A yellow square on black.
+An arrow pointing up. An orange cat with pointy ears. Compare the two images. How many images are there?
+The first image is red and the second image is green. There are two images. There are three images.
+What happens in the video? A ball moves from left to right. Which one is larger? Which way does it point?
+Answer in one word. Yes. No. Red. Green. Blue. Yellow. Orange. Gray. Square. Circle. Triangle. Cat. Up.
+What is the capital of France? The capital of France is Paris. What is two plus two? Two plus two is four.
+Thank you! You are welcome. Tell me a fact. Water boils at one hundred degrees Celsius at sea level.
+The quick brown fox jumps over the lazy dog. 0123456789 , . ? ! : ; ' " ( ) [ ] { } - + = / * # @ & % $
+user assistant system image video picture frame left right top bottom small large colour color
+"""
+
+
+def load_chat_template(family: str) -> str:
+    """The official Qwen-VL chat templates, as shipped in TRL's package data (Qwen2-VL's and
+    Qwen2.5-VL's are identical)."""
+    name = "qwen3_vl" if family == "qwen3_vl" else "qwen2_5_vl"
+    return importlib.resources.files("trl").joinpath(f"chat_templates/{name}.jinja").read_text()
+
+
+def build_tokenizer(family: str = "qwen2_vl", vocab_size: int = 640):
+    """Byte-level BPE trained on a small corpus, wrapped as transformers' Qwen2Tokenizer, with the
+    Qwen special tokens after the regular vocabulary (as in the real tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None)
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    tok.eos_token = IM_END
+    tok.pad_token = ENDOFTEXT
+    tok.chat_template = load_chat_template(family)
+    tok.model_max_length = 32768
+    return tok
+
+
+def build_processor(family: str, tokenizer):
+    from transformers import Qwen2VLImageProcessor
+
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH,
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
+    )
+    video_size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS * 4}
+    common = dict(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH, size=video_size)
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLProcessor as Processor
+        from transformers import Qwen3VLVideoProcessor as VideoProcessor
+    elif family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor as Processor
+        from transformers import Qwen2VLVideoProcessor as VideoProcessor
+    else:
+        from transformers import Qwen2VLProcessor as Processor
+        from transformers import Qwen2VLVideoProcessor as VideoProcessor
+    return Processor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=VideoProcessor(**common),
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def build_model(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, vision_depth: int = 2,
+                vision_hidden: int = 32, seed: int = 0, initializer_range: float = 0.2):
+    """A randomly initialised model of about 0.2M parameters whose config matches the tokenizer."""
+    import torch
+
+    ids = {
+        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_PAD),
+        "video_token_id": tokenizer.convert_tokens_to_ids(VIDEO_PAD),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids(VISION_START),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids(VISION_END),
+    }
+    heads = 4
+    head_dim = hidden // heads
+    text = dict(
+        vocab_size=((len(tokenizer) + 63) // 64) * 64, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
+        # mRoPE sections (T, H, W) must sum to head_dim / 2
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]},
+        bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids(IM_END), pad_token_id=tokenizer.pad_token_id,
+        # Wider than the usual 0.02: with a frozen final norm and head (LoRA), a 64-wide model initialised at
+        # 0.02 cannot reach logits sharp enough to memorise the demo, so its loss would stall near ln(vocab).
+        initializer_range=initializer_range,
+    )
+    vision_common = dict(patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH,
+                         depth=vision_depth, num_heads=2)
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+        vision = dict(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2, **vision_common)
+    elif family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+        vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      window_size=PATCH * MERGE * 2, fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2,
+                      **vision_common)
+    elif family == "qwen3_vl":
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+        text.update(head_dim=head_dim)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0], **vision_common)
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+    config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    torch.manual_seed(seed)
+    model = Model(config).to(torch.float32)
+    model.generation_config.eos_token_id = text["eos_token_id"]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_vl", *, seed: int = 0,
+                    exist_ok: bool = False) -> Path:
+    """Build and save model + processor to `out_dir`. Written to a temporary sibling first and renamed,
+    so a crash or a concurrent caller never leaves a half-written directory."""
+    out = Path(out_dir)
+    if out.exists():
+        if exist_ok and (out / "config.json").exists():
+            return out
+        from vlft.errors import VlftError
+        raise VlftError(f"{out} already exists; choose another directory (or pass --exist_ok to reuse it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tok = build_tokenizer(family)
+        build_processor(family, tok).save_pretrained(tmp)
+        build_model(family, tok, seed=seed).save_pretrained(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first
+            if not (exist_ok and (out / "config.json").exists()):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlft tiny-model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="directory to create")
+    parser.add_argument("--family", default="qwen2_vl", choices=FAMILIES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exist_ok", action="store_true", help="reuse the directory if it already holds a model")
+    args = parser.parse_args(argv)
+    out = save_tiny_model(args.out_dir, args.family, seed=args.seed, exist_ok=args.exist_ok)
+    log(f"tiny {args.family} model in {out}")
+    return 0
