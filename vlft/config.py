@@ -82,10 +82,18 @@ class SFTTrainingArguments(TrainingArguments):
             self.warmup_steps = self.warmup_ratio
         if self.label_names is None:
             self.label_names = ["labels"]  # PeftModel hides the signature the Trainer would read it from
+        if self.dataloader_pin_memory and not _has_cuda():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         if self.gradient_checkpointing_kwargs is None:
             # Non-reentrant checkpointing works with frozen inputs (frozen tower, LoRA) without hooks.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 SFT_GROUPS = (ModelArguments, DataArguments, TuneArguments, SFTTrainingArguments)

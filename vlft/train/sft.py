@@ -48,8 +48,8 @@ def make_collator(processor, model) -> SFTCollator:
     )
 
 
-def run(argv: list[str]) -> dict:
-    """Train; returns a summary dict (also printed)."""
+def run(argv: list[str]):
+    """Train; returns (summary dict, trainer). The summary is also printed."""
     from transformers import set_seed
 
     from vlft.models.freezing import apply_freeze, parameter_table
@@ -113,7 +113,7 @@ def run(argv: list[str]) -> dict:
         f"       {'adapter' if tune_args.lora_enable else 'model'}, processor and {os.path.basename('vlft_args.json')} "
         f"in {summary['output_dir']}"
     )
-    return summary
+    return summary, trainer
 
 
 def main(argv: list[str] | None = None) -> int:

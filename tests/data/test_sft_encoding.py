@@ -1,0 +1,127 @@
+"""Token ids and labels of every demo record, checked against independent oracles:
+the processor's own call on the template text (ids, pixels, grids) and the decoded labelled spans
+(exactly the assistant texts, each followed by <|im_end|>)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import DEMO_DATA, DEMO_IMAGES
+
+from vlft.check import check_sft_data
+from vlft.constants import IGNORE_INDEX, IM_END
+from vlft.data.llava import parse_record
+from vlft.data.media import fit_image, load_image
+from vlft.data.sft import SFTDataset, SFTEncoder
+
+MIN_PIXELS, MAX_PIXELS = 3136, 12845056
+RECORDS = json.loads(DEMO_DATA.read_text())
+
+
+@pytest.fixture(scope="module")
+def demo(processor):
+    checked = check_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
+                             image_min_pixels=MIN_PIXELS, image_max_pixels=MAX_PIXELS, max_seq_length=4096)
+    dataset = SFTDataset(checked.samples, checked.image_paths, processor, image_min_pixels=MIN_PIXELS,
+                         image_max_pixels=MAX_PIXELS)
+    return checked, dataset
+
+
+def labelled_runs(labels: torch.Tensor) -> list[list[int]]:
+    runs, current = [], []
+    for tok in labels.tolist():
+        if tok == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+                current = []
+        else:
+            current.append(tok)
+    if current:
+        runs.append(current)
+    return runs
+
+
+def test_every_demo_record_is_usable(demo):
+    checked, dataset = demo
+    assert len(dataset) == len(RECORDS)
+    assert [s.id for s in checked.samples] == [r["id"] for r in RECORDS]
+    assert checked.lengths == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
+@pytest.mark.parametrize("i", range(len(RECORDS)), ids=[r["id"] for r in RECORDS])
+def test_labels_are_exactly_the_assistant_turns(demo, processor, i):
+    _, dataset = demo
+    item = dataset[i]
+    ids, labels = item["input_ids"], item["labels"]
+    trained = labels != IGNORE_INDEX
+    assert torch.equal(labels[trained], ids[trained])
+    answers = [t["value"] + IM_END for t in RECORDS[i]["conversations"] if t["from"] == "gpt"]
+    decoded = [processor.tokenizer.decode(run) for run in labelled_runs(labels)]
+    assert decoded == answers
+    # vision tokens never carry a label
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert not trained[ids == image_pad].any()
+
+
+@pytest.mark.parametrize("i", range(len(RECORDS)), ids=[r["id"] for r in RECORDS])
+def test_ids_and_pixels_match_the_processor(demo, processor, i):
+    """Our single-render encoding gives what the processor gives for the template's text."""
+    checked, dataset = demo
+    item = dataset[i]
+    sample = checked.samples[i]
+    text = processor.apply_chat_template(sample.messages, tokenize=False)
+    images = [fit_image(load_image(p), factor=16, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+              for p in checked.image_paths[i]]
+    ref = processor(text=[text], images=images or None, do_resize=False, return_tensors="pt")
+    assert torch.equal(item["input_ids"], ref["input_ids"][0])
+    if images:
+        assert torch.equal(item["image_grid_thw"], ref["image_grid_thw"])
+        assert torch.allclose(item["pixel_values"], ref["pixel_values"])
+        image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        expected = int((item["image_grid_thw"].prod(-1) // 4).sum())
+        assert int((item["input_ids"] == image_pad).sum()) == expected
+    else:
+        assert "pixel_values" not in item
+
+
+def test_system_turn_overrides_default_prompt(processor):
+    enc = SFTEncoder(processor)
+    default = "You are a helpful assistant."
+    plain, _ = parse_record(RECORDS[8], 8, "demo")  # text_only
+    custom, _ = parse_record(RECORDS[9], 9, "demo")  # text_only_multi_turn_system
+    plain_text = processor.tokenizer.decode(enc.encode(plain.messages, []).input_ids)
+    custom_text = processor.tokenizer.decode(enc.encode(custom.messages, []).input_ids)
+    assert plain_text.count(default) == 1
+    assert "Answer in one sentence." in custom_text and custom_text.count("<|im_start|>system") == 1
+
+
+def test_image_pads_expand_per_image(processor):
+    enc = SFTEncoder(processor)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]},
+        {"role": "assistant", "content": "Two."},
+    ]
+    out = enc.encode(messages, [3, 5])
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    ids = out.input_ids
+    spans, k = [], 0
+    while k < len(ids):
+        if ids[k] == start:
+            n = 0
+            while ids[k + 1 + n] == pad:
+                n += 1
+            spans.append(n)
+        k += 1
+    assert spans == [3, 5]
+    assert len(out.labels) == len(ids)
+
+
+def test_whitespace_inside_answers_is_kept(processor):
+    enc = SFTEncoder(processor)
+    answer = "Line one.\n\n  Line two  "
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": answer}]
+    out = enc.encode(messages, [])
+    runs = labelled_runs(torch.tensor(out.labels))
+    assert [processor.tokenizer.decode(r) for r in runs] == [answer + IM_END]
