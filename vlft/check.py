@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlft.config import DataArguments, ModelArguments, parse_args
     from vlft.models.loading import load_processor
 
-    model_args, data_args = parse_args((ModelArguments, DataArguments), argv or [])
+    model_args, data_args = parse_args((ModelArguments, DataArguments), argv or [], prog="vlft check-data")
     if not model_args.model_id or not data_args.data_path:
         raise VlftError("vlft check-data needs --model_id and --data_path")
     if not Path(data_args.data_path).exists():

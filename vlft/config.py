@@ -99,7 +99,7 @@ def _has_cuda() -> bool:
 SFT_GROUPS = (ModelArguments, DataArguments, TuneArguments, SFTTrainingArguments)
 
 
-def _config_to_argv(path: str, known: set[str]) -> list[str]:
+def _config_to_argv(path: str, parser) -> list[str]:
     import yaml
 
     p = Path(path)
@@ -111,15 +111,21 @@ def _config_to_argv(path: str, known: set[str]) -> list[str]:
         raise VlftError(f"--config {path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise VlftError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
-    unknown = sorted(set(data) - known)
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    unknown = sorted(set(data) - set(actions))
     if unknown:
         raise VlftError(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are the command-line flag names")
     argv: list[str] = []
     for key, value in data.items():
-        if value is None:
-            continue
+        if value is None or value == []:
+            continue  # the default stands
         if isinstance(value, (list, tuple)):
-            argv += [f"--{key}", *map(str, value)]
+            if actions[key].nargs in ("+", "*"):
+                argv += [f"--{key}", *map(str, value)]
+            elif len(value) == 1:
+                argv += [f"--{key}", str(value[0])]
+            else:  # e.g. report_to: TrainingArguments takes several integrations as one comma-separated value
+                argv += [f"--{key}", ",".join(map(str, value))]
         elif isinstance(value, dict):
             argv += [f"--{key}", json.dumps(value)]
         else:
@@ -127,16 +133,20 @@ def _config_to_argv(path: str, known: set[str]) -> list[str]:
     return argv
 
 
-def parse_args(groups: tuple[type, ...], argv: list[str]):
+def _raise_parse_error(message: str):
+    raise VlftError(f"{message} (run with --help for the list of flags)")
+
+
+def parse_args(groups: tuple[type, ...], argv: list[str], prog: str = "vlft"):
     """Parse flags (after an optional `--config FILE`) into the given dataclasses."""
     argv = list(argv)
-    parser = HfArgumentParser(groups)
-    known = {f.name for g in groups for f in dataclasses.fields(g) if f.init}
+    parser = HfArgumentParser(groups, prog=prog)
+    parser.error = _raise_parse_error  # a one-line VlftError instead of argparse's usage dump
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise VlftError("--config needs a file path")
-        config_argv = _config_to_argv(argv[i + 1], known)
+        config_argv = _config_to_argv(argv[i + 1], parser)
         argv = config_argv + argv[:i] + argv[i + 2:]  # command-line flags come last, so they win
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)

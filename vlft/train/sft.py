@@ -57,7 +57,7 @@ def run(argv: list[str]):
     from vlft.models.lora import apply_lora, llm_lora_targets
     from vlft.train.trainer import VlftTrainer
 
-    model_args, data_args, tune_args, train_args = parse_args(SFT_GROUPS, argv)
+    model_args, data_args, tune_args, train_args = parse_args(SFT_GROUPS, argv, prog="vlft sft")
     check_sft_args(model_args, data_args, tune_args, train_args)
     _check_output_dir(train_args)
     args_record = resolved_args(model_args, data_args, tune_args, train_args)

@@ -1,0 +1,202 @@
+"""What we ship in scripts/: every flag exists, every script's full argument list parses and passes the
+cross-field checks, and both scripts train the demo end to end."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlft.cli import main
+from vlft.config import ARGS_FILE, SFT_GROUPS, check_sft_args, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+SFT_SCRIPTS = sorted(p.name for p in SCRIPTS.glob("*.sh") if "vlft_launch sft" in p.read_text())
+FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*)")
+SFT_FIELDS = {f.name for g in SFT_GROUPS for f in dataclasses.fields(g) if f.init}
+TINY = "tiny-qwen2_vl"
+
+
+def test_the_sft_scripts_are_found():
+    assert SFT_SCRIPTS == ["finetune.sh", "finetune_lora.sh"]
+
+
+@pytest.mark.parametrize("script", SFT_SCRIPTS)
+def test_every_flag_in_a_script_is_an_sft_argument(script):
+    flags = set(FLAG.findall((SCRIPTS / script).read_text()))
+    assert len(flags) > 20  # the regex does see the launch line
+    assert sorted(flags - SFT_FIELDS) == []
+
+
+def test_common_flags_belong_to_tiny_model(capsys):
+    from vlft.models import tiny
+
+    with pytest.raises(SystemExit) as info:
+        tiny.main(["--help"])
+    assert info.value.code == 0
+    tiny_flags = set(FLAG.findall(capsys.readouterr().out))
+    common_flags = set(FLAG.findall((SCRIPTS / "_common.sh").read_text()))
+    assert common_flags and common_flags <= tiny_flags
+
+
+def script_env(tmp: Path, **settings: str) -> dict:
+    """The environment with every variable the scripts read removed, then `settings` added."""
+    names = {name for p in SCRIPTS.glob("*.sh") for name in re.findall(r"\$\{(\w+):-", p.read_text())}
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLFT_CACHE": str(tmp / "cache"),
+                "OUTPUT_DIR": str(tmp / "out"), **settings})
+    return env
+
+
+def launched_argv(tmp: Path, script: str, *extra: str, **settings: str) -> dict[str, list[str]]:
+    """Run a script with PYTHON pointed at a shim that records its arguments instead of running vlft;
+    returns {vlft command: its arguments}."""
+    shim = tmp / "python-shim"
+    shim.write_text('#!/bin/sh\ncmd="$3"; shift 3\nprintf \'%s\\0\' "$@" > "$ARGV_DIR/$cmd.argv"\n')
+    shim.chmod(0o755)
+    env = script_env(tmp, PYTHON=str(shim), ARGV_DIR=str(tmp), **settings)
+    proc = subprocess.run(["bash", str(SCRIPTS / script), *extra], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return {p.stem: p.read_text().split("\0")[:-1] for p in tmp.glob("*.argv")}
+
+
+# script -> (demo values, values with a real MODEL) for a few flags
+EXPECTED = {
+    "finetune.sh": (
+        dict(num_train_epochs=20, learning_rate=1e-3, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+             dataloader_num_workers=0, lora_enable=False, freeze_vision_tower=False),
+        dict(num_train_epochs=1, learning_rate=1e-5, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+             dataloader_num_workers=4, lora_enable=False, freeze_vision_tower=False),
+    ),
+    "finetune_lora.sh": (
+        dict(num_train_epochs=30, learning_rate=5e-3, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+             dataloader_num_workers=0, lora_enable=True, lora_rank=16, lora_alpha=32, freeze_vision_tower=True),
+        dict(num_train_epochs=1, learning_rate=1e-4, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+             dataloader_num_workers=4, lora_enable=True, lora_rank=64, lora_alpha=64, freeze_vision_tower=True),
+    ),
+}
+
+
+def flat(groups) -> dict:
+    return {f.name: getattr(g, f.name) for g in groups for f in dataclasses.fields(g) if f.init}
+
+
+@pytest.mark.parametrize("script", SFT_SCRIPTS)
+@pytest.mark.parametrize("demo", [True, False], ids=["demo", "real-model"])
+def test_script_arguments_parse(tmp_path, script, demo):
+    settings = {} if demo else {"MODEL": "Qwen/Qwen2-VL-2B-Instruct"}
+    calls = launched_argv(tmp_path, script, **settings)
+    groups = parse_args(SFT_GROUPS, calls["sft"])
+    check_sft_args(*groups)
+    values = flat(groups)
+
+    model_id = str(tmp_path / "cache" / TINY) if demo else "Qwen/Qwen2-VL-2B-Instruct"
+    assert values["model_id"] == model_id
+    assert values["data_path"] == str(REPO / "data_examples" / "llava_demo.json")
+    assert values["image_folder"] == str(REPO / "data_examples" / "images")
+    assert values["output_dir"] == str(tmp_path / "out")
+    assert values["lr_scheduler_type"] == "cosine" and values["warmup_ratio"] == 0.03
+    expected = EXPECTED[script][0 if demo else 1]
+    assert {k: values[k] for k in expected} == expected
+    assert sorted(calls) == (["sft", "tiny-model"] if demo else ["sft"])
+
+
+def test_demo_builds_the_tiny_model_with_flags_tiny_model_accepts(tmp_path, tiny_model_dir, capsys):
+    calls = launched_argv(tmp_path, "finetune_lora.sh")
+    out_dir, *flags = calls["tiny-model"]
+    assert out_dir == str(tmp_path / "cache" / TINY)
+    assert flags == ["--family", "qwen2_vl", "--exist_ok"]
+    # the same flags on a directory that already holds the model: accepted, nothing rebuilt
+    before = (tiny_model_dir / "model.safetensors").stat().st_mtime_ns
+    assert main(["tiny-model", str(tiny_model_dir), *flags]) == 0
+    assert (tiny_model_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_settings_and_extra_flags_reach_vlft(tmp_path):
+    calls = launched_argv(tmp_path, "finetune_lora.sh", "--save_steps", "7", "--seed", "3",
+                          LORA_RANK="8", MAX_SEQ_LENGTH="1024", IMAGE_FOLDER=str(tmp_path))
+    values = flat(parse_args(SFT_GROUPS, calls["sft"]))
+    assert (values["lora_rank"], values["max_seq_length"], values["image_folder"]) == (8, 1024, str(tmp_path))
+    assert (values["save_steps"], values["seed"]) == (7, 3)  # the extra flags come last, so they win
+
+
+# --- real runs on the tiny model ---
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vlft-cache")
+
+
+def run_script(script: str, out_dir: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = script_env(out_dir.parent, PYTHON=sys.executable, EPOCHS="1", OUTPUT_DIR=str(out_dir), VLFT_CACHE=str(cache))
+    return subprocess.run(["bash", str(SCRIPTS / script), "--disable_tqdm", "true"], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+DONE = re.compile(r"\[vlft\] done: (\d+) steps in [\d.]+s; loss (\d+\.\d+) -> (\d+\.\d+);")
+
+
+def assert_trained(proc: subprocess.CompletedProcess, out: Path, weights: list[str], lora: bool) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in [*weights, ARGS_FILE, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
+        assert (out / name).is_file(), name
+    match = DONE.search(proc.stderr)
+    assert match, proc.stderr[-3000:]
+    assert int(match.group(1)) == 5  # 10 demo records, batch size 2, one epoch
+    assert 0 < float(match.group(2)) < 20 and 0 < float(match.group(3)) < 20
+    args = json.loads((out / ARGS_FILE).read_text())
+    assert args["lora_enable"] is lora
+    assert args["num_train_epochs"] == 1 and args["output_dir"] == str(out)
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("lora") / "out"
+    return run_script("finetune_lora.sh", out, cache), out
+
+
+def test_finetune_lora_script_trains(lora_run):
+    proc, out = lora_run
+    assert_trained(proc, out, ["adapter_model.safetensors", "adapter_config.json"], lora=True)
+    assert not (out / "model.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+
+
+def test_finetune_script_trains(tmp_path, cache):
+    out = tmp_path / "out"
+    proc = run_script("finetune.sh", out, cache)
+    assert_trained(proc, out, ["model.safetensors", "config.json"], lora=False)
+    assert not (out / "adapter_model.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_vl"
+
+
+def test_second_run_into_the_same_dir_changes_nothing(lora_run, cache):
+    first, out = lora_run
+    assert first.returncode == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert Path("adapter_model.safetensors") in before
+
+    proc = run_script("finetune_lora.sh", out, cache)
+    assert proc.returncode == 2
+    assert f"vlft sft: error: --output_dir {out} already holds files" in proc.stderr
+    assert "--overwrite_output_dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_saved_arguments_are_usable_as_config(lora_run):
+    """`resolved_args` promises that vlft_args.json can be passed back as --config."""
+    _, out = lora_run
+    saved = json.loads((out / ARGS_FILE).read_text())
+    values = flat(parse_args(SFT_GROUPS, ["--config", str(out / ARGS_FILE)]))
+    for name in ["model_id", "data_path", "output_dir", "lora_enable", "lora_rank", "learning_rate", "num_train_epochs"]:
+        assert values[name] == saved[name], name
