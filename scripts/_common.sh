@@ -31,3 +31,13 @@ mark_latest() {  # mark_latest OUTPUT_DIR: update the sibling `latest` link afte
 vlft_launch() {
   "$PYTHON" -m vlft "$@"
 }
+
+# Liger kernels where a GPU and liger-kernel are present (USE_LIGER=true/false overrides).
+default_liger() {
+  if [ "$(default_bf16)" = true ] && "$PYTHON" -c "import liger_kernel" >/dev/null 2>&1; then echo true; else echo false; fi
+}
+
+# optional_flag NAME VALUE: prints "--NAME VALUE" only when VALUE is set, for flags whose absence means "default".
+optional_flag() {
+  if [ -n "$2" ]; then printf '%s\n' "--$1" "$2"; fi
+}

@@ -12,11 +12,13 @@ IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples/images}"
 OUTPUT_DIR="${OUTPUT_DIR:-$(new_output_dir finetune)}"
 if [ -z "$MODEL" ]; then
   MODEL="$(tiny_model qwen2_vl)"
-  EPOCHS="${EPOCHS:-20}"; LR="${LR:-1e-3}"; BATCH_SIZE="${BATCH_SIZE:-2}"; GRAD_ACCUM="${GRAD_ACCUM:-1}"
+  EPOCHS="${EPOCHS:-20}"; LR="${LR:-1e-3}"; VISION_LR="${VISION_LR-}"; BATCH_SIZE="${BATCH_SIZE:-2}"; GRAD_ACCUM="${GRAD_ACCUM:-1}"
   NUM_WORKERS="${NUM_WORKERS:-0}"
 fi
 EPOCHS="${EPOCHS:-1}"
-LR="${LR:-1e-5}"
+LR="${LR:-1e-5}"                                     # language model
+VISION_LR="${VISION_LR-2e-6}"                        # vision tower (set empty: same as LR)
+MERGER_LR="${MERGER_LR:-}"                           # merger (empty: same as LR)
 BATCH_SIZE="${BATCH_SIZE:-4}"                        # per device
 GRAD_ACCUM="${GRAD_ACCUM:-4}"
 MAX_SEQ_LENGTH="${MAX_SEQ_LENGTH:-8192}"
@@ -26,13 +28,16 @@ FREEZE_VISION_TOWER="${FREEZE_VISION_TOWER:-false}"
 FREEZE_MERGER="${FREEZE_MERGER:-false}"
 FREEZE_LLM="${FREEZE_LLM:-false}"
 BF16="${BF16:-$(default_bf16)}"
-ATTN="${ATTN:-sdpa}"
-GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-false}"
+USE_LIGER="${USE_LIGER:-$(default_liger)}"
+ATTN="${ATTN:-sdpa}"                                 # flash_attention_2 if installed
+GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-$BF16}"  # on for GPU runs
 NUM_WORKERS="${NUM_WORKERS:-4}"
 SAVE_STEPS="${SAVE_STEPS:-500}"
 LOGGING_STEPS="${LOGGING_STEPS:-1}"
 REPORT_TO="${REPORT_TO:-none}"
 
+[ "$FREEZE_VISION_TOWER" = true ] && VISION_LR=""   # nothing in the tower trains
+mapfile -t OPTIONAL < <(optional_flag vision_lr "$VISION_LR"; optional_flag merger_lr "$MERGER_LR")
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
@@ -43,12 +48,14 @@ vlft_launch sft \
   --freeze_llm "$FREEZE_LLM" \
   --num_train_epochs "$EPOCHS" \
   --learning_rate "$LR" \
+  "${OPTIONAL[@]}" \
   --per_device_train_batch_size "$BATCH_SIZE" \
   --gradient_accumulation_steps "$GRAD_ACCUM" \
   --max_seq_length "$MAX_SEQ_LENGTH" \
   --image_min_pixels "$IMAGE_MIN_PIXELS" \
   --image_max_pixels "$IMAGE_MAX_PIXELS" \
   --bf16 "$BF16" \
+  --use_liger "$USE_LIGER" \
   --attn_implementation "$ATTN" \
   --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
   --weight_decay 0.0 \

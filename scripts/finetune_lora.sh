@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# LoRA on the language model's linear layers; merger trained fully; vision tower frozen.
+# LoRA on the language model's linear layers; merger trained fully; vision tower frozen
+# (FREEZE_VISION_TOWER=false trains it fully too: 2U1's default LoRA recipe, with VISION_LR).
 # With no settings it runs the offline demo (tiny model + data_examples/) on whatever this machine has.
 # Every setting is an environment variable; extra vlft flags can follow on the command line:
 #   MODEL=Qwen/Qwen2-VL-2B-Instruct DATA=train.json IMAGE_FOLDER=images/ bash scripts/finetune_lora.sh --save_steps 200
@@ -21,6 +22,10 @@ LR="${LR:-1e-4}"
 LORA_RANK="${LORA_RANK:-64}"
 LORA_ALPHA="${LORA_ALPHA:-64}"
 LORA_DROPOUT="${LORA_DROPOUT:-0.05}"
+USE_DORA="${USE_DORA:-false}"
+BITS="${BITS:-16}"                                   # 4 or 8 = QLoRA
+VISION_LR="${VISION_LR:-}"                           # only when the tower trains (empty: same as LR)
+MERGER_LR="${MERGER_LR:-}"                           # empty: same as LR
 BATCH_SIZE="${BATCH_SIZE:-4}"                        # per device
 GRAD_ACCUM="${GRAD_ACCUM:-4}"
 MAX_SEQ_LENGTH="${MAX_SEQ_LENGTH:-8192}"
@@ -29,13 +34,15 @@ IMAGE_MAX_PIXELS="${IMAGE_MAX_PIXELS:-12845056}"
 FREEZE_VISION_TOWER="${FREEZE_VISION_TOWER:-true}"
 FREEZE_MERGER="${FREEZE_MERGER:-false}"
 BF16="${BF16:-$(default_bf16)}"
+USE_LIGER="${USE_LIGER:-$(default_liger)}"
 ATTN="${ATTN:-sdpa}"                                 # flash_attention_2 if installed
-GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-false}"
+GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-$BF16}"  # on for GPU runs
 NUM_WORKERS="${NUM_WORKERS:-4}"
 SAVE_STEPS="${SAVE_STEPS:-500}"
 LOGGING_STEPS="${LOGGING_STEPS:-1}"
 REPORT_TO="${REPORT_TO:-none}"
 
+mapfile -t OPTIONAL < <(optional_flag vision_lr "$VISION_LR"; optional_flag merger_lr "$MERGER_LR")
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
@@ -45,16 +52,20 @@ vlft_launch sft \
   --lora_rank "$LORA_RANK" \
   --lora_alpha "$LORA_ALPHA" \
   --lora_dropout "$LORA_DROPOUT" \
+  --use_dora "$USE_DORA" \
+  --bits "$BITS" \
   --freeze_vision_tower "$FREEZE_VISION_TOWER" \
   --freeze_merger "$FREEZE_MERGER" \
   --num_train_epochs "$EPOCHS" \
   --learning_rate "$LR" \
+  "${OPTIONAL[@]}" \
   --per_device_train_batch_size "$BATCH_SIZE" \
   --gradient_accumulation_steps "$GRAD_ACCUM" \
   --max_seq_length "$MAX_SEQ_LENGTH" \
   --image_min_pixels "$IMAGE_MIN_PIXELS" \
   --image_max_pixels "$IMAGE_MAX_PIXELS" \
   --bf16 "$BF16" \
+  --use_liger "$USE_LIGER" \
   --attn_implementation "$ATTN" \
   --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
   --weight_decay 0.0 \

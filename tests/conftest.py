@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny offline models (built once per session) and their processors."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,13 +13,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data_examples" / "llava_demo.json"
 DEMO_IMAGES = REPO / "data_examples" / "images"
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def tiny_models_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tiny_models_root):
+    """family -> path of a saved tiny model of that family (built on first use)."""
     from vlft.models.tiny import save_tiny_model
 
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2_vl", "qwen2_vl")
+    def get(family: str = "qwen2_vl") -> Path:
+        return save_tiny_model(tiny_models_root / f"tiny-{family}", family, exist_ok=True)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_factory) -> Path:
+    return tiny_model_factory("qwen2_vl")
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +42,12 @@ def processor(tiny_model_dir):
     from vlft.models.loading import load_processor
 
     return load_processor(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def image_only_data(tmp_path_factory) -> Path:
+    """The demo records that have images, so that every batch exercises the vision tower."""
+    records = [r for r in json.loads(DEMO_DATA.read_text()) if "image" in r]
+    path = tmp_path_factory.mktemp("data") / "images_only.json"
+    path.write_text(json.dumps(records))
+    return path

@@ -124,7 +124,8 @@ def test_sft_contradictory_flags_are_named(tmp_path, capsys):
                "--freeze_vision_tower", "true", "--freeze_merger", "true", "--freeze_llm", "true"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "--freeze_vision_tower, --freeze_merger and --freeze_llm together leave nothing to train" in err
+    assert "leave nothing to train" in err
+    assert all(flag in err for flag in ("--freeze_vision_tower", "--freeze_merger", "--freeze_llm"))
 
 
 def test_invalid_value_is_a_vlft_error(tmp_path, capsys):

@@ -77,8 +77,10 @@ def check_sft_data(data_path: str, *, processor, image_folder: str | None, image
             result = probed[path]
             if isinstance(result, MediaError):
                 bad = True
-                problems.append(Problem(file, sample.index, f"image[{j}]", str(result),
-                                        "fix or replace the file, or correct the path / --image_folder", sample.id))
+                missing = not Path(path).exists()
+                hint = ("fix the path in the record, or --image_folder that relative paths resolve against" if missing
+                        else "replace the file or remove the record")
+                problems.append(Problem(file, sample.index, f"image[{j}]", str(result), hint, sample.id))
             else:
                 counts.append(result)
         if bad:
@@ -95,7 +97,12 @@ def check_sft_data(data_path: str, *, processor, image_folder: str | None, image
 
     problems.sort(key=lambda p: (p.index if p.index is not None else -1))
     if problems and not skip_bad_samples:
-        raise DataError(problems, header=f"{len(problems)} problem(s) in {file}:")
+        header = f"{len(problems)} problem(s) in {file}:"
+        if unique and all(isinstance(probed[p], MediaError) and not Path(p).exists() for p in unique):
+            base = image_folder or str(Path(file).parent)
+            header = (f"none of the {len(unique)} image files was found under {base}: is --image_folder right?\n"
+                      + header)
+        raise DataError(problems, header=header)
     if overlong and reject_overlong:
         raise DataError(overlong, header=f"{len(overlong)} record(s) in {file} exceed --max_seq_length "
                                          "(--reject_overlong is set):")

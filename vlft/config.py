@@ -5,6 +5,7 @@ keys, and flags given on the command line win over the file. Flag names follow 2
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -27,6 +28,17 @@ class ModelArguments:
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention kernel.", "choices": ["sdpa", "eager", "flash_attention_2"]}
     )
+    disable_flash_attn2: bool | None = field(
+        default=None, metadata={"help": "2U1 spelling: false = --attn_implementation flash_attention_2, true = sdpa."}
+    )
+
+    def __post_init__(self):
+        if self.disable_flash_attn2 is not None:
+            wanted = "sdpa" if self.disable_flash_attn2 else "flash_attention_2"
+            if self.attn_implementation not in ("sdpa", wanted):
+                raise ValueError(f"--disable_flash_attn2 {self.disable_flash_attn2} contradicts "
+                                 f"--attn_implementation {self.attn_implementation}")
+            self.attn_implementation = wanted
 
 
 @dataclass
@@ -47,19 +59,100 @@ class DataArguments:
         default=False, metadata={"help": "Train without invalid records (counted and listed) instead of stopping."}
     )
     check_workers: int = field(default=4, metadata={"help": "Threads that decode images during the start-up data check."})
+    min_pixels: int | None = field(default=None, metadata={"help": "Older 2U1 spelling of --image_min_pixels."})
+    max_pixels: int | None = field(default=None, metadata={"help": "Older 2U1 spelling of --image_max_pixels."})
+    lazy_preprocess: bool = field(
+        default=True, metadata={"help": "Accepted for 2U1 scripts: vlft always loads media lazily (false is an error)."}
+    )
+
+    def __post_init__(self):
+        for old, new in (("min_pixels", "image_min_pixels"), ("max_pixels", "image_max_pixels")):
+            value = getattr(self, old)
+            if value is not None:
+                if getattr(self, new) not in (value, DataArguments.__dataclass_fields__[new].default):
+                    raise ValueError(f"--{old} {value} contradicts --{new} {getattr(self, new)}; give only --{new}")
+                setattr(self, new, value)
+        if not self.lazy_preprocess:
+            raise ValueError("--lazy_preprocess false is not supported: vlft loads images in the data loader workers")
 
 
 @dataclass
 class TuneArguments:
-    lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model's linear layers."})
+    """Which parts learn and how. Freeze flags left unset follow the LoRA choice: LoRA on a part
+    implies its base weights are frozen; without LoRA every part trains."""
+
+    freeze_vision_tower: bool | None = field(
+        default=None, metadata={"help": "Freeze the vision blocks and patch embedding (default: only under --vision_lora)."}
+    )
+    freeze_merger: bool = field(default=False, metadata={"help": "Freeze the vision-to-language merger(s)."})
+    freeze_llm: bool | None = field(
+        default=None, metadata={"help": "Freeze the language model, embeddings and head (default: only under LoRA)."}
+    )
+    unfreeze_topk_llm: int = field(
+        default=0, metadata={"help": "Train the last N decoder layers fully while the rest of the LLM is frozen."}
+    )
+    unfreeze_topk_vision: int = field(
+        default=0, metadata={"help": "Train the last N vision blocks fully while the rest of the tower is frozen."}
+    )
+    lora_enable: bool = field(default=False, metadata={"help": "LoRA on the language model's linear layers."})
+    vision_lora: bool = field(default=False, metadata={"help": "LoRA on the vision blocks' linear layers."})
+    lora_namespan_exclude: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Module name pieces to keep LoRA off, e.g. self_attn.o_proj layers.0 (whole dotted parts)."},
+    )
+    num_lora_modules: int = field(
+        default=-1, metadata={"help": "Put LLM LoRA on only the last N matching modules (-1: all)."}
+    )
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank r."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    freeze_vision_tower: bool = field(default=False, metadata={"help": "Freeze the vision blocks and patch embedding."})
-    freeze_merger: bool = field(default=False, metadata={"help": "Freeze the vision-to-language merger."})
-    freeze_llm: bool = field(
-        default=False, metadata={"help": "Freeze the language model and head (always true for its base weights under LoRA)."}
+    lora_bias: str = field(
+        default="none", metadata={"help": "Which biases train with LoRA.", "choices": ["none", "all", "lora_only"]}
     )
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA) instead of plain LoRA."})
+    vision_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the vision tower (its LoRA included); default: --learning_rate."}
+    )
+    merger_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the merger(s); default: --learning_rate."}
+    )
+    bits: int = field(
+        default=16, metadata={"help": "Load the LLM quantised for QLoRA (4 or 8; 16 = no quantisation).", "choices": [4, 8, 16]}
+    )
+    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type.", "choices": ["nf4", "fp4"]})
+    double_quant: bool = field(default=True, metadata={"help": "Quantise the 4-bit quantisation constants too."})
+    use_liger: bool = field(
+        default=False, metadata={"help": "Liger kernels (RMSNorm, SwiGLU, fused linear cross-entropy); GPU only."}
+    )
+    tune_merger: bool | None = field(default=None, metadata={"help": "2U1 spelling: tune_merger x = --freeze_merger (not x)."})
+
+    def __post_init__(self):
+        if self.tune_merger is not None:
+            if self.freeze_merger and self.tune_merger:
+                raise ValueError("--tune_merger true contradicts --freeze_merger true")
+            self.freeze_merger = not self.tune_merger
+        # 2U1 scripts pass the list as one Python-literal string: "['lm_head', 'embed_tokens']"
+        if len(self.lora_namespan_exclude) == 1 and self.lora_namespan_exclude[0].lstrip().startswith("["):
+            try:
+                value = ast.literal_eval(self.lora_namespan_exclude[0])
+            except (ValueError, SyntaxError):
+                raise ValueError(f"--lora_namespan_exclude: cannot read {self.lora_namespan_exclude[0]!r}; "
+                                 "give the names as separate words: --lora_namespan_exclude lm_head embed_tokens") from None
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("--lora_namespan_exclude must be a list of names")
+            self.lora_namespan_exclude = value
+
+    @property
+    def any_lora(self) -> bool:
+        return self.lora_enable or self.vision_lora
+
+    @property
+    def llm_frozen(self) -> bool:
+        return self.freeze_llm if self.freeze_llm is not None else self.any_lora
+
+    @property
+    def vision_frozen(self) -> bool:
+        return self.freeze_vision_tower if self.freeze_vision_tower is not None else self.vision_lora
 
 
 @dataclass
@@ -84,9 +177,19 @@ class SFTTrainingArguments(TrainingArguments):
             self.label_names = ["labels"]  # PeftModel hides the signature the Trainer would read it from
         if self.dataloader_pin_memory and not _has_cuda():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
-        if self.gradient_checkpointing_kwargs is None:
-            # Non-reentrant checkpointing works with frozen inputs (frozen tower, LoRA) without hooks.
-            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        # transformers >= 5.2x renamed gradient_checkpointing* to activation_checkpointing* and warns on the old
+        # names; users keep typing the old ones (2U1 scripts), so move them over quietly when both exist.
+        fields = self.__dataclass_fields__
+        flag, kwargs = "gradient_checkpointing", "gradient_checkpointing_kwargs"
+        if "activation_checkpointing" in fields:
+            for old, new in ((flag, "activation_checkpointing"), (kwargs, "activation_checkpointing_kwargs")):
+                if getattr(self, new) is None and getattr(self, old) is not None:
+                    setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
+            kwargs = "activation_checkpointing_kwargs"
+        if getattr(self, kwargs) is None:
+            # Non-reentrant checkpointing works with frozen inputs (frozen tower, LoRA) without input-grad hooks.
+            setattr(self, kwargs, {"use_reentrant": False})
         super().__post_init__()
 
 
@@ -174,12 +277,47 @@ def check_sft_args(model_args: ModelArguments, data_args: DataArguments, tune_ar
                       f"({data_args.image_max_pixels})")
     if data_args.max_seq_length < 8:
         errors.append(f"--max_seq_length {data_args.max_seq_length} is too small")
-    if tune_args.lora_enable:
-        if tune_args.lora_rank < 1:
-            errors.append("--lora_rank must be >= 1")
-    elif tune_args.freeze_vision_tower and tune_args.freeze_merger and tune_args.freeze_llm:
-        errors.append("--freeze_vision_tower, --freeze_merger and --freeze_llm together leave nothing to train; "
-                      "unfreeze a part or add --lora_enable")
+    t = tune_args
+    if t.lora_enable and t.freeze_llm is False:
+        errors.append("--lora_enable trains adapters on a frozen language model, but --freeze_llm false asks to train it "
+                      "fully; drop one of the two")
+    if t.vision_lora and t.freeze_vision_tower is False:
+        errors.append("--vision_lora trains adapters on a frozen vision tower, but --freeze_vision_tower false asks to "
+                      "train it fully; drop one of the two")
+    if t.any_lora and t.lora_rank < 1:
+        errors.append("--lora_rank must be >= 1")
+    if not t.any_lora:
+        for flag, value, default in (("--use_dora", t.use_dora, False), ("--lora_namespan_exclude", t.lora_namespan_exclude, []),
+                                     ("--num_lora_modules", t.num_lora_modules, -1), ("--lora_bias", t.lora_bias, "none")):
+            if value != default:
+                errors.append(f"{flag} has no effect without --lora_enable or --vision_lora")
+    if t.num_lora_modules == 0 or t.num_lora_modules < -1:
+        errors.append(f"--num_lora_modules must be -1 (all) or a positive count, got {t.num_lora_modules}")
+    if t.num_lora_modules > 0 and not t.lora_enable:
+        errors.append("--num_lora_modules limits the language model's LoRA; it needs --lora_enable")
+    if t.bits != 16 and not t.any_lora:
+        errors.append(f"--bits {t.bits} quantises frozen weights for QLoRA; add --lora_enable (full fine-tuning of "
+                      "quantised weights is not possible)")
+    if t.unfreeze_topk_llm < 0 or t.unfreeze_topk_vision < 0:
+        errors.append("--unfreeze_topk_llm / --unfreeze_topk_vision must be >= 0")
+    if t.unfreeze_topk_llm and not t.llm_frozen:
+        errors.append("--unfreeze_topk_llm trains the top layers of a frozen LLM; the LLM is not frozen (add "
+                      "--freeze_llm true or --lora_enable)")
+    if t.unfreeze_topk_vision and not t.vision_frozen:
+        errors.append("--unfreeze_topk_vision trains the top blocks of a frozen vision tower; the tower is not frozen "
+                      "(add --freeze_vision_tower true or --vision_lora)")
+    if t.unfreeze_topk_llm and t.bits != 16:
+        errors.append("--unfreeze_topk_llm cannot fully train quantised layers (--bits); use LoRA on them")
+    vision_trains = not t.vision_frozen or t.vision_lora or t.unfreeze_topk_vision > 0
+    if t.vision_lr is not None and not vision_trains:
+        errors.append("--vision_lr is set but nothing in the vision tower trains (it is frozen, with no --vision_lora "
+                      "and no --unfreeze_topk_vision)")
+    if t.merger_lr is not None and t.freeze_merger:
+        errors.append("--merger_lr is set but --freeze_merger true freezes the merger")
+    llm_trains = not t.llm_frozen or t.lora_enable or t.unfreeze_topk_llm > 0
+    if not (vision_trains or llm_trains or not t.freeze_merger):
+        errors.append("the freeze flags leave nothing to train (--freeze_vision_tower, --freeze_merger, --freeze_llm); "
+                      "unfreeze a part or add LoRA")
     if errors:
         raise VlftError("invalid arguments:\n  - " + "\n  - ".join(errors))
 

@@ -148,3 +148,27 @@ def test_existing_output_dir_is_never_overwritten(tiny_model_dir, tmp_path):
     run(["--model_id", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "1", "--overwrite_output_dir",
          "true", *COMMON])
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
+
+
+def test_lora_checkpoints_hold_adapter_not_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "ckpt"
+    run(["--model_id", str(tiny_model_dir), "--output_dir", str(out), "--lora_enable", "true", "--lora_rank", "4",
+         "--freeze_vision_tower", "true", "--max_steps", "2", "--data_path", str(DEMO_DATA), "--image_folder",
+         str(DEMO_IMAGES), "--save_strategy", "steps", "--save_steps", "1", "--disable_tqdm", "true"])
+    for ckpt in (out / "checkpoint-1", out / "checkpoint-2"):
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json", "non_lora_trainables.safetensors",
+                "vlft_args.json"} <= names
+        assert not names & {"model.safetensors", "pytorch_model.bin", "non_lora_state_dict.bin"}
+    moved = load_file(str(out / "checkpoint-2" / "non_lora_trainables.safetensors"))
+    first = load_file(str(out / "checkpoint-1" / "non_lora_trainables.safetensors"))
+    assert any(not torch.equal(first[k], moved[k]) for k in first)  # each checkpoint has its own step's weights
+
+
+def test_use_liger_on_cpu_is_skipped_with_a_message(tiny_model_dir, tmp_path, capsys):
+    summary, trainer = run(["--model_id", str(tiny_model_dir), "--output_dir", str(tmp_path / "o"), "--use_liger",
+                            "true", "--max_steps", "1", *COMMON])
+    from vlft.models.patches import liger_applied
+
+    assert "Liger kernels need a CUDA GPU" in capsys.readouterr().err
+    assert not liger_applied(trainer.model) and math.isfinite(summary["first_loss"])

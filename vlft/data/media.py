@@ -85,7 +85,7 @@ def load_image(path: str | Path) -> Image.Image:
             img.load()
             ImageOps.exif_transpose(img, in_place=True)
     except FileNotFoundError as e:
-        raise MediaError(f"image {path} does not exist; check the path in the record and --image_folder") from e
+        raise MediaError(f"image {path} does not exist") from e
     except IsADirectoryError as e:
         raise MediaError(f"image {path} is a directory, not an image file") from e
     except UnidentifiedImageError as e:

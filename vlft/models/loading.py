@@ -40,8 +40,29 @@ def load_processor(model_id: str):
     return processor
 
 
-def load_model(model_id: str, *, dtype: str = "fp32", attn_implementation: str = "sdpa"):
-    """Returns (model, family). `dtype` is the storage dtype of the weights (bf16 for GPU runs)."""
+def quantization_config(family: Family, *, bits: int, quant_type: str, double_quant: bool, compute_dtype: str):
+    """bitsandbytes settings for QLoRA: only the language model's decoder layers are quantised; the vision
+    tower, merger, embeddings and head stay in full precision (they are small and often trained)."""
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise VlftError(f"--bits {bits} needs bitsandbytes: pip install bitsandbytes (or drop --bits)") from None
+    skip = [family.vision_prefix.rstrip("."), family.head_prefix, family.embed_prefix.rstrip(".")]
+    return BitsAndBytesConfig(
+        load_in_4bit=bits == 4, load_in_8bit=bits == 8, llm_int8_skip_modules=skip,
+        bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=DTYPES[compute_dtype],
+    )
+
+
+def load_model(model_id: str, *, dtype: str = "fp32", attn_implementation: str = "sdpa", bits: int = 16,
+               quant_type: str = "nf4", double_quant: bool = True):
+    """Returns (model, family). `dtype` is the storage dtype of the weights (bf16 for GPU runs); `bits` 4 or 8
+    loads the language model quantised with bitsandbytes (QLoRA)."""
+    import os
+
     from transformers import AutoModelForImageTextToText
 
     family = load_family(model_id)
@@ -53,9 +74,15 @@ def load_model(model_id: str, *, dtype: str = "fp32", attn_implementation: str =
                 "--attn_implementation flash_attention_2 needs the flash-attn package and a CUDA GPU; "
                 "install it (pip install flash-attn --no-build-isolation) or use --attn_implementation sdpa"
             )
+    extra = {}
+    if bits in (4, 8):
+        extra["quantization_config"] = quantization_config(family, bits=bits, quant_type=quant_type,
+                                                           double_quant=double_quant, compute_dtype=dtype)
+        if torch.cuda.is_available():  # bitsandbytes places weights at load time: one device per process
+            extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            model_id, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+            model_id, dtype=DTYPES[dtype], attn_implementation=attn_implementation, **extra
         )
     except (OSError, ValueError) as err:
         raise _wrap_load_error("model", model_id, err) from None

@@ -1,5 +1,9 @@
-"""LoRA on the language model's linear layers, with exact module names (never bare suffixes:
-in Qwen2.5-VL the vision MLP has the same names as the LLM's)."""
+"""LoRA / DoRA on the language model and/or the vision blocks, with exact module names.
+
+Targets are full module names (never bare suffixes: in Qwen2.5-VL the vision MLP has the same
+names as the LLM's), so PEFT matches exactly what is listed here and nothing else. The vision
+patch embedding (a Conv3d) and the merger never get LoRA: the merger trains fully or not at all.
+"""
 from __future__ import annotations
 
 from torch import nn
@@ -8,22 +12,50 @@ from vlft.errors import VlftError
 from vlft.models.registry import Family
 
 
-def llm_lora_targets(model, family: Family) -> list[str]:
-    """Full names of every nn.Linear inside the language model's decoder layers."""
-    names = [
-        name for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and family.part_of(name) == "llm"
-    ]
-    if not names:
-        raise VlftError(f"found no linear layers under {family.llm_prefix!r}; is this a {family.model_type} model?")
-    return names
+def _excluded(name: str, patterns: list[str]) -> bool:
+    """True when a pattern equals a run of whole dotted parts of the name ('layers.1' does not hit 'layers.11')."""
+    dotted = f".{name}."
+    return any(f".{p.strip('.')}." in dotted for p in patterns)
 
 
-def apply_lora(model, family: Family, *, rank: int, alpha: int, dropout: float, targets: list[str]):
+def lora_targets(model, family: Family, *, llm: bool, vision: bool, exclude: list[str] | None = None,
+                 num_llm_modules: int = -1, skip_layers: dict[str, set[int]] | None = None) -> list[str]:
+    """Full names of the nn.Linear modules to adapt (bitsandbytes' quantised linears are nn.Linear too).
+
+    `skip_layers` ({'llm': {...}, 'vision': {...}}) holds layers that train fully (--unfreeze_topk_*):
+    LoRA on them would be redundant. `num_llm_modules` keeps only the last N language-model targets.
+    """
+    exclude = exclude or []
+    skip_layers = skip_layers or {}
+    llm_names, vision_names = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or _excluded(name, exclude):
+            continue
+        part = family.part_of(name)
+        found = family.layer_index(name)
+        if found and found[1] in skip_layers.get(found[0], set()):
+            continue
+        if llm and part == "llm":
+            llm_names.append(name)
+        elif vision and part == "vision" and "patch_embed" not in name:
+            vision_names.append(name)
+    if num_llm_modules > 0:
+        llm_names = llm_names[-num_llm_modules:]
+    if llm and not llm_names:
+        raise VlftError(f"--lora_enable found no linear layers in the language model ({family.llm_prefix}) after "
+                        f"--lora_namespan_exclude {exclude}")
+    if vision and not vision_names:
+        raise VlftError(f"--vision_lora found no linear layers in the vision blocks ({family.vision_blocks_prefix}) after "
+                        f"--lora_namespan_exclude {exclude}")
+    return llm_names + vision_names
+
+
+def apply_lora(model, *, targets: list[str], rank: int, alpha: int, dropout: float, bias: str = "none",
+               use_dora: bool = False):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, bias=bias, use_dora=use_dora, task_type="CAUSAL_LM",
         target_modules=targets,
     )
     return get_peft_model(model, config)

@@ -31,12 +31,6 @@ def _check_output_dir(train_args) -> None:
         )
 
 
-def _weights_dtype(train_args) -> str:
-    # bf16 runs keep bf16 weights (as 2U1 and most VLM recipes do); fp16 needs fp32 master weights for
-    # the grad scaler, so it stays fp32 and autocasts.
-    return "bf16" if train_args.bf16 else "fp32"
-
-
 def make_collator(processor, model) -> SFTCollator:
     """Collator matched to what this transformers version's forward accepts."""
     config = model.config
@@ -50,11 +44,8 @@ def make_collator(processor, model) -> SFTCollator:
 
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
-    from transformers import set_seed
-
-    from vlft.models.freezing import apply_freeze, parameter_table
-    from vlft.models.loading import load_model, load_processor
-    from vlft.models.lora import apply_lora, llm_lora_targets
+    from vlft.models.loading import load_processor
+    from vlft.train.common import prepare_model
     from vlft.train.trainer import VlftTrainer
 
     model_args, data_args, tune_args, train_args = parse_args(SFT_GROUPS, argv, prog="vlft sft")
@@ -75,21 +66,12 @@ def run(argv: list[str]):
         image_max_pixels=data_args.image_max_pixels, lengths=checked.lengths,
     )
 
-    set_seed(train_args.seed)  # LoRA initialisation is random too
-    model, family = load_model(
-        model_args.model_id, dtype=_weights_dtype(train_args), attn_implementation=model_args.attn_implementation
-    )
-    base_model = model
-    if tune_args.lora_enable:
-        model = apply_lora(model, family, rank=tune_args.lora_rank, alpha=tune_args.lora_alpha,
-                           dropout=tune_args.lora_dropout, targets=llm_lora_targets(model, family))
-    apply_freeze(model, family, freeze_vision_tower=tune_args.freeze_vision_tower,
-                 freeze_merger=tune_args.freeze_merger, freeze_llm=tune_args.freeze_llm or tune_args.lora_enable)
-    log(f"model: {family.model_type} from {model_args.model_id}\n{parameter_table(model, family)}")
-
+    prepared = prepare_model(model_args, tune_args, train_args)
     trainer = VlftTrainer(
-        model=model, args=train_args, train_dataset=dataset, processing_class=processor,
-        data_collator=make_collator(processor, base_model), vlft_args=args_record,
+        model=prepared.model, args=train_args, train_dataset=dataset, processing_class=processor,
+        data_collator=make_collator(processor, prepared.base_model), vlft_args=args_record,
+        family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
+        callbacks=prepared.callbacks,
     )
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
@@ -105,12 +87,12 @@ def run(argv: list[str]):
         "train_seconds": elapsed,
         "tokens_per_second": float(trainer.real_tokens.item()) / max(elapsed, 1e-9),
         "output_dir": os.path.abspath(train_args.output_dir),
-        "lora": tune_args.lora_enable,
+        "lora": tune_args.any_lora,
     }
     log(
         f"done: {summary['steps']} steps in {elapsed:.1f}s; loss {summary['first_loss']:.4f} -> "
         f"{summary['last_loss']:.4f}; {summary['tokens_per_second']:.0f} tokens/s (non-pad)\n"
-        f"       {'adapter' if tune_args.lora_enable else 'model'}, processor and {os.path.basename('vlft_args.json')} "
+        f"       {'adapter' if tune_args.any_lora else 'model'}, processor and {os.path.basename('vlft_args.json')} "
         f"in {summary['output_dir']}"
     )
     return summary, trainer

@@ -1,17 +1,40 @@
-"""Thin Trainer subclass: counts real (non-pad) tokens and saves vlft's extras with every save."""
+"""Thin Trainer subclass: per-part learning rates, real-token counting, and vlft's extra files in
+every save (final and checkpoint-N)."""
 from __future__ import annotations
 
 import torch
 from transformers import Trainer
 
+from vlft.errors import VlftError
 from vlft.train.checkpoint import save_extras
+from vlft.train.optim import build_param_groups, groups_table
+from vlft.utils import log
 
 
 class VlftTrainer(Trainer):
-    def __init__(self, *args, vlft_args: dict | None = None, **kwargs):
+    def __init__(self, *args, vlft_args: dict | None = None, family=None, vision_lr: float | None = None,
+                 merger_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.vlft_args = vlft_args or {}
+        self.family = family
+        self.vision_lr = vision_lr
+        self.merger_lr = merger_lr
         self.real_tokens = torch.zeros((), dtype=torch.long)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or self.family is None:
+            return super().create_optimizer(model) if self.family is None else self.optimizer
+        opt_model = self.model if model is None else model
+        groups = build_param_groups(opt_model, self.family, lr=self.args.learning_rate,
+                                    weight_decay=self.args.weight_decay, vision_lr=self.vision_lr,
+                                    merger_lr=self.merger_lr)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if "params" in optimizer_kwargs or "model" in optimizer_kwargs:
+            raise VlftError(f"--optim {self.args.optim} builds its own parameter groups, so vlft cannot apply "
+                            "--vision_lr/--merger_lr or its weight-decay rules; choose an AdamW-style --optim")
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        log(f"optimizer {optimizer_cls.__name__}:\n{groups_table(groups)}")
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Accumulated on the device without .item(), so counting never forces a GPU sync.

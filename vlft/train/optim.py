@@ -1,0 +1,42 @@
+"""Optimizer parameter groups: a learning rate per part (vision tower, merger, the rest) and no
+weight decay on biases and norms."""
+from __future__ import annotations
+
+from vlft.models.registry import Family
+
+
+def _no_decay(name: str, param) -> bool:
+    # 1-D tensors are biases, norm scales and DoRA magnitudes: decaying them towards zero only hurts.
+    return param.ndim < 2 or name.endswith(".bias")
+
+
+def build_param_groups(model, family: Family, *, lr: float, weight_decay: float, vision_lr: float | None = None,
+                       merger_lr: float | None = None) -> list[dict]:
+    """Groups named 'vision', 'merger', 'base' (language model, head, embeddings), each split into decay and
+    no-decay halves; LoRA tensors follow the part they adapt (vision LoRA gets vision_lr). Empty groups are dropped."""
+    rates = {"vision": vision_lr if vision_lr is not None else lr,
+             "merger": merger_lr if merger_lr is not None else lr,
+             "base": lr}
+    buckets: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = family.part_of(name)
+        kind = part if part in ("vision", "merger") else "base"
+        buckets.setdefault((kind, _no_decay(name, param)), []).append(param)
+    groups = []
+    for kind in ("vision", "merger", "base"):
+        for no_decay in (False, True):
+            params = buckets.get((kind, no_decay))
+            if params:
+                groups.append({"params": params, "lr": rates[kind], "weight_decay": 0.0 if no_decay else weight_decay,
+                               "name": kind + ("/no_decay" if no_decay else "")})
+    return groups
+
+
+def groups_table(groups: list[dict]) -> str:
+    rows = [f"{'group':<18} {'params':>12} {'lr':>10} {'wd':>6}"]
+    for g in groups:
+        n = sum(p.numel() for p in g["params"])
+        rows.append(f"{g['name']:<18} {n:>12,} {g['lr']:>10.2e} {g['weight_decay']:>6.3g}")
+    return "\n".join(rows)
