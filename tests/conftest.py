@@ -16,6 +16,17 @@ DEMO_IMAGES = REPO / "data_examples" / "images"
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
+def _demo_media():
+    from vlft.data.sft import MediaSettings
+
+    # image budgets of the scripts; per-frame video budgets sized for the tiny model's 16-pixel factor
+    return MediaSettings(image_min_pixels=3136, image_max_pixels=12845056, video_min_pixels=1024,
+                         video_max_pixels=4096, video_max_total_pixels=65536)
+
+
+DEMO_MEDIA = _demo_media()
+
+
 @pytest.fixture(scope="session")
 def tiny_models_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

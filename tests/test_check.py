@@ -15,7 +15,7 @@ from PIL import Image
 from vlft.check import check_sft_data
 from vlft.cli import main
 from vlft.constants import DEFAULT_IMAGE_MAX_PIXELS, DEFAULT_IMAGE_MIN_PIXELS
-from vlft.data.sft import SFTDataset
+from vlft.data.sft import MediaSettings, SFTDataset
 from vlft.errors import DataError, VlftError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,10 +46,11 @@ def write_records(path: Path, records: list) -> Path:
     return path
 
 
-def check(path, processor, image_folder, **kw):
-    kw = {"image_min_pixels": DEFAULT_IMAGE_MIN_PIXELS, "image_max_pixels": DEFAULT_IMAGE_MAX_PIXELS,
-          "max_seq_length": 8192, **kw}
-    return check_sft_data(str(path), processor=processor, image_folder=str(image_folder), workers=2, **kw)
+def check(path, processor, image_folder, image_min_pixels=DEFAULT_IMAGE_MIN_PIXELS,
+          image_max_pixels=DEFAULT_IMAGE_MAX_PIXELS, **kw):
+    kw = {"max_seq_length": 8192, **kw}
+    media = MediaSettings(image_min_pixels=image_min_pixels, image_max_pixels=image_max_pixels)
+    return check_sft_data(str(path), processor=processor, image_folder=str(image_folder), workers=2, media=media, **kw)
 
 
 @pytest.fixture
@@ -292,8 +293,8 @@ def test_all_overlong_is_an_error(processor):
 def test_lengths_match_the_dataset(processor, min_pixels, max_pixels):
     checked = check(DEMO_DATA, processor, DEMO_IMAGES, image_min_pixels=min_pixels, image_max_pixels=max_pixels)
     assert len(checked.samples) == 10
-    dataset = SFTDataset(checked.samples, checked.image_paths, processor, image_min_pixels=min_pixels,
-                         image_max_pixels=max_pixels, lengths=checked.lengths)
+    media = MediaSettings(image_min_pixels=min_pixels, image_max_pixels=max_pixels)
+    dataset = SFTDataset(checked.samples, checked.image_paths, processor, media=media, lengths=checked.lengths)
     assert [len(dataset[i]["input_ids"]) for i in range(len(dataset))] == checked.lengths
 
 

@@ -24,7 +24,7 @@ TINY = "tiny-qwen2_vl"
 
 
 def test_the_sft_scripts_are_found():
-    assert SFT_SCRIPTS == ["finetune.sh", "finetune_lora.sh", "finetune_lora_vision.sh"]
+    assert SFT_SCRIPTS == ["finetune.sh", "finetune_lora.sh", "finetune_lora_vision.sh", "finetune_video.sh"]
 
 
 @pytest.mark.parametrize("script", SFT_SCRIPTS)
@@ -80,6 +80,12 @@ EXPECTED = {
         dict(num_train_epochs=1, learning_rate=1e-4, per_device_train_batch_size=4, gradient_accumulation_steps=4,
              dataloader_num_workers=4, lora_enable=True, lora_rank=64, lora_alpha=64, freeze_vision_tower=True),
     ),
+    "finetune_video.sh": (
+        dict(num_train_epochs=20, learning_rate=1e-3, lora_enable=False, vision_lr=None, video_min_pixels=1024,
+             video_max_pixels=4096, fps=None, nframes=None),
+        dict(num_train_epochs=1, learning_rate=1e-5, lora_enable=False, vision_lr=2e-6, video_min_pixels=100352,
+             video_max_pixels=602112, video_max_total_pixels=6422528, max_seq_length=16384),
+    ),
     "finetune_lora_vision.sh": (
         dict(num_train_epochs=30, learning_rate=5e-3, lora_enable=True, vision_lora=True, lora_rank=16,
              freeze_vision_tower=None, freeze_merger=False, vision_lr=None, bits=16),
@@ -104,8 +110,9 @@ def test_script_arguments_parse(tmp_path, script, demo):
 
     model_id = str(tmp_path / "cache" / TINY) if demo else "Qwen/Qwen2-VL-2B-Instruct"
     assert values["model_id"] == model_id
-    assert values["data_path"] == str(REPO / "data_examples" / "llava_demo.json")
-    assert values["image_folder"] == str(REPO / "data_examples" / "images")
+    video = script == "finetune_video.sh"
+    assert values["data_path"] == str(REPO / "data_examples" / ("llava_video_demo.json" if video else "llava_demo.json"))
+    assert values["image_folder"] == str(REPO / "data_examples" / ("" if video else "images")).rstrip("/")
     assert values["output_dir"] == str(tmp_path / "out")
     assert values["lr_scheduler_type"] == "cosine" and values["warmup_ratio"] == 0.03
     expected = EXPECTED[script][0 if demo else 1]
@@ -188,6 +195,22 @@ def test_finetune_lora_vision_script_trains(tmp_path, cache):
     assert any(".visual.blocks." in k and "lora_A" in k for k in keys)
     assert any(".language_model.layers." in k and "lora_A" in k for k in keys)
     assert not any("patch_embed" in k or "merger" in k for k in keys)
+
+
+def test_finetune_video_script_trains(tmp_path, cache):
+    out = tmp_path / "out"
+    proc = run_script("finetune_video.sh", out, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() and "8 of 8 records usable" in proc.stderr
+    assert DONE.search(proc.stderr) and "Traceback" not in proc.stderr
+
+
+def test_video_script_fps_and_nframes_conflict_is_named(tmp_path):
+    calls = launched_argv(tmp_path, "finetune_video.sh", FPS="1", NFRAMES="8")
+    from vlft.errors import VlftError
+
+    with pytest.raises(VlftError, match="--fps 1.0 and --nframes 8"):
+        parse_args(SFT_GROUPS, calls["sft"])
 
 
 def test_finetune_script_trains(tmp_path, cache):

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from vlft.constants import DEFAULT_IMAGE_MAX_PIXELS, DEFAULT_IMAGE_MIN_PIXELS
+from vlft.constants import (
+    DEFAULT_IMAGE_MAX_PIXELS,
+    DEFAULT_IMAGE_MIN_PIXELS,
+    DEFAULT_VIDEO_MAX_PIXELS,
+    DEFAULT_VIDEO_MAX_TOTAL_PIXELS,
+    DEFAULT_VIDEO_MIN_PIXELS,
+)
 from vlft.errors import VlftError
 
 ARGS_FILE = "vlft_args.json"
@@ -45,7 +51,8 @@ class ModelArguments:
 class DataArguments:
     data_path: str | None = field(default=None, metadata={"help": "LLaVA-format JSON list or JSONL file."})
     image_folder: str | None = field(
-        default=None, metadata={"help": "Folder that relative image paths resolve against (default: the data file's folder)."}
+        default=None,
+        metadata={"help": "Folder that relative image and video paths resolve against (default: the data file's folder)."},
     )
     image_min_pixels: int = field(default=DEFAULT_IMAGE_MIN_PIXELS, metadata={"help": "Lower pixel budget per image."})
     image_max_pixels: int = field(default=DEFAULT_IMAGE_MAX_PIXELS, metadata={"help": "Upper pixel budget per image."})
@@ -59,6 +66,21 @@ class DataArguments:
         default=False, metadata={"help": "Train without invalid records (counted and listed) instead of stopping."}
     )
     check_workers: int = field(default=4, metadata={"help": "Threads that decode images during the start-up data check."})
+    video_min_pixels: int = field(default=DEFAULT_VIDEO_MIN_PIXELS, metadata={"help": "Lower pixel budget per frame."})
+    video_max_pixels: int = field(default=DEFAULT_VIDEO_MAX_PIXELS, metadata={"help": "Upper pixel budget per frame."})
+    video_max_total_pixels: int = field(
+        default=DEFAULT_VIDEO_MAX_TOTAL_PIXELS,
+        metadata={"help": "Pixel budget of all sampled frames of one video together (caps a long video's tokens)."},
+    )
+    fps: float | None = field(
+        default=None, metadata={"help": "Frames per second to sample from videos (default 2; not with --nframes)."}
+    )
+    nframes: int | None = field(default=None, metadata={"help": "Exact frames to sample per video (not with --fps)."})
+    video_min_frames: int = field(default=4, metadata={"help": "Fewest frames an --fps sampling may give."})
+    video_max_frames: int = field(default=768, metadata={"help": "Most frames an --fps sampling may give."})
+    frames_fps: float = field(
+        default=2.0, metadata={"help": "Frame rate assumed for a video given as a folder or list of frame images."}
+    )
     min_pixels: int | None = field(default=None, metadata={"help": "Older 2U1 spelling of --image_min_pixels."})
     max_pixels: int | None = field(default=None, metadata={"help": "Older 2U1 spelling of --image_max_pixels."})
     lazy_preprocess: bool = field(
@@ -74,6 +96,27 @@ class DataArguments:
                 setattr(self, new, value)
         if not self.lazy_preprocess:
             raise ValueError("--lazy_preprocess false is not supported: vlft loads images in the data loader workers")
+        if self.fps is not None and self.nframes is not None:
+            raise ValueError(f"--fps {self.fps} and --nframes {self.nframes} both choose how many frames to sample; "
+                             "give only one")
+        if self.fps is not None and self.fps <= 0 or self.nframes is not None and self.nframes < 1:
+            raise ValueError("--fps must be > 0 and --nframes >= 1")
+        if not 1 <= self.video_min_frames <= self.video_max_frames:
+            raise ValueError(f"--video_min_frames ({self.video_min_frames}) must be >= 1 and <= --video_max_frames "
+                             f"({self.video_max_frames})")
+        if not 0 < self.video_min_pixels <= self.video_max_pixels:
+            raise ValueError(f"--video_min_pixels ({self.video_min_pixels}) must be > 0 and <= --video_max_pixels "
+                             f"({self.video_max_pixels})")
+
+    def media_settings(self):
+        from vlft.data.sft import MediaSettings
+
+        return MediaSettings(
+            image_min_pixels=self.image_min_pixels, image_max_pixels=self.image_max_pixels,
+            video_min_pixels=self.video_min_pixels, video_max_pixels=self.video_max_pixels,
+            video_max_total_pixels=self.video_max_total_pixels, fps=self.fps, nframes=self.nframes,
+            video_min_frames=self.video_min_frames, video_max_frames=self.video_max_frames, frames_fps=self.frames_fps,
+        )
 
 
 @dataclass

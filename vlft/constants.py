@@ -31,3 +31,9 @@ ROLE_MAP = {"system": "system", "human": "user", "user": "user", "gpt": "assista
 # 2U1/Qwen2-VL-Finetune defaults for image pixel budgets
 DEFAULT_IMAGE_MIN_PIXELS = 3136
 DEFAULT_IMAGE_MAX_PIXELS = 12845056
+# 2U1's per-frame video budgets (128 and 768 tokens of 28x28 pixels)
+DEFAULT_VIDEO_MIN_PIXELS = 128 * 28 * 28
+DEFAULT_VIDEO_MAX_PIXELS = 768 * 28 * 28
+# All frames of one video together: at most 4096 tokens of 28x28 pixels x 2 frames, half the default
+# --max_seq_length, so one long video cannot push a record over the limit by itself.
+DEFAULT_VIDEO_MAX_TOTAL_PIXELS = 4096 * 28 * 28 * 2

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEMO_DATA, DEMO_IMAGES
+from conftest import DEMO_DATA, DEMO_IMAGES, DEMO_MEDIA
 
 from vlft.check import check_sft_data
 from vlft.constants import IGNORE_INDEX
@@ -14,9 +14,8 @@ from vlft.data.sft import SFTDataset
 @pytest.fixture(scope="module")
 def dataset(processor):
     checked = check_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
-                             image_min_pixels=3136, image_max_pixels=12845056, max_seq_length=4096)
-    return SFTDataset(checked.samples, checked.image_paths, processor, image_min_pixels=3136,
-                      image_max_pixels=12845056)
+                             media=DEMO_MEDIA, max_seq_length=4096)
+    return SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA)
 
 
 @pytest.fixture(scope="module")

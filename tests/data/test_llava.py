@@ -124,7 +124,7 @@ def test_collects_every_problem_of_a_record():
     record = {
         "id": "bad",
         "image": ["a.png", ""],
-        "video": "clip.mp4",
+        "video": 5,
         "conversations": [
             "not a turn",
             turn("robot", "hi"),
@@ -135,8 +135,8 @@ def test_collects_every_problem_of_a_record():
     }
     problems = parse_bad(record)
     assert fields(problems) == [
-        "video",
         "image[1]",
+        "video",
         "conversations[0]",
         "conversations[1].from",
         "conversations[2].value",
@@ -144,7 +144,7 @@ def test_collects_every_problem_of_a_record():
         "conversations[4].from",
     ]
     assert all(p.record_id == "bad" for p in problems)
-    assert "video records are not supported yet" in problems[0].message
+    assert "'video' is a int" in problems[1].message
     assert "robot" in problems[3].message and "human" in problems[3].hint
     assert "no 'from'" in problems[6].message
 
@@ -227,11 +227,35 @@ def test_reserved_strings_rejected(reserved):
     assert problem.field == "conversations[1].value" and reserved in problem.message
 
 
-def test_video_tag_rejected():
+def test_video_tag_without_a_video_is_reported():
     record = {"conversations": [turn("human", "<video>\nWhat happens?"), turn("gpt", "x")]}
     (problem,) = parse_bad(record)
-    assert problem.field == "conversations[0].value"
-    assert problem.message == "video records are not supported yet"
+    assert problem.field == "video"
+    assert "1 <video> tag(s) in the human turns but 0 video path(s)" in problem.message
+
+
+def test_video_tag_in_a_gpt_turn_is_reported():
+    record = {"video": "a.mp4", "conversations": [turn("human", "<video> hi"), turn("gpt", "see <video>")]}
+    problems = parse_bad(record)
+    assert [p.field for p in problems] == ["conversations[1].value"]
+    assert "videos can only be given in human turns" in problems[0].message
+
+
+def test_mixed_record_keeps_images_and_videos_in_tag_order():
+    record = {"image": ["a.png", "b.png"], "video": ["clip.mp4", ["f1.png", "f2.png"]],
+              "conversations": [turn("human", "<video>\n<image>\nCompare."), turn("gpt", "Same."),
+                                turn("human", "Now <image> and <video>"), turn("gpt", "Different.")]}
+    sample = parse_ok(record)
+    assert sample.images == ["a.png", "b.png"] and sample.videos == ["clip.mp4", ["f1.png", "f2.png"]]
+    assert sample.messages[0]["content"] == [{"type": "video"}, {"type": "image"}, {"type": "text", "text": "Compare."}]
+    assert sample.messages[2]["content"] == [{"type": "text", "text": "Now "}, {"type": "image"},
+                                            {"type": "text", "text": " and "}, {"type": "video"}]
+
+
+def test_bad_frame_list_is_reported():
+    record = {"video": [["f1.png", ""]], "conversations": [turn("human", "<video>"), turn("gpt", "x")]}
+    (problem,) = parse_bad(record)
+    assert problem.field == "video[0]" and "frame paths" in problem.message
 
 
 def test_null_video_key_is_ignored():

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from conftest import DEMO_DATA, DEMO_IMAGES
+from conftest import DEMO_DATA, DEMO_IMAGES, DEMO_MEDIA
 
 from vlft.check import check_sft_data
 from vlft.constants import IGNORE_INDEX, IM_END
 from vlft.data.llava import parse_record
 from vlft.data.media import fit_image, load_image
-from vlft.data.sft import SFTDataset, SFTEncoder
+from vlft.data.sft import SFTDataset, SFTEncoder, VisionSpec
 
 MIN_PIXELS, MAX_PIXELS = 3136, 12845056
 RECORDS = json.loads(DEMO_DATA.read_text())
@@ -22,9 +22,8 @@ RECORDS = json.loads(DEMO_DATA.read_text())
 @pytest.fixture(scope="module")
 def demo(processor):
     checked = check_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
-                             image_min_pixels=MIN_PIXELS, image_max_pixels=MAX_PIXELS, max_seq_length=4096)
-    dataset = SFTDataset(checked.samples, checked.image_paths, processor, image_min_pixels=MIN_PIXELS,
-                         image_max_pixels=MAX_PIXELS)
+                             media=DEMO_MEDIA, max_seq_length=4096)
+    dataset = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA)
     return checked, dataset
 
 
@@ -102,7 +101,7 @@ def test_image_pads_expand_per_image(processor):
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]},
         {"role": "assistant", "content": "Two."},
     ]
-    out = enc.encode(messages, [3, 5])
+    out = enc.encode(messages, [VisionSpec((1, 2, 6)), VisionSpec((1, 4, 5))])  # 12 / 4 and 20 / 4 tokens
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
     ids = out.input_ids

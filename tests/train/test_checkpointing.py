@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEMO_IMAGES, FAMILIES
+from conftest import DEMO_IMAGES, DEMO_MEDIA, FAMILIES
 
 from vlft.check import check_sft_data
 from vlft.data.sft import SFTDataset
@@ -20,9 +20,9 @@ NO_GRAD_WARNING = "None of the inputs have requires_grad"
 
 def image_batch(model_dir, data):
     processor = load_processor(str(model_dir))
-    checked = check_sft_data(str(data), processor=processor, image_folder=str(DEMO_IMAGES), image_min_pixels=3136,
-                             image_max_pixels=12845056, max_seq_length=4096)
-    ds = SFTDataset(checked.samples, checked.image_paths, processor, image_min_pixels=3136, image_max_pixels=12845056)
+    checked = check_sft_data(str(data), processor=processor, image_folder=str(DEMO_IMAGES),
+                             media=DEMO_MEDIA, max_seq_length=4096)
+    ds = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA)
     model, _ = load_model(str(model_dir))
     return make_collator(processor, model)([ds[0], ds[2]])
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEMO_DATA, DEMO_IMAGES
+from conftest import DEMO_DATA, DEMO_IMAGES, DEMO_MEDIA
 from safetensors.torch import load_file
 
 from vlft.errors import VlftError
@@ -42,8 +42,8 @@ def eval_batch(model_dir):
 
     processor = load_processor(str(model_dir))
     checked = check_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
-                             image_min_pixels=3136, image_max_pixels=12845056, max_seq_length=4096)
-    ds = SFTDataset(checked.samples, checked.image_paths, processor, image_min_pixels=3136, image_max_pixels=12845056)
+                             media=DEMO_MEDIA, max_seq_length=4096)
+    ds = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA)
     return make_collator(processor, load_base(model_dir))([ds[i] for i in (0, 2, 7, 8)])
 
 

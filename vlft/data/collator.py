@@ -1,4 +1,4 @@
-"""Batch SFT items: right padding, attention mask from lengths, vision tensors in batch order."""
+"""Batch SFT items: right padding, attention mask from lengths, image and video tensors in batch order."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +11,8 @@ class SFTCollator:
     positions; pass `image_token_id` to emit it, leave it None for versions that do not take it."""
 
     def __init__(self, pad_token_id: int, *, image_token_id: int | None = None, video_token_id: int | None = None,
-                 pad_to_multiple_of: int | None = None):
+                 pad_to_multiple_of: int | None = None, second_per_grid_ts: bool = False):
+        self.second_per_grid_ts = second_per_grid_ts  # Qwen2.5-VL's forward takes the seconds per temporal patch
         self.pad_token_id = pad_token_id
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
@@ -40,4 +41,10 @@ class SFTCollator:
         if with_images:
             batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_images])
             batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_images])
+        with_videos = [it for it in items if "pixel_values_videos" in it]
+        if with_videos:
+            batch["pixel_values_videos"] = torch.cat([it["pixel_values_videos"] for it in with_videos])
+            batch["video_grid_thw"] = torch.cat([it["video_grid_thw"] for it in with_videos])
+            if self.second_per_grid_ts:
+                batch["second_per_grid_ts"] = torch.tensor([s for it in with_videos for s in it["second_per_grid_ts"]])
         return batch

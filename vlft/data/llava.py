@@ -1,24 +1,26 @@
 """LLaVA record -> chat-template messages. Pure: no file or image I/O, so it can check a whole file up front."""
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vlft.constants import IMAGE_TAG, RESERVED_STRINGS, ROLE_MAP, VIDEO_TAG
 from vlft.errors import Problem
 
-_VIDEO_MESSAGE = "video records are not supported yet"
-_VIDEO_HINT = "drop video records from this file, or describe the video in text"
-
 Report = Callable[[str, str, str], None]  # (field, message, hint)
+TAGS = {"image": IMAGE_TAG, "video": VIDEO_TAG}  # record key -> its placeholder in human turns
+_TAG_SPLIT = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
 
 
 @dataclass
 class Sample:
     index: int  # position in the data file
     id: str | None  # record["id"] as str when present
-    messages: list[dict]  # chat-template messages; user content is a list of {"type": "image"} / {"type": "text"}
+    messages: list[dict]  # chat-template messages; user content: list of {"type": "image" | "video" | "text"}
     images: list[str]  # image paths exactly as written in the record, in tag order
+    # videos in tag order: a file or a folder of frames (str), or a list of frame image paths
+    videos: list[str | list[str]] = field(default_factory=list)
 
 
 def parse_record(record: object, index: int, file: str) -> tuple[Sample | None, list[Problem]]:
@@ -34,49 +36,58 @@ def parse_record(record: object, index: int, file: str) -> tuple[Sample | None, 
     def report(field: str, message: str, hint: str) -> None:
         problems.append(Problem(file, index, field, message, hint, record_id))
 
-    if record.get("video") is not None:
-        report("video", _VIDEO_MESSAGE, _VIDEO_HINT)
-    images = _check_images(record.get("image"), report)
+    media = {key: _check_media(record.get(key), key, report) for key in TAGS}
     turns = _check_turns(record.get("conversations"), report)
     if turns is not None:
         _check_order([role for role, _ in turns], report)
 
-    if turns is not None and images is not None:
-        n_tags = sum(value.count(IMAGE_TAG) for role, value in turns if role == "user")
-        if n_tags != len(images):
-            report("image", f"{n_tags} {IMAGE_TAG} tag(s) in the human turns but {len(images)} image path(s)",
-                   f"add or remove {IMAGE_TAG} tags in the human turns, or paths in 'image', "
-                   "so that each image has exactly one tag")
+    for key, tag in TAGS.items():
+        if turns is not None and media[key] is not None:
+            n_tags = sum(value.count(tag) for role, value in turns if role == "user")
+            if n_tags != len(media[key]):
+                report(key, f"{n_tags} {tag} tag(s) in the human turns but {len(media[key])} {key} path(s)",
+                       f"add or remove {tag} tags in the human turns, or paths in '{key}', "
+                       f"so that each {key} has exactly one tag")
 
     if problems:
         return None, problems
     messages = [
         {"role": role, "content": _user_content(value) if role == "user" else value} for role, value in turns
     ]
-    return Sample(index=index, id=record_id, messages=messages, images=images), []
+    return Sample(index=index, id=record_id, messages=messages, images=media["image"], videos=media["video"]), []
 
 
-def _check_images(value: object, report: Report) -> list[str] | None:
-    """The image paths, or None when the field is unusable (already reported)."""
-    hint = "give one path as a string or several as a list of strings, or leave 'image' out for text-only records"
+def _check_media(value: object, key: str, report: Report) -> list | None:
+    """The image paths (key 'image') or videos (key 'video': a file or frame folder, or a list of frame
+    paths), or None when the field is unusable (already reported)."""
+    if key == "image":
+        hint = "give one path as a string or several as a list of strings, or leave 'image' out"
+    else:
+        hint = ("give one video (a file or a folder of frames) as a string, several as a list, and a video given "
+                "as frame images as a list of paths inside that list; or leave 'video' out")
     if value is None:
         return []
     if isinstance(value, str):
         if value.strip():
             return [value]
-        report("image", "the image path is empty", hint)
+        report(key, f"the {key} path is empty", hint)
         return None
     if not isinstance(value, list):
-        report("image", f"'image' is a {type(value).__name__}", hint)
+        report(key, f"'{key}' is a {type(value).__name__}", hint)
         return None
     if not value:
-        report("image", "'image' is an empty list", hint)
+        report(key, f"'{key}' is an empty list", hint)
         return None
     ok = True
     for k, path in enumerate(value):
-        if not isinstance(path, str) or not path.strip():
-            report(f"image[{k}]", f"expected a non-empty path string, got {path!r}", hint)
-            ok = False
+        frames = key == "video" and isinstance(path, list)
+        if frames and path and all(isinstance(f, str) and f.strip() for f in path):
+            continue
+        if not frames and isinstance(path, str) and path.strip():
+            continue
+        expected = "a non-empty list of frame paths" if frames else "a non-empty path string"
+        report(f"{key}[{k}]", f"expected {expected}, got {path!r}", hint)
+        ok = False
     return value if ok else None
 
 
@@ -118,12 +129,11 @@ def _check_text(text: str, role: str | None, field: str, report: Report) -> None
     if reserved:
         report(field, f"contains {', '.join(reserved)}, which the tokenizer would read as chat structure",
                "remove these strings from the text or spell them differently")
-    if VIDEO_TAG in text:
-        report(field, _VIDEO_MESSAGE, _VIDEO_HINT)
-    if IMAGE_TAG in text and role in ("system", "assistant"):
-        speaker = "system" if role == "system" else "gpt"
-        report(field, f"{IMAGE_TAG} in a {speaker} turn; images can only be given in human turns",
-               f"move the {IMAGE_TAG} tag into a human turn")
+    for key, tag in TAGS.items():
+        if tag in text and role in ("system", "assistant"):
+            speaker = "system" if role == "system" else "gpt"
+            report(field, f"{tag} in a {speaker} turn; {key}s can only be given in human turns",
+                   f"move the {tag} tag into a human turn")
 
 
 def _check_order(roles: list[str], report: Report) -> None:
@@ -158,11 +168,16 @@ def _check_order(roles: list[str], report: Report) -> None:
 
 def _user_content(text: str) -> list[dict]:
     content: list[dict] = []
-    for k, part in enumerate(text.split(IMAGE_TAG)):
-        if k > 0:
-            content.append({"type": "image"})
+    after_tag = False
+    for piece in _TAG_SPLIT.split(text):
+        if piece == IMAGE_TAG or piece == VIDEO_TAG:
+            content.append({"type": "image" if piece == IMAGE_TAG else "video"})
+            after_tag = True
+            continue
+        if after_tag:
             # LLaVA writes "<image>\nQuestion"; that newline only separates the tag from the text
-            part = part.removeprefix("\n")
-        if part:
-            content.append({"type": "text", "text": part})
+            piece = piece.removeprefix("\n")
+        after_tag = False
+        if piece:
+            content.append({"type": "text", "text": piece})
     return content

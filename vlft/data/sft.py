@@ -7,13 +7,18 @@ come from the model's own template rather than from a re-implementation of it.
 """
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.video_utils import VideoMetadata
 
-from vlft.constants import IGNORE_INDEX, IM_END, IMAGE_PAD
+from vlft.constants import IGNORE_INDEX, IM_END, IMAGE_PAD, VIDEO_PAD
 from vlft.data.llava import Sample
 from vlft.data.media import MediaError, fit_image, load_image
+from vlft.data.video import load_video
 from vlft.errors import VlftError
 
 # Private-use code points: never produced by the templates, and rejected in user text by the check.
@@ -28,6 +33,17 @@ class Encoded:
     labels: list[int]
 
 
+@dataclass(frozen=True)
+class VisionSpec:
+    """What decides an image's or video's tokens: its grid (t, h, w) in patches, and for videos the
+    sampled source frame numbers and the source fps (Qwen3-VL writes timestamps from them)."""
+
+    grid: tuple[int, int, int]
+    indices: tuple[int, ...] = ()
+    source_fps: float = 0.0
+    fps: float = 0.0  # effective sampled fps (Qwen2.5-VL: second_per_grid_ts = temporal_patch_size / fps)
+
+
 class SFTEncoder:
     """Turns chat messages into ids and labels with the processor's own chat template.
 
@@ -40,10 +56,15 @@ class SFTEncoder:
         self.template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         if not self.template:
             raise VlftError("the processor has no chat template; use an Instruct checkpoint or add chat_template.jinja")
+        self.processor = processor
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.video_pad_id = self.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
         image_processor = processor.image_processor
         self.patch_size = image_processor.patch_size
         self.merge_size = image_processor.merge_size
+        video_processor = getattr(processor, "video_processor", None)
+        self.video_patch_size = getattr(video_processor, "patch_size", self.patch_size)
+        self.temporal_patch_size = getattr(video_processor, "temporal_patch_size", 2)
 
     def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """Chat text and the [start, end) character spans to train."""
@@ -74,8 +95,8 @@ class SFTEncoder:
             raise VlftError(f"the chat template rendered {len(spans)} of {n_assistant} assistant messages")
         return "".join(pieces), spans
 
-    def encode(self, messages: list[dict], image_token_counts: list[int]) -> Encoded:
-        """ids/labels with each <|image_pad|> expanded to that image's number of tokens."""
+    def encode(self, messages: list[dict], images: Sequence[VisionSpec] = (), videos: Sequence[VisionSpec] = ()) -> Encoded:
+        """ids/labels with each image/video placeholder expanded the way this processor expands it."""
         text, spans = self.render(messages)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -89,35 +110,104 @@ class SFTEncoder:
                 break
             if s >= span[0] and e <= span[1]:
                 labels[i] = ids[i]
-        n_pads = ids.count(self.image_pad_id)
-        if n_pads != len(image_token_counts):
-            raise VlftError(f"the chat template produced {n_pads} image placeholders for {len(image_token_counts)} images")
-        if n_pads:
-            out_ids, out_labels, k = [], [], 0
-            for tok, lab in zip(ids, labels):
-                if tok == self.image_pad_id:
-                    out_ids.extend([tok] * image_token_counts[k])
-                    out_labels.extend([IGNORE_INDEX] * image_token_counts[k])
-                    k += 1
-                else:
-                    out_ids.append(tok)
-                    out_labels.append(lab)
-            ids, labels = out_ids, out_labels
-        return Encoded(ids, labels)
+        expansions = {self.image_pad_id: [self.expansion("image", images, k) for k in range(len(images))],
+                      self.video_pad_id: [self.expansion("video", videos, k) for k in range(len(videos))]}
+        found = {pad: ids.count(pad) for pad in expansions}
+        for pad, what, given in ((self.image_pad_id, "image", images), (self.video_pad_id, "video", videos)):
+            if found[pad] != len(given):
+                raise VlftError(f"the chat template produced {found[pad]} {what} placeholders for {len(given)} {what}s")
+        if not images and not videos:
+            return Encoded(ids, labels)
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        next_item = dict.fromkeys(expansions, 0)
+        for tok, lab in zip(ids, labels):
+            if tok in expansions:
+                piece = expansions[tok][next_item[tok]]
+                next_item[tok] += 1
+                out_ids.extend(piece)
+                out_labels.extend([IGNORE_INDEX] * len(piece))
+            else:
+                out_ids.append(tok)
+                out_labels.append(lab)
+        return Encoded(out_ids, out_labels)
+
+    def expansion(self, kind: str, specs: Sequence[VisionSpec], k: int) -> list[int]:
+        """Token ids that replace the k-th <|image_pad|> / <|video_pad|> of the template.
+
+        transformers >= 5.2x processors say it themselves (`replace_image_token` / `replace_video_token`:
+        Qwen3-VL puts a "<t seconds>" timestamp and its own vision marks before every temporal patch); older
+        ones expand to grid.prod() // merge**2 pads, which is what Qwen2-VL and Qwen2.5-VL do."""
+        spec = specs[k]
+        pad_id = self.image_pad_id if kind == "image" else self.video_pad_id
+        n_pads = spec.grid[0] * spec.grid[1] * spec.grid[2] // self.merge_size**2
+        replace = getattr(self.processor, f"replace_{kind}_token", None)
+        if replace is None:
+            return [pad_id] * n_pads
+        inputs = {f"{kind}_grid_thw": torch.tensor([spec.grid])}
+        if kind == "video":
+            total = round(len(spec.indices) * spec.source_fps / spec.fps) if spec.fps else len(spec.indices)
+            inputs["video_metadata"] = [VideoMetadata(fps=spec.source_fps, frames_indices=list(spec.indices),
+                                                      total_num_frames=total)]
+        try:
+            text = replace(inputs, **{f"{kind}_idx": 0})
+        except NotImplementedError:
+            return [pad_id] * n_pads
+        return self._tokens(text, IMAGE_PAD if kind == "image" else VIDEO_PAD, pad_id)
+
+    def _tokens(self, text: str, pad: str, pad_id: int) -> list[int]:
+        # Runs of pad tokens are counted, not tokenised (a video can expand to tens of thousands of them);
+        # the text between them (timestamps, vision marks) repeats, so its ids are cached.
+        out: list[int] = []
+        for piece in re.split(f"((?:{re.escape(pad)})+)", text):
+            if not piece:
+                continue
+            if piece.startswith(pad) and len(piece) % len(pad) == 0 and piece == pad * (len(piece) // len(pad)):
+                out.extend([pad_id] * (len(piece) // len(pad)))
+            else:
+                out.extend(self._text_ids(piece))
+        return out
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one encoder per dataset, lives as long as it
+    def _text_ids(self, piece: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """Pixel budgets and frame sampling, shared by the start-up check and the dataset so both agree."""
+
+    image_min_pixels: int
+    image_max_pixels: int
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
+    video_max_total_pixels: int | None = None
+    fps: float | None = None
+    nframes: int | None = None
+    video_min_frames: int = 4
+    video_max_frames: int = 768
+    frames_fps: float = 2.0  # rate assumed for a video given as frame images
+
+    def video_kwargs(self, encoder: SFTEncoder) -> dict:
+        return dict(fps=self.fps, nframes=self.nframes, min_frames=self.video_min_frames,
+                    max_frames=self.video_max_frames, min_pixels=self.video_min_pixels, max_pixels=self.video_max_pixels,
+                    total_pixels=self.video_max_total_pixels, factor=encoder.video_patch_size * encoder.merge_size,
+                    temporal_patch_size=encoder.temporal_patch_size, frames_fps=self.frames_fps)
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Checked samples -> model inputs. Images are loaded, resized to the pixel budget and patchified
-    here (in the DataLoader workers); everything that can fail was already tried by the data check."""
+    """Checked samples -> model inputs. Images and videos are loaded, sized to their pixel budgets and
+    patchified here (in the DataLoader workers); everything that can fail was already tried by the check."""
 
-    def __init__(self, samples: list[Sample], image_paths: list[list[str]], processor, *,
-                 image_min_pixels: int, image_max_pixels: int, lengths: list[int] | None = None):
+    def __init__(self, samples: list[Sample], image_paths: list[list[str]], processor, *, media: MediaSettings,
+                 video_sources: list[list] | None = None, lengths: list[int] | None = None):
         self.samples = samples
         self.image_paths = image_paths  # resolved paths, parallel to samples
+        self.video_sources = video_sources or [[] for _ in samples]  # resolved files / frame folders / frame lists
         self.encoder = SFTEncoder(processor)
         self.image_processor = processor.image_processor
-        self.min_pixels = image_min_pixels
-        self.max_pixels = image_max_pixels
+        self.video_processor = getattr(processor, "video_processor", None)
+        self.media = media
         self.lengths = lengths  # token counts from the data check (for length grouping)
 
     def __len__(self) -> int:
@@ -126,22 +216,37 @@ class SFTDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
         item: dict = {}
-        counts: list[int] = []
-        if self.image_paths[i]:
-            factor = self.encoder.patch_size * self.encoder.merge_size
-            try:
-                images = [
-                    fit_image(load_image(p), factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-                    for p in self.image_paths[i]
-                ]
-            except MediaError as err:  # the file changed after the start-up check
-                raise VlftError(f"record {sample.index} (id {sample.id!r}): {err}") from None
-            # Already resized to multiples of patch*merge within the budget: the processor must not resize again.
-            vision = self.image_processor(images=images, do_resize=False, return_tensors="pt")
-            item["pixel_values"] = vision["pixel_values"]
-            item["image_grid_thw"] = vision["image_grid_thw"]
-            counts = (vision["image_grid_thw"].prod(-1) // self.encoder.merge_size**2).tolist()
-        enc = self.encoder.encode(sample.messages, counts)
+        try:
+            image_specs = self._images(self.image_paths[i], item)
+            video_specs = self._videos(self.video_sources[i], item)
+        except MediaError as err:  # the file changed after the start-up check
+            raise VlftError(f"record {sample.index} (id {sample.id!r}): {err}") from None
+        enc = self.encoder.encode(sample.messages, image_specs, video_specs)
         item["input_ids"] = torch.tensor(enc.input_ids, dtype=torch.long)
         item["labels"] = torch.tensor(enc.labels, dtype=torch.long)
         return item
+
+    def _images(self, paths: list[str], item: dict) -> list[VisionSpec]:
+        if not paths:
+            return []
+        factor = self.encoder.patch_size * self.encoder.merge_size
+        images = [fit_image(load_image(p), factor=factor, min_pixels=self.media.image_min_pixels,
+                            max_pixels=self.media.image_max_pixels) for p in paths]
+        # Already resized to multiples of patch*merge within the budget: the processor must not resize again.
+        vision = self.image_processor(images=images, do_resize=False, return_tensors="pt")
+        item["pixel_values"] = vision["pixel_values"]
+        item["image_grid_thw"] = vision["image_grid_thw"]
+        return [VisionSpec(tuple(g)) for g in vision["image_grid_thw"].tolist()]
+
+    def _videos(self, sources: list, item: dict) -> list[VisionSpec]:
+        if not sources:
+            return []
+        clips = [load_video(src, **self.media.video_kwargs(self.encoder)) for src in sources]
+        # Frames are already sampled and sized: the processor must neither sample nor resize again.
+        vision = self.video_processor(videos=[c.frames for c in clips], do_sample_frames=False, do_resize=False,
+                                      return_tensors="pt")
+        item["pixel_values_videos"] = vision["pixel_values_videos"]
+        item["video_grid_thw"] = vision["video_grid_thw"]
+        item["second_per_grid_ts"] = [self.encoder.temporal_patch_size / c.fps for c in clips]
+        return [VisionSpec(tuple(g), tuple(c.indices), c.source_fps, c.fps)
+                for g, c in zip(vision["video_grid_thw"].tolist(), clips)]

@@ -125,6 +125,7 @@ class VideoCheck:
     fps: float  # effective sampled fps
     duration: float
     source_fps: float
+    indices: tuple[int, ...] = ()  # source frame numbers (Qwen3-VL's timestamps are computed from them)
 
 
 def video_token_count(nframes: int, height: int, width: int, *, patch_size: int, merge_size: int,
@@ -598,4 +599,4 @@ def check_video(source: str | Path | Sequence[str | Path], *, fps: float | None 
                  min_frames=min_frames, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels,
                  total_pixels=total_pixels, factor=factor, temporal_patch_size=temporal_patch_size)
     return VideoCheck(nframes=nframes, height=clip.frames.shape[1], width=clip.frames.shape[2],
-                      fps=clip.fps, duration=clip.duration, source_fps=clip.source_fps)
+                      fps=clip.fps, duration=clip.duration, source_fps=clip.source_fps, indices=tuple(clip.indices))

@@ -34,11 +34,13 @@ def _check_output_dir(train_args) -> None:
 def make_collator(processor, model) -> SFTCollator:
     """Collator matched to what this transformers version's forward accepts."""
     config = model.config
-    wants_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
+    accepted = inspect.signature(model.forward).parameters
+    wants_types = "mm_token_type_ids" in accepted
     return SFTCollator(
         processor.tokenizer.pad_token_id,
         image_token_id=config.image_token_id if wants_types else None,
         video_token_id=config.video_token_id if wants_types else None,
+        second_per_grid_ts="second_per_grid_ts" in accepted,
     )
 
 
@@ -56,14 +58,13 @@ def run(argv: list[str]):
     processor = load_processor(model_args.model_id)
     checked = check_sft_data(
         data_args.data_path, processor=processor, image_folder=data_args.image_folder,
-        image_min_pixels=data_args.image_min_pixels, image_max_pixels=data_args.image_max_pixels,
-        max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
+        media=data_args.media_settings(), max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
         skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
     )
     log(f"data: {checked.summary()}")
     dataset = SFTDataset(
-        checked.samples, checked.image_paths, processor, image_min_pixels=data_args.image_min_pixels,
-        image_max_pixels=data_args.image_max_pixels, lengths=checked.lengths,
+        checked.samples, checked.image_paths, processor, media=data_args.media_settings(),
+        video_sources=checked.video_sources, lengths=checked.lengths,
     )
 
     prepared = prepare_model(model_args, tune_args, train_args)

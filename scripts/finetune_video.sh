@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Video (and mixed image/video/text) fine-tuning: everything trains by default, the vision tower at VISION_LR;
+# LORA=true switches to LoRA on the language model and the vision blocks.
+# With no settings it runs the offline demo (tiny model + data_examples/llava_video_demo.json).
+# Every setting is an environment variable; extra vlft flags can follow on the command line:
+#   MODEL=Qwen/Qwen2.5-VL-3B-Instruct DATA=videos.json IMAGE_FOLDER=/data/media FPS=1 bash scripts/finetune_video.sh
+set -euo pipefail
+source "$(dirname "$0")/_common.sh"
+
+MODEL="${MODEL:-}"                                   # empty = tiny offline demo model
+DATA="${DATA:-$REPO/data_examples/llava_video_demo.json}"
+IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples}"  # image and video paths resolve against it
+OUTPUT_DIR="${OUTPUT_DIR:-$(new_output_dir finetune_video)}"
+if [ -z "$MODEL" ]; then
+  MODEL="$(tiny_model qwen2_vl)"
+  # demo: the tiny model's patches are 16 pixels, so frames of a few thousand pixels are plenty
+  EPOCHS="${EPOCHS:-20}"; LR="${LR:-1e-3}"; VISION_LR="${VISION_LR-}"; BATCH_SIZE="${BATCH_SIZE:-2}"
+  GRAD_ACCUM="${GRAD_ACCUM:-1}"; NUM_WORKERS="${NUM_WORKERS:-0}"
+  VIDEO_MIN_PIXELS="${VIDEO_MIN_PIXELS:-1024}"; VIDEO_MAX_PIXELS="${VIDEO_MAX_PIXELS:-4096}"
+  VIDEO_MAX_TOTAL_PIXELS="${VIDEO_MAX_TOTAL_PIXELS:-65536}"
+fi
+LORA="${LORA:-false}"
+EPOCHS="${EPOCHS:-1}"
+LR="${LR:-1e-5}"                                     # language model (LoRA: use about 1e-4)
+VISION_LR="${VISION_LR-2e-6}"                        # vision tower (set empty: same as LR)
+MERGER_LR="${MERGER_LR:-}"                           # empty: same as LR
+BATCH_SIZE="${BATCH_SIZE:-1}"                        # per device
+GRAD_ACCUM="${GRAD_ACCUM:-8}"
+MAX_SEQ_LENGTH="${MAX_SEQ_LENGTH:-16384}"
+FPS="${FPS:-}"                                       # frames sampled per second (default 2) ...
+NFRAMES="${NFRAMES:-}"                               # ... or an exact frame count (not both)
+VIDEO_MIN_FRAMES="${VIDEO_MIN_FRAMES:-4}"
+VIDEO_MAX_FRAMES="${VIDEO_MAX_FRAMES:-768}"
+VIDEO_MIN_PIXELS="${VIDEO_MIN_PIXELS:-100352}"       # per frame (128 x 28 x 28)
+VIDEO_MAX_PIXELS="${VIDEO_MAX_PIXELS:-602112}"       # per frame (768 x 28 x 28)
+VIDEO_MAX_TOTAL_PIXELS="${VIDEO_MAX_TOTAL_PIXELS:-6422528}"  # all frames of one video
+IMAGE_MIN_PIXELS="${IMAGE_MIN_PIXELS:-3136}"
+IMAGE_MAX_PIXELS="${IMAGE_MAX_PIXELS:-12845056}"
+FREEZE_VISION_TOWER="${FREEZE_VISION_TOWER:-false}"
+FREEZE_MERGER="${FREEZE_MERGER:-false}"
+BF16="${BF16:-$(default_bf16)}"
+USE_LIGER="${USE_LIGER:-$(default_liger)}"
+ATTN="${ATTN:-sdpa}"                                 # flash_attention_2 if installed
+GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-$BF16}"  # on for GPU runs
+NUM_WORKERS="${NUM_WORKERS:-4}"
+SAVE_STEPS="${SAVE_STEPS:-500}"
+LOGGING_STEPS="${LOGGING_STEPS:-1}"
+REPORT_TO="${REPORT_TO:-none}"
+
+if [ "$LORA" = true ]; then
+  TUNE=(--lora_enable true --vision_lora true --freeze_merger "$FREEZE_MERGER")
+else
+  TUNE=(--freeze_vision_tower "$FREEZE_VISION_TOWER" --freeze_merger "$FREEZE_MERGER")
+  [ "$FREEZE_VISION_TOWER" = true ] && VISION_LR=""   # nothing in the tower trains
+fi
+mapfile -t OPTIONAL < <(optional_flag vision_lr "$VISION_LR"; optional_flag merger_lr "$MERGER_LR"
+                        optional_flag fps "$FPS"; optional_flag nframes "$NFRAMES")
+vlft_launch sft \
+  --model_id "$MODEL" \
+  --data_path "$DATA" \
+  --image_folder "$IMAGE_FOLDER" \
+  --output_dir "$OUTPUT_DIR" \
+  "${TUNE[@]}" \
+  --num_train_epochs "$EPOCHS" \
+  --learning_rate "$LR" \
+  "${OPTIONAL[@]}" \
+  --per_device_train_batch_size "$BATCH_SIZE" \
+  --gradient_accumulation_steps "$GRAD_ACCUM" \
+  --max_seq_length "$MAX_SEQ_LENGTH" \
+  --video_min_frames "$VIDEO_MIN_FRAMES" \
+  --video_max_frames "$VIDEO_MAX_FRAMES" \
+  --video_min_pixels "$VIDEO_MIN_PIXELS" \
+  --video_max_pixels "$VIDEO_MAX_PIXELS" \
+  --video_max_total_pixels "$VIDEO_MAX_TOTAL_PIXELS" \
+  --image_min_pixels "$IMAGE_MIN_PIXELS" \
+  --image_max_pixels "$IMAGE_MAX_PIXELS" \
+  --bf16 "$BF16" \
+  --use_liger "$USE_LIGER" \
+  --attn_implementation "$ATTN" \
+  --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
+  --weight_decay 0.0 \
+  --warmup_ratio 0.03 \
+  --lr_scheduler_type cosine \
+  --logging_steps "$LOGGING_STEPS" \
+  --save_strategy steps \
+  --save_steps "$SAVE_STEPS" \
+  --save_total_limit 3 \
+  --dataloader_num_workers "$NUM_WORKERS" \
+  --report_to "$REPORT_TO" \
+  "$@"
+mark_latest "$OUTPUT_DIR"
