@@ -27,9 +27,63 @@ mark_latest() {  # mark_latest OUTPUT_DIR: update the sibling `latest` link afte
   ln -sfn "$(basename "$1")" "$(dirname "$1")/latest"
 }
 
-# One place that starts training. Single process today; multi-GPU launchers plug in here.
+# ---- launching: one process, torchrun (DDP) or the DeepSpeed launcher, from these settings ----
+# NUM_GPUS     processes per node (default: the GPUs nvidia-smi lists; 1 without GPUs)
+# NNODES       nodes (default 1); NODE_RANK this node's rank (default 0)
+# MASTER_ADDR  address of node 0 (default 127.0.0.1); MASTER_PORT (default 29500)
+# HOSTFILE     DeepSpeed hostfile ("host slots=N" lines): the launcher on node 0 starts every node over ssh;
+#              without it, run the same command on every node with its NODE_RANK (no ssh needed)
+# ZERO_CONFIG  a DeepSpeed config (zero_configs/zero2.json, zero3.json, ...): train under DeepSpeed
+# Without a GPU, several processes or a ZERO_CONFIG make a CPU rehearsal (gloo), to check configs and data
+# before renting GPUs.
+
+gpu_count() {
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then nvidia-smi -L | wc -l; else echo 1; fi
+}
+
+world_size() {
+  echo $(( ${NUM_GPUS:-$(gpu_count)} * ${NNODES:-1} ))
+}
+
+# grad_accum GLOBAL_BATCH_SIZE PER_DEVICE_BATCH: accumulation steps that make the global batch, or an error.
+grad_accum() {
+  local world per_step
+  world=$(world_size); per_step=$(( $2 * world ))
+  if [ "$1" -lt "$per_step" ] || [ $(( $1 % per_step )) -ne 0 ]; then
+    echo "GLOBAL_BATCH_SIZE=$1 is not a multiple of BATCH_SIZE=$2 x $world processes ($per_step); change one of them" >&2
+    return 1
+  fi
+  echo $(( $1 / per_step ))
+}
+
 vlft_launch() {
-  "$PYTHON" -m vlft "$@"
+  local nproc="${NUM_GPUS:-$(gpu_count)}" nnodes="${NNODES:-1}" node_rank="${NODE_RANK:-0}"
+  local addr="${MASTER_ADDR:-127.0.0.1}" port="${MASTER_PORT:-29500}"
+  local extra=() gpu
+  gpu=$(default_bf16)
+  if [ -n "${ZERO_CONFIG:-}" ]; then
+    [ -f "$ZERO_CONFIG" ] || { echo "ZERO_CONFIG=$ZERO_CONFIG: no such file (see zero_configs/)" >&2; return 2; }
+    extra+=(--deepspeed "$ZERO_CONFIG")
+  fi
+  if [ "$gpu" = false ] && { [ $(( nproc * nnodes )) -gt 1 ] || [ -n "${ZERO_CONFIG:-}" ]; }; then
+    echo "[vlft] no GPU: CPU rehearsal with $(( nproc * nnodes )) process(es) (gloo)" >&2
+    export DS_ACCELERATOR=cpu
+    extra+=(--use_cpu true --ddp_backend gloo)
+  fi
+  if [ -n "${ZERO_CONFIG:-}" ]; then
+    local nodes=(--num_nodes "$nnodes" --master_addr "$addr" --master_port "$port")
+    if [ -n "${HOSTFILE:-}" ]; then
+      nodes+=(--hostfile "$HOSTFILE")
+    elif [ "$nnodes" -gt 1 ]; then
+      nodes+=(--no_ssh --node_rank "$node_rank")
+    fi
+    "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" "${nodes[@]}" --no_local_rank --module vlft "$@" "${extra[@]}"
+  elif [ $(( nproc * nnodes )) -gt 1 ]; then
+    "$PYTHON" -m torch.distributed.run --nproc_per_node "$nproc" --nnodes "$nnodes" --node_rank "$node_rank" \
+      --master_addr "$addr" --master_port "$port" -m vlft "$@" "${extra[@]}"
+  else
+    "$PYTHON" -m vlft "$@" "${extra[@]}"
+  fi
 }
 
 # Liger kernels where a GPU and liger-kernel are present (USE_LIGER=true/false overrides).

@@ -4,6 +4,8 @@
 # With no settings it runs the offline demo (tiny model + data_examples/) on whatever this machine has.
 # Every setting is an environment variable; extra vlft flags can follow on the command line:
 #   MODEL=Qwen/Qwen2-VL-2B-Instruct DATA=train.json IMAGE_FOLDER=images/ bash scripts/finetune_lora.sh --save_steps 200
+# Several GPUs or nodes: NUM_GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, HOSTFILE, ZERO_CONFIG (README):
+#   NUM_GPUS=8 ZERO_CONFIG=zero_configs/zero3.json bash scripts/finetune_lora.sh
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
@@ -15,7 +17,7 @@ if [ -z "$MODEL" ]; then
   MODEL="$(tiny_model qwen2_vl)"
   # demo: a random tiny model needs many passes at a high rate to memorise 10 records
   EPOCHS="${EPOCHS:-30}"; LR="${LR:-5e-3}"; LORA_RANK="${LORA_RANK:-16}"; LORA_ALPHA="${LORA_ALPHA:-32}"
-  BATCH_SIZE="${BATCH_SIZE:-2}"; GRAD_ACCUM="${GRAD_ACCUM:-1}"; NUM_WORKERS="${NUM_WORKERS:-0}"
+  BATCH_SIZE="${BATCH_SIZE:-2}"; GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-$(( BATCH_SIZE * $(world_size) ))}"; NUM_WORKERS="${NUM_WORKERS:-0}"
 fi
 EPOCHS="${EPOCHS:-1}"
 LR="${LR:-1e-4}"
@@ -27,7 +29,7 @@ BITS="${BITS:-16}"                                   # 4 or 8 = QLoRA
 VISION_LR="${VISION_LR:-}"                           # only when the tower trains (empty: same as LR)
 MERGER_LR="${MERGER_LR:-}"                           # empty: same as LR
 BATCH_SIZE="${BATCH_SIZE:-4}"                        # per device
-GRAD_ACCUM="${GRAD_ACCUM:-4}"
+GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-64}"             # over all processes; accumulation follows
 MAX_SEQ_LENGTH="${MAX_SEQ_LENGTH:-8192}"
 IMAGE_MIN_PIXELS="${IMAGE_MIN_PIXELS:-3136}"
 IMAGE_MAX_PIXELS="${IMAGE_MAX_PIXELS:-12845056}"
@@ -43,6 +45,7 @@ LOGGING_STEPS="${LOGGING_STEPS:-1}"
 REPORT_TO="${REPORT_TO:-none}"
 
 mapfile -t OPTIONAL < <(optional_flag vision_lr "$VISION_LR"; optional_flag merger_lr "$MERGER_LR")
+GRAD_ACCUM="$(grad_accum "$GLOBAL_BATCH_SIZE" "$BATCH_SIZE")"
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \

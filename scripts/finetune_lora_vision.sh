@@ -3,6 +3,7 @@
 # With no settings it runs the offline demo (tiny model + data_examples/) on whatever this machine has.
 # Every setting is an environment variable; extra vlft flags can follow on the command line:
 #   MODEL=Qwen/Qwen2.5-VL-3B-Instruct DATA=train.json IMAGE_FOLDER=images/ bash scripts/finetune_lora_vision.sh
+# Several GPUs or nodes: NUM_GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, HOSTFILE, ZERO_CONFIG (README).
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
@@ -13,7 +14,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-$(new_output_dir finetune_lora_vision)}"
 if [ -z "$MODEL" ]; then
   MODEL="$(tiny_model qwen2_vl)"
   EPOCHS="${EPOCHS:-30}"; LR="${LR:-5e-3}"; LORA_RANK="${LORA_RANK:-16}"; LORA_ALPHA="${LORA_ALPHA:-32}"
-  BATCH_SIZE="${BATCH_SIZE:-2}"; GRAD_ACCUM="${GRAD_ACCUM:-1}"; NUM_WORKERS="${NUM_WORKERS:-0}"
+  BATCH_SIZE="${BATCH_SIZE:-2}"; GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-$(( BATCH_SIZE * $(world_size) ))}"; NUM_WORKERS="${NUM_WORKERS:-0}"
 fi
 EPOCHS="${EPOCHS:-1}"
 LR="${LR:-2e-4}"                                     # language-model LoRA
@@ -25,7 +26,7 @@ LORA_DROPOUT="${LORA_DROPOUT:-0.05}"
 USE_DORA="${USE_DORA:-false}"
 BITS="${BITS:-16}"                                   # 4 or 8 = QLoRA
 BATCH_SIZE="${BATCH_SIZE:-4}"                        # per device
-GRAD_ACCUM="${GRAD_ACCUM:-4}"
+GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-64}"             # over all processes; accumulation follows
 MAX_SEQ_LENGTH="${MAX_SEQ_LENGTH:-8192}"
 IMAGE_MIN_PIXELS="${IMAGE_MIN_PIXELS:-3136}"
 IMAGE_MAX_PIXELS="${IMAGE_MAX_PIXELS:-12845056}"
@@ -40,6 +41,7 @@ LOGGING_STEPS="${LOGGING_STEPS:-1}"
 REPORT_TO="${REPORT_TO:-none}"
 
 mapfile -t OPTIONAL < <(optional_flag vision_lr "$VISION_LR"; optional_flag merger_lr "$MERGER_LR")
+GRAD_ACCUM="$(grad_accum "$GLOBAL_BATCH_SIZE" "$BATCH_SIZE")"
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \

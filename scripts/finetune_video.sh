@@ -4,6 +4,7 @@
 # With no settings it runs the offline demo (tiny model + data_examples/llava_video_demo.json).
 # Every setting is an environment variable; extra vlft flags can follow on the command line:
 #   MODEL=Qwen/Qwen2.5-VL-3B-Instruct DATA=videos.json IMAGE_FOLDER=/data/media FPS=1 bash scripts/finetune_video.sh
+# Several GPUs or nodes: NUM_GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, HOSTFILE, ZERO_CONFIG (README).
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
@@ -15,7 +16,7 @@ if [ -z "$MODEL" ]; then
   MODEL="$(tiny_model qwen2_vl)"
   # demo: the tiny model's patches are 16 pixels, so frames of a few thousand pixels are plenty
   EPOCHS="${EPOCHS:-20}"; LR="${LR:-1e-3}"; VISION_LR="${VISION_LR-}"; BATCH_SIZE="${BATCH_SIZE:-2}"
-  GRAD_ACCUM="${GRAD_ACCUM:-1}"; NUM_WORKERS="${NUM_WORKERS:-0}"
+  GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-$(( BATCH_SIZE * $(world_size) ))}"; NUM_WORKERS="${NUM_WORKERS:-0}"
   VIDEO_MIN_PIXELS="${VIDEO_MIN_PIXELS:-1024}"; VIDEO_MAX_PIXELS="${VIDEO_MAX_PIXELS:-4096}"
   VIDEO_MAX_TOTAL_PIXELS="${VIDEO_MAX_TOTAL_PIXELS:-65536}"
 fi
@@ -25,7 +26,7 @@ LR="${LR:-1e-5}"                                     # language model (LoRA: use
 VISION_LR="${VISION_LR-2e-6}"                        # vision tower (set empty: same as LR)
 MERGER_LR="${MERGER_LR:-}"                           # empty: same as LR
 BATCH_SIZE="${BATCH_SIZE:-1}"                        # per device
-GRAD_ACCUM="${GRAD_ACCUM:-8}"
+GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-32}"             # over all processes; accumulation follows
 MAX_SEQ_LENGTH="${MAX_SEQ_LENGTH:-16384}"
 FPS="${FPS:-}"                                       # frames sampled per second (default 2) ...
 NFRAMES="${NFRAMES:-}"                               # ... or an exact frame count (not both)
@@ -55,6 +56,7 @@ else
 fi
 mapfile -t OPTIONAL < <(optional_flag vision_lr "$VISION_LR"; optional_flag merger_lr "$MERGER_LR"
                         optional_flag fps "$FPS"; optional_flag nframes "$NFRAMES")
+GRAD_ACCUM="$(grad_accum "$GLOBAL_BATCH_SIZE" "$BATCH_SIZE")"
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \

@@ -34,15 +34,53 @@ def test_every_flag_in_a_script_is_an_sft_argument(script):
     assert sorted(flags - SFT_FIELDS) == []
 
 
-def test_common_flags_belong_to_tiny_model(capsys):
+def test_common_flags_belong_to_what_they_call(capsys):
+    """_common.sh calls tiny-model, the DeepSpeed launcher and torchrun, and adds flags to sft: each flag
+    exists where it goes."""
+    from torch.distributed.run import get_args_parser
+
     from vlft.models import tiny
 
     with pytest.raises(SystemExit) as info:
         tiny.main(["--help"])
     assert info.value.code == 0
     tiny_flags = set(FLAG.findall(capsys.readouterr().out))
-    common_flags = set(FLAG.findall((SCRIPTS / "_common.sh").read_text()))
-    assert common_flags and common_flags <= tiny_flags
+    torchrun_flags = {o.lstrip("-").replace("-", "_") for a in get_args_parser()._actions for o in a.option_strings}
+    text = (SCRIPTS / "_common.sh").read_text().replace("\\\n", " ")
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+
+    def flags_where(needle: str, cut: str | None = None) -> set[str]:
+        found = set()
+        for ln in lines:
+            if needle in ln:
+                found |= set(FLAG.findall(ln.split(cut)[0] if cut else ln))
+        assert found, needle
+        return found
+
+    assert flags_where("vlft tiny-model") <= tiny_flags
+    launcher = flags_where("deepspeed.launcher.runner", cut="--module vlft") | flags_where("nodes+=(") | \
+        flags_where("local nodes=(")
+    assert launcher <= _deepspeed_flags(), sorted(launcher - _deepspeed_flags())
+    assert flags_where("torch.distributed.run", cut="-m vlft") <= torchrun_flags
+    assert flags_where("extra+=(") <= SFT_FIELDS  # what vlft_launch adds to sft's own flags
+
+
+def _deepspeed_flags() -> set[str]:
+    import argparse
+    from unittest import mock
+
+    from deepspeed.launcher import runner
+
+    captured = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, args=None, namespace=None):
+        captured["flags"] = {o.lstrip("-") for a in self._actions for o in a.option_strings}
+        return real(self, ["x"], namespace)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", grab):
+        runner.parse_args([])
+    return captured["flags"]
 
 
 def script_env(tmp: Path, **settings: str) -> dict:
@@ -71,13 +109,13 @@ EXPECTED = {
     "finetune.sh": (
         dict(num_train_epochs=20, learning_rate=1e-3, per_device_train_batch_size=2, gradient_accumulation_steps=1,
              dataloader_num_workers=0, lora_enable=False, freeze_vision_tower=False),
-        dict(num_train_epochs=1, learning_rate=1e-5, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+        dict(num_train_epochs=1, learning_rate=1e-5, per_device_train_batch_size=4, gradient_accumulation_steps=16,
              dataloader_num_workers=4, lora_enable=False, freeze_vision_tower=False, vision_lr=2e-6),
     ),
     "finetune_lora.sh": (
         dict(num_train_epochs=30, learning_rate=5e-3, per_device_train_batch_size=2, gradient_accumulation_steps=1,
              dataloader_num_workers=0, lora_enable=True, lora_rank=16, lora_alpha=32, freeze_vision_tower=True),
-        dict(num_train_epochs=1, learning_rate=1e-4, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+        dict(num_train_epochs=1, learning_rate=1e-4, per_device_train_batch_size=4, gradient_accumulation_steps=16,
              dataloader_num_workers=4, lora_enable=True, lora_rank=64, lora_alpha=64, freeze_vision_tower=True),
     ),
     "finetune_video.sh": (
@@ -243,3 +281,44 @@ def test_saved_arguments_are_usable_as_config(lora_run):
     values = flat(parse_args(SFT_GROUPS, ["--config", str(out / ARGS_FILE)]))
     for name in ["model_id", "data_path", "output_dir", "lora_enable", "lora_rank", "learning_rate", "num_train_epochs"]:
         assert values[name] == saved[name], name
+
+
+@pytest.mark.parametrize("env,args,expected", [
+    ({"NUM_GPUS": "1"}, "64 4", "16"),
+    ({"NUM_GPUS": "8"}, "64 4", "2"),
+    ({"NUM_GPUS": "8", "NNODES": "2"}, "128 4", "2"),
+    ({"NUM_GPUS": "8", "NNODES": "2"}, "32 4", None),  # 32 < 4 x 16
+    ({"NUM_GPUS": "3"}, "64 4", None),  # 64 is not a multiple of 12
+])
+def test_gradient_accumulation_follows_the_global_batch(env, args, expected):
+    proc = subprocess.run(["bash", "-c", f'source "{SCRIPTS}/_common.sh"; grad_accum {args}'],
+                          env={**os.environ, **env}, capture_output=True, text=True)
+    if expected is None:
+        assert proc.returncode != 0 and "GLOBAL_BATCH_SIZE" in proc.stderr
+    else:
+        assert proc.returncode == 0 and proc.stdout.strip() == expected
+
+
+def test_multi_gpu_settings_reach_the_launchers(tmp_path):
+    """NUM_GPUS/NNODES/NODE_RANK/MASTER_*/ZERO_CONFIG become the DeepSpeed launcher's or torchrun's flags."""
+    shim = tmp_path / "python-shim"
+    shim.write_text('#!/bin/sh\nprintf \'%s\\n\' "$@" > "$ARGV_FILE"\n')
+    shim.chmod(0o755)
+
+    def launched(**settings) -> list[str]:
+        env = {**os.environ, "PYTHON": str(shim), "ARGV_FILE": str(tmp_path / "argv"), **settings}
+        subprocess.run(["bash", "-c", f'source "{SCRIPTS}/_common.sh"; vlft_launch sft --x 1'], env=env, check=True,
+                       capture_output=True)
+        return (tmp_path / "argv").read_text().split()
+
+    two_nodes = launched(NUM_GPUS="8", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="29555",
+                         ZERO_CONFIG=str(REPO / "zero_configs" / "zero3.json"))
+    assert two_nodes[:2] == ["-m", "deepspeed.launcher.runner"]
+    joined = " ".join(two_nodes)
+    for piece in ("--num_gpus 8", "--num_nodes 2", "--master_addr 10.0.0.1", "--master_port 29555", "--no_ssh",
+                  "--node_rank 1", "--module vlft sft --x 1", f"--deepspeed {REPO / 'zero_configs' / 'zero3.json'}"):
+        assert piece in joined, piece
+    ddp = " ".join(launched(NUM_GPUS="4"))
+    assert ddp.startswith("-m torch.distributed.run --nproc_per_node 4 --nnodes 1") and "-m vlft sft --x 1" in ddp
+    assert "--deepspeed" not in ddp
+    assert " ".join(launched(NUM_GPUS="1")).startswith("-m vlft sft --x 1")

@@ -234,6 +234,17 @@ class SFTTrainingArguments(TrainingArguments):
             # Non-reentrant checkpointing works with frozen inputs (frozen tower, LoRA) without input-grad hooks.
             setattr(self, kwargs, {"use_reentrant": False})
         super().__post_init__()
+        if self.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and self.distributed_state is None:
+            # transformers fills the DeepSpeed config's "auto" batch sizes in __post_init__ from world_size,
+            # which reads 1 until the device set-up has run; ZeRO-3's zero.Init then fails its batch check
+            # ("4 != 2 * 1 * 1"). Set the devices up and fill the config again with the real world size.
+            from accelerate.utils import DeepSpeedPlugin
+            from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+            _ = self.device
+            self.hf_deepspeed_config = HfTrainerDeepSpeedConfig(self.deepspeed)
+            self.hf_deepspeed_config.trainer_config_process(self)
+            self.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=self.hf_deepspeed_config)
 
 
 def _has_cuda() -> bool:

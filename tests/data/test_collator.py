@@ -22,7 +22,7 @@ def dataset(processor):
 def collator(processor):
     tok = processor.tokenizer
     return SFTCollator(tok.pad_token_id, image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-                       video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"))
+                       video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"), mm_token_type_ids=True)
 
 
 def test_mixed_batch_shapes_and_padding(dataset, collator, processor):
@@ -53,7 +53,10 @@ def test_text_only_batch_has_no_vision_keys(dataset, collator):
 
 
 def test_pad_to_multiple_of(dataset, processor):
-    batch = SFTCollator(processor.tokenizer.pad_token_id, pad_to_multiple_of=64)([dataset[0], dataset[8]])
+    tok = processor.tokenizer
+    batch = SFTCollator(tok.pad_token_id, image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+                        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"), pad_to_multiple_of=64)(
+        [dataset[0], dataset[8]])
     assert batch["input_ids"].shape[1] % 64 == 0
     assert "mm_token_type_ids" not in batch  # only when the model's forward takes it
 
@@ -73,3 +76,36 @@ def test_padded_batch_loss_equals_token_weighted_per_record_loss(dataset, collat
             total += model(**collator([it])).loss * n
             n_tokens += n
     assert torch.allclose(batch_loss, total / n_tokens, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_dummy_media_leaves_the_loss_and_gradients_unchanged(family, tiny_model_factory):
+    """The masked one-token image and video that distributed runs add to media-less batches change nothing."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlft.models.loading import load_processor
+    from vlft.train.sft import make_collator
+
+    model_dir = tiny_model_factory(family)
+    processor = load_processor(str(model_dir))
+    checked = check_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
+                             media=DEMO_MEDIA, max_seq_length=4096)
+    ds = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA)
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).train()
+    items = [ds[8], ds[9]]  # text only: both a dummy image and a dummy video are added
+    results = []
+    for distributed in (False, True):
+        batch = make_collator(processor, model, distributed=distributed)(items)
+        assert ("pixel_values" in batch) is distributed and ("pixel_values_videos" in batch) is distributed
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (plain, g0), (dummy, g1) = results
+    assert torch.allclose(plain, dummy, atol=1e-6, rtol=0)
+    vision = [n for n in g1 if n.startswith("model.visual.")]
+    assert vision and not any(n.startswith("model.visual.") for n in g0)  # the tower ran, with zero gradient
+    assert all(g1[n].abs().max() == 0 for n in vision)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-6, rtol=0), name

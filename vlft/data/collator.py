@@ -1,26 +1,55 @@
 """Batch SFT items: right padding, attention mask from lengths, image and video tensors in batch order."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vlft.constants import IGNORE_INDEX
 
 
+@dataclass(frozen=True)
+class DummyMedia:
+    """A one-token image or video for batches that have none, so that every process of a distributed run
+    runs the vision tower for images and for videos at every step, in the same code path.
+
+    Why: under DeepSpeed ZeRO-3 the tower's weights are gathered by collective calls whenever it runs,
+    forward and backward; a rank whose micro-batch holds no image (or no video) would skip those calls and
+    the job hangs (2U1 tells users to avoid ZeRO-3 for mixed data); DDP fails on trainable weights that got
+    no gradient. The dummy is a 1 x merge x merge grid of zero pixels whose single placeholder token sits
+    after the last row's tokens, with attention mask 0 and label -100: no real token attends to it and the
+    loss ignores it, so the loss and the gradients are those of the batch without it."""
+
+    patch_dim: int  # channels x temporal_patch_size x patch_size**2, the width of a pixel_values row
+    merge_size: int
+    vision_start_id: int
+    vision_end_id: int
+
+
 class SFTCollator:
     """`mm_token_type_ids` (0 text, 1 image, 2 video) is what transformers >= 5.2x needs to build mRoPE
-    positions; pass `image_token_id` to emit it, leave it None for versions that do not take it."""
+    positions (`mm_token_type_ids=True` for versions whose forward takes it)."""
 
-    def __init__(self, pad_token_id: int, *, image_token_id: int | None = None, video_token_id: int | None = None,
-                 pad_to_multiple_of: int | None = None, second_per_grid_ts: bool = False):
-        self.second_per_grid_ts = second_per_grid_ts  # Qwen2.5-VL's forward takes the seconds per temporal patch
+    def __init__(self, pad_token_id: int, *, image_token_id: int, video_token_id: int, mm_token_type_ids: bool = False,
+                 pad_to_multiple_of: int | None = None, second_per_grid_ts: bool = False,
+                 dummy_media: DummyMedia | None = None):
         self.pad_token_id = pad_token_id
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
+        self.mm_token_type_ids = mm_token_type_ids
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.second_per_grid_ts = second_per_grid_ts  # Qwen2.5-VL's forward takes the seconds per temporal patch
+        self.dummy_media = dummy_media
 
     def __call__(self, items: list[dict]) -> dict:
         lengths = [len(it["input_ids"]) for it in items]
-        width = max(lengths)
+        has_images = any("pixel_values" in it for it in items)
+        has_videos = any("pixel_values_videos" in it for it in items)
+        dummies = []
+        if self.dummy_media is not None:
+            dummies = [pad for pad, present in ((self.image_token_id, has_images), (self.video_token_id, has_videos))
+                       if not present]
+        width = max(lengths[:-1] + [lengths[-1] + 3 * len(dummies)])
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
             width = (width + m - 1) // m * m
@@ -31,20 +60,37 @@ class SFTCollator:
             input_ids[row, :n] = it["input_ids"]
             labels[row, :n] = it["labels"]
             attention_mask[row, :n] = 1
+        for k, pad in enumerate(dummies):  # after everything real, so mRoPE and feature order stay as they were
+            start = lengths[-1] + 3 * k
+            input_ids[-1, start:start + 3] = torch.tensor([self.dummy_media.vision_start_id, pad,
+                                                         self.dummy_media.vision_end_id])
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if self.image_token_id is not None:
-            types = (input_ids == self.image_token_id).long()
-            if self.video_token_id is not None:
-                types += 2 * (input_ids == self.video_token_id).long()
-            batch["mm_token_type_ids"] = types
-        with_images = [it for it in items if "pixel_values" in it]
-        if with_images:
-            batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_images])
-            batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_images])
-        with_videos = [it for it in items if "pixel_values_videos" in it]
-        if with_videos:
-            batch["pixel_values_videos"] = torch.cat([it["pixel_values_videos"] for it in with_videos])
-            batch["video_grid_thw"] = torch.cat([it["video_grid_thw"] for it in with_videos])
+        if self.mm_token_type_ids:
+            batch["mm_token_type_ids"] = ((input_ids == self.image_token_id).long()
+                                          + 2 * (input_ids == self.video_token_id).long())
+        images = [it for it in items if "pixel_values" in it]
+        videos = [it for it in items if "pixel_values_videos" in it]
+        pixel_values = [it["pixel_values"] for it in images]
+        image_grids = [it["image_grid_thw"] for it in images]
+        video_values = [it["pixel_values_videos"] for it in videos]
+        video_grids = [it["video_grid_thw"] for it in videos]
+        seconds = [s for it in videos for s in it["second_per_grid_ts"]]
+        if dummies:
+            merge, dim = self.dummy_media.merge_size, self.dummy_media.patch_dim
+            zeros, grid = torch.zeros(merge * merge, dim), torch.tensor([[1, merge, merge]])
+            if self.image_token_id in dummies:
+                pixel_values.append(zeros)
+                image_grids.append(grid)
+            if self.video_token_id in dummies:
+                video_values.append(zeros)
+                video_grids.append(grid)
+                seconds.append(1.0)
+        if pixel_values:
+            batch["pixel_values"] = torch.cat(pixel_values)
+            batch["image_grid_thw"] = torch.cat(image_grids)
+        if video_values:
+            batch["pixel_values_videos"] = torch.cat(video_values)
+            batch["video_grid_thw"] = torch.cat(video_grids)
             if self.second_per_grid_ts:
-                batch["second_per_grid_ts"] = torch.tensor([s for it in with_videos for s in it["second_per_grid_ts"]])
+                batch["second_per_grid_ts"] = torch.tensor(seconds)
         return batch

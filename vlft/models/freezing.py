@@ -66,7 +66,7 @@ def count_parameters(model, family: Family) -> dict[str, tuple[int, int]]:
         part = family.part_of(name)
         if is_lora_param(name):
             part = f"lora:{part}"
-        n = param.numel()
+        n = getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 partitions leave an empty local tensor
         if hasattr(param, "quant_state") or param.__class__.__name__ == "Params4bit":
             n *= 2
         counts.setdefault(part, [0, 0])[0 if param.requires_grad else 1] += n

@@ -88,6 +88,12 @@ def load_model(model_id: str, *, dtype: str = "fp32", attn_implementation: str =
         raise _wrap_load_error("model", model_id, err) from None
     if model.config.model_type != family.model_type:  # pragma: no cover - guards against a transformers remap
         raise VlftError(f"loaded {model.config.model_type!r} but the config says {family.model_type!r}")
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        from vlft.models.patches import fix_zero3_weight_conversions
+
+        fix_zero3_weight_conversions(model)
     # Training never uses the KV cache; leaving it on only wastes memory and warns under checkpointing.
     model.config.use_cache = False
     return model, family

@@ -30,6 +30,13 @@ Frozen vision tower without an autograd graph (`skip_frozen_vision_graph`)
     (`uncheckpoint_frozen_blocks`, called once the Trainer has enabled checkpointing). Loss and gradients
     are unchanged: nothing below the merger has a gradient to compute.
 
+Checkpoint key names after a ZeRO-3 load (`fix_zero3_weight_conversions`)
+    Why: `from_pretrained` remembers the key renamings it applied, and `save_pretrained` reverses them so a
+    saved checkpoint keeps the original key names. The regular load path (transformers 5.2x) keeps only the
+    renamings that matched a key; the ZeRO-3 path keeps every registered one, and reversing the unused
+    prefix changes writes `model.model.layers.*` instead of `model.layers.*`: a checkpoint that other tools
+    (and a later merge) do not read as the same model. Keep only the renamings that were used.
+
 Vision input gradients for adapted frozen towers (`vision_input_require_grads`)
     Why: reentrant activation checkpointing only back-propagates into a checkpointed block when one of its
     inputs requires grad. transformers hooks the vision `patch_embed` for that in Qwen2-VL and Qwen2.5-VL
@@ -428,4 +435,16 @@ def vision_input_require_grads(model, family) -> bool:
     if not blocks_train or embed_trains or getattr(patch_embed, _INPUT_GRAD_HOOK, None) is not None:
         return False
     setattr(patch_embed, _INPUT_GRAD_HOOK, patch_embed.register_forward_hook(_require_grad_output))
+    return True
+
+
+def fix_zero3_weight_conversions(model) -> bool:
+    """Drop the key renamings a ZeRO-3 load recorded without using them (see the module docstring)."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if not conversions or not all(hasattr(c, "was_used") for c in conversions):
+        return False
+    used = [c for c in conversions if c.was_used()]
+    if len(used) == len(conversions):
+        return False
+    model._weight_conversions = used
     return True

@@ -6,6 +6,35 @@ from dataclasses import dataclass, field
 from vlft.utils import log
 
 
+def init_distributed_early(argv: list[str]) -> None:
+    """Start DeepSpeed's process group before TrainingArguments exist, when launched on several processes
+    with --deepspeed (also inside --config).
+
+    Why: TrainingArguments fill the DeepSpeed config's "auto" batch sizes from the world size when they are
+    built, and ZeRO-3's zero.Init (inside from_pretrained) checks train_batch_size = micro x accumulation x
+    world size. If the group is not up yet, the world size reads 1 and the check fails (seen on the CPU
+    rehearsal: "4 != 2 * 1 * 1")."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    wants = "--deepspeed" in argv
+    if not wants and "--config" in argv:
+        import yaml
+
+        i = argv.index("--config")
+        try:
+            wants = bool((yaml.safe_load(open(argv[i + 1])) or {}).get("deepspeed"))
+        except (OSError, IndexError, AttributeError, yaml.YAMLError):
+            return  # parse_args reports the bad --config
+    if wants:
+        import deepspeed
+        import torch
+
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed()
+
+
 def weights_dtype(train_args) -> str:
     # bf16 runs keep bf16 weights (as 2U1 and most VLM recipes do); fp16 needs fp32 master weights for
     # the grad scaler, so it stays fp32 and autocasts.

@@ -7,7 +7,8 @@ from vlft.models.registry import Family
 
 def _no_decay(name: str, param) -> bool:
     # 1-D tensors are biases, norm scales and DoRA magnitudes: decaying them towards zero only hurts.
-    return param.ndim < 2 or name.endswith(".bias")
+    # (ZeRO-3 replaces a partitioned parameter's data by an empty tensor and keeps its shape in ds_shape.)
+    return len(getattr(param, "ds_shape", param.shape)) < 2 or name.endswith(".bias")
 
 
 def build_param_groups(model, family: Family, *, lr: float, weight_decay: float, vision_lr: float | None = None,
@@ -37,6 +38,6 @@ def build_param_groups(model, family: Family, *, lr: float, weight_decay: float,
 def groups_table(groups: list[dict]) -> str:
     rows = [f"{'group':<18} {'params':>12} {'lr':>10} {'wd':>6}"]
     for g in groups:
-        n = sum(p.numel() for p in g["params"])
+        n = sum(getattr(p, "ds_numel", None) or p.numel() for p in g["params"])
         rows.append(f"{g['name']:<18} {n:>12,} {g['lr']:>10.2e} {g['weight_decay']:>6.3g}")
     return "\n".join(rows)

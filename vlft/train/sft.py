@@ -12,14 +12,28 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import sys
 import time
 
 from vlft.check import check_sft_data
 from vlft.config import SFT_GROUPS, check_sft_args, parse_args, resolved_args
-from vlft.data.collator import SFTCollator
+from vlft.data.collator import DummyMedia, SFTCollator
 from vlft.data.sft import SFTDataset
 from vlft.errors import VlftError
 from vlft.utils import log
+
+
+def shutdown_distributed(wait: bool = True) -> bool:
+    """Leave the process group cleanly: a gloo/DeepSpeed group still alive at interpreter exit can abort the
+    process ("terminate called without an active exception") after a successful run."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        return True
+    return False
 
 
 def _check_output_dir(train_args) -> None:
@@ -31,25 +45,32 @@ def _check_output_dir(train_args) -> None:
         )
 
 
-def make_collator(processor, model) -> SFTCollator:
-    """Collator matched to what this transformers version's forward accepts."""
+def make_collator(processor, model, *, distributed: bool = False) -> SFTCollator:
+    """Collator matched to what this transformers version's forward accepts; in distributed runs it gives
+    media-less batches a masked one-token image/video (see DummyMedia)."""
     config = model.config
-    accepted = inspect.signature(model.forward).parameters
-    wants_types = "mm_token_type_ids" in accepted
+    accepted = inspect.signature(type(model).forward).parameters  # the class's: instance patches take **kwargs
+    dummy = None
+    if distributed:
+        weight = model.model.visual.patch_embed.proj.weight  # Conv3d [embed, channels, temporal, patch, patch]
+        shape = getattr(weight, "ds_shape", weight.shape)  # ZeRO-3 keeps the real shape aside
+        dummy = DummyMedia(patch_dim=shape[1] * shape[2] * shape[3] * shape[4],
+                           merge_size=model.model.visual.spatial_merge_size,
+                           vision_start_id=config.vision_start_token_id, vision_end_id=config.vision_end_token_id)
     return SFTCollator(
-        processor.tokenizer.pad_token_id,
-        image_token_id=config.image_token_id if wants_types else None,
-        video_token_id=config.video_token_id if wants_types else None,
-        second_per_grid_ts="second_per_grid_ts" in accepted,
+        processor.tokenizer.pad_token_id, image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+        mm_token_type_ids="mm_token_type_ids" in accepted, second_per_grid_ts="second_per_grid_ts" in accepted,
+        dummy_media=dummy,
     )
 
 
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
     from vlft.models.loading import load_processor
-    from vlft.train.common import prepare_model
+    from vlft.train.common import init_distributed_early, prepare_model
     from vlft.train.trainer import VlftTrainer
 
+    init_distributed_early(argv)
     model_args, data_args, tune_args, train_args = parse_args(SFT_GROUPS, argv, prog="vlft sft")
     check_sft_args(model_args, data_args, tune_args, train_args)
     _check_output_dir(train_args)
@@ -70,7 +91,8 @@ def run(argv: list[str]):
     prepared = prepare_model(model_args, tune_args, train_args)
     trainer = VlftTrainer(
         model=prepared.model, args=train_args, train_dataset=dataset, processing_class=processor,
-        data_collator=make_collator(processor, prepared.base_model), vlft_args=args_record,
+        data_collator=make_collator(processor, prepared.base_model, distributed=train_args.world_size > 1),
+        vlft_args=args_record,
         family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
         callbacks=prepared.callbacks,
     )
@@ -100,5 +122,16 @@ def run(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(list(argv or []))
+    try:
+        run(list(argv or []))
+    except BaseException:
+        shutdown_distributed(wait=False)  # the other ranks may never reach a barrier
+        raise
+    if shutdown_distributed():
+        # Everything is saved and the group is closed. On the CPU (gloo / DeepSpeed shared-memory comm) a
+        # communication thread can still abort the interpreter's teardown ("terminate called without an
+        # active exception") and turn a finished run into a failed one: leave without that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -29,12 +29,24 @@ class VlftTrainer(Trainer):
                                     weight_decay=self.args.weight_decay, vision_lr=self.vision_lr,
                                     merger_lr=self.merger_lr)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if self._offloads_optimizer():
+            # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam, same update rule
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer_cls = DeepSpeedCPUAdam
+            optimizer_kwargs = {"lr": self.args.learning_rate, "betas": (self.args.adam_beta1, self.args.adam_beta2),
+                                "eps": self.args.adam_epsilon, "adamw_mode": True}
         if "params" in optimizer_kwargs or "model" in optimizer_kwargs:
             raise VlftError(f"--optim {self.args.optim} builds its own parameter groups, so vlft cannot apply "
                             "--vision_lr/--merger_lr or its weight-decay rules; choose an AdamW-style --optim")
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         log(f"optimizer {optimizer_cls.__name__}:\n{groups_table(groups)}")
         return self.optimizer
+
+    def _offloads_optimizer(self) -> bool:
+        config = self.args.hf_deepspeed_config.config if self.args.deepspeed else {}
+        device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        return device in ("cpu", "nvme")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Accumulated on the device without .item(), so counting never forces a GPU sync.
@@ -48,4 +60,6 @@ class VlftTrainer(Trainer):
             from peft import PeftModel
 
             model = self.accelerator.unwrap_model(self.model)
-            save_extras(model, output_dir or self.args.output_dir, self.vlft_args, is_peft=isinstance(model, PeftModel))
+            gathered = state_dict if self.is_deepspeed_enabled else None
+            save_extras(model, output_dir or self.args.output_dir, self.vlft_args, is_peft=isinstance(model, PeftModel),
+                        state_dict=gathered)

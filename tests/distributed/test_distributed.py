@@ -1,0 +1,128 @@
+"""Distributed training on CPU (2 processes, gloo), through the launcher the scripts use
+(scripts/_common.sh: torchrun for DDP, the DeepSpeed launcher for ZeRO): the same global batch gives the
+same loss curve on 1 process, DDP, ZeRO-2 and ZeRO-3; ZeRO-3 checkpoints equal single-process ones key by
+key; ranks with and without visual inputs in one step do not hang; the data is split across ranks."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DEMO_IMAGES, FAMILIES, REPO
+from safetensors.torch import load_file
+
+from vlft.train.sft import run
+
+pytestmark = pytest.mark.distributed
+TIMEOUT = 300  # a hang fails the test instead of blocking CI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], *, zero: str | None, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`vlft sft argv` through vlft_launch, as the scripts run it."""
+    env = {**os.environ, "PYTHON": sys.executable, "NUM_GPUS": str(nproc), "MASTER_PORT": str(free_port()),
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+    env.pop("ZERO_CONFIG", None)
+    if zero:
+        env["ZERO_CONFIG"] = str(REPO / "zero_configs" / f"{zero}.json")
+    cmd = f'source "{REPO}/scripts/_common.sh"; vlft_launch sft "$@"'
+    proc = subprocess.run(["bash", "-c", cmd, "launch", *argv], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def losses(out) -> list[float]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def four_records(tmp_path_factory):
+    """4 demo records (images, multi-image, text): with a global batch of 4, every step sees all of them,
+    whatever order or rank split a sampler chooses."""
+    records = json.loads((REPO / "data_examples" / "llava_demo.json").read_text())
+    path = tmp_path_factory.mktemp("data") / "four.json"
+    path.write_text(json.dumps([records[i] for i in (0, 2, 3, 8)]))
+    return path
+
+
+def common(model_dir, data, out, per_device: int) -> list[str]:
+    return ["--model_id", str(model_dir), "--data_path", str(data), "--image_folder", str(DEMO_IMAGES),
+            "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", str(per_device),
+            "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_strategy",
+            "no", "--disable_tqdm", "true", "--seed", "0", "--weight_decay", "0.0"]
+
+
+MODES = {"lora": ["--lora_enable", "true", "--lora_rank", "8", "--lora_alpha", "16", "--lora_dropout", "0"],
+         "full": ["--freeze_vision_tower", "true"]}
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir, four_records, tmp_path_factory):
+    """One process, global batch 4: the reference curve and checkpoint."""
+    out = {}
+    for mode, flags in MODES.items():
+        path = tmp_path_factory.mktemp(f"single-{mode}") / "out"
+        run(common(tiny_model_dir, four_records, path, 4) + flags)
+        out[mode] = path
+    return out
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
+def test_same_loss_curve_as_one_process(backend, mode, single, tiny_model_dir, four_records, tmp_path):
+    out = tmp_path / "out"
+    launch(common(tiny_model_dir, four_records, out, 2) + MODES[mode], zero=None if backend == "ddp" else backend)
+    reference, got = losses(single[mode]), losses(out)
+    assert len(got) == len(reference) == 3
+    assert max(abs(a - b) for a, b in zip(reference, got)) < 1e-4, (reference, got)
+    assert reference[-1] < reference[0]  # the curve moves, so equal curves mean something
+
+    if backend == "zero3":  # checkpoints written under ZeRO-3 equal the single-process ones, key by key
+        files = (["adapter_model.safetensors", "non_lora_trainables.safetensors"] if mode == "lora"
+                 else ["model.safetensors"])
+        for name in files:
+            ref, cur = load_file(str(single[mode] / name)), load_file(str(out / name))
+            assert ref.keys() == cur.keys(), name
+            for key in ref:
+                assert ref[key].shape == cur[key].shape and ref[key].numel() > 0, key
+                assert torch.allclose(ref[key], cur[key], atol=1e-5, rtol=1e-4), (name, key)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero3_ranks_with_and_without_media_do_not_hang(family, tiny_model_factory, tmp_path):
+    """Each step, one rank gets a text-only record and the other an image + video record."""
+    records = json.loads((REPO / "data_examples" / "llava_video_demo.json").read_text())
+    mixed = [r for r in records if r["id"] in ("image_and_video", "text_only")]
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(mixed))
+    out = tmp_path / "out"
+    launch(["--model_id", str(tiny_model_factory(family)), "--data_path", str(data), "--image_folder",
+            str(REPO / "data_examples"), "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size",
+            "1", "--video_min_pixels", "1024", "--video_max_pixels", "4096", "--video_max_total_pixels", "65536",
+            "--lora_enable", "true", "--vision_lora", "true", "--lora_rank", "4", "--save_strategy", "no",
+            "--disable_tqdm", "true"], zero="zero3")
+    assert len(losses(out)) == 2
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert any(".visual.blocks." in k for k in saved) and all(v.numel() > 0 for v in saved.values())
+
+
+def test_data_is_split_across_ranks(tiny_model_dir, tmp_path):
+    """10 records, 2 per device: one epoch is 3 steps on 2 ranks (5 on one), so each rank saw its own half."""
+    out = tmp_path / "out"
+    launch(["--model_id", str(tiny_model_dir), "--data_path", str(REPO / "data_examples" / "llava_demo.json"),
+            "--image_folder", str(DEMO_IMAGES), "--output_dir", str(out), "--num_train_epochs", "1",
+            "--per_device_train_batch_size", "2", "--lora_enable", "true", "--save_strategy", "no",
+            "--disable_tqdm", "true"], zero="zero2")
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
