@@ -322,3 +322,34 @@ def test_multi_gpu_settings_reach_the_launchers(tmp_path):
     assert ddp.startswith("-m torch.distributed.run --nproc_per_node 4 --nnodes 1") and "-m vlft sft --x 1" in ddp
     assert "--deepspeed" not in ddp
     assert " ".join(launched(NUM_GPUS="1")).startswith("-m vlft sft --x 1")
+
+
+def test_merge_script_merges_the_newest_demo_run(tmp_path, cache):
+    """bash scripts/merge_lora.sh merges a LoRA run into a loadable model; with no ADAPTER/OUTPUT it takes
+    output/finetune_lora/latest (which finetune_lora.sh points at its newest run) and names the output after it."""
+    run_dir = tmp_path / "runs" / "finetune_lora" / "20260101-000000"
+    proc = run_script("finetune_lora.sh", run_dir, cache)  # the script itself updates the sibling `latest` link
+    assert proc.returncode == 0 and (run_dir.parent / "latest").resolve() == run_dir.resolve()
+    out = tmp_path / "merged"
+    env = script_env(tmp_path, PYTHON=sys.executable, VLFT_CACHE=str(cache), ADAPTER=str(run_dir.parent / "latest"),
+                     OUTPUT=str(out))
+    proc = subprocess.run(["bash", str(SCRIPTS / "merge_lora.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+    shim = tmp_path / "python-shim"
+    shim.write_text('#!/bin/sh\nprintf \'%s\\n\' "$@" > "$ARGV_FILE"\n')
+    shim.chmod(0o755)
+    env = script_env(tmp_path, PYTHON=str(shim), ARGV_FILE=str(tmp_path / "argv"))
+    env.pop("ADAPTER", None)
+    env.pop("OUTPUT", None)
+    latest = REPO / "output" / "finetune_lora" / "latest"
+    proc = subprocess.run(["bash", str(SCRIPTS / "merge_lora.sh")], env=env, capture_output=True, text=True)
+    if latest.exists():
+        argv = (tmp_path / "argv").read_text().split()
+        assert argv[argv.index("--adapter") + 1] == str(latest)
+        expected = REPO / "output" / "merged" / f"finetune_lora-{latest.resolve().name}"
+        assert argv[argv.index("--output") + 1] == str(expected)
+    else:
+        assert proc.returncode == 2 and "bash scripts/finetune_lora.sh" in proc.stderr

@@ -76,13 +76,14 @@ def _missing(source) -> bool:
 
 
 def check_sft_data(data_path: str, *, processor, image_folder: str | None, media: MediaSettings, max_seq_length: int,
-                   reject_overlong: bool = False, skip_bad_samples: bool = False, workers: int = 4) -> CheckedData:
+                   reject_overlong: bool = False, skip_bad_samples: bool = False, workers: int = 4,
+                   require_answer: bool = True) -> CheckedData:
     file = str(data_path)
     records = load_records(data_path)
     problems: list[Problem] = []
     parsed: list[Sample] = []
     for index, record in enumerate(records):
-        sample, found = parse_record(record, index, file)
+        sample, found = parse_record(record, index, file, require_answer=require_answer)
         problems += found
         if sample is not None:
             parsed.append(sample)

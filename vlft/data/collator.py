@@ -32,7 +32,7 @@ class SFTCollator:
 
     def __init__(self, pad_token_id: int, *, image_token_id: int, video_token_id: int, mm_token_type_ids: bool = False,
                  pad_to_multiple_of: int | None = None, second_per_grid_ts: bool = False,
-                 dummy_media: DummyMedia | None = None):
+                 dummy_media: DummyMedia | None = None, padding_side: str = "right"):
         self.pad_token_id = pad_token_id
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
@@ -40,6 +40,7 @@ class SFTCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.second_per_grid_ts = second_per_grid_ts  # Qwen2.5-VL's forward takes the seconds per temporal patch
         self.dummy_media = dummy_media
+        self.padding_side = padding_side  # "left" for batched generation: every prompt ends at the last column
 
     def __call__(self, items: list[dict]) -> dict:
         lengths = [len(it["input_ids"]) for it in items]
@@ -57,9 +58,10 @@ class SFTCollator:
         labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
         for row, (it, n) in enumerate(zip(items, lengths)):
-            input_ids[row, :n] = it["input_ids"]
-            labels[row, :n] = it["labels"]
-            attention_mask[row, :n] = 1
+            cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            input_ids[row, cols] = it["input_ids"]
+            labels[row, cols] = it["labels"]
+            attention_mask[row, cols] = 1
         for k, pad in enumerate(dummies):  # after everything real, so mRoPE and feature order stay as they were
             start = lengths[-1] + 3 * k
             input_ids[-1, start:start + 3] = torch.tensor([self.dummy_media.vision_start_id, pad,

@@ -23,8 +23,9 @@ class Sample:
     videos: list[str | list[str]] = field(default_factory=list)
 
 
-def parse_record(record: object, index: int, file: str) -> tuple[Sample | None, list[Problem]]:
-    """Convert one LLaVA record; on any defect return (None, every problem found in the record)."""
+def parse_record(record: object, index: int, file: str, *, require_answer: bool = True) -> tuple[Sample | None, list[Problem]]:
+    """Convert one LLaVA record; on any defect return (None, every problem found in the record).
+    `require_answer=False` (prediction) accepts a conversation that ends with a human turn."""
     if not isinstance(record, dict):
         problem = Problem(file, index, "", f"the record is a {type(record).__name__}, not an object",
                           'write each record as {"image": ..., "conversations": [...]}')
@@ -39,7 +40,7 @@ def parse_record(record: object, index: int, file: str) -> tuple[Sample | None, 
     media = {key: _check_media(record.get(key), key, report) for key in TAGS}
     turns = _check_turns(record.get("conversations"), report)
     if turns is not None:
-        _check_order([role for role, _ in turns], report)
+        _check_order([role for role, _ in turns], report, require_answer)
 
     for key, tag in TAGS.items():
         if turns is not None and media[key] is not None:
@@ -136,7 +137,7 @@ def _check_text(text: str, role: str | None, field: str, report: Report) -> None
                    f"move the {tag} tag into a human turn")
 
 
-def _check_order(roles: list[str], report: Report) -> None:
+def _check_order(roles: list[str], report: Report, require_answer: bool = True) -> None:
     """System first if at all, then human, gpt, human, gpt, ... ending with gpt."""
     ok = True
     for i, role in enumerate(roles[1:], start=1):
@@ -160,7 +161,7 @@ def _check_order(roles: list[str], report: Report) -> None:
             report(f"conversations[{start + j}].from", f"expected a {want} turn here, got {got}",
                    "turns must alternate human, gpt, human, gpt, ...; add the missing turn or merge the two")
             return
-    if body[-1] == "user":
+    if body[-1] == "user" and require_answer:
         report(f"conversations[{len(roles) - 1}]",
                "the conversation ends with a human turn, which has no answer to learn",
                "add the gpt answer or drop the last human turn")

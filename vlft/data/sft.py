@@ -66,13 +66,15 @@ class SFTEncoder:
         self.video_patch_size = getattr(video_processor, "patch_size", self.patch_size)
         self.temporal_patch_size = getattr(video_processor, "temporal_patch_size", 2)
 
-    def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """Chat text and the [start, end) character spans to train."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """Chat text and the [start, end) character spans to train (with `add_generation_prompt`, the text ends
+        with the assistant header, ready for generation)."""
         marked = [
             {**m, "content": SPAN_OPEN + m["content"] + SPAN_CLOSE} if m["role"] == "assistant" else m
             for m in messages
         ]
-        text = self.tokenizer.apply_chat_template(marked, chat_template=self.template, tokenize=False)
+        text = self.tokenizer.apply_chat_template(marked, chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
         pieces, spans, pos, cursor = [], [], 0, 0
         while True:
             start = text.find(SPAN_OPEN, cursor)
@@ -95,9 +97,10 @@ class SFTEncoder:
             raise VlftError(f"the chat template rendered {len(spans)} of {n_assistant} assistant messages")
         return "".join(pieces), spans
 
-    def encode(self, messages: list[dict], images: Sequence[VisionSpec] = (), videos: Sequence[VisionSpec] = ()) -> Encoded:
+    def encode(self, messages: list[dict], images: Sequence[VisionSpec] = (), videos: Sequence[VisionSpec] = (),
+               add_generation_prompt: bool = False) -> Encoded:
         """ids/labels with each image/video placeholder expanded the way this processor expands it."""
-        text, spans = self.render(messages)
+        text, spans = self.render(messages, add_generation_prompt)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels = [IGNORE_INDEX] * len(ids)
@@ -200,7 +203,8 @@ class SFTDataset(torch.utils.data.Dataset):
     patchified here (in the DataLoader workers); everything that can fail was already tried by the check."""
 
     def __init__(self, samples: list[Sample], image_paths: list[list[str]], processor, *, media: MediaSettings,
-                 video_sources: list[list] | None = None, lengths: list[int] | None = None):
+                 video_sources: list[list] | None = None, lengths: list[int] | None = None,
+                 add_generation_prompt: bool = False):
         self.samples = samples
         self.image_paths = image_paths  # resolved paths, parallel to samples
         self.video_sources = video_sources or [[] for _ in samples]  # resolved files / frame folders / frame lists
@@ -209,6 +213,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.video_processor = getattr(processor, "video_processor", None)
         self.media = media
         self.lengths = lengths  # token counts from the data check (for length grouping)
+        self.add_generation_prompt = add_generation_prompt  # prediction: prompts end with the assistant header
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -221,7 +226,8 @@ class SFTDataset(torch.utils.data.Dataset):
             video_specs = self._videos(self.video_sources[i], item)
         except MediaError as err:  # the file changed after the start-up check
             raise VlftError(f"record {sample.index} (id {sample.id!r}): {err}") from None
-        enc = self.encoder.encode(sample.messages, image_specs, video_specs)
+        enc = self.encoder.encode(sample.messages, image_specs, video_specs,
+                                  add_generation_prompt=self.add_generation_prompt)
         item["input_ids"] = torch.tensor(enc.input_ids, dtype=torch.long)
         item["labels"] = torch.tensor(enc.labels, dtype=torch.long)
         return item

@@ -1,0 +1,178 @@
+"""Merge a LoRA run (language model and/or vision tower, plus the weights trained fully next to the adapter)
+into a plain Hugging Face checkpoint that transformers, vLLM and other servers load without vlft.
+
+    vlft merge --adapter output/finetune_lora/latest --output output/merged/my-model [--dtype bf16]
+
+--adapter is a finished run or any checkpoint-N inside it; the base model comes from its vlft_args.json
+(--base_model overrides). Every key is checked: a trained weight missing from the run, or a saved weight
+the model does not have, stops the merge and names it. The output is written to a temporary directory and
+renamed into place at the end, so a failed merge leaves nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from vlft.config import ARGS_FILE
+from vlft.errors import VlftError
+from vlft.train.checkpoint import NON_LORA_FILE
+from vlft.utils import log
+
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+
+
+def read_run_args(run_dir: Path) -> dict:
+    path = run_dir / ARGS_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def is_adapter_run(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def _tune_args(run_args: dict):
+    from vlft.config import TuneArguments
+
+    known = {f.name for f in dataclasses.fields(TuneArguments)}
+    return TuneArguments(**{k: v for k, v in run_args.items() if k in known})
+
+
+def expected_non_lora(model, family, run_args: dict) -> set[str]:
+    """The weights that the run trained fully next to its adapter, from its saved freeze flags."""
+    from vlft.models.freezing import apply_freeze
+
+    t = _tune_args(run_args)
+    apply_freeze(model, family, freeze_vision_tower=t.vision_frozen, freeze_merger=t.freeze_merger,
+                 freeze_llm=t.llm_frozen, unfreeze_topk_llm=t.unfreeze_topk_llm,
+                 unfreeze_topk_vision=t.unfreeze_topk_vision)
+    if t.vision_lora or t.lora_enable:  # the adapted linears' own weights stay frozen under LoRA
+        from vlft.models.freezing import topk_layers
+        from vlft.models.lora import lora_targets
+
+        topk = topk_layers(model, family, unfreeze_topk_llm=t.unfreeze_topk_llm,
+                           unfreeze_topk_vision=t.unfreeze_topk_vision)
+        adapted = set(lora_targets(model, family, llm=t.lora_enable, vision=t.vision_lora,
+                                   exclude=t.lora_namespan_exclude, num_llm_modules=t.num_lora_modules,
+                                   skip_layers=topk))
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[0] in adapted:
+                param.requires_grad_(False)
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dtype: str = "fp32"):
+    """Base model + the run's fully trained weights + its adapter (not merged). Returns (peft_model, family,
+    base id). Every key is checked against the model."""
+    import torch
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from vlft.models.loading import DTYPES, load_model
+
+    run_dir = Path(run_dir)
+    if not is_adapter_run(run_dir):
+        raise VlftError(f"{run_dir} holds no adapter (adapter_config.json); full fine-tuning runs are already "
+                        "plain checkpoints: load them directly")
+    run_args = read_run_args(run_dir)
+    base = base_model or run_args.get("model_id")
+    if not base:
+        raise VlftError(f"{run_dir / ARGS_FILE} is missing, so the base model is unknown: pass --base_model")
+    model, family = load_model(base, dtype=dtype if dtype != "auto" else "fp32")
+
+    expected = expected_non_lora(model, family, run_args) if run_args else set()
+    non_lora_path = run_dir / NON_LORA_FILE
+    saved = load_file(str(non_lora_path)) if non_lora_path.is_file() else {}
+    params = dict(model.named_parameters())
+    unexpected = sorted(k for k in saved if k not in params)
+    bias_ok = run_args.get("lora_bias", "none") != "none"
+    surplus = sorted(k for k in saved if k in params and k not in expected and not (bias_ok and k.endswith(".bias")))
+    missing = sorted(expected - set(saved))
+    problems = []
+    if missing:
+        problems.append(f"trained weights missing from {non_lora_path.name}: {', '.join(missing[:8])}"
+                        + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"{non_lora_path.name} holds weights this model does not have: {', '.join(unexpected[:8])}")
+    if surplus:
+        problems.append(f"{non_lora_path.name} holds weights the run's flags say were frozen: {', '.join(surplus[:8])}")
+    if problems:
+        raise VlftError(f"cannot merge {run_dir} into {base}:\n  - " + "\n  - ".join(problems)
+                        + "\nIs --base_model the model this run was trained from?")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+
+    config = LoraConfig.from_pretrained(str(run_dir))
+    config.inference_mode = True
+    peft_model = get_peft_model(model, config)
+    adapter = load_file(str(run_dir / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(peft_model, adapter)
+    if result.unexpected_keys:
+        raise VlftError(f"{run_dir}/adapter_model.safetensors holds keys the model has no place for: "
+                        f"{', '.join(sorted(result.unexpected_keys)[:8])}")
+    missing_lora = sorted(k for k in result.missing_keys if ".lora_" in k)
+    if missing_lora:
+        raise VlftError(f"{run_dir}/adapter_model.safetensors lacks adapter weights: {', '.join(missing_lora[:8])}")
+    if dtype not in ("auto", "fp32"):
+        peft_model.to(DTYPES[dtype])
+    return peft_model.eval(), family, base
+
+
+def merge(adapter: str, output: str, *, base_model: str | None = None, dtype: str = "auto",
+          overwrite: bool = False) -> Path:
+    import torch
+    from transformers import AutoProcessor
+
+    from vlft.models.loading import DTYPES
+
+    run_dir, out = Path(adapter), Path(output)
+    if out.exists() and not overwrite:
+        raise VlftError(f"--output {out} already exists; nothing was changed. Choose a new directory or pass "
+                        "--overwrite to replace it")
+    # Merge in fp32 whatever the target dtype (also for QLoRA runs: the adapter is folded into the
+    # full-precision base), then cast once.
+    peft_model, family, base = load_adapted_model(run_dir, base_model=base_model, dtype="fp32")
+    merged = peft_model.merge_and_unload()
+    if dtype == "auto":
+        from transformers import AutoConfig
+
+        target = getattr(AutoConfig.from_pretrained(base), "dtype", None) or torch.float32
+        target = getattr(torch, target) if isinstance(target, str) else target
+    else:
+        target = DTYPES[dtype]
+    merged.to(target)
+    merged.config.use_cache = True  # training switched it off; serving wants it
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, max_shard_size="5GB")
+        AutoProcessor.from_pretrained(str(run_dir)).save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"merged {run_dir} into {base} -> {out} ({family.model_type}, {str(target).removeprefix('torch.')})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlft merge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="a LoRA run directory or a checkpoint-N inside it")
+    parser.add_argument("--output", required=True, help="directory to create for the merged model")
+    parser.add_argument("--base_model", default=None, help="base model id or path (default: the run's --model_id)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="weights dtype of the merged model (auto: the base model's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    args = parser.parse_args(argv)
+    merge(args.adapter, args.output, base_model=args.base_model, dtype=args.dtype, overwrite=args.overwrite)
+    return 0

@@ -1,0 +1,151 @@
+"""Batched generation over LLaVA records, for a quick look at what a model now answers.
+
+    vlft predict --model output/finetune_lora/latest --data_path val.json --image_folder images/ --output preds.jsonl
+
+--model is a run directory with an adapter (its base model and trained weights are loaded, as by merge),
+a merged or fully fine-tuned directory, or a base model id. When it holds vlft_args.json, the media settings
+of training (pixel budgets, frame sampling) are used unless given here. Each record's last gpt turn, when
+present, is the reference; the prompt is everything before it. Writes one JSON line per record (id, prompt,
+prediction, reference) and prints the exact-match accuracy when references exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlft.errors import VlftError
+from vlft.utils import log
+
+
+@dataclass
+class PredictArguments:
+    model: str | None = field(default=None, metadata={"help": "Run dir (adapter), merged/full model dir, or model id."})
+    output: str | None = field(default=None, metadata={"help": "JSONL file to write the predictions to."})
+    base_model: str | None = field(default=None, metadata={"help": "Base model of an adapter run (default: its own)."})
+    batch_size: int = field(default=8, metadata={"help": "Records per generate() call."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer to generate."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with --do_sample)."})
+    seed: int = field(default=0, metadata={"help": "Random seed (sampling)."})
+    dtype: str = field(default="fp32", metadata={"help": "Weights dtype.", "choices": ["fp32", "bf16", "fp16"]})
+    overwrite: bool = field(default=False, metadata={"help": "Replace --output if it exists."})
+
+
+def load_for_inference(model_path: str, *, base_model: str | None, dtype: str):
+    from vlft.merge import is_adapter_run, load_adapted_model
+    from vlft.models.loading import load_model
+
+    path = Path(model_path)
+    if path.is_dir() and is_adapter_run(path):
+        peft_model, family, _ = load_adapted_model(path, base_model=base_model, dtype=dtype)
+        model = peft_model.merge_and_unload()
+    else:
+        model, family = load_model(model_path, dtype=dtype)
+    model.config.use_cache = True
+    return model.eval(), family
+
+
+def _media_from_run(data_args, run_args: dict, explicit: set[str]):
+    """The run's media settings for every media flag not given on this command line."""
+    from vlft.config import DataArguments
+
+    media_fields = {"image_min_pixels", "image_max_pixels", "video_min_pixels", "video_max_pixels",
+                    "video_max_total_pixels", "fps", "nframes", "video_min_frames", "video_max_frames", "frames_fps"}
+    values = {f.name: getattr(data_args, f.name) for f in dataclasses.fields(DataArguments) if f.init}
+    for name in media_fields - explicit:
+        if name in run_args:
+            values[name] = run_args[name]
+    for legacy in ("min_pixels", "max_pixels"):
+        values[legacy] = None
+    return DataArguments(**values)
+
+
+def predict(pred_args: PredictArguments, data_args) -> dict:
+    import torch
+    from transformers import set_seed
+
+    from vlft.check import check_sft_data
+    from vlft.data.sft import SFTDataset
+    from vlft.models.loading import load_processor
+    from vlft.train.sft import make_collator
+
+    out_path = Path(pred_args.output)
+    if out_path.exists() and not pred_args.overwrite:
+        raise VlftError(f"--output {out_path} already exists; choose another file or pass --overwrite true")
+    processor = load_processor(pred_args.model)
+    checked = check_sft_data(data_args.data_path, processor=processor, image_folder=data_args.image_folder,
+                             media=data_args.media_settings(), max_seq_length=data_args.max_seq_length,
+                             skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
+                             require_answer=False)
+    prompts, references = [], []
+    for sample in checked.samples:
+        last = sample.messages[-1]
+        has_answer = last["role"] == "assistant"
+        references.append(last["content"] if has_answer else None)
+        prompts.append(dataclasses.replace(sample, messages=sample.messages[:-1] if has_answer else sample.messages))
+    dataset = SFTDataset(prompts, checked.image_paths, processor, media=data_args.media_settings(),
+                         video_sources=checked.video_sources, add_generation_prompt=True)
+
+    set_seed(pred_args.seed)
+    model, _ = load_for_inference(pred_args.model, base_model=pred_args.base_model, dtype=pred_args.dtype)
+    collate = make_collator(processor, model)
+    collate.padding_side = "left"
+    tok = processor.tokenizer
+    eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    generation = dict(max_new_tokens=pred_args.max_new_tokens, do_sample=pred_args.do_sample, eos_token_id=eos,
+                      pad_token_id=tok.pad_token_id)
+    if pred_args.do_sample:
+        generation.update(temperature=pred_args.temperature, top_p=pred_args.top_p)
+
+    rows = []
+    for start in range(0, len(dataset), pred_args.batch_size):
+        idx = list(range(start, min(start + pred_args.batch_size, len(dataset))))
+        batch = collate([dataset[i] for i in idx])
+        batch.pop("labels")
+        with torch.no_grad():
+            generated = model.generate(**batch, **generation)
+        new_tokens = generated[:, batch["input_ids"].shape[1]:]
+        for i, seq in zip(idx, new_tokens):
+            sample = checked.samples[i]
+            user = [m for m in prompts[i].messages if m["role"] == "user"][-1]["content"]
+            prompt_text = "".join(p.get("text", f"<{p['type']}>") for p in user)
+            rows.append({"id": sample.id, "index": sample.index, "prompt": prompt_text,
+                         "prediction": tok.decode(seq, skip_special_tokens=True).strip(),
+                         "reference": references[i]})
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    scored = [r for r in rows if r["reference"] is not None]
+    summary = {"records": len(rows), "with_reference": len(scored), "output": str(out_path)}
+    if scored:
+        summary["exact_match"] = sum(r["prediction"] == r["reference"].strip() for r in scored) / len(scored)
+        log(f"exact match {summary['exact_match']:.3f} on {len(scored)} records with a reference")
+    log(f"{len(rows)} predictions in {out_path}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vlft.config import DataArguments, parse_args
+    from vlft.merge import read_run_args
+
+    argv = list(argv or [])
+    pred_args, data_args = parse_args((PredictArguments, DataArguments), argv, prog="vlft predict")
+    if not pred_args.model or not data_args.data_path or not pred_args.output:
+        raise VlftError("vlft predict needs --model, --data_path and --output")
+    run_args = read_run_args(Path(pred_args.model)) if Path(pred_args.model).is_dir() else {}
+    if run_args:
+        explicit = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+        data_args = _media_from_run(data_args, run_args, explicit)
+    if data_args.max_seq_length == DataArguments.__dataclass_fields__["max_seq_length"].default:
+        data_args.max_seq_length = 10**9  # prediction keeps every record; the check still reports bad ones
+    predict(pred_args, data_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
