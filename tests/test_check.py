@@ -294,7 +294,7 @@ def test_lengths_match_the_dataset(processor, min_pixels, max_pixels):
     checked = check(DEMO_DATA, processor, DEMO_IMAGES, image_min_pixels=min_pixels, image_max_pixels=max_pixels)
     assert len(checked.samples) == 10
     media = MediaSettings(image_min_pixels=min_pixels, image_max_pixels=max_pixels)
-    dataset = SFTDataset(checked.samples, checked.image_paths, processor, media=media, lengths=checked.lengths)
+    dataset = SFTDataset(checked.samples, checked.image_paths, processor, media=media)
     assert [len(dataset[i]["input_ids"]) for i in range(len(dataset))] == checked.lengths
 
 

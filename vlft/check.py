@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vlft.data.formats import load_records
 from vlft.data.llava import Sample, parse_record
-from vlft.data.media import MediaError, load_image, resolve_media_path, smart_size
+from vlft.data.media import MediaError, image_grid, load_image, resolve_media_path
 from vlft.data.sft import MediaSettings, SFTEncoder, VisionSpec
 from vlft.data.video import check_video
 from vlft.errors import DataError, Problem, VlftError
@@ -44,10 +44,8 @@ def _probe_image(path: str, encoder: SFTEncoder, media: MediaSettings) -> Vision
     """Decode the whole image (catches truncation) and return the grid it will have."""
     try:
         img = load_image(path)
-        factor = encoder.patch_size * encoder.merge_size
-        h, w = smart_size(img.height, img.width, factor=factor, min_pixels=media.image_min_pixels,
-                          max_pixels=media.image_max_pixels)
-        return VisionSpec((1, h // encoder.patch_size, w // encoder.patch_size))
+        return VisionSpec(image_grid(img.height, img.width, patch_size=encoder.patch_size, merge_size=encoder.merge_size,
+                                     min_pixels=media.image_min_pixels, max_pixels=media.image_max_pixels))
     except MediaError as err:
         return err
 

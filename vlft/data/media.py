@@ -50,11 +50,19 @@ def smart_size(height: int, width: int, *, factor: int, min_pixels: int, max_pix
     return h, w
 
 
+def image_grid(height: int, width: int, *, patch_size: int, merge_size: int, min_pixels: int,
+               max_pixels: int) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of an image of this original size once fitted with factor patch_size * merge_size."""
+    h, w = smart_size(height, width, factor=patch_size * merge_size, min_pixels=min_pixels, max_pixels=max_pixels)
+    return 1, h // patch_size, w // patch_size
+
+
 def image_token_count(height: int, width: int, *, patch_size: int, merge_size: int, min_pixels: int,
                       max_pixels: int) -> int:
     """Image pad tokens for an image of this original size, once fitted with factor patch_size * merge_size."""
-    h, w = smart_size(height, width, factor=patch_size * merge_size, min_pixels=min_pixels, max_pixels=max_pixels)
-    return (h // patch_size) * (w // patch_size) // merge_size**2
+    t, h, w = image_grid(height, width, patch_size=patch_size, merge_size=merge_size, min_pixels=min_pixels,
+                         max_pixels=max_pixels)
+    return t * h * w // merge_size**2
 
 
 _STRICT_LOCK = threading.Lock()

@@ -203,8 +203,7 @@ class SFTDataset(torch.utils.data.Dataset):
     patchified here (in the DataLoader workers); everything that can fail was already tried by the check."""
 
     def __init__(self, samples: list[Sample], image_paths: list[list[str]], processor, *, media: MediaSettings,
-                 video_sources: list[list] | None = None, lengths: list[int] | None = None,
-                 add_generation_prompt: bool = False):
+                 video_sources: list[list] | None = None, add_generation_prompt: bool = False):
         self.samples = samples
         self.image_paths = image_paths  # resolved paths, parallel to samples
         self.video_sources = video_sources or [[] for _ in samples]  # resolved files / frame folders / frame lists
@@ -212,7 +211,6 @@ class SFTDataset(torch.utils.data.Dataset):
         self.image_processor = processor.image_processor
         self.video_processor = getattr(processor, "video_processor", None)
         self.media = media
-        self.lengths = lengths  # token counts from the data check (for length grouping)
         self.add_generation_prompt = add_generation_prompt  # prediction: prompts end with the assistant header
 
     def __len__(self) -> int:

@@ -85,7 +85,7 @@ def run(argv: list[str]):
     log(f"data: {checked.summary()}")
     dataset = SFTDataset(
         checked.samples, checked.image_paths, processor, media=data_args.media_settings(),
-        video_sources=checked.video_sources, lengths=checked.lengths,
+        video_sources=checked.video_sources,
     )
 
     prepared = prepare_model(model_args, tune_args, train_args)
