@@ -84,6 +84,8 @@ def test_same_loss_curve_as_one_process(backend, mode, single, tiny_model_dir, f
     out = tmp_path / "out"
     launch(common(tiny_model_dir, four_records, out, 2) + MODES[mode], zero=None if backend == "ddp" else backend)
     reference, got = losses(single[mode]), losses(out)
+    print(f"\n{backend}/{mode}: 1 process {reference}, 2 processes {got}, "
+          f"max |diff| {max(abs(a - b) for a, b in zip(reference, got)):.2e}")
     assert len(got) == len(reference) == 3
     assert max(abs(a - b) for a, b in zip(reference, got)) < 1e-4, (reference, got)
     assert reference[-1] < reference[0]  # the curve moves, so equal curves mean something
