@@ -39,6 +39,9 @@ NUM_WORKERS="${NUM_WORKERS:-4}"
 SAVE_STEPS="${SAVE_STEPS:-500}"
 LOGGING_STEPS="${LOGGING_STEPS:-1}"
 REPORT_TO="${REPORT_TO:-none}"
+PACKING="${PACKING:-false}"                          # 1/true: pack records into MAX_SEQ_LENGTH rows
+GROUP_BY_LENGTH="${GROUP_BY_LENGTH:-false}"          # padded batches of similar lengths (not with PACKING)
+case "$PACKING" in 1|true|True) PACKING=true ;; *) PACKING=false ;; esac
 
 mapfile -t OPTIONAL < <(optional_flag vision_lr "$VISION_LR"; optional_flag merger_lr "$MERGER_LR")
 GRAD_ACCUM="$(grad_accum "$GLOBAL_BATCH_SIZE" "$BATCH_SIZE")"
@@ -61,6 +64,8 @@ vlft_launch sft \
   --per_device_train_batch_size "$BATCH_SIZE" \
   --gradient_accumulation_steps "$GRAD_ACCUM" \
   --max_seq_length "$MAX_SEQ_LENGTH" \
+  --packing "$PACKING" \
+  --group_by_length "$GROUP_BY_LENGTH" \
   --image_min_pixels "$IMAGE_MIN_PIXELS" \
   --image_max_pixels "$IMAGE_MAX_PIXELS" \
   --bf16 "$BF16" \

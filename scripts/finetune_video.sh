@@ -47,6 +47,9 @@ NUM_WORKERS="${NUM_WORKERS:-4}"
 SAVE_STEPS="${SAVE_STEPS:-500}"
 LOGGING_STEPS="${LOGGING_STEPS:-1}"
 REPORT_TO="${REPORT_TO:-none}"
+PACKING="${PACKING:-false}"                          # 1/true: pack records into MAX_SEQ_LENGTH rows
+GROUP_BY_LENGTH="${GROUP_BY_LENGTH:-false}"          # padded batches of similar lengths (not with PACKING)
+case "$PACKING" in 1|true|True) PACKING=true ;; *) PACKING=false ;; esac
 
 if [ "$LORA" = true ]; then
   TUNE=(--lora_enable true --vision_lora true --freeze_merger "$FREEZE_MERGER")
@@ -69,6 +72,8 @@ vlft_launch sft \
   --per_device_train_batch_size "$BATCH_SIZE" \
   --gradient_accumulation_steps "$GRAD_ACCUM" \
   --max_seq_length "$MAX_SEQ_LENGTH" \
+  --packing "$PACKING" \
+  --group_by_length "$GROUP_BY_LENGTH" \
   --video_min_frames "$VIDEO_MIN_FRAMES" \
   --video_max_frames "$VIDEO_MAX_FRAMES" \
   --video_min_pixels "$VIDEO_MIN_PIXELS" \

@@ -66,6 +66,14 @@ class DataArguments:
         default=False, metadata={"help": "Train without invalid records (counted and listed) instead of stopping."}
     )
     check_workers: int = field(default=4, metadata={"help": "Threads that decode images during the start-up data check."})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack records into rows of up to --max_seq_length tokens (per-record mRoPE, no cross-record "
+                          "attention); --per_device_train_batch_size then counts packed rows."},
+    )
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Batch records of similar length together (padded batches; not with --packing)."}
+    )
     video_min_pixels: int = field(default=DEFAULT_VIDEO_MIN_PIXELS, metadata={"help": "Lower pixel budget per frame."})
     video_max_pixels: int = field(default=DEFAULT_VIDEO_MAX_PIXELS, metadata={"help": "Upper pixel budget per frame."})
     video_max_total_pixels: int = field(
@@ -104,6 +112,8 @@ class DataArguments:
         if not 1 <= self.video_min_frames <= self.video_max_frames:
             raise ValueError(f"--video_min_frames ({self.video_min_frames}) must be >= 1 and <= --video_max_frames "
                              f"({self.video_max_frames})")
+        if self.packing and self.group_by_length:
+            raise ValueError("--packing and --group_by_length both arrange records into batches; give only one")
         if not 0 < self.video_min_pixels <= self.video_max_pixels:
             raise ValueError(f"--video_min_pixels ({self.video_min_pixels}) must be > 0 and <= --video_max_pixels "
                              f"({self.video_max_pixels})")

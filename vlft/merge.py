@@ -129,7 +129,7 @@ def merge(adapter: str, output: str, *, base_model: str | None = None, dtype: st
     import torch
     from transformers import AutoProcessor
 
-    from vlft.models.loading import DTYPES
+    from vlft.models.loading import DTYPES, set_use_cache
 
     run_dir, out = Path(adapter), Path(output)
     if out.exists() and not overwrite:
@@ -147,7 +147,7 @@ def merge(adapter: str, output: str, *, base_model: str | None = None, dtype: st
     else:
         target = DTYPES[dtype]
     merged.to(target)
-    merged.config.use_cache = True  # training switched it off; serving wants it
+    set_use_cache(merged, True)  # training switched it off; serving wants it
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))

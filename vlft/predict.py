@@ -37,7 +37,7 @@ class PredictArguments:
 
 def load_for_inference(model_path: str, *, base_model: str | None, dtype: str):
     from vlft.merge import is_adapter_run, load_adapted_model
-    from vlft.models.loading import load_model
+    from vlft.models.loading import load_model, set_use_cache
 
     path = Path(model_path)
     if path.is_dir() and is_adapter_run(path):
@@ -45,7 +45,7 @@ def load_for_inference(model_path: str, *, base_model: str | None, dtype: str):
         model = peft_model.merge_and_unload()
     else:
         model, family = load_model(model_path, dtype=dtype)
-    model.config.use_cache = True
+    set_use_cache(model, True)
     return model.eval(), family
 
 

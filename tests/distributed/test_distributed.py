@@ -128,3 +128,19 @@ def test_data_is_split_across_ranks(tiny_model_dir, tmp_path):
             "--disable_tqdm", "true"], zero="zero2")
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+def test_zero3_packed_equals_one_process_padded(tiny_model_dir, four_records, tmp_path):
+    """The 4 records packed into 2 rows, one per rank under ZeRO-3, give the loss of one process with all 4
+    padded in one batch (one step at learning rate 0)."""
+    common_args = ["--model_id", str(tiny_model_dir), "--data_path", str(four_records), "--image_folder",
+                   str(DEMO_IMAGES), "--max_steps", "1", "--learning_rate", "0", "--save_strategy", "no",
+                   "--disable_tqdm", "true", "--max_seq_length", "160", "--lora_enable", "true", "--lora_dropout", "0"]
+    summary, _ = run(common_args + ["--output_dir", str(tmp_path / "padded"), "--per_device_train_batch_size", "4"])
+    out = tmp_path / "packed"
+    proc = launch(common_args + ["--output_dir", str(out), "--per_device_train_batch_size", "1", "--packing", "true"],
+                  zero="zero3")
+    assert "into 2 rows" in proc.stderr
+    (packed,) = losses(out)
+    print(f"\nZeRO-3 packed {packed} vs one process padded {summary['first_loss']}")
+    assert abs(packed - summary["first_loss"]) < 1e-5

@@ -96,3 +96,50 @@ class SFTCollator:
             if self.second_per_grid_ts:
                 batch["second_per_grid_ts"] = torch.tensor(seconds)
         return batch
+
+
+class PackingCollator:
+    """Batch packs (lists of records) into rows without padding between records.
+
+    Each row is its records' tokens back to back, right-padded to the longest row; vision tensors follow
+    record order. No attention mask is built: instead `pack_layout` [B, R, 4] gives, per row, each segment's
+    (tokens, images, videos, is_record) (the row's padding is a last segment of its own), from which the model side
+    (models/patches.py: packed_positions) computes per-record mRoPE positions with the model's own rope-index
+    function; transformers then builds a block-diagonal causal mask from the text positions restarting at 0,
+    so attention never crosses a record boundary."""
+
+    def __init__(self, collator: SFTCollator):
+        self.base = collator  # token ids, media handling and mm_token_type_ids come from the padded collator
+
+    def __call__(self, packs: list[list[dict]]) -> dict:
+        rows = [torch.cat([it["input_ids"] for it in pack]) for pack in packs]
+        width = max(len(r) for r in rows)
+        segments = []
+        for pack, row in zip(packs, rows):
+            segs = [(len(it["input_ids"]), len(it.get("image_grid_thw", ())), len(it.get("video_grid_thw", ())), 1)
+                    for it in pack]
+            if len(row) < width:
+                segs.append((width - len(row), 0, 0, 0))
+            segments.append(segs)
+        merged = [{"input_ids": row, "labels": torch.cat([it["labels"] for it in pack]),
+                   **self._media(pack)} for pack, row in zip(packs, rows)]
+        batch = self.base(merged)
+        batch.pop("attention_mask")
+        layout = torch.zeros((len(packs), max(len(s) for s in segments), 4), dtype=torch.long)
+        for b, segs in enumerate(segments):
+            layout[b, :len(segs)] = torch.tensor(segs)
+        batch["pack_layout"] = layout
+        return batch
+
+    @staticmethod
+    def _media(pack: list[dict]) -> dict:
+        out = {}
+        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            parts = [it for it in pack if pixels in it]
+            if parts:
+                out[pixels] = torch.cat([it[pixels] for it in parts])
+                out[grid] = torch.cat([it[grid] for it in parts])
+        seconds = [s for it in pack for s in it.get("second_per_grid_ts", [])]
+        if seconds:
+            out["second_per_grid_ts"] = seconds
+        return out

@@ -254,3 +254,18 @@ class SFTDataset(torch.utils.data.Dataset):
         item["second_per_grid_ts"] = [self.encoder.temporal_patch_size / c.fps for c in clips]
         return [VisionSpec(tuple(g), tuple(c.indices), c.source_fps, c.fps)
                 for g, c in zip(vision["video_grid_thw"].tolist(), clips)]
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Packs of records (lists of indices into an SFTDataset, from data/packing.py's plan_packs): each item is
+    one packed row's records, for PackingCollator."""
+
+    def __init__(self, dataset: SFTDataset, packs: list[list[int]]):
+        self.dataset = dataset
+        self.packs = packs
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return [self.dataset[j] for j in self.packs[i]]

@@ -94,6 +94,15 @@ def load_model(model_id: str, *, dtype: str = "fp32", attn_implementation: str =
         from vlft.models.patches import fix_zero3_weight_conversions
 
         fix_zero3_weight_conversions(model)
-    # Training never uses the KV cache; leaving it on only wastes memory and warns under checkpointing.
-    model.config.use_cache = False
+    # Training never uses the KV cache; leaving it on only wastes memory and warns under checkpointing. The
+    # language model reads its own text_config: with use_cache left on there, every training forward builds a
+    # cache, and transformers then ignores packed-sequence position ids when it builds the attention mask.
+    set_use_cache(model, False)
     return model, family
+
+
+def set_use_cache(model, value: bool) -> None:
+    model.config.use_cache = value
+    text_config = getattr(model.config, "text_config", None)
+    if text_config is not None:
+        text_config.use_cache = value

@@ -30,6 +30,14 @@ Frozen vision tower without an autograd graph (`skip_frozen_vision_graph`)
     (`uncheckpoint_frozen_blocks`, called once the Trainer has enabled checkpointing). Loss and gradients
     are unchanged: nothing below the merger has a gradient to compute.
 
+Packed sequences (`packed_positions`)
+    Why: with `--packing` a row holds several records back to back. Qwen-VL's mRoPE positions must restart
+    for every record and be computed per record (images and videos advance them by their grids), and
+    attention must not cross records. transformers 5.2x builds a block-diagonal mask itself when the language
+    model gets 4-row position ids ([text, t, h, w]) whose text row restarts at 0 and no attention mask (and no
+    cache). The collator sends `pack_layout` (tokens, images, videos per record); this patch turns it into
+    those position ids with the model's own `get_rope_index`, record by record, before the forward runs.
+
 Checkpoint key names after a ZeRO-3 load (`fix_zero3_weight_conversions`)
     Why: `from_pretrained` remembers the key renamings it applied, and `save_pretrained` reverses them so a
     saved checkpoint keeps the original key names. The regular load path (transformers 5.2x) keeps only the
@@ -447,4 +455,72 @@ def fix_zero3_weight_conversions(model) -> bool:
     if len(used) == len(conversions):
         return False
     model._weight_conversions = used
+    return True
+
+
+# ---------------------------------------------------------------- packed sequences
+
+_PACKED = "_vlft_packed_original_forward"
+
+
+def pack_position_ids(inner, input_ids, layout, *, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
+                      second_per_grid_ts=None) -> torch.Tensor:
+    """[4, B, L] position ids for packed rows: text positions restarting at 0 per record, then the model's
+    own mRoPE (t, h, w) positions computed for each record alone."""
+    accepted = inspect.signature(inner.get_rope_index).parameters
+    batch, length = input_ids.shape
+    out = torch.zeros((4, batch, length), dtype=torch.long, device=input_ids.device)
+    image_at = video_at = 0
+    for b in range(batch):
+        start = 0
+        for n_tokens, n_images, n_videos, _ in layout[b].tolist():
+            if n_tokens == 0:
+                break
+            end = start + n_tokens
+            out[0, b, start:end] = torch.arange(n_tokens, device=input_ids.device)
+            kwargs = {"attention_mask": torch.ones((1, n_tokens), dtype=torch.long, device=input_ids.device)}
+            if mm_token_type_ids is not None:
+                kwargs["mm_token_type_ids"] = mm_token_type_ids[b:b + 1, start:end]
+            if n_images:
+                kwargs["image_grid_thw"] = image_grid_thw[image_at:image_at + n_images]
+            if n_videos:
+                kwargs["video_grid_thw"] = video_grid_thw[video_at:video_at + n_videos]
+                if second_per_grid_ts is not None:
+                    kwargs["second_per_grid_ts"] = second_per_grid_ts[video_at:video_at + n_videos]
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+            rope, _ = inner.get_rope_index(input_ids[b:b + 1, start:end], **kwargs)
+            out[1:, b, start:end] = rope[:, 0]
+            image_at += n_images
+            video_at += n_videos
+            start = end
+    return out
+
+
+def _packed_forward(self, *args, **kwargs):
+    layout = kwargs.pop("pack_layout", None)
+    if layout is None:
+        return self.__dict__[_PACKED](*args, **kwargs)
+    kwargs["position_ids"] = pack_position_ids(
+        self, kwargs["input_ids"], layout, mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+        image_grid_thw=kwargs.get("image_grid_thw"), video_grid_thw=kwargs.get("video_grid_thw"),
+        second_per_grid_ts=kwargs.get("second_per_grid_ts"))
+    kwargs["attention_mask"] = None  # the mask comes from the text positions: block-diagonal
+    kwargs["use_cache"] = False  # with a cache transformers would not look for packed sequences
+    return self.__dict__[_PACKED](*args, **kwargs)
+
+
+def packed_positions(model) -> bool:
+    """Let the inner `Qwen*VLModel` accept `pack_layout` (see the module docstring). Idempotent."""
+    inner = unwrap_model(model).model
+    if _PACKED in inner.__dict__:
+        return False
+    original = inner.forward
+    inner.__dict__[_PACKED] = original
+
+    def forward(self, *args, **kwargs):
+        return _packed_forward(self, *args, **kwargs)
+
+    functools.update_wrapper(forward, getattr(original, "__func__", original))
+    forward._vlft_patch = "packed_positions"
+    inner.forward = types.MethodType(forward, inner)
     return True

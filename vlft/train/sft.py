@@ -17,8 +17,8 @@ import time
 
 from vlft.check import check_sft_data
 from vlft.config import SFT_GROUPS, check_sft_args, parse_args, resolved_args
-from vlft.data.collator import DummyMedia, SFTCollator
-from vlft.data.sft import SFTDataset
+from vlft.data.collator import DummyMedia, PackingCollator, SFTCollator
+from vlft.data.sft import PackedDataset, SFTDataset
 from vlft.errors import VlftError
 from vlft.utils import log
 
@@ -89,12 +89,26 @@ def run(argv: list[str]):
     )
 
     prepared = prepare_model(model_args, tune_args, train_args)
+    collator = make_collator(processor, prepared.base_model, distributed=train_args.world_size > 1)
+    train_order = None
+    if data_args.packing:
+        from vlft.data.packing import plan_packs
+        from vlft.models.patches import packed_positions
+
+        packs = plan_packs(checked.lengths, data_args.max_seq_length)
+        log(f"packing: {len(checked.lengths)} records into {len(packs)} rows of up to {data_args.max_seq_length} "
+            f"tokens ({sum(checked.lengths) / (len(packs) * data_args.max_seq_length):.3f} filled)")
+        dataset, collator = PackedDataset(dataset, packs), PackingCollator(collator)
+        packed_positions(prepared.model)
+    elif data_args.group_by_length:
+        from vlft.data.packing import length_grouped_order
+
+        train_order = lambda epoch: length_grouped_order(  # noqa: E731 - reshuffled every epoch
+            checked.lengths, train_args.per_device_train_batch_size * train_args.world_size, train_args.seed + epoch)
     trainer = VlftTrainer(
         model=prepared.model, args=train_args, train_dataset=dataset, processing_class=processor,
-        data_collator=make_collator(processor, prepared.base_model, distributed=train_args.world_size > 1),
-        vlft_args=args_record,
-        family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
-        callbacks=prepared.callbacks,
+        data_collator=collator, vlft_args=args_record, family=prepared.family, vision_lr=tune_args.vision_lr,
+        merger_lr=tune_args.merger_lr, callbacks=prepared.callbacks, train_order=train_order,
     )
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)

@@ -13,8 +13,9 @@ from vlft.utils import log
 
 class VlftTrainer(Trainer):
     def __init__(self, *args, vlft_args: dict | None = None, family=None, vision_lr: float | None = None,
-                 merger_lr: float | None = None, **kwargs):
+                 merger_lr: float | None = None, train_order=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.train_order = train_order  # epoch -> index order (--group_by_length), else the Trainer's sampler
         self.vlft_args = vlft_args or {}
         self.family = family
         self.vision_lr = vision_lr
@@ -43,6 +44,11 @@ class VlftTrainer(Trainer):
         log(f"optimizer {optimizer_cls.__name__}:\n{groups_table(groups)}")
         return self.optimizer
 
+    def _get_train_sampler(self, *args, **kwargs):
+        if self.train_order is None:
+            return super()._get_train_sampler(*args, **kwargs)
+        return _EpochOrderSampler(self.train_order, self)
+
     def _offloads_optimizer(self) -> bool:
         config = self.args.hf_deepspeed_config.config if self.args.deepspeed else {}
         device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
@@ -50,8 +56,12 @@ class VlftTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Accumulated on the device without .item(), so counting never forces a GPU sync.
-        mask = inputs["attention_mask"]
-        self.real_tokens = self.real_tokens.to(mask.device) + mask.sum()
+        if "pack_layout" in inputs:  # packed rows: tokens of real records (column 3 flags them)
+            layout = inputs["pack_layout"]
+            real = (layout[..., 0] * layout[..., 3]).sum()
+        else:
+            real = inputs["attention_mask"].sum()
+        self.real_tokens = self.real_tokens.to(real.device) + real
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -63,3 +73,18 @@ class VlftTrainer(Trainer):
             gathered = state_dict if self.is_deepspeed_enabled else None
             save_extras(model, output_dir or self.args.output_dir, self.vlft_args, is_peft=isinstance(model, PeftModel),
                         state_dict=gathered)
+
+
+class _EpochOrderSampler(torch.utils.data.Sampler):
+    """Yields the order a function gives for the current epoch (length-grouped batches)."""
+
+    def __init__(self, order, trainer):
+        self.order = order
+        self.trainer = trainer
+
+    def __len__(self) -> int:
+        return len(self.trainer.train_dataset)
+
+    def __iter__(self):
+        epoch = int(self.trainer.state.epoch or 0)
+        return iter(self.order(epoch))
