@@ -68,6 +68,7 @@ def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
     from vlft.models.loading import load_processor
     from vlft.train.common import init_distributed_early, prepare_model
+    from vlft.train.throughput import ThroughputCallback
     from vlft.train.trainer import VlftTrainer
 
     init_distributed_early(argv)
@@ -110,6 +111,9 @@ def run(argv: list[str]):
         data_collator=collator, vlft_args=args_record, family=prepared.family, vision_lr=tune_args.vision_lr,
         merger_lr=tune_args.merger_lr, callbacks=prepared.callbacks, train_order=train_order,
     )
+    trainer.add_callback(ThroughputCallback(
+        prepared.model, prepared.family, real_tokens=lambda: int(trainer.real_tokens.item()),
+        real_samples=lambda: int(trainer.real_records.item())))
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     elapsed = time.perf_counter() - start

@@ -21,6 +21,7 @@ class VlftTrainer(Trainer):
         self.vision_lr = vision_lr
         self.merger_lr = merger_lr
         self.real_tokens = torch.zeros((), dtype=torch.long)
+        self.real_records = torch.zeros((), dtype=torch.long)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None or self.family is None:
@@ -58,10 +59,11 @@ class VlftTrainer(Trainer):
         # Accumulated on the device without .item(), so counting never forces a GPU sync.
         if "pack_layout" in inputs:  # packed rows: tokens of real records (column 3 flags them)
             layout = inputs["pack_layout"]
-            real = (layout[..., 0] * layout[..., 3]).sum()
+            real, records = (layout[..., 0] * layout[..., 3]).sum(), layout[..., 3].sum()
         else:
-            real = inputs["attention_mask"].sum()
+            real, records = inputs["attention_mask"].sum(), inputs["attention_mask"].shape[0]
         self.real_tokens = self.real_tokens.to(real.device) + real
+        self.real_records = self.real_records.to(real.device) + records
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

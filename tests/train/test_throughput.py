@@ -1,0 +1,237 @@
+"""ThroughputCallback: the FLOPs estimate against a count by hand, the GPU peak table, and what each log line
+and the end-of-training summary carry (fake counters and a fake clock; CUDA faked where MFU needs it)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from vlft.models.registry import get_family
+from vlft.models.tiny import build_model, build_tokenizer
+from vlft.train.throughput import ThroughputCallback, estimate_flops, peak_bf16_flops
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return {family: build_tokenizer(family) for family in ("qwen2_vl", "qwen2_5_vl")}
+
+
+def tiny(tokenizers, family: str = "qwen2_vl"):
+    return build_model(family, tokenizers[family])
+
+
+def hand_counts(model) -> dict:
+    """Parameters of the tiny Qwen2-VL, layer by layer from its config (Qwen2 attention has q/k/v biases)."""
+    text, vision = model.config.text_config, model.config.vision_config
+    h, i, layers, vocab = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
+    kv = text.num_key_value_heads * (h // text.num_attention_heads)
+    decoder_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h  # q, k and v, o, MLP, two norms
+    llm = layers * decoder_layer + h + vocab * h  # final norm, lm_head (the token embedding is a lookup)
+    e, p, t = vision.embed_dim, vision.patch_size, vision.temporal_patch_size
+    mlp = e * vision.mlp_ratio
+    block = 2 * 2 * e + (e * 3 * e + 3 * e) + (e * e + e) + (e * mlp + mlp) + (mlp * e + e)  # norms, qkv, proj, fc1, fc2
+    tower = 3 * t * p * p * e + vision.depth * block  # patch embedding (Conv3d without bias) and blocks
+    merged = e * vision.spatial_merge_size**2
+    merger = 2 * e + (merged * merged + merged) + (merged * h + h)  # ln_q, mlp.0, mlp.2
+    return {"llm": llm, "vision": tower, "merger": merger}
+
+
+def test_flops_match_a_count_by_hand(tokenizers):
+    model = tiny(tokenizers)
+    est = estimate_flops(model, get_family("qwen2_vl"))
+    counts = hand_counts(model)
+    assert (est.llm_params, est.vision_params, est.merger_params) == (counts["llm"], counts["vision"], counts["merger"])
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (est.vision_factor, est.merger_factor) == (6, 6)  # everything trains
+    tokens, records, patches, pairs = 1000, 4, 200, 5000
+    expected = (6 * counts["llm"] * tokens
+                + 12 * text.num_hidden_layers * text.hidden_size * tokens * (tokens / records)
+                + 6 * counts["vision"] * patches
+                + 6 * counts["merger"] * patches / vision.spatial_merge_size**2
+                + 2 * 6 * vision.embed_dim * vision.depth * pairs)
+    assert est.flops(tokens, records, patches, pairs) == pytest.approx(expected, rel=1e-12)
+    # without the vision attention count, the tower's attention is left out
+    without = expected - 2 * 6 * vision.embed_dim * vision.depth * pairs
+    assert est.flops(tokens, records, patches) == pytest.approx(without, rel=1e-12)
+    assert est.flops(0, 0) == 0
+    # the family is read from the config when not given
+    assert estimate_flops(model) == est
+
+
+def test_frozen_tower_counts_forward_only(tokenizers):
+    model = tiny(tokenizers)
+    family = get_family("qwen2_vl")
+    for name, p in model.named_parameters():
+        p.requires_grad = family.part_of(name) != "vision"
+    est = estimate_flops(model, family)
+    assert (est.vision_factor, est.merger_factor) == (2, 6)  # the merger trains, the tower runs without a graph
+    for name, p in model.named_parameters():
+        p.requires_grad = family.part_of(name) not in ("vision", "merger")
+    assert (estimate_flops(model, family).vision_factor, estimate_flops(model, family).merger_factor) == (2, 2)
+    for name, p in model.named_parameters():  # LoRA-like: one trainable tensor inside the tower
+        p.requires_grad = name == "model.visual.blocks.0.attn.qkv.weight"
+    assert (estimate_flops(model, family).vision_factor, estimate_flops(model, family).merger_factor) == (6, 6)
+
+
+def test_tied_head_counts_once_and_embeddings_are_free(tokenizers):
+    model = tiny(tokenizers)
+    untied = estimate_flops(model)
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    assert estimate_flops(model).llm_params == untied.llm_params
+    model.model.language_model.embed_tokens.weight = torch.nn.Parameter(torch.zeros(3, 64))  # untie, shrink
+    assert estimate_flops(model).llm_params == untied.llm_params  # a lookup table costs nothing
+
+
+def test_qwen2_5_window_attention(tokenizers):
+    model = tiny(tokenizers, "qwen2_5_vl")
+    vision = model.config.vision_config
+    est = estimate_flops(model)
+    assert est.vision_layers == vision.depth and est.vision_window_layers == vision.depth - len(vision.fullatt_block_indexes)
+    assert est.window_patches == (vision.window_size // vision.patch_size) ** 2
+    assert est.vision_width == vision.hidden_size
+    full = est.flops(10, 1, 100, 400) - est.flops(10, 1, 100, 0)
+    assert full == pytest.approx(2 * 6 * vision.hidden_size * len(vision.fullatt_block_indexes) * 400)
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA A10G", 125e12), ("NVIDIA GeForce RTX 4090", 165e12), ("Tesla T4", None), ("NVIDIA GeForce RTX 3090", None),
+])
+def test_peak_table(name, peak):
+    assert peak_bf16_flops(name) == peak
+
+
+class Fake:
+    """Counters and a clock the test moves by hand."""
+
+    def __init__(self):
+        self.tokens = self.samples = self.patches = self.pairs = 0
+        self.time = 100.0
+
+    def callback(self, model, **kwargs) -> ThroughputCallback:
+        kwargs.setdefault("real_samples", lambda: self.samples)
+        return ThroughputCallback(model, real_tokens=lambda: self.tokens, vision_tokens=lambda: self.patches,
+                                  vision_pairs=lambda: self.pairs, clock=lambda: self.time, **kwargs)
+
+    def advance(self, seconds: float, tokens: int, samples: int, patches: int = 0, pairs: int = 0):
+        self.time += seconds
+        self.tokens += tokens
+        self.samples += samples
+        self.patches += patches
+        self.pairs += pairs
+
+
+def cpu_args(**kwargs):
+    return SimpleNamespace(**{"device": torch.device("cpu"), "world_size": 1, "per_device_train_batch_size": 2,
+                              "gradient_accumulation_steps": 1, **kwargs})
+
+
+def log_line(cb, args, state, **logs) -> dict:
+    state.log_history.append({**logs, "step": state.global_step})  # what Trainer.log does before the hook
+    cb.on_log(args, state, TrainerControl(), logs=logs)
+    return logs
+
+
+def test_on_log_adds_rates_on_cpu_without_mfu(tokenizers):
+    fake, args, state = Fake(), cpu_args(), TrainerState()
+    cb = fake.callback(tiny(tokenizers))
+    cb.on_train_begin(args, state, TrainerControl())
+    fake.advance(2.0, tokens=1000, samples=4, patches=64, pairs=512)
+    logs = log_line(cb, args, state, loss=1.5)
+    assert logs["tokens_per_second"] == 500 and logs["samples_per_second"] == 2
+    assert 0.01 < logs["peak_memory_gb"] < 1000  # this process's peak RSS
+    assert "mfu" not in logs
+    assert state.log_history[-1] == {**logs, "step": 0}  # what trainer_state.json will hold
+    # the next line covers only its own interval; rates are for the job (x world size)
+    fake.advance(4.0, tokens=1000, samples=2)
+    logs = log_line(cb, cpu_args(world_size=2), state, loss=1.2)
+    assert logs["tokens_per_second"] == 500 and logs["samples_per_second"] == 1
+    # a line with nothing trained since the last one (the Trainer's end-of-training metrics) is left alone
+    fake.advance(1.0, tokens=0, samples=0)
+    assert log_line(cb, args, state, train_runtime=7.0) == {"train_runtime": 7.0}
+
+
+def test_samples_fall_back_to_steps_times_batch(tokenizers):
+    fake, args, state = Fake(), cpu_args(gradient_accumulation_steps=3), TrainerState()
+    cb = fake.callback(tiny(tokenizers), real_samples=None)
+    cb.on_train_begin(args, state, TrainerControl())
+    fake.advance(2.0, tokens=100, samples=0)
+    state.global_step = 2
+    assert log_line(cb, args, state, loss=1.0)["samples_per_second"] == 2 * 2 * 3 / 2.0
+
+
+def fake_cuda(monkeypatch, name: str):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 12.5e9)
+    return cpu_args(device=torch.device("cuda", 0))
+
+
+def test_mfu_on_a_known_gpu(tokenizers, monkeypatch):
+    fake, state = Fake(), TrainerState()
+    args = fake_cuda(monkeypatch, "NVIDIA H200")
+    cb = fake.callback(tiny(tokenizers))
+    cb.on_train_begin(args, state, TrainerControl())
+    fake.advance(0.5, tokens=8192, samples=4, patches=4096, pairs=2**20)
+    logs = log_line(cb, args, state, loss=1.0)
+    expected = cb.flops_model.flops(8192, 4, 4096, 2**20) / 0.5 / 989e12
+    assert logs["mfu"] == pytest.approx(expected, abs=1e-6) and 0 < logs["mfu"] < 1
+    assert logs["peak_memory_gb"] == 12.5
+
+
+def test_unknown_gpu_omits_mfu_and_says_so_once(tokenizers, monkeypatch, capsys):
+    fake, state = Fake(), TrainerState()
+    args = fake_cuda(monkeypatch, "Tesla T4")
+    cb = fake.callback(tiny(tokenizers))
+    cb.on_train_begin(args, state, TrainerControl())
+    for _ in range(2):
+        fake.advance(1.0, tokens=10, samples=1)
+        logs = log_line(cb, args, state, loss=1.0)
+        assert "mfu" not in logs and logs["tokens_per_second"] == 10
+    assert capsys.readouterr().err.count("MFU not reported") == 1
+
+
+def test_summary_is_logged_at_train_end(tokenizers, monkeypatch, capsys):
+    fake, state = Fake(), TrainerState()
+    args = fake_cuda(monkeypatch, "NVIDIA A100-SXM4-80GB")
+    cb = fake.callback(tiny(tokenizers))
+    cb.on_train_begin(args, state, TrainerControl())
+    for _ in range(3):
+        fake.advance(2.0, tokens=3000, samples=3)
+        log_line(cb, args, state, loss=1.0)
+    cb.on_train_end(args, state, TrainerControl())
+    assert cb.summary["tokens_per_second"] == 1500 and cb.summary["samples_per_second"] == 1.5
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if "throughput:" in ln)
+    assert "1,500 tokens/s" in line and "1.50 samples/s" in line and "12.50 GB (GPU, allocated)" in line
+    assert f"MFU {cb.summary['mfu']:.1%} of 312 TFLOP/s" in line
+
+
+def test_in_a_real_trainer_the_history_carries_the_figures(tokenizers, tmp_path, capsys):
+    """Two steps of VlftTrainer on text-only rows: the keys reach trainer_state's log history, the summary is
+    logged, and the token rate matches the trainer's own count."""
+    from vlft.train.trainer import VlftTrainer
+
+    model = tiny(tokenizers)
+    rows = [{"input_ids": torch.arange(10 + k) % 100, "attention_mask": torch.ones(10 + k, dtype=torch.long),
+             "labels": torch.arange(10 + k) % 100} for k in range(4)]
+
+    def collate(items):
+        width = max(len(it["input_ids"]) for it in items)
+        return {key: torch.stack([torch.nn.functional.pad(it[key], (0, width - len(it[key])),
+                                                          value=-100 if key == "labels" else 0) for it in items])
+                for key in items[0]}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = VlftTrainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+    cb = ThroughputCallback(model, real_tokens=lambda: int(trainer.real_tokens.item()))
+    trainer.add_callback(cb)
+    trainer.train()
+    lines = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(lines) == 2 and all(h["tokens_per_second"] > 0 and h["peak_memory_gb"] > 0 for h in lines)
+    assert all("mfu" not in h for h in lines)
+    assert trainer.real_tokens.item() == 10 + 11 + 12 + 13
+    assert "throughput:" in capsys.readouterr().err

@@ -1,0 +1,256 @@
+"""Throughput on every log line: tokens/s, samples/s, peak memory and, on a known GPU, model FLOPs utilisation.
+
+    callback = ThroughputCallback(model, family, real_tokens=lambda: int(trainer.real_tokens.item()))
+    trainer.add_callback(callback)
+
+The counts come from callables the caller hands in (the trainer counts non-pad tokens in `compute_loss`); the
+callback never reaches into the trainer. Rates on a log line cover the interval since the previous log line;
+`on_train_end` logs one summary over the whole run (warm-up included).
+
+Model FLOPs (an estimate; the convention of PaLM, Chowdhery et al. 2022, appendix B: the FLOPs the model needs,
+not what the hardware runs, so activation recomputation and padding never count, and attention counts the full
+(not causal-halved) score matrix). For T real tokens in R records with P vision patches:
+
+    FLOPs = 6 * N_llm * T                                  decoder layers + output projection (lm_head)
+          + 12 * L * d_attn * T * (T / R)                  LLM attention at the mean record length T / R
+          + f_v * N_vision * P                             vision blocks and patch embedding, per patch
+          + f_m * N_merger * P / m**2                      merger(s), per merged token (m = spatial merge size)
+          + 2 * f_v * d_v * ((L_v - n_w) * Q + n_w * W * P)   vision attention, when `vision_pairs` is given
+
+- N_* count parameters (ZeRO-3: `ds_numel`), split by `family.part_of`; lookup tables (token and position
+  embeddings) are free, the output projection counts once even when tied to the token embedding, LoRA adapters
+  count where they sit. L, d_attn: decoder layers and heads x head_dim.
+- f = 6 (forward 2N + backward 4N) for parts gradients flow through: the LLM always (under LoRA too, and it is
+  the convention), the tower when any of its parameters trains (LoRA included), the merger when it or the tower
+  trains; f = 2 (forward only) otherwise, e.g. a frozen tower under LoRA, which runs without a graph.
+- Vision attention: Q = sum over images and video frames (temporal patches) of (patches in it)**2, the query-key
+  pairs of full attention, which the tower runs per image / frame; L_v, d_v: vision blocks and width; Qwen2.5-VL
+  runs n_w of its blocks (all but `fullatt_block_indexes`) in windows of W patches, else n_w = 0. Without
+  `vision_pairs` the vision attention is left out (an underestimate: MFU reads low for large images).
+
+MFU = FLOPs per second of this process / the GPU's dense bf16 peak (`PEAK_BF16_FLOPS`); CUDA only; on a GPU
+missing from the table it is left out, with one log line saying so.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import TrainerCallback
+
+from vlft.utils import log
+
+# Dense bf16 peak FLOP/s by device-name substring (lower case), first match wins: specific names before general.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("h200", 989e12),
+    ("a100", 312e12),  # SXM and PCIe
+    ("l40s", 362e12),
+    ("a10g", 125e12),
+    ("rtx 4090", 165e12),
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by its `torch.cuda.get_device_name()`, or None when unknown."""
+    name = device_name.lower()
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 keeps the real size aside, numel() is 0
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    """Parameter counts and shapes for the FLOPs estimate of the module docstring."""
+
+    llm_params: int  # decoder layers, final norm, output projection (and anything no part claims)
+    vision_params: int  # vision blocks and patch embedding
+    merger_params: int
+    vision_factor: int  # 6 when gradients flow through the tower, else 2
+    merger_factor: int
+    layers: int
+    attn_width: int  # heads x head_dim
+    merge_size: int = 1
+    vision_layers: int = 0
+    vision_width: int = 0
+    vision_window_layers: int = 0
+    window_patches: int = 0
+
+    def flops(self, tokens: float, records: float, patches: float = 0, pairs: float | None = None) -> float:
+        """Training FLOPs of `tokens` real tokens in `records` records with `patches` vision patches and `pairs`
+        query-key pairs of the tower's full attention (None: vision attention left out)."""
+        if tokens <= 0:
+            return 0.0
+        mean_len = tokens / max(records, 1)
+        total = 6 * self.llm_params * tokens + 12 * self.layers * self.attn_width * tokens * mean_len
+        total += self.vision_factor * self.vision_params * patches
+        total += self.merger_factor * self.merger_params * patches / self.merge_size**2
+        if pairs is not None:
+            full_layers = self.vision_layers - self.vision_window_layers
+            total += 2 * self.vision_factor * self.vision_width * (
+                full_layers * pairs + self.vision_window_layers * self.window_patches * patches)
+        return total
+
+
+def estimate_flops(model, family=None) -> FlopsModel:
+    """Count `model`'s parameters into the estimate's parts (`family.part_of`; without a family, read from the
+    config, or all of it as LLM for a model vlft does not know)."""
+    from vlft.models.registry import FAMILIES
+
+    config = model.config
+    family = family or FAMILIES.get(getattr(config, "model_type", None))
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = model.get_output_embeddings()
+    head_weight = getattr(head, "weight", None)
+    counts = {"llm": 0, "vision": 0, "merger": 0}
+    trains = {"llm": True, "vision": False, "merger": False}
+    for name, p in model.named_parameters():
+        part = family.part_of(name) if family is not None else "llm"
+        part = part if part in ("vision", "merger") else "llm"  # the embeddings, the head, anything unclaimed
+        trains[part] |= p.requires_grad
+        if id(p) not in lookups and p is not head_weight:  # the head is counted once below, even when tied
+            counts[part] += _numel(p)
+    if head_weight is not None:
+        counts["llm"] += _numel(head_weight)
+        bias = getattr(head, "bias", None)
+        counts["llm"] += _numel(bias) if bias is not None else 0
+
+    text = getattr(config, "text_config", config)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    vision = getattr(config, "vision_config", None)
+    shape = {}
+    if vision is not None:
+        depth = vision.depth
+        windowed = depth - len(vision.fullatt_block_indexes) if getattr(vision, "fullatt_block_indexes", None) else 0
+        window = getattr(vision, "window_size", 0) or 0
+        shape = dict(merge_size=vision.spatial_merge_size, vision_layers=depth,
+                     vision_width=getattr(vision, "embed_dim", None) or vision.hidden_size,
+                     vision_window_layers=windowed if window else 0,
+                     window_patches=(window // vision.patch_size) ** 2 if window else 0)
+    vision_factor = 6 if trains["vision"] else 2
+    return FlopsModel(
+        llm_params=counts["llm"], vision_params=counts["vision"], merger_params=counts["merger"],
+        vision_factor=vision_factor, merger_factor=6 if trains["vision"] or trains["merger"] else 2,
+        layers=text.num_hidden_layers, attn_width=heads * head_dim, **shape,
+    )
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory in GB (1e9 bytes): allocated by torch on a CUDA device, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024) / 1e9  # bytes on macOS, KiB on Linux
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds `tokens_per_second`, `samples_per_second`, `peak_memory_gb` and (on a known CUDA GPU) `mfu` to every
+    log line that follows new tokens, and logs a summary at the end of training. See the module docstring.
+
+    real_tokens: cumulative non-pad tokens this process trained on (image and video pad tokens included).
+    real_samples: cumulative records this process trained on (packed rows count their records). Without it,
+        records are counted as steps x per-device batch x accumulation, which under packing counts rows (then
+        samples/s is rows/s and the attention term uses the row length).
+    vision_tokens: cumulative vision patches (rows of `pixel_values` and `pixel_values_videos`); without it the
+        tower's FLOPs are left out.
+    vision_pairs: cumulative query-key pairs of the tower's full attention, sum of t * (h * w)**2 over the
+        `*_grid_thw` rows; without it the vision attention is left out.
+    clock: seconds, monotonic (tests pass a fake one).
+
+    Token and sample rates are for the whole job: this process's counts times the world size (counting on every
+    rank would need a collective in a logging hook). MFU is per GPU, from this process's counts. Each counter is
+    read before the clock, so reading a device tensor (`.item()`) has waited for the queued GPU work."""
+
+    def __init__(self, model, family=None, *, real_tokens: Callable[[], int], real_samples: Callable[[], int] | None = None,
+                 vision_tokens: Callable[[], int] | None = None, vision_pairs: Callable[[], int] | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.flops_model = estimate_flops(model, family)
+        self.real_tokens = real_tokens
+        self.real_samples = real_samples
+        self.vision_tokens = vision_tokens
+        self.vision_pairs = vision_pairs
+        self.clock = clock
+        self.device = torch.device("cpu")
+        self.peak_flops: float | None = None
+        self.summary: dict | None = None
+        self._start: dict | None = None
+        self._last: dict | None = None
+
+    def _read(self, args, state) -> dict:
+        def count(fn):
+            return float(fn()) if fn is not None else None
+
+        if self.real_samples is not None:
+            samples = count(self.real_samples)
+        else:
+            samples = float(state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps)
+        reading = {"tokens": count(self.real_tokens), "samples": samples, "patches": count(self.vision_tokens),
+                   "pairs": count(self.vision_pairs)}
+        reading["time"] = self.clock()  # after the counters: see the class docstring
+        return reading
+
+    def _rates(self, args, begin: dict, end: dict) -> dict | None:
+        seconds = end["time"] - begin["time"]
+        tokens = end["tokens"] - begin["tokens"]
+        if seconds <= 0 or tokens <= 0:
+            return None
+        samples = end["samples"] - begin["samples"]
+        world = max(getattr(args, "world_size", 1), 1)
+        rates = {"tokens_per_second": tokens * world / seconds, "samples_per_second": samples * world / seconds,
+                 "peak_memory_gb": peak_memory_gb(self.device)}
+        if self.peak_flops:
+            patches = end["patches"] - begin["patches"] if end["patches"] is not None else 0
+            pairs = end["pairs"] - begin["pairs"] if end["pairs"] is not None else None
+            flops = self.flops_model.flops(tokens, samples, patches, pairs)
+            rates["mfu"] = flops / seconds / self.peak_flops
+        return rates
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.device = torch.device(args.device)
+        self.peak_flops = None
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            self.peak_flops = peak_bf16_flops(name)
+            if self.peak_flops is None:
+                known = ", ".join(key for key, _ in PEAK_BF16_FLOPS)
+                log(f"MFU not reported: no dense bf16 peak known for {name!r} (known: {known})")
+        self._start = self._last = self._read(args, state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._last is None or logs is None:
+            return
+        now = self._read(args, state)
+        rates = self._rates(args, self._last, now)
+        if rates is None:  # nothing trained since the last line (e.g. the Trainer's end-of-training metrics)
+            return
+        self._last = now
+        added = {key: round(value, 6 if key == "mfu" else 3) for key, value in rates.items()}
+        # The Trainer appended a copy of `logs` to the history just before this hook: update it too, so that
+        # trainer_state.json carries the figures (callbacks after this one, the printer among them, see `logs`).
+        last = state.log_history[-1] if state.log_history else None
+        if isinstance(last, dict) and all(last.get(key) is value for key, value in logs.items()):
+            last.update(added)
+        logs.update(added)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._start is None:
+            return
+        rates = self._rates(args, self._start, self._read(args, state))
+        if rates is None:
+            return
+        self.summary = rates
+        memory = "GPU, allocated" if self.device.type == "cuda" else "process RSS"
+        line = (f"throughput: {rates['tokens_per_second']:,.0f} tokens/s, {rates['samples_per_second']:.2f} samples/s, "
+                f"peak memory {rates['peak_memory_gb']:.2f} GB ({memory})")
+        if "mfu" in rates and math.isfinite(rates["mfu"]):
+            line += f", MFU {rates['mfu']:.1%} of {self.peak_flops / 1e12:.0f} TFLOP/s bf16"
+        log(line + " (mean over the run, warm-up included)")
