@@ -95,3 +95,20 @@ default_liger() {
 optional_flag() {
   if [ -n "$2" ]; then printf '%s\n' "--$1" "$2"; fi
 }
+
+# training_flags [EXTRA...]: the training flags every finetune script passes, from its settings (EPOCHS, LR,
+# BATCH_SIZE, GRAD_ACCUM, MAX_SEQ_LENGTH, PACKING, GROUP_BY_LENGTH, IMAGE_*_PIXELS, BF16, USE_LIGER, ATTN,
+# GRADIENT_CHECKPOINTING, LOGGING_STEPS, SAVE_STEPS, NUM_WORKERS, REPORT_TO), one per line; EXTRA follow the LR.
+training_flags() {
+  local packing=false
+  case "$PACKING" in 1|true|True) packing=true ;; esac
+  printf '%s\n' --num_train_epochs "$EPOCHS" --learning_rate "$LR" "$@" \
+    --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --max_seq_length "$MAX_SEQ_LENGTH" --packing "$packing" --group_by_length "$GROUP_BY_LENGTH" \
+    --image_min_pixels "$IMAGE_MIN_PIXELS" --image_max_pixels "$IMAGE_MAX_PIXELS" \
+    --bf16 "$BF16" --use_liger "$USE_LIGER" --attn_implementation "$ATTN" \
+    --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
+    --weight_decay 0.0 --warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps "$LOGGING_STEPS" \
+    --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 3 \
+    --dataloader_num_workers "$NUM_WORKERS" --report_to "$REPORT_TO"
+}

@@ -38,11 +38,11 @@ LOGGING_STEPS="${LOGGING_STEPS:-1}"
 REPORT_TO="${REPORT_TO:-none}"
 PACKING="${PACKING:-false}"                          # 1/true: pack records into MAX_SEQ_LENGTH rows
 GROUP_BY_LENGTH="${GROUP_BY_LENGTH:-false}"          # padded batches of similar lengths (not with PACKING)
-case "$PACKING" in 1|true|True) PACKING=true ;; *) PACKING=false ;; esac
 
 [ "$FREEZE_VISION_TOWER" = true ] && VISION_LR=""   # nothing in the tower trains
 mapfile -t OPTIONAL < <(optional_flag vision_lr "$VISION_LR"; optional_flag merger_lr "$MERGER_LR")
 GRAD_ACCUM="$(grad_accum "$GLOBAL_BATCH_SIZE" "$BATCH_SIZE")"
+mapfile -t TRAINING < <(training_flags "${OPTIONAL[@]}")
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
@@ -51,28 +51,6 @@ vlft_launch sft \
   --freeze_vision_tower "$FREEZE_VISION_TOWER" \
   --freeze_merger "$FREEZE_MERGER" \
   --freeze_llm "$FREEZE_LLM" \
-  --num_train_epochs "$EPOCHS" \
-  --learning_rate "$LR" \
-  "${OPTIONAL[@]}" \
-  --per_device_train_batch_size "$BATCH_SIZE" \
-  --gradient_accumulation_steps "$GRAD_ACCUM" \
-  --max_seq_length "$MAX_SEQ_LENGTH" \
-  --packing "$PACKING" \
-  --group_by_length "$GROUP_BY_LENGTH" \
-  --image_min_pixels "$IMAGE_MIN_PIXELS" \
-  --image_max_pixels "$IMAGE_MAX_PIXELS" \
-  --bf16 "$BF16" \
-  --use_liger "$USE_LIGER" \
-  --attn_implementation "$ATTN" \
-  --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
-  --weight_decay 0.0 \
-  --warmup_ratio 0.03 \
-  --lr_scheduler_type cosine \
-  --logging_steps "$LOGGING_STEPS" \
-  --save_strategy steps \
-  --save_steps "$SAVE_STEPS" \
-  --save_total_limit 3 \
-  --dataloader_num_workers "$NUM_WORKERS" \
-  --report_to "$REPORT_TO" \
+  "${TRAINING[@]}" \
   "$@"
 mark_latest "$OUTPUT_DIR"
