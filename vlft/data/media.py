@@ -7,8 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from vlft.data.pixels import image_to_tensor, resize
 from vlft.errors import VlftError
 
 MAX_ASPECT_RATIO = 200  # Qwen-VL's limit; beyond it one side would shrink below a single patch
@@ -123,9 +125,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def fit_image(img: Image.Image, *, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
-    """Resize to smart_size; the same object when it already fits."""
+def fit_image(img: Image.Image, *, factor: int, min_pixels: int, max_pixels: int) -> torch.Tensor:
+    """The image as a uint8 [3, H, W] tensor at smart_size, resized with the Qwen-VL processors' own kernel
+    (torchvision bicubic, antialiased), so that training sees the pixels inference will see."""
     h, w = smart_size(img.height, img.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    if (w, h) == img.size:
-        return img
-    return img.resize((w, h), Image.Resampling.BICUBIC)
+    return resize(image_to_tensor(img), h, w)

@@ -18,6 +18,7 @@ from transformers.video_utils import VideoMetadata
 from vlft.constants import IGNORE_INDEX, IM_END, IMAGE_PAD, VIDEO_PAD
 from vlft.data.llava import Sample
 from vlft.data.media import MediaError, fit_image, load_image
+from vlft.data.pixels import PixelNorm, patchify
 from vlft.data.video import load_video
 from vlft.errors import VlftError
 
@@ -200,18 +201,26 @@ class MediaSettings:
 
 class SFTDataset(torch.utils.data.Dataset):
     """Checked samples -> model inputs. Images and videos are loaded, sized to their pixel budgets and
-    patchified here (in the DataLoader workers); everything that can fail was already tried by the check."""
+    patchified here (in the DataLoader workers); everything that can fail was already tried by the check.
+
+    `raw_pixels=True` keeps `pixel_values` / `pixel_values_videos` as uint8 patch rows, to be normalised on the
+    device (data/pixels.py says why; models/patches.py: `normalize_pixels_on_device` does it); otherwise they
+    are the float32 values the processor itself would give."""
 
     def __init__(self, samples: list[Sample], image_paths: list[list[str]], processor, *, media: MediaSettings,
-                 video_sources: list[list] | None = None, add_generation_prompt: bool = False):
+                 video_sources: list[list] | None = None, add_generation_prompt: bool = False,
+                 raw_pixels: bool = False):
         self.samples = samples
         self.image_paths = image_paths  # resolved paths, parallel to samples
         self.video_sources = video_sources or [[] for _ in samples]  # resolved files / frame folders / frame lists
         self.encoder = SFTEncoder(processor)
-        self.image_processor = processor.image_processor
-        self.video_processor = getattr(processor, "video_processor", None)
+        self.image_temporal_patch_size = getattr(processor.image_processor, "temporal_patch_size", 2)
+        self.image_norm = PixelNorm.of(processor.image_processor)
+        video_processor = getattr(processor, "video_processor", None)
+        self.video_norm = PixelNorm.of(video_processor) if video_processor is not None else self.image_norm
         self.media = media
         self.add_generation_prompt = add_generation_prompt  # prediction: prompts end with the assistant header
+        self.raw_pixels = raw_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -233,27 +242,33 @@ class SFTDataset(torch.utils.data.Dataset):
     def _images(self, paths: list[str], item: dict) -> list[VisionSpec]:
         if not paths:
             return []
-        factor = self.encoder.patch_size * self.encoder.merge_size
-        images = [fit_image(load_image(p), factor=factor, min_pixels=self.media.image_min_pixels,
-                            max_pixels=self.media.image_max_pixels) for p in paths]
-        # Already resized to multiples of patch*merge within the budget: the processor must not resize again.
-        vision = self.image_processor(images=images, do_resize=False, return_tensors="pt")
-        item["pixel_values"] = vision["pixel_values"]
-        item["image_grid_thw"] = vision["image_grid_thw"]
-        return [VisionSpec(tuple(g)) for g in vision["image_grid_thw"].tolist()]
+        enc, patch = self.encoder, self.encoder.patch_size
+        rows, grids = [], []
+        for path in paths:
+            image = fit_image(load_image(path), factor=patch * enc.merge_size, min_pixels=self.media.image_min_pixels,
+                              max_pixels=self.media.image_max_pixels)
+            rows.append(patchify(image[None], patch_size=patch, merge_size=enc.merge_size,
+                                 temporal_patch_size=self.image_temporal_patch_size))
+            grids.append((1, image.shape[1] // patch, image.shape[2] // patch))
+        pixels = torch.cat(rows) if len(rows) > 1 else rows[0]
+        item["pixel_values"] = pixels if self.raw_pixels else self.image_norm(pixels)
+        item["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+        return [VisionSpec(g) for g in grids]
 
     def _videos(self, sources: list, item: dict) -> list[VisionSpec]:
         if not sources:
             return []
-        clips = [load_video(src, **self.media.video_kwargs(self.encoder)) for src in sources]
-        # Frames are already sampled and sized: the processor must neither sample nor resize again.
-        vision = self.video_processor(videos=[c.frames for c in clips], do_sample_frames=False, do_resize=False,
-                                      return_tensors="pt")
-        item["pixel_values_videos"] = vision["pixel_values_videos"]
-        item["video_grid_thw"] = vision["video_grid_thw"]
-        item["second_per_grid_ts"] = [self.encoder.temporal_patch_size / c.fps for c in clips]
-        return [VisionSpec(tuple(g), tuple(c.indices), c.source_fps, c.fps)
-                for g, c in zip(vision["video_grid_thw"].tolist(), clips)]
+        enc, patch, tps = self.encoder, self.encoder.video_patch_size, self.encoder.temporal_patch_size
+        clips = [load_video(src, **self.media.video_kwargs(enc)) for src in sources]
+        # Frames are already sampled and sized: they are only cut into patches here.
+        rows = [patchify(torch.from_numpy(c.frames).permute(0, 3, 1, 2), patch_size=patch, merge_size=enc.merge_size,
+                         temporal_patch_size=tps) for c in clips]
+        grids = [(-(-len(c.frames) // tps), c.frames.shape[1] // patch, c.frames.shape[2] // patch) for c in clips]
+        pixels = torch.cat(rows) if len(rows) > 1 else rows[0]
+        item["pixel_values_videos"] = pixels if self.raw_pixels else self.video_norm(pixels)
+        item["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+        item["second_per_grid_ts"] = [tps / c.fps for c in clips]
+        return [VisionSpec(g, tuple(c.indices), c.source_fps, c.fps) for g, c in zip(grids, clips)]
 
 
 class PackedDataset(torch.utils.data.Dataset):

@@ -67,6 +67,7 @@ def make_collator(processor, model, *, distributed: bool = False) -> SFTCollator
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
     from vlft.models.loading import load_processor
+    from vlft.models.patches import normalize_pixels_on_device
     from vlft.train.common import init_distributed_early, prepare_model
     from vlft.train.throughput import ThroughputCallback
     from vlft.train.trainer import VlftTrainer
@@ -86,10 +87,11 @@ def run(argv: list[str]):
     log(f"data: {checked.summary()}")
     dataset = SFTDataset(
         checked.samples, checked.image_paths, processor, media=data_args.media_settings(),
-        video_sources=checked.video_sources,
+        video_sources=checked.video_sources, raw_pixels=True,
     )
 
     prepared = prepare_model(model_args, tune_args, train_args)
+    normalize_pixels_on_device(prepared.model, dataset.image_norm, dataset.video_norm)
     collator = make_collator(processor, prepared.base_model, distributed=train_args.world_size > 1)
     train_order = None
     if data_args.packing:
