@@ -62,3 +62,11 @@ def image_only_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "images_only.json"
     path.write_text(json.dumps(records))
     return path
+
+
+def loss_and_grads(model, batch):
+    """One forward + backward from zeroed gradients: the loss and a copy of every gradient, by parameter name."""
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_MEDIA, FAMILIES, REPO
+from conftest import DEMO_MEDIA, FAMILIES, REPO, loss_and_grads
 from PIL import Image
 
 from vlft.check import check_sft_data
@@ -87,13 +87,6 @@ def test_pixel_norm_follows_the_processor_switches():
     assert torch.equal(PixelNorm(mean=(0.5,) * 3, std=(0.5,) * 3, do_normalize=False)(rows), rows.float() / 255)
     assert torch.equal(PixelNorm(mean=(0.5,) * 3, std=(0.5,) * 3, do_normalize=False, do_rescale=False)(rows),
                        rows.float())
-
-
-def loss_and_grads(model, batch):
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -3,7 +3,7 @@ text) gives the same loss and gradients packed as padded, in fp32."""
 from __future__ import annotations
 
 import pytest
-from conftest import DEMO_MEDIA, FAMILIES, REPO
+from conftest import DEMO_MEDIA, FAMILIES, REPO, loss_and_grads
 
 from vlft.check import check_sft_data
 from vlft.data.collator import PackingCollator
@@ -14,13 +14,6 @@ from vlft.models.patches import packed_positions
 from vlft.train.sft import make_collator, run
 
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"
-
-
-def loss_and_grads(model, batch):
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
