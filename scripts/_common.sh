@@ -69,6 +69,10 @@ vlft_launch() {
     echo "[vlft] no GPU: CPU rehearsal with $(( nproc * nnodes )) process(es) (gloo)" >&2
     export DS_ACCELERATOR=cpu
     extra+=(--use_cpu true --ddp_backend gloo)
+    # DeepSpeed's CPU all-reduce names its shared memory by address and port (vlft unlinks the names once the
+    # ranks have mapped them, vlft/train/common.py). A segment left on this port by a run killed earlier would
+    # be mapped by the new ranks as if it were a peer's: remove those first; no rank of this run exists yet.
+    rm -f "/dev/shm/deepspeed_allreduce_buffer_$(id -u)_${addr}_${port}_"* 2>/dev/null || true
   fi
   if [ -n "${ZERO_CONFIG:-}" ]; then
     local nodes=(--num_nodes "$nnodes" --master_addr "$addr" --master_port "$port")

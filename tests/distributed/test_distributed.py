@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,9 +30,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(argv: list[str], *, zero: str | None, nproc: int = 2) -> subprocess.CompletedProcess:
+def launch(argv: list[str], *, zero: str | None, nproc: int = 2, port: int | None = None) -> subprocess.CompletedProcess:
     """`vlft sft argv` through vlft_launch, as the scripts run it."""
-    port = free_port()
+    port = port or free_port()
     env = {**os.environ, "PYTHON": sys.executable, "NUM_GPUS": str(nproc), "MASTER_PORT": str(port),
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
     env.pop("ZERO_CONFIG", None)
@@ -146,6 +147,23 @@ def test_data_is_split_across_ranks(tiny_model_dir, tmp_path):
             "--disable_tqdm", "true"], zero="zero2")
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+def test_rehearsal_clears_shared_memory_left_on_its_port(tiny_model_dir, tmp_path):
+    """Segments of an earlier run killed on the same port (here: short, zero-filled, one for a rank this run
+    does not have) are removed by the launcher before the ranks start, and the run leaves none behind."""
+    port = free_port()
+    stale = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}") for rank in (0, 1, 7)]
+    for path in stale:
+        path.write_bytes(bytes(4096))
+    try:
+        launch(["--model_id", str(tiny_model_dir), "--data_path", str(REPO / "data_examples" / "llava_demo.json"),
+                "--image_folder", str(DEMO_IMAGES), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                "--per_device_train_batch_size", "1", "--save_strategy", "no", "--disable_tqdm", "true"],
+               zero="zero2", port=port)
+    finally:
+        for path in stale:
+            path.unlink(missing_ok=True)
 
 
 def test_zero3_packed_equals_one_process_padded(tiny_model_dir, four_records, tmp_path):
