@@ -70,10 +70,11 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
     """Base model + the run's fully trained weights + its adapter (not merged). Returns (peft_model, family,
     base id). Every key is checked against the model."""
     import torch
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from vlft.models.loading import DTYPES, load_model
+    from vlft.models.lora import wrap_peft
 
     run_dir = Path(run_dir)
     if not is_adapter_run(run_dir):
@@ -110,7 +111,7 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
 
     config = LoraConfig.from_pretrained(str(run_dir))
     config.inference_mode = True
-    peft_model = get_peft_model(model, config)
+    peft_model = wrap_peft(model, config)
     adapter = load_file(str(run_dir / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(peft_model, adapter)
     if result.unexpected_keys:

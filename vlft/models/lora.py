@@ -6,6 +6,8 @@ patch embedding (a Conv3d) and the merger never get LoRA: the merger trains full
 """
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from vlft.errors import VlftError
@@ -52,10 +54,21 @@ def lora_targets(model, family: Family, *, llm: bool, vision: bool, exclude: lis
 
 def apply_lora(model, *, targets: list[str], rank: int, alpha: int, dropout: float, bias: str = "none",
                use_dora: bool = False):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, bias=bias, use_dora=use_dora, task_type="CAUSAL_LM",
         target_modules=targets,
     )
-    return get_peft_model(model, config)
+    return wrap_peft(model, config)
+
+
+def wrap_peft(model, config):
+    """`peft.get_peft_model`, without the FutureWarning peft (<= 0.21) triggers by reading
+    `model.is_gradient_checkpointing`, which transformers 5.2x deprecates: every LoRA run and every merge
+    would print a warning about code the user does not own and cannot change."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
