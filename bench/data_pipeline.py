@@ -175,9 +175,9 @@ def vlft_item_by_stage(dataset: SFTDataset, i: int, stages: Stages) -> dict:
                               max_pixels=media.image_max_pixels)
             sized.append(resize(image_to_tensor(img), h, w))
     with stages("patchify (uint8)"):
-        pixels = torch.cat([patchify(img[None], patch_size=encoder.patch_size, merge_size=encoder.merge_size,
-                                     temporal_patch_size=dataset.image_temporal_patch_size) for img in sized])
-        grids = [(1, img.shape[1] // encoder.patch_size, img.shape[2] // encoder.patch_size) for img in sized]
+        rows, grids = zip(*(patchify(img[None], patch_size=encoder.patch_size, merge_size=encoder.merge_size,
+                                     temporal_patch_size=dataset.image_temporal_patch_size) for img in sized))
+        pixels = torch.cat(rows)
     with stages("ids + labels (one render)"):
         enc = encoder.encode(dataset.samples[i].messages, [VisionSpec(g) for g in grids])
         ids, labels = torch.tensor(enc.input_ids), torch.tensor(enc.labels)

@@ -41,11 +41,11 @@ def test_image_rows_equal_the_processor(family_processor, width, height):
     img = photo(width, height, seed=width * height)
     h, w = smart_size(height, width, factor=ip.patch_size * ip.merge_size, min_pixels=ip.size["shortest_edge"],
                       max_pixels=ip.size["longest_edge"])
-    rows = patchify(resize(image_to_tensor(img), h, w)[None], patch_size=ip.patch_size, merge_size=ip.merge_size,
-                    temporal_patch_size=ip.temporal_patch_size)
+    rows, grid = patchify(resize(image_to_tensor(img), h, w)[None], patch_size=ip.patch_size,
+                          merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size)
     ref = ip(images=[img], return_tensors="pt")
     assert rows.dtype == torch.uint8
-    assert ref["image_grid_thw"].tolist() == [[1, h // ip.patch_size, w // ip.patch_size]]
+    assert ref["image_grid_thw"].tolist() == [[1, h // ip.patch_size, w // ip.patch_size]] == [list(grid)]
     assert torch.equal(PixelNorm.of(ip)(rows), ref["pixel_values"])
 
 
@@ -56,10 +56,11 @@ def test_video_rows_equal_the_processor(family_processor, frames):
     vp = processor.video_processor
     factor = vp.patch_size * vp.merge_size
     clip = np.random.default_rng(frames).integers(0, 256, (frames, 2 * factor, 3 * factor, 3), dtype=np.uint8)
-    rows = patchify(torch.from_numpy(clip).permute(0, 3, 1, 2), patch_size=vp.patch_size, merge_size=vp.merge_size,
-                    temporal_patch_size=vp.temporal_patch_size)
+    rows, grid = patchify(torch.from_numpy(clip).permute(0, 3, 1, 2), patch_size=vp.patch_size,
+                          merge_size=vp.merge_size, temporal_patch_size=vp.temporal_patch_size)
     ref = vp(videos=[clip], do_sample_frames=False, do_resize=False, return_tensors="pt")
     assert rows.shape == ref["pixel_values_videos"].shape
+    assert ref["video_grid_thw"].tolist() == [list(grid)]
     assert torch.equal(PixelNorm.of(vp)(rows), ref["pixel_values_videos"])
 
 
@@ -68,11 +69,12 @@ def test_pair_copy_equals_plain_copy(patch_size):
     """uint8 rows are gathered as int16 pixel pairs when the patch width is even; floats take the plain path."""
     frames = torch.randint(0, 256, (3, 3, patch_size * 4, patch_size * 6), dtype=torch.uint8)
     kwargs = dict(patch_size=patch_size, merge_size=2, temporal_patch_size=2)
-    fast = patchify(frames, **kwargs)
-    plain = patchify(frames.float(), **kwargs)
+    fast, grid = patchify(frames, **kwargs)
+    plain, plain_grid = patchify(frames.float(), **kwargs)
     assert fast.dtype == torch.uint8 and torch.equal(fast.float(), plain)
+    assert grid == plain_grid == (2, 4, 6)  # 3 frames padded to 4
     channels_last = frames.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # as image_to_tensor gives
-    assert torch.equal(patchify(channels_last, **kwargs), fast)
+    assert torch.equal(patchify(channels_last, **kwargs)[0], fast)
 
 
 def test_patchify_rejects_unfitted_sizes():

@@ -11,6 +11,7 @@ the model sees are bit for bit those of the processor (tests/data/test_pixels.py
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,15 +37,20 @@ class PixelNorm:
                    rescale_factor=float(processor.rescale_factor), do_rescale=bool(processor.do_rescale),
                    do_normalize=bool(processor.do_normalize))
 
+    @functools.cached_property
+    def _constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel float32 mean and std, with the rescale folded in when both steps are on; built once."""
+        mean, std = torch.tensor(self.mean), torch.tensor(self.std)
+        if self.do_rescale:
+            mean, std = mean * (1.0 / self.rescale_factor), std * (1.0 / self.rescale_factor)
+        return mean, std
+
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 rows, computed as transformers' torchvision processors do: with both steps on, one fused
         (x - mean / rescale) / (std / rescale) in float32, the per-channel constants built the same way."""
         x = rows.to(torch.float32)
         if self.do_normalize:
-            mean = torch.tensor(self.mean, device=rows.device)
-            std = torch.tensor(self.std, device=rows.device)
-            if self.do_rescale:
-                mean, std = mean * (1.0 / self.rescale_factor), std * (1.0 / self.rescale_factor)
+            mean, std = (t.to(rows.device, non_blocking=True) for t in self._constants)
             channels = x.view(x.shape[0], len(self.mean), -1)  # row layout: channel outermost
             return channels.sub_(mean[:, None]).div_(std[:, None]).view(rows.shape)
         if self.do_rescale:
@@ -67,8 +73,10 @@ def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return tvF.resize(image, [height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
 
 
-def patchify(frames: torch.Tensor, *, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:
-    """[T, C, H, W] (an image: T = 1) -> [grid_t * grid_h * grid_w, C * temporal_patch_size * patch_size**2].
+def patchify(frames: torch.Tensor, *, patch_size: int, merge_size: int,
+             temporal_patch_size: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """[T, C, H, W] (an image: T = 1) -> rows [grid_t * grid_h * grid_w, C * temporal_patch_size * patch_size**2]
+    and the grid (grid_t, grid_h, grid_w), as the processors return `pixel_values` and `*_grid_thw`.
 
     Row order and row layout are those of transformers' Qwen-VL processors: merge windows of merge x merge
     patches in raster order, each row channel-major, then time, then the patch's pixels. T is padded to a
@@ -92,4 +100,4 @@ def patchify(frames: torch.Tensor, *, patch_size: int, merge_size: int, temporal
         src, dst, last = frames.view(torch.int16), out.view(torch.int16), p // 2
     src = src.view(gt, temporal_patch_size, c, gh // m, m, p, gw // m, m, last).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     dst.view(gt, gh // m, gw // m, m, m, c, temporal_patch_size, p, last).copy_(src)
-    return out
+    return out, (gt, gh, gw)

@@ -247,9 +247,10 @@ class SFTDataset(torch.utils.data.Dataset):
         for path in paths:
             image = fit_image(load_image(path), factor=patch * enc.merge_size, min_pixels=self.media.image_min_pixels,
                               max_pixels=self.media.image_max_pixels)
-            rows.append(patchify(image[None], patch_size=patch, merge_size=enc.merge_size,
-                                 temporal_patch_size=self.image_temporal_patch_size))
-            grids.append((1, image.shape[1] // patch, image.shape[2] // patch))
+            image_rows, grid = patchify(image[None], patch_size=patch, merge_size=enc.merge_size,
+                                        temporal_patch_size=self.image_temporal_patch_size)
+            rows.append(image_rows)
+            grids.append(grid)
         pixels = torch.cat(rows) if len(rows) > 1 else rows[0]
         item["pixel_values"] = pixels if self.raw_pixels else self.image_norm(pixels)
         item["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
@@ -261,9 +262,8 @@ class SFTDataset(torch.utils.data.Dataset):
         enc, patch, tps = self.encoder, self.encoder.video_patch_size, self.encoder.temporal_patch_size
         clips = [load_video(src, **self.media.video_kwargs(enc)) for src in sources]
         # Frames are already sampled and sized: they are only cut into patches here.
-        rows = [patchify(torch.from_numpy(c.frames).permute(0, 3, 1, 2), patch_size=patch, merge_size=enc.merge_size,
-                         temporal_patch_size=tps) for c in clips]
-        grids = [(-(-len(c.frames) // tps), c.frames.shape[1] // patch, c.frames.shape[2] // patch) for c in clips]
+        rows, grids = zip(*(patchify(torch.from_numpy(c.frames).permute(0, 3, 1, 2), patch_size=patch,
+                                     merge_size=enc.merge_size, temporal_patch_size=tps) for c in clips))
         pixels = torch.cat(rows) if len(rows) > 1 else rows[0]
         item["pixel_values_videos"] = pixels if self.raw_pixels else self.video_norm(pixels)
         item["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
