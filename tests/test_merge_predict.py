@@ -23,16 +23,16 @@ def train_lora(model_dir, out, *extra):
 
 
 def image_batch(model_dir):
-    from vlft.check import check_sft_data
+    from vlft.data.collator import SFTCollator
+    from vlft.data.prepare import prepare_sft_data
     from vlft.data.sft import SFTDataset
     from vlft.models.loading import load_model, load_processor
-    from vlft.train.sft import make_collator
 
     processor = load_processor(str(model_dir))
-    checked = check_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES), media=DEMO_MEDIA,
+    checked = prepare_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES), media=DEMO_MEDIA,
                              max_seq_length=4096)
     ds = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA)
-    batch = make_collator(processor, load_model(str(model_dir))[0])([ds[i] for i in (0, 2, 7, 9)])
+    batch = SFTCollator.for_model(processor, load_model(str(model_dir))[0])([ds[i] for i in (0, 2, 7, 9)])
     batch.pop("labels")
     return batch
 

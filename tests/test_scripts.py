@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vlft.cli import main
-from vlft.config import ARGS_FILE, SFT_GROUPS, check_sft_args, parse_args
+from vlft.config import ARGS_FILE, SFT_GROUPS, parse_args, validate
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -147,7 +147,7 @@ def test_script_arguments_parse(tmp_path, script, demo):
     settings = {} if demo else {"MODEL": "Qwen/Qwen2-VL-2B-Instruct"}
     calls = launched_argv(tmp_path, script, **settings)
     groups = parse_args(SFT_GROUPS, calls["sft"])
-    check_sft_args(*groups)
+    validate(*groups)
     values = flat(groups)
 
     model_id = str(tmp_path / "cache" / TINY) if demo else "Qwen/Qwen2-VL-2B-Instruct"

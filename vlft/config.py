@@ -112,14 +112,9 @@ class DataArguments:
         if not 1 <= self.video_min_frames <= self.video_max_frames:
             raise ValueError(f"--video_min_frames ({self.video_min_frames}) must be >= 1 and <= --video_max_frames "
                              f"({self.video_max_frames})")
-        if self.packing and self.group_by_length:
-            raise ValueError("--packing and --group_by_length both arrange records into batches; give only one")
-        if not 0 < self.video_min_pixels <= self.video_max_pixels:
-            raise ValueError(f"--video_min_pixels ({self.video_min_pixels}) must be > 0 and <= --video_max_pixels "
-                             f"({self.video_max_pixels})")
 
     def media_settings(self):
-        from vlft.data.sft import MediaSettings
+        from vlft.data.prepare import MediaSettings
 
         return MediaSettings(
             image_min_pixels=self.image_min_pixels, image_max_pixels=self.image_max_pixels,
@@ -209,8 +204,10 @@ class TuneArguments:
 
 
 @dataclass
-class SFTTrainingArguments(TrainingArguments):
-    """HF TrainingArguments, with defaults suited to VLM SFT and the flags transformers 5 dropped."""
+class VlftArgumentsMixin:
+    """vlft's additions to any `TrainingArguments` subclass (HF's, TRL's `DPOConfig` / `GRPOConfig`): defaults
+    suited to VLM training, flags transformers 5 dropped, and the workarounds for the transformers versions vlft
+    supports. Put it first: `class SFTConfig(VlftArgumentsMixin, TrainingArguments)`."""
 
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that already holds files."}
@@ -230,19 +227,7 @@ class SFTTrainingArguments(TrainingArguments):
             self.label_names = ["labels"]  # PeftModel hides the signature the Trainer would read it from
         if self.dataloader_pin_memory and not _has_cuda():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
-        # transformers >= 5.2x renamed gradient_checkpointing* to activation_checkpointing* and warns on the old
-        # names; users keep typing the old ones (2U1 scripts), so move them over quietly when both exist.
-        fields = self.__dataclass_fields__
-        flag, kwargs = "gradient_checkpointing", "gradient_checkpointing_kwargs"
-        if "activation_checkpointing" in fields:
-            for old, new in ((flag, "activation_checkpointing"), (kwargs, "activation_checkpointing_kwargs")):
-                if getattr(self, new) is None and getattr(self, old) is not None:
-                    setattr(self, new, getattr(self, old))
-                setattr(self, old, None)
-            kwargs = "activation_checkpointing_kwargs"
-        if getattr(self, kwargs) is None:
-            # Non-reentrant checkpointing works with frozen inputs (frozen tower, LoRA) without input-grad hooks.
-            setattr(self, kwargs, {"use_reentrant": False})
+        _rename_checkpointing_flags(self)
         super().__post_init__()
         if self.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and self.distributed_state is None:
             # transformers fills the DeepSpeed config's "auto" batch sizes in __post_init__ from world_size,
@@ -257,13 +242,34 @@ class SFTTrainingArguments(TrainingArguments):
             self.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=self.hf_deepspeed_config)
 
 
+def _rename_checkpointing_flags(args) -> None:
+    """transformers >= 5.2x renamed gradient_checkpointing* to activation_checkpointing* and warns on the old
+    names; users keep typing the old ones (2U1 scripts), so move them over quietly when both exist."""
+    fields = args.__dataclass_fields__
+    flag, kwargs = "gradient_checkpointing", "gradient_checkpointing_kwargs"
+    if "activation_checkpointing" in fields:
+        for old, new in ((flag, "activation_checkpointing"), (kwargs, "activation_checkpointing_kwargs")):
+            if getattr(args, new) is None and getattr(args, old) is not None:
+                setattr(args, new, getattr(args, old))
+            setattr(args, old, None)
+        kwargs = "activation_checkpointing_kwargs"
+    if getattr(args, kwargs) is None:
+        # Non-reentrant checkpointing works with frozen inputs (frozen tower, LoRA) without input-grad hooks.
+        setattr(args, kwargs, {"use_reentrant": False})
+
+
+@dataclass
+class SFTConfig(VlftArgumentsMixin, TrainingArguments):
+    """HF TrainingArguments with vlft's additions (the SFT stage)."""
+
+
 def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
-SFT_GROUPS = (ModelArguments, DataArguments, TuneArguments, SFTTrainingArguments)
+SFT_GROUPS = (ModelArguments, DataArguments, TuneArguments, SFTConfig)
 
 
 def _config_to_argv(path: str, parser) -> list[str]:
@@ -304,8 +310,14 @@ def _raise_parse_error(message: str):
     raise VlftError(f"{message} (run with --help for the list of flags)")
 
 
-def parse_args(groups: tuple[type, ...], argv: list[str], prog: str = "vlft"):
-    """Parse flags (after an optional `--config FILE`) into the given dataclasses."""
+def parse_command(groups: tuple[type, ...], argv: list[str], prog: str = "vlft") -> tuple[list, set[str]]:
+    """Read the command line once: `--config FILE` (YAML or JSON, flag names as keys) expanded in place, flags on
+    the command line winning over the file; then the flags parsed into the given dataclasses. Returns the parsed
+    groups and the names of the flags the user gave (on the command line or in the file), so that a command can
+    tell a user's choice from a default.
+
+    When a group is a TrainingArguments subclass and the run is distributed with DeepSpeed, DeepSpeed's process
+    group is started before that group is built (train/launch.py: `init_distributed_early` says why)."""
     argv = list(argv)
     parser = HfArgumentParser(groups, prog=prog)
     parser.error = _raise_parse_error  # a one-line VlftError instead of argparse's usage dump
@@ -315,32 +327,72 @@ def parse_args(groups: tuple[type, ...], argv: list[str], prog: str = "vlft"):
             raise VlftError("--config needs a file path")
         config_argv = _config_to_argv(argv[i + 1], parser)
         argv = config_argv + argv[:i] + argv[i + 2:]  # command-line flags come last, so they win
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    if any(issubclass(g, TrainingArguments) for g in groups):
+        from vlft.train.launch import init_distributed_early
+
+        init_distributed_early(deepspeed="deepspeed" in given)
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as err:  # raised by dataclass __post_init__ checks (TrainingArguments among them)
         raise VlftError(f"invalid arguments: {err}") from None
     if remaining:
         raise VlftError(f"unknown argument(s): {' '.join(remaining)}; run with --help for the list of flags")
-    return parsed
+    return parsed, given
 
 
-def check_sft_args(model_args: ModelArguments, data_args: DataArguments, tune_args: TuneArguments,
-                   train_args: SFTTrainingArguments) -> None:
-    """Cross-field checks; every message names the flags involved."""
+def parse_args(groups: tuple[type, ...], argv: list[str], prog: str = "vlft") -> list:
+    """`parse_command` without the given-flag names."""
+    return parse_command(groups, argv, prog)[0]
+
+
+def validate(*groups) -> None:
+    """Every cross-field rule, for whichever argument groups a command uses (each command calls this once);
+    one VlftError lists every broken rule, naming the flags involved."""
+    errors: list[str] = []
+    tune = next((g for g in groups if isinstance(g, TuneArguments)), None)
+    for group in groups:
+        if isinstance(group, TrainingArguments) and group.use_liger_kernel:
+            # The Trainer's own Liger path calls liger-kernel's class patches, which fail on the transformers
+            # versions vlft supports (models/patches: liger); vlft's --use_liger applies the same kernels.
+            if tune is None:
+                errors.append("--use_liger_kernel is not used by this command")
+            else:
+                tune.use_liger, group.use_liger_kernel = True, False
+
+        if isinstance(group, ModelArguments) and not group.model_id:
+            errors.append("--model_id is required (a Hugging Face id or a local Qwen-VL checkpoint dir)")
+        elif isinstance(group, DataArguments):
+            errors += _data_errors(group)
+        elif isinstance(group, TuneArguments):
+            errors += _tune_errors(group)
+        elif isinstance(group, TrainingArguments) and not group.output_dir:
+            errors.append("--output_dir is required")
+    if errors:
+        raise VlftError("invalid arguments:\n  - " + "\n  - ".join(errors))
+
+
+def _data_errors(data_args: DataArguments) -> list[str]:
     errors = []
-    if not model_args.model_id:
-        errors.append("--model_id is required (a Hugging Face id or a local Qwen-VL checkpoint dir)")
     if not data_args.data_path:
         errors.append("--data_path is required (a LLaVA-format JSON or JSONL file)")
-    if not train_args.output_dir:
-        errors.append("--output_dir is required")
     if data_args.image_folder and not os.path.isdir(data_args.image_folder):
         errors.append(f"--image_folder {data_args.image_folder}: no such directory")
     if not 0 < data_args.image_min_pixels <= data_args.image_max_pixels:
         errors.append(f"--image_min_pixels ({data_args.image_min_pixels}) must be > 0 and <= --image_max_pixels "
                       f"({data_args.image_max_pixels})")
+    if not 0 < data_args.video_min_pixels <= data_args.video_max_pixels:
+        errors.append(f"--video_min_pixels ({data_args.video_min_pixels}) must be > 0 and <= --video_max_pixels "
+                      f"({data_args.video_max_pixels})")
+    if data_args.packing and data_args.group_by_length:
+        errors.append("--packing and --group_by_length both arrange records into batches; give only one")
     if data_args.max_seq_length < 8:
         errors.append(f"--max_seq_length {data_args.max_seq_length} is too small")
+    return errors
+
+
+def _tune_errors(tune_args: TuneArguments) -> list[str]:
+    errors = []
     t = tune_args
     if t.lora_enable and t.freeze_llm is False:
         errors.append("--lora_enable trains adapters on a frozen language model, but --freeze_llm false asks to train it "
@@ -382,8 +434,7 @@ def check_sft_args(model_args: ModelArguments, data_args: DataArguments, tune_ar
     if not (vision_trains or llm_trains or not t.freeze_merger):
         errors.append("the freeze flags leave nothing to train (--freeze_vision_tower, --freeze_merger, --freeze_llm); "
                       "unfreeze a part or add LoRA")
-    if errors:
-        raise VlftError("invalid arguments:\n  - " + "\n  - ".join(errors))
+    return errors
 
 
 def resolved_args(*groups) -> dict:

@@ -11,59 +11,34 @@ renamed into place at the end, so a failed merge leaves nothing behind.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
-from vlft.config import ARGS_FILE
 from vlft.errors import VlftError
-from vlft.train.checkpoint import NON_LORA_FILE
+from vlft.run_dir import (
+    ARGS_FILE,
+    NON_LORA_FILE,
+    TRAINED_FILE,
+    is_adapter_run,
+    read_adapter,
+    read_non_lora,
+    read_run_args,
+    read_trained,
+)
 from vlft.utils import log
 
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 
 
-def read_run_args(run_dir: Path) -> dict:
-    path = run_dir / ARGS_FILE
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text())
-
-
-def is_adapter_run(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
-
-
-def _tune_args(run_args: dict):
-    from vlft.config import TuneArguments
-
-    known = {f.name for f in dataclasses.fields(TuneArguments)}
-    return TuneArguments(**{k: v for k, v in run_args.items() if k in known})
-
-
-def expected_non_lora(model, family, run_args: dict) -> set[str]:
-    """The weights that the run trained fully next to its adapter, from its saved freeze flags."""
-    from vlft.models.freezing import apply_freeze
-
-    t = _tune_args(run_args)
-    apply_freeze(model, family, freeze_vision_tower=t.vision_frozen, freeze_merger=t.freeze_merger,
-                 freeze_llm=t.llm_frozen, unfreeze_topk_llm=t.unfreeze_topk_llm,
-                 unfreeze_topk_vision=t.unfreeze_topk_vision)
-    if t.vision_lora or t.lora_enable:  # the adapted linears' own weights stay frozen under LoRA
-        from vlft.models.freezing import topk_layers
-        from vlft.models.lora import lora_targets
-
-        topk = topk_layers(model, family, unfreeze_topk_llm=t.unfreeze_topk_llm,
-                           unfreeze_topk_vision=t.unfreeze_topk_vision)
-        adapted = set(lora_targets(model, family, llm=t.lora_enable, vision=t.vision_lora,
-                                   exclude=t.lora_namespan_exclude, num_llm_modules=t.num_lora_modules,
-                                   skip_layers=topk))
-        for name, param in model.named_parameters():
-            if name.rsplit(".", 1)[0] in adapted:
-                param.requires_grad_(False)
-    return {n for n, p in model.named_parameters() if p.requires_grad}
+def expected_non_lora(run_dir: Path, saved: dict) -> set[str] | None:
+    """The weights the run trained fully next to its adapter, as it recorded them when it saved (run_dir.py);
+    None for a run saved before that record existed (then the saved file is taken as it is)."""
+    trained = read_trained(run_dir)
+    if trained is None:
+        log(f"{run_dir} has no {TRAINED_FILE} (saved by an older vlft): its {NON_LORA_FILE} is applied as it is")
+        return None
+    return set(trained["non_lora"])
 
 
 def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dtype: str = "fp32"):
@@ -71,7 +46,6 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
     base id). Every key is checked against the model."""
     import torch
     from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     from vlft.models.loading import DTYPES, load_model
     from vlft.models.lora import wrap_peft
@@ -86,22 +60,20 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
         raise VlftError(f"{run_dir / ARGS_FILE} is missing, so the base model is unknown: pass --base_model")
     model, family = load_model(base, dtype=dtype if dtype != "auto" else "fp32")
 
-    expected = expected_non_lora(model, family, run_args) if run_args else set()
-    non_lora_path = run_dir / NON_LORA_FILE
-    saved = load_file(str(non_lora_path)) if non_lora_path.is_file() else {}
+    saved = read_non_lora(run_dir)
+    expected = expected_non_lora(run_dir, saved)
     params = dict(model.named_parameters())
     unexpected = sorted(k for k in saved if k not in params)
-    bias_ok = run_args.get("lora_bias", "none") != "none"
-    surplus = sorted(k for k in saved if k in params and k not in expected and not (bias_ok and k.endswith(".bias")))
-    missing = sorted(expected - set(saved))
+    surplus = sorted(k for k in saved if k in params and expected is not None and k not in expected)
+    missing = sorted(expected - set(saved)) if expected is not None else []
     problems = []
     if missing:
-        problems.append(f"trained weights missing from {non_lora_path.name}: {', '.join(missing[:8])}"
+        problems.append(f"trained weights missing from {NON_LORA_FILE}: {', '.join(missing[:8])}"
                         + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""))
     if unexpected:
-        problems.append(f"{non_lora_path.name} holds weights this model does not have: {', '.join(unexpected[:8])}")
+        problems.append(f"{NON_LORA_FILE} holds weights this model does not have: {', '.join(unexpected[:8])}")
     if surplus:
-        problems.append(f"{non_lora_path.name} holds weights the run's flags say were frozen: {', '.join(surplus[:8])}")
+        problems.append(f"{NON_LORA_FILE} holds weights that {TRAINED_FILE} says did not train: {', '.join(surplus[:8])}")
     if problems:
         raise VlftError(f"cannot merge {run_dir} into {base}:\n  - " + "\n  - ".join(problems)
                         + "\nIs --base_model the model this run was trained from?")
@@ -112,7 +84,7 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
     config = LoraConfig.from_pretrained(str(run_dir))
     config.inference_mode = True
     peft_model = wrap_peft(model, config)
-    adapter = load_file(str(run_dir / "adapter_model.safetensors"))
+    adapter = read_adapter(run_dir)
     result = set_peft_model_state_dict(peft_model, adapter)
     if result.unexpected_keys:
         raise VlftError(f"{run_dir}/adapter_model.safetensors holds keys the model has no place for: "

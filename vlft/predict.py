@@ -36,8 +36,9 @@ class PredictArguments:
 
 
 def load_for_inference(model_path: str, *, base_model: str | None, dtype: str):
-    from vlft.merge import is_adapter_run, load_adapted_model
+    from vlft.merge import load_adapted_model
     from vlft.models.loading import load_model, set_use_cache
+    from vlft.run_dir import is_adapter_run
 
     path = Path(model_path)
     if path.is_dir() and is_adapter_run(path):
@@ -68,16 +69,16 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
     import torch
     from transformers import set_seed
 
-    from vlft.check import check_sft_data
+    from vlft.data.collator import SFTCollator
+    from vlft.data.prepare import prepare_sft_data
     from vlft.data.sft import SFTDataset
     from vlft.models.loading import load_processor
-    from vlft.train.sft import make_collator
 
     out_path = Path(pred_args.output)
     if out_path.exists() and not pred_args.overwrite:
         raise VlftError(f"--output {out_path} already exists; choose another file or pass --overwrite true")
     processor = load_processor(pred_args.model)
-    checked = check_sft_data(data_args.data_path, processor=processor, image_folder=data_args.image_folder,
+    checked = prepare_sft_data(data_args.data_path, processor=processor, image_folder=data_args.image_folder,
                              media=data_args.media_settings(), max_seq_length=data_args.max_seq_length,
                              skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
                              require_answer=False)
@@ -92,8 +93,7 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
 
     set_seed(pred_args.seed)
     model, _ = load_for_inference(pred_args.model, base_model=pred_args.base_model, dtype=pred_args.dtype)
-    collate = make_collator(processor, model)
-    collate.padding_side = "left"
+    collate = SFTCollator.for_model(processor, model, padding_side="left")
     tok = processor.tokenizer
     eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     generation = dict(max_new_tokens=pred_args.max_new_tokens, do_sample=pred_args.do_sample, eos_token_id=eos,
@@ -130,19 +130,19 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlft.config import DataArguments, parse_args
-    from vlft.merge import read_run_args
+    from vlft.config import DataArguments, parse_command, validate
+    from vlft.run_dir import read_run_args
 
-    argv = list(argv or [])
-    pred_args, data_args = parse_args((PredictArguments, DataArguments), argv, prog="vlft predict")
+    (pred_args, data_args), given = parse_command((PredictArguments, DataArguments), list(argv or []),
+                                                  prog="vlft predict")
     if not pred_args.model or not data_args.data_path or not pred_args.output:
         raise VlftError("vlft predict needs --model, --data_path and --output")
-    run_args = read_run_args(Path(pred_args.model)) if Path(pred_args.model).is_dir() else {}
+    run_args = read_run_args(pred_args.model) if Path(pred_args.model).is_dir() else {}
     if run_args:
-        explicit = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-        data_args = _media_from_run(data_args, run_args, explicit)
-    if data_args.max_seq_length == DataArguments.__dataclass_fields__["max_seq_length"].default:
+        data_args = _media_from_run(data_args, run_args, given)
+    if "max_seq_length" not in given:
         data_args.max_seq_length = 10**9  # prediction keeps every record; the check still reports bad ones
+    validate(data_args)
     predict(pred_args, data_args)
     return 0
 

@@ -5,15 +5,15 @@ import pytest
 import torch
 from conftest import DEMO_DATA, DEMO_IMAGES, DEMO_MEDIA
 
-from vlft.check import check_sft_data
 from vlft.constants import IGNORE_INDEX
 from vlft.data.collator import SFTCollator
+from vlft.data.prepare import prepare_sft_data
 from vlft.data.sft import SFTDataset
 
 
 @pytest.fixture(scope="module")
 def dataset(processor):
-    checked = check_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
+    checked = prepare_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
                              media=DEMO_MEDIA, max_seq_length=4096)
     return SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA)
 
@@ -83,19 +83,19 @@ def test_dummy_media_leaves_the_loss_and_gradients_unchanged(family, tiny_model_
     """The masked one-token image and video that distributed runs add to media-less batches change nothing."""
     from transformers import AutoModelForImageTextToText
 
+    from vlft.data.collator import SFTCollator
     from vlft.models.loading import load_processor
-    from vlft.train.sft import make_collator
 
     model_dir = tiny_model_factory(family)
     processor = load_processor(str(model_dir))
-    checked = check_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
+    checked = prepare_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
                              media=DEMO_MEDIA, max_seq_length=4096)
     ds = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).train()
     items = [ds[8], ds[9]]  # text only: both a dummy image and a dummy video are added
     results = []
     for distributed in (False, True):
-        batch = make_collator(processor, model, distributed=distributed)(items)
+        batch = SFTCollator.for_model(processor, model, distributed=distributed)(items)
         assert ("pixel_values" in batch) is distributed and ("pixel_values_videos" in batch) is distributed
         model.zero_grad()
         loss = model(**batch).loss

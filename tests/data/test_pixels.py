@@ -9,13 +9,13 @@ import torch
 from conftest import DEMO_MEDIA, FAMILIES, REPO, loss_and_grads
 from PIL import Image
 
-from vlft.check import check_sft_data
+from vlft.data.collator import SFTCollator
 from vlft.data.media import smart_size
 from vlft.data.pixels import PixelNorm, image_to_tensor, patchify, resize
+from vlft.data.prepare import prepare_sft_data
 from vlft.data.sft import SFTDataset
 from vlft.models.loading import load_model, load_processor
 from vlft.models.patches import normalize_pixels_on_device
-from vlft.train.sft import make_collator
 
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"
 
@@ -97,14 +97,14 @@ def test_uint8_batch_trains_exactly_like_the_float_batch(family, tiny_model_fact
     of the processor-valued dataset, exactly; float batches still pass through the patched model untouched."""
     model_dir = tiny_model_factory(family)
     processor = load_processor(str(model_dir))
-    checked = check_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(REPO / "data_examples"),
+    checked = prepare_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(REPO / "data_examples"),
                              media=DEMO_MEDIA, max_seq_length=4096)
     common = dict(media=DEMO_MEDIA, video_sources=checked.video_sources)
     floats = SFTDataset(checked.samples, checked.image_paths, processor, **common)
     raw = SFTDataset(checked.samples, checked.image_paths, processor, raw_pixels=True, **common)
     model, _ = load_model(str(model_dir))
     model.train()
-    collator = make_collator(processor, model)
+    collator = SFTCollator.for_model(processor, model)
     float_batch = collator([floats[i] for i in range(len(floats))])
     raw_batch = collator([raw[i] for i in range(len(raw))])
     assert raw_batch["pixel_values"].dtype == raw_batch["pixel_values_videos"].dtype == torch.uint8

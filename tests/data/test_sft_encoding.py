@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import DEMO_DATA, DEMO_IMAGES, DEMO_MEDIA
 
-from vlft.check import check_sft_data
 from vlft.constants import IGNORE_INDEX, IM_END
+from vlft.data.encoding import ChatEncoder, VisionSpec
 from vlft.data.llava import parse_record
 from vlft.data.media import fit_image, load_image
-from vlft.data.sft import SFTDataset, SFTEncoder, VisionSpec
+from vlft.data.prepare import prepare_sft_data
+from vlft.data.sft import SFTDataset
 
 MIN_PIXELS, MAX_PIXELS = 3136, 12845056
 RECORDS = json.loads(DEMO_DATA.read_text())
@@ -21,7 +22,7 @@ RECORDS = json.loads(DEMO_DATA.read_text())
 
 @pytest.fixture(scope="module")
 def demo(processor):
-    checked = check_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
+    checked = prepare_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
                              media=DEMO_MEDIA, max_seq_length=4096)
     dataset = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA)
     return checked, dataset
@@ -85,7 +86,7 @@ def test_ids_and_pixels_match_the_processor(demo, processor, i):
 
 
 def test_system_turn_overrides_default_prompt(processor):
-    enc = SFTEncoder(processor)
+    enc = ChatEncoder(processor)
     default = "You are a helpful assistant."
     plain, _ = parse_record(RECORDS[8], 8, "demo")  # text_only
     custom, _ = parse_record(RECORDS[9], 9, "demo")  # text_only_multi_turn_system
@@ -96,7 +97,7 @@ def test_system_turn_overrides_default_prompt(processor):
 
 
 def test_image_pads_expand_per_image(processor):
-    enc = SFTEncoder(processor)
+    enc = ChatEncoder(processor)
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]},
         {"role": "assistant", "content": "Two."},
@@ -118,7 +119,7 @@ def test_image_pads_expand_per_image(processor):
 
 
 def test_whitespace_inside_answers_is_kept(processor):
-    enc = SFTEncoder(processor)
+    enc = ChatEncoder(processor)
     answer = "Line one.\n\n  Line two  "
     messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": answer}]
     out = enc.encode(messages, [])

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import DEMO_MEDIA, FAMILIES, REPO
 
-from vlft.check import check_sft_data
 from vlft.constants import IGNORE_INDEX, IM_END
+from vlft.data.prepare import prepare_sft_data
 from vlft.data.sft import SFTDataset
 from vlft.data.video import load_video
 from vlft.errors import DataError
@@ -24,7 +24,7 @@ RECORDS = json.loads(VIDEO_DATA.read_text())
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_data(request, tiny_model_factory):
     processor = load_processor(str(tiny_model_factory(request.param)))
-    checked = check_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(MEDIA_ROOT), media=DEMO_MEDIA,
+    checked = prepare_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(MEDIA_ROOT), media=DEMO_MEDIA,
                              max_seq_length=4096)
     dataset = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA,
                          video_sources=checked.video_sources)
@@ -150,12 +150,12 @@ def frames_with_a_hole(tmp_path):
 def test_bad_video_is_reported_before_training(tmp_path, processor, make, field, words):
     path = write(tmp_path, make(tmp_path))
     with pytest.raises(DataError) as err:
-        check_sft_data(str(path), processor=processor, image_folder=str(MEDIA_ROOT), media=DEMO_MEDIA,
+        prepare_sft_data(str(path), processor=processor, image_folder=str(MEDIA_ROOT), media=DEMO_MEDIA,
                        max_seq_length=4096)
     (problem,) = err.value.problems
     assert (problem.index, problem.record_id, problem.field) == (1, "bad", field)
     assert words in problem.message and problem.hint
-    checked = check_sft_data(str(path), processor=processor, image_folder=str(MEDIA_ROOT), media=DEMO_MEDIA,
+    checked = prepare_sft_data(str(path), processor=processor, image_folder=str(MEDIA_ROOT), media=DEMO_MEDIA,
                              max_seq_length=4096, skip_bad_samples=True)
     assert [s.id for s in checked.samples] == ["text_only"] and len(checked.skipped) == 1
 
@@ -163,7 +163,7 @@ def test_bad_video_is_reported_before_training(tmp_path, processor, make, field,
 def test_video_tag_count_mismatch(tmp_path, processor):
     path = write(tmp_path, "videos/ball_left_right.mp4", text="<video> and <video>?")
     with pytest.raises(DataError) as err:
-        check_sft_data(str(path), processor=processor, image_folder=str(MEDIA_ROOT), media=DEMO_MEDIA,
+        prepare_sft_data(str(path), processor=processor, image_folder=str(MEDIA_ROOT), media=DEMO_MEDIA,
                        max_seq_length=4096)
     (problem,) = err.value.problems
     assert problem.field == "video" and "2 <video> tag(s)" in problem.message
@@ -174,10 +174,10 @@ def test_video_frame_budget_caps_the_sequence(processor):
     from dataclasses import replace
 
     small = replace(DEMO_MEDIA, nframes=8, video_max_total_pixels=8 * 1024)
-    checked = check_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(MEDIA_ROOT), media=small,
+    checked = prepare_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(MEDIA_ROOT), media=small,
                              max_seq_length=4096)
     big = replace(DEMO_MEDIA, nframes=8, video_max_total_pixels=8 * 4096)
-    checked_big = check_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(MEDIA_ROOT), media=big,
+    checked_big = prepare_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(MEDIA_ROOT), media=big,
                                  max_seq_length=4096)
     i = [s.id for s in checked.samples].index("video_file")
     assert checked.lengths[i] < checked_big.lengths[i]

@@ -9,22 +9,23 @@ import pytest
 import torch
 from conftest import DEMO_IMAGES, DEMO_MEDIA, FAMILIES
 
-from vlft.check import check_sft_data
+from vlft.data.collator import SFTCollator
+from vlft.data.prepare import prepare_sft_data
 from vlft.data.sft import SFTDataset
 from vlft.models.loading import load_model, load_processor
 from vlft.models.patches import skip_frozen_vision_graph, uncheckpoint_frozen_blocks
-from vlft.train.sft import make_collator, run
+from vlft.train.sft import run
 
 NO_GRAD_WARNING = "None of the inputs have requires_grad"
 
 
 def image_batch(model_dir, data):
     processor = load_processor(str(model_dir))
-    checked = check_sft_data(str(data), processor=processor, image_folder=str(DEMO_IMAGES),
+    checked = prepare_sft_data(str(data), processor=processor, image_folder=str(DEMO_IMAGES),
                              media=DEMO_MEDIA, max_seq_length=4096)
     ds = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA)
     model, _ = load_model(str(model_dir))
-    return make_collator(processor, model)([ds[0], ds[2]])
+    return SFTCollator.for_model(processor, model)([ds[0], ds[2]])
 
 
 def watch(model):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from conftest import DEMO_MEDIA, FAMILIES, REPO, loss_and_grads
 
-from vlft.check import check_sft_data
-from vlft.data.collator import PackingCollator
+from vlft.data.collator import PackingCollator, SFTCollator
 from vlft.data.packing import plan_packs
+from vlft.data.prepare import prepare_sft_data
 from vlft.data.sft import SFTDataset
 from vlft.models.loading import load_model, load_processor
 from vlft.models.patches import packed_positions
-from vlft.train.sft import make_collator, run
+from vlft.train.sft import run
 
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"
 
@@ -20,13 +20,13 @@ VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"
 def test_packed_equals_padded(family, tiny_model_factory):
     model_dir = tiny_model_factory(family)
     processor = load_processor(str(model_dir))
-    checked = check_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(REPO / "data_examples"),
+    checked = prepare_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(REPO / "data_examples"),
                              media=DEMO_MEDIA, max_seq_length=4096)
     ds = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA,
                     video_sources=checked.video_sources)
     model, _ = load_model(str(model_dir))
     model.train()
-    collator = make_collator(processor, model)
+    collator = SFTCollator.for_model(processor, model)
     padded_loss, padded_grads = loss_and_grads(model, collator([ds[i] for i in range(len(ds))]))
 
     packs = plan_packs(checked.lengths, 256)
@@ -74,7 +74,7 @@ def test_group_by_length_batches_similar_lengths(tiny_model_dir, processor, tmp_
                             "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "o"),
                             "--save_strategy", "no", "--disable_tqdm", "true"])
     assert summary["steps"] == 2
-    lengths = check_sft_data(str(data), processor=processor, image_folder=str(REPO / "data_examples" / "images"),
+    lengths = prepare_sft_data(str(data), processor=processor, image_folder=str(REPO / "data_examples" / "images"),
                              media=DEMO_MEDIA, max_seq_length=8192).lengths
     order = list(iter(trainer._get_train_sampler()))
     assert sorted(order) == list(range(10))

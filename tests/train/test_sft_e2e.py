@@ -35,16 +35,16 @@ def bare_state(model) -> dict[str, torch.Tensor]:
 
 
 def eval_batch(model_dir):
-    from vlft.check import check_sft_data
+    from vlft.data.collator import SFTCollator
+    from vlft.data.prepare import prepare_sft_data
     from vlft.data.sft import SFTDataset
     from vlft.models.loading import load_processor
-    from vlft.train.sft import make_collator
 
     processor = load_processor(str(model_dir))
-    checked = check_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
+    checked = prepare_sft_data(str(DEMO_DATA), processor=processor, image_folder=str(DEMO_IMAGES),
                              media=DEMO_MEDIA, max_seq_length=4096)
     ds = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA)
-    return make_collator(processor, load_base(model_dir))([ds[i] for i in (0, 2, 7, 8)])
+    return SFTCollator.for_model(processor, load_base(model_dir))([ds[i] for i in (0, 2, 7, 8)])
 
 
 @pytest.fixture(scope="module")

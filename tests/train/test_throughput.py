@@ -210,9 +210,9 @@ def test_summary_is_logged_at_train_end(tokenizers, monkeypatch, capsys):
 
 
 def test_in_a_real_trainer_the_history_carries_the_figures(tokenizers, tmp_path, capsys):
-    """Two steps of VlftTrainer on text-only rows: the keys reach trainer_state's log history, the summary is
+    """Two steps of SFTTrainer on text-only rows: the keys reach trainer_state's log history, the summary is
     logged, and the token rate matches the trainer's own count."""
-    from vlft.train.trainer import VlftTrainer
+    from vlft.train.trainer import SFTTrainer
 
     model = tiny(tokenizers)
     rows = [{"input_ids": torch.arange(10 + k) % 100, "attention_mask": torch.ones(10 + k, dtype=torch.long),
@@ -226,12 +226,11 @@ def test_in_a_real_trainer_the_history_carries_the_figures(tokenizers, tmp_path,
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
                              report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
-    trainer = VlftTrainer(model=model, args=args, train_dataset=rows, data_collator=collate)
-    cb = ThroughputCallback(model, real_tokens=lambda: int(trainer.real_tokens.item()))
-    trainer.add_callback(cb)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+    assert isinstance(trainer.throughput, ThroughputCallback)  # every vlft trainer wires its own
     trainer.train()
     lines = [h for h in trainer.state.log_history if "loss" in h]
     assert len(lines) == 2 and all(h["tokens_per_second"] > 0 and h["peak_memory_gb"] > 0 for h in lines)
     assert all("mfu" not in h for h in lines)
-    assert trainer.real_tokens.item() == 10 + 11 + 12 + 13
+    assert trainer.counts.tokens == 10 + 11 + 12 + 13
     assert "throughput:" in capsys.readouterr().err

@@ -42,6 +42,26 @@ class SFTCollator:
         self.dummy_media = dummy_media
         self.padding_side = padding_side  # "left" for batched generation: every prompt ends at the last column
 
+    @classmethod
+    def for_model(cls, processor, model, *, distributed: bool = False, padding_side: str = "right") -> SFTCollator:
+        """The collator matched to `model` (a bare `Qwen*VLForConditionalGeneration`): its special token ids, the
+        arguments this transformers version's forward accepts, and in distributed runs a masked one-token
+        image/video for media-less batches (see DummyMedia) shaped like the model's patch embedding."""
+        import inspect
+
+        config = model.config
+        accepted = inspect.signature(type(model).forward).parameters  # the class's: instance patches take **kwargs
+        dummy = None
+        if distributed:
+            visual = model.model.visual
+            weight = visual.patch_embed.proj.weight  # Conv3d [embed, channels, temporal, patch, patch]
+            shape = getattr(weight, "ds_shape", weight.shape)  # ZeRO-3 keeps the real shape aside
+            dummy = DummyMedia(patch_dim=shape[1] * shape[2] * shape[3] * shape[4], merge_size=visual.spatial_merge_size,
+                               vision_start_id=config.vision_start_token_id, vision_end_id=config.vision_end_token_id)
+        return cls(processor.tokenizer.pad_token_id, image_token_id=config.image_token_id,
+                   video_token_id=config.video_token_id, mm_token_type_ids="mm_token_type_ids" in accepted,
+                   second_per_grid_ts="second_per_grid_ts" in accepted, dummy_media=dummy, padding_side=padding_side)
+
     def __call__(self, items: list[dict]) -> dict:
         lengths = [len(it["input_ids"]) for it in items]
         has_images = any("pixel_values" in it for it in items)
@@ -104,7 +124,7 @@ class PackingCollator:
     Each row is its records' tokens back to back, right-padded to the longest row; vision tensors follow
     record order. No attention mask is built: instead `pack_layout` [B, R, 4] gives, per row, each segment's
     (tokens, images, videos, is_record) (the row's padding is a last segment of its own), from which the model side
-    (models/patches.py: packed_positions) computes per-record mRoPE positions with the model's own rope-index
+    (train/model_inputs.py) computes per-record mRoPE positions with the model's own rope-index
     function; transformers then builds a block-diagonal causal mask from the text positions restarting at 0,
     so attention never crosses a record boundary."""
 

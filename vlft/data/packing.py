@@ -1,6 +1,6 @@
 """Which records share a row or a batch: packing plans, length-grouped order, and the padding they leave.
 
-Pure Python on token counts (the data check's `CheckedData.lengths`), so a plan for a million records is made
+Pure Python on token counts (data preparation's `PreparedData.lengths`), so a plan for a million records is made
 in seconds before any image is loaded, and the same plan comes out on every rank.
 """
 from __future__ import annotations

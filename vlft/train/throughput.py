@@ -207,11 +207,12 @@ class ThroughputCallback(TrainerCallback):
         world = max(getattr(args, "world_size", 1), 1)
         rates = {"tokens_per_second": tokens * world / seconds, "samples_per_second": samples * world / seconds,
                  "peak_memory_gb": peak_memory_gb(self.device)}
+        patches = end["patches"] - begin["patches"] if end["patches"] is not None else 0
+        pairs = end["pairs"] - begin["pairs"] if end["pairs"] is not None else None
+        flops = self.flops_model.flops(tokens, samples, patches, pairs)
         if self.peak_flops:
-            patches = end["patches"] - begin["patches"] if end["patches"] is not None else 0
-            pairs = end["pairs"] - begin["pairs"] if end["pairs"] is not None else None
-            flops = self.flops_model.flops(tokens, samples, patches, pairs)
             rates["mfu"] = flops / seconds / self.peak_flops
+        rates["flops"] = flops  # this process's model FLOPs over the interval (kept out of the log lines)
         return rates
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -233,7 +234,7 @@ class ThroughputCallback(TrainerCallback):
         if rates is None:  # nothing trained since the last line (e.g. the Trainer's end-of-training metrics)
             return
         self._last = now
-        added = {key: round(value, 6 if key == "mfu" else 3) for key, value in rates.items()}
+        added = {key: round(value, 6 if key == "mfu" else 3) for key, value in rates.items() if key != "flops"}
         # The Trainer appended a copy of `logs` to the history just before this hook: update it too, so that
         # trainer_state.json carries the figures (callbacks after this one, the printer among them, see `logs`).
         last = state.log_history[-1] if state.log_history else None
@@ -253,4 +254,5 @@ class ThroughputCallback(TrainerCallback):
                 f"peak memory {rates['peak_memory_gb']:.2f} GB ({memory})")
         if "mfu" in rates and math.isfinite(rates["mfu"]):
             line += f", MFU {rates['mfu']:.1%} of {self.peak_flops / 1e12:.0f} TFLOP/s bf16"
+        line += f", {rates['flops']:.3e} model FLOPs on this process"
         log(line + " (mean over the run, warm-up included)")

@@ -1,31 +1,86 @@
-"""Thin Trainer subclass: per-part learning rates, real-token counting, and vlft's extra files in
-every save (final and checkpoint-N)."""
+"""vlft's additions to a Trainer, as a mixin that goes on any `transformers.Trainer` subclass (HF's own, TRL's
+`DPOTrainer` / `GRPOTrainer`):
+
+    class SFTTrainer(VlftTrainerMixin, Trainer): ...
+    class DPOTrainer(VlftTrainerMixin, trl.DPOTrainer): ...
+
+- parameter groups with a learning rate per part (`vision_lr`, `merger_lr`) and no decay on biases and norms;
+- a given per-epoch order (length-grouped batches) instead of the Trainer's shuffling;
+- the model's inputs prepared from vlft's batches on the device (train/model_inputs.py: uint8 pixels normalised,
+  packed rows' per-record positions), so the model keeps its library forward;
+- counting of what trained (non-pad tokens, records, vision patches and attention pairs) and the throughput
+  callback wired to those counts, so every run logs tokens/s and MFU with the vision tower in it;
+- vlft's files in every save (run_dir.py: fully trained non-LoRA weights, what trained, resolved arguments).
+"""
 from __future__ import annotations
 
 import torch
 from transformers import Trainer
 
 from vlft.errors import VlftError
-from vlft.train.checkpoint import save_extras
+from vlft.run_dir import write_run_files
+from vlft.train.model_inputs import model_inputs
 from vlft.train.optim import build_param_groups, groups_table
+from vlft.train.throughput import ThroughputCallback
 from vlft.utils import log
 
 
-class VlftTrainer(Trainer):
+class TrainCounts:
+    """What this process trained on, accumulated at every training step (plain integers: the batches are
+    counted on the CPU before they move to the device, so counting never waits for the GPU)."""
+
+    def __init__(self):
+        self.tokens = self.records = self.patches = self.pairs = 0
+
+    def add(self, inputs: dict) -> None:
+        """Count one batch as vlft's collators build it: `attention_mask` (padded) or `pack_layout` (packed rows:
+        per segment tokens, images, videos, is_record), and the `*_grid_thw` rows of its images and videos."""
+        if "pack_layout" in inputs:
+            layout = inputs["pack_layout"]
+            self.tokens += int((layout[..., 0] * layout[..., 3]).sum())
+            self.records += int(layout[..., 3].sum())
+        elif "attention_mask" in inputs:
+            self.tokens += int(inputs["attention_mask"].sum())
+            self.records += int(inputs["attention_mask"].shape[0])
+        for key in ("image_grid_thw", "video_grid_thw"):
+            grid = inputs.get(key)
+            if grid is not None:
+                frame = grid[:, 1] * grid[:, 2]  # the tower attends within one temporal patch of one image / video
+                self.patches += int((grid[:, 0] * frame).sum())
+                self.pairs += int((grid[:, 0] * frame * frame).sum())
+
+
+class VlftTrainerMixin:
+    """See the module docstring. Keyword arguments on top of the Trainer's own:
+
+    vlft_args: the resolved arguments, saved as vlft_args.json with every checkpoint.
+    family: the model's registry entry (models/registry.py), for the parameter groups and the FLOPs estimate.
+    vision_lr, merger_lr: learning rates of the vision tower and the merger(s) (None: the main one).
+    train_order: epoch -> list of dataset indices (length grouping), or None for the Trainer's sampler.
+    pixel_norms: (image, video) callables mapping uint8 patch rows to the processor's float values
+        (data/pixels.py: PixelNorm); None when the dataset sends float pixels."""
+
     def __init__(self, *args, vlft_args: dict | None = None, family=None, vision_lr: float | None = None,
-                 merger_lr: float | None = None, train_order=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.train_order = train_order  # epoch -> index order (--group_by_length), else the Trainer's sampler
+                 merger_lr: float | None = None, train_order=None, pixel_norms=None, **kwargs):
         self.vlft_args = vlft_args or {}
         self.family = family
         self.vision_lr = vision_lr
         self.merger_lr = merger_lr
-        self.real_tokens = torch.zeros((), dtype=torch.long)
-        self.real_records = torch.zeros((), dtype=torch.long)
+        self.train_order = train_order
+        self.pixel_norms = pixel_norms
+        self.counts = TrainCounts()
+        super().__init__(*args, **kwargs)
+        c = self.counts
+        self.throughput = ThroughputCallback(
+            self.model, family, real_tokens=lambda: c.tokens, real_samples=lambda: c.records,
+            vision_tokens=lambda: c.patches, vision_pairs=lambda: c.pairs)
+        self.add_callback(self.throughput)
 
     def create_optimizer(self, model=None):
-        if self.optimizer is not None or self.family is None:
-            return super().create_optimizer(model) if self.family is None else self.optimizer
+        if self.optimizer is not None:
+            return self.optimizer
+        if self.family is None:
+            return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         groups = build_param_groups(opt_model, self.family, lr=self.args.learning_rate,
                                     weight_decay=self.args.weight_decay, vision_lr=self.vision_lr,
@@ -45,26 +100,25 @@ class VlftTrainer(Trainer):
         log(f"optimizer {optimizer_cls.__name__}:\n{groups_table(groups)}")
         return self.optimizer
 
-    def _get_train_sampler(self, *args, **kwargs):
-        if self.train_order is None:
-            return super()._get_train_sampler(*args, **kwargs)
-        return _EpochOrderSampler(self.train_order, self)
-
     def _offloads_optimizer(self) -> bool:
         config = self.args.hf_deepspeed_config.config if self.args.deepspeed else {}
         device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
         return device in ("cpu", "nvme")
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # Accumulated on the device without .item(), so counting never forces a GPU sync.
-        if "pack_layout" in inputs:  # packed rows: tokens of real records (column 3 flags them)
-            layout = inputs["pack_layout"]
-            real, records = (layout[..., 0] * layout[..., 3]).sum(), layout[..., 3].sum()
-        else:
-            real, records = inputs["attention_mask"].sum(), inputs["attention_mask"].shape[0]
-        self.real_tokens = self.real_tokens.to(real.device) + real
-        self.real_records = self.real_records.to(real.device) + records
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+    def _get_train_sampler(self, *args, **kwargs):
+        if self.train_order is None:
+            return super()._get_train_sampler(*args, **kwargs)
+        return _EpochOrderSampler(self.train_order, self)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.counts.add(inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def _prepare_inputs(self, inputs):
+        inputs = super()._prepare_inputs(inputs)
+        image_norm, video_norm = self.pixel_norms or (None, None)
+        return model_inputs(inputs, self.accelerator.unwrap_model(self.model), image_norm=image_norm,
+                            video_norm=video_norm)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
@@ -73,8 +127,12 @@ class VlftTrainer(Trainer):
 
             model = self.accelerator.unwrap_model(self.model)
             gathered = state_dict if self.is_deepspeed_enabled else None
-            save_extras(model, output_dir or self.args.output_dir, self.vlft_args, is_peft=isinstance(model, PeftModel),
-                        state_dict=gathered)
+            write_run_files(model, output_dir or self.args.output_dir, self.vlft_args,
+                            is_peft=isinstance(model, PeftModel), state_dict=gathered)
+
+
+class SFTTrainer(VlftTrainerMixin, Trainer):
+    """The SFT stage: HF's Trainer with vlft's additions (its loss is the model's own causal-LM loss)."""
 
 
 class _EpochOrderSampler(torch.utils.data.Sampler):

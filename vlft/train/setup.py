@@ -1,66 +1,9 @@
-"""Steps every training entry point shares (sft today; dpo and grpo next): one definition each."""
+"""Model set-up every training stage shares: load, Liger, LoRA, freeze, in that order (one definition)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from vlft.utils import log
-
-
-def init_distributed_early(argv: list[str]) -> None:
-    """Start DeepSpeed's process group before TrainingArguments exist, when launched on several processes
-    with --deepspeed (also inside --config).
-
-    Why: TrainingArguments fill the DeepSpeed config's "auto" batch sizes from the world size when they are
-    built, and ZeRO-3's zero.Init (inside from_pretrained) checks train_batch_size = micro x accumulation x
-    world size. If the group is not up yet, the world size reads 1 and the check fails (seen on the CPU
-    rehearsal: "4 != 2 * 1 * 1")."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    wants = "--deepspeed" in argv
-    if not wants and "--config" in argv:
-        import yaml
-
-        i = argv.index("--config")
-        try:
-            wants = bool((yaml.safe_load(open(argv[i + 1])) or {}).get("deepspeed"))
-        except (OSError, IndexError, AttributeError, yaml.YAMLError):
-            return  # parse_args reports the bad --config
-    if wants:
-        import deepspeed
-        import torch
-
-        if not torch.distributed.is_initialized():
-            deepspeed.init_distributed()
-            release_cpu_allreduce_names()
-
-
-def release_cpu_allreduce_names() -> bool:
-    """Unlink the shared-memory names of DeepSpeed's CPU all-reduce once every rank has mapped them.
-
-    Why: on CPU (the rehearsal), DeepSpeed's shm all-reduce (csrc/cpu/comm/shm.cpp, read against 0.19.8) creates
-    one ~69 MB POSIX shared-memory segment per rank, `/dev/shm/deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_
-    {MASTER_PORT}_{rank}`, and never unlinks it. /dev/shm is RAM: every rehearsal leaks 69 MB per process
-    until reboot (a day of test runs here left 22 GB and the next runs hung), and a later run on the same port
-    can map a peer's stale segment before that peer recreates it. `initialize` returns on each rank only after
-    it has mapped every peer's segment, so after a barrier the names serve nothing: each rank unlinks its own,
-    its mappings stay valid, and the kernel frees the memory when the processes exit, however they exit."""
-    import os
-
-    import torch
-    from deepspeed.comm import comm as ds_comm
-
-    if getattr(getattr(ds_comm, "cdb", None), "shm_comm_op", None) is None:
-        return False
-    torch.distributed.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def weights_dtype(train_args) -> str:

@@ -1,0 +1,227 @@
+"""Data preparation, the same for every stage: every record is parsed, every image and video decoded and
+every sequence tokenised before the model is loaded, so a bad sample stops the run in seconds, not hours in.
+
+A stage brings only a `RecordFormat`: a pure parser (record -> sample with messages and media paths, or the
+problems found; no I/O) and the encoding whose lengths must fit `--max_seq_length` (SFT: the conversation;
+preference pairs: prompt + each answer; prompts: the generation prompt). Everything else is shared here: path
+resolution, media probing and decoding (each file once, in threads), tokenisation with the model's template
+(data/encoding.py), the skip / drop policy and one error report naming file, record, id and field.
+
+    prepared = prepare_data("train.json", CONVERSATION, processor=processor, image_folder="images/",
+                            media=media, max_seq_length=8192)
+    prepared.samples[i], prepared.image_paths[i], prepared.video_sources[i], prepared.sequence_lengths[i]
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from vlft.data.encoding import ChatEncoder, VisionSpec
+from vlft.data.formats import load_records
+from vlft.data.llava import Sample, parse_record
+from vlft.data.media import MediaError, image_grid, load_image, resolve_media_path
+from vlft.data.video import check_video
+from vlft.errors import DataError, Problem, VlftError
+from vlft.utils import log
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """Pixel budgets (pixels per image / per video frame / per video) and frame sampling, shared by data
+    preparation and the datasets so both agree."""
+
+    image_min_pixels: int
+    image_max_pixels: int
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
+    video_max_total_pixels: int | None = None
+    fps: float | None = None
+    nframes: int | None = None
+    video_min_frames: int = 4
+    video_max_frames: int = 768
+    frames_fps: float = 2.0  # rate assumed for a video given as frame images
+
+    def video_kwargs(self, encoder: ChatEncoder) -> dict:
+        return dict(fps=self.fps, nframes=self.nframes, min_frames=self.video_min_frames,
+                    max_frames=self.video_max_frames, min_pixels=self.video_min_pixels, max_pixels=self.video_max_pixels,
+                    total_pixels=self.video_max_total_pixels, factor=encoder.video_patch_size * encoder.merge_size,
+                    temporal_patch_size=encoder.temporal_patch_size, frames_fps=self.frames_fps)
+
+
+# (record, index, file) -> (sample or None, problems); the sample has .index, .id, .images, .videos
+RecordParser = Callable[[object, int, str], tuple[object | None, list[Problem]]]
+# (encoder, sample, image specs, video specs) -> token count of each sequence the stage builds from the record
+SequenceLengths = Callable[[ChatEncoder, object, Sequence[VisionSpec], Sequence[VisionSpec]], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """What one stage's records look like: its pure parser and the sequences it encodes from a record."""
+
+    name: str
+    parse: RecordParser
+    sequence_lengths: SequenceLengths
+
+
+def _conversation_lengths(encoder: ChatEncoder, sample: Sample, images, videos) -> tuple[int, ...]:
+    return (len(encoder.encode_conversation(sample.messages, images, videos).input_ids),)
+
+
+# SFT: LLaVA conversations ending with a gpt turn. Prediction: the last turn may be human (no reference).
+CONVERSATION = RecordFormat("conversation", partial(parse_record, require_answer=True), _conversation_lengths)
+CONVERSATION_OR_PROMPT = RecordFormat("conversation or prompt", partial(parse_record, require_answer=False),
+                                      _conversation_lengths)
+
+
+@dataclass
+class PreparedData:
+    """The usable records of one file, in file order, with their media resolved and measured."""
+
+    samples: list  # the stage parser's samples (Sample for conversations)
+    image_paths: list[list[str]]  # resolved, parallel to samples
+    sequence_lengths: list[tuple[int, ...]]  # tokens of each encoded sequence of a record, vision tokens included
+    n_records: int
+    skipped: list[Problem] = field(default_factory=list)  # invalid records left out (--skip_bad_samples)
+    overlong: list[Problem] = field(default_factory=list)  # records longer than max_seq_length, left out
+    video_sources: list[list] = field(default_factory=list)  # resolved videos, parallel to samples
+    image_specs: list[list[VisionSpec]] = field(default_factory=list)  # grid of each image, parallel to samples
+    video_specs: list[list[VisionSpec]] = field(default_factory=list)  # grid and timing of each video
+
+    @property
+    def lengths(self) -> list[int]:
+        """The longest sequence of each record: what batching, packing and length grouping plan with."""
+        return [max(n) for n in self.sequence_lengths]
+
+    def summary(self) -> str:
+        text = f"{len(self.samples)} of {self.n_records} records usable"
+        if self.skipped:
+            text += f"; {len(self.skipped)} problem(s) skipped"
+        if self.overlong:
+            text += f"; {len(self.overlong)} over --max_seq_length dropped"
+        if self.sequence_lengths:
+            s = sorted(self.lengths)
+            text += f"; tokens per record min {s[0]} / median {s[len(s) // 2]} / max {s[-1]}"
+        return text
+
+
+def probe_image(path: str, encoder: ChatEncoder, media: MediaSettings) -> VisionSpec | MediaError:
+    """Decode the whole image (catches truncation) and return the grid it will have."""
+    try:
+        img = load_image(path)
+        return VisionSpec(image_grid(img.height, img.width, patch_size=encoder.patch_size, merge_size=encoder.merge_size,
+                                     min_pixels=media.image_min_pixels, max_pixels=media.image_max_pixels))
+    except MediaError as err:
+        return err
+
+
+def probe_video(source, encoder: ChatEncoder, media: MediaSettings) -> VisionSpec | MediaError:
+    """Decode the frames that will be sampled and return the grid and timing the video will have."""
+    try:
+        info = check_video(list(source) if isinstance(source, tuple) else source, **media.video_kwargs(encoder))
+    except MediaError as err:
+        return err
+    patch = encoder.video_patch_size
+    grid = (info.nframes // encoder.temporal_patch_size, info.height // patch, info.width // patch)
+    return VisionSpec(grid, info.indices, info.source_fps, info.fps)
+
+
+def _resolve_video(source, image_folder: str | None, file: str):
+    """A video file or frame folder (str), or a list of frame images (kept as a tuple, so it can be a key)."""
+    if isinstance(source, list):
+        return tuple(str(resolve_media_path(f, image_folder, file)) for f in source)
+    return str(resolve_media_path(source, image_folder, file))
+
+
+def _missing(source) -> bool:
+    paths = source if isinstance(source, tuple) else (source,)
+    return not all(Path(p).exists() for p in paths)
+
+
+def prepare_data(data_path: str, record_format: RecordFormat, *, processor, image_folder: str | None,
+                 media: MediaSettings, max_seq_length: int, reject_overlong: bool = False,
+                 skip_bad_samples: bool = False, workers: int = 4) -> PreparedData:
+    """Parse, resolve, probe and measure every record of `data_path` (JSON list or JSONL).
+
+    Raises DataError listing every problem (file, record index, id, field, what to do) unless
+    `skip_bad_samples`; records with a sequence over `max_seq_length` tokens are dropped and counted, or
+    raise DataError under `reject_overlong`; VlftError when no record is left."""
+    file = str(data_path)
+    records = load_records(data_path)
+    problems: list[Problem] = []
+    parsed = []
+    for index, record in enumerate(records):
+        sample, found = record_format.parse(record, index, file)
+        problems += found
+        if sample is not None:
+            parsed.append(sample)
+
+    images = {s.index: [str(resolve_media_path(p, image_folder, file)) for p in s.images] for s in parsed}
+    videos = {s.index: [_resolve_video(v, image_folder, file) for v in s.videos] for s in parsed}
+    unique_images = sorted({p for paths in images.values() for p in paths})
+    unique_videos = sorted({v for sources in videos.values() for v in sources}, key=str)
+    encoder = ChatEncoder(processor)
+    if unique_videos and getattr(processor, "video_processor", None) is None:
+        raise VlftError(f"{file} has video records but the processor of this model has no video processor")
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL and PyAV release the GIL while decoding
+        probed = dict(zip(unique_images, pool.map(lambda p: probe_image(p, encoder, media), unique_images)))
+        probed.update(zip(unique_videos, pool.map(lambda v: probe_video(v, encoder, media), unique_videos)))
+
+    out = PreparedData([], [], [], len(records))
+    overlong: list[Problem] = []
+    for sample in parsed:
+        specs: dict[str, list[VisionSpec]] = {"image": [], "video": []}
+        bad = False
+        for kind, sources in (("image", images[sample.index]), ("video", videos[sample.index])):
+            for j, source in enumerate(sources):
+                result = probed[source]
+                if isinstance(result, MediaError):
+                    bad = True
+                    hint = (f"fix the path in the record, or --image_folder that relative {kind} paths resolve against"
+                            if _missing(source) else f"replace the {kind} or remove the record")
+                    problems.append(Problem(file, sample.index, f"{kind}[{j}]", str(result), hint, sample.id))
+                else:
+                    specs[kind].append(result)
+        if bad:
+            continue
+        lengths = tuple(record_format.sequence_lengths(encoder, sample, specs["image"], specs["video"]))
+        if max(lengths) > max_seq_length:
+            overlong.append(Problem(
+                file, sample.index, "", f"{max(lengths)} tokens (vision tokens included) > --max_seq_length "
+                f"{max_seq_length}", "raise --max_seq_length, lower the pixel budgets or frame counts, or split the "
+                "conversation", sample.id))
+            continue
+        out.samples.append(sample)
+        out.image_paths.append(images[sample.index])
+        out.video_sources.append([list(v) if isinstance(v, tuple) else v for v in videos[sample.index]])
+        out.sequence_lengths.append(lengths)
+        out.image_specs.append(specs["image"])
+        out.video_specs.append(specs["video"])
+
+    problems.sort(key=lambda p: (p.index if p.index is not None else -1))
+    if problems and not skip_bad_samples:
+        header = f"{len(problems)} problem(s) in {file}:"
+        everything = [*unique_images, *unique_videos]
+        if everything and all(isinstance(probed[m], MediaError) and _missing(m) for m in everything):
+            base = image_folder or str(Path(file).parent)
+            header = (f"none of the {len(everything)} media files was found under {base}: is --image_folder right?\n"
+                      + header)
+        raise DataError(problems, header=header)
+    if overlong and reject_overlong:
+        raise DataError(overlong, header=f"{len(overlong)} record(s) in {file} exceed --max_seq_length "
+                                         "(--reject_overlong is set):")
+    out.skipped, out.overlong = problems, overlong
+    for p in problems[:10]:
+        log(f"skipped: {p}")
+    for p in overlong[:10]:
+        log(f"dropped: {p}")
+    if not out.samples:
+        raise VlftError(f"no usable records left in {file} ({out.summary()})")
+    return out
+
+
+def prepare_sft_data(data_path: str, *, require_answer: bool = True, **kwargs) -> PreparedData:
+    """`prepare_data` for LLaVA conversations (SFT; with `require_answer=False`, prediction prompts too)."""
+    return prepare_data(data_path, CONVERSATION if require_answer else CONVERSATION_OR_PROMPT, **kwargs)

@@ -1,0 +1,115 @@
+"""One owner of what a run directory (and every checkpoint-N inside it) holds besides the weights: its file
+names, the writing and the reading. Merge, predict and the training stages go through here, never through
+file names of their own.
+
+    output_dir/
+      adapter_model.safetensors, adapter_config.json   LoRA runs (written by PEFT through the Trainer)
+      model.safetensors, config.json                   full fine-tuning runs (written by the Trainer)
+      non_lora_trainables.safetensors                   LoRA runs: the weights trained fully next to the adapter
+      vlft_trained.json                                 what trained: the names above, the adapted modules
+      vlft_args.json                                    the resolved arguments (reusable as --config)
+      processor / tokenizer files, chat_template.jinja  written by the Trainer
+
+Why `vlft_trained.json`: merge must check the saved weights against what *did* train, not against a
+re-run of the freezing and LoRA selection on today's code (which can drift from the code that trained).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from vlft.models.freezing import is_lora_param
+
+ARGS_FILE = "vlft_args.json"
+NON_LORA_FILE = "non_lora_trainables.safetensors"
+TRAINED_FILE = "vlft_trained.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def bare_name(name: str) -> str:
+    """A parameter or module name of the bare model (PEFT's wrapper prefix removed)."""
+    return name.removeprefix(_PEFT_PREFIX)
+
+
+def non_lora_trainables(model, state_dict: dict | None = None) -> dict:
+    """Trainable weights that are not LoRA tensors (merger, unfrozen tower...), keyed by the bare model's
+    parameter names.
+
+    Under DeepSpeed the Trainer hands over the gathered `state_dict` (ZeRO-3 partitions leave empty local
+    tensors); its values are used then, and a trainable weight missing from it is an error."""
+    out = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad or is_lora_param(name):
+            continue
+        if state_dict is not None:
+            if name not in state_dict:
+                raise RuntimeError(f"trainable weight {name} is missing from the gathered state dict; with ZeRO-3 "
+                                   "set stage3_gather_16bit_weights_on_model_save to true")
+            tensor = state_dict[name]
+        else:
+            tensor = param
+        out[bare_name(name)] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def trained_record(model) -> dict:
+    """What trains in `model` now: {"non_lora": sorted bare names of fully trained weights, "lora_modules":
+    sorted bare names of the modules that carry an adapter}."""
+    non_lora, adapted = [], set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if is_lora_param(name):
+            adapted.add(bare_name(name).split(".lora_", 1)[0])
+        else:
+            non_lora.append(bare_name(name))
+    return {"non_lora": sorted(non_lora), "lora_modules": sorted(adapted)}
+
+
+def write_run_files(model, output_dir: str | os.PathLike, args: dict, *, is_peft: bool,
+                    state_dict: dict | None = None) -> None:
+    """vlft's files next to the weights the Trainer wrote: the fully trained non-LoRA weights of a LoRA run
+    (safetensors), what trained, and the resolved arguments."""
+    from safetensors.torch import save_file
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_peft:
+        tensors = non_lora_trainables(model, state_dict)
+        if tensors:
+            save_file(tensors, str(out / NON_LORA_FILE), metadata={"format": "pt"})
+    (out / TRAINED_FILE).write_text(json.dumps(trained_record(model), indent=1))
+    (out / ARGS_FILE).write_text(json.dumps(args, indent=2, sort_keys=True, default=str))
+
+
+def read_run_args(run_dir: str | os.PathLike) -> dict:
+    """The resolved arguments a run saved ({} when the directory has none: a base or merged model)."""
+    path = Path(run_dir) / ARGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_trained(run_dir: str | os.PathLike) -> dict | None:
+    """What trained (see `trained_record`), or None for a run saved before vlft recorded it."""
+    path = Path(run_dir) / TRAINED_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_adapter_run(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def read_non_lora(run_dir: str | os.PathLike) -> dict:
+    """The fully trained weights saved next to an adapter ({} when there are none)."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / NON_LORA_FILE
+    return load_file(str(path)) if path.is_file() else {}
+
+
+def read_adapter(run_dir: str | os.PathLike) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / ADAPTER_WEIGHTS))

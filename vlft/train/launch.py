@@ -1,0 +1,133 @@
+"""What every training stage (sft, dpo, grpo) does around training, one definition each: the output-dir rule,
+distributed start and clean shutdown, the resolved-arguments record, training + saving + the end-of-run summary,
+and the process exit routine. A stage's module is then a short linear `run(argv)`:
+
+    def main(argv=None) -> int:
+        return run_stage(run, argv)
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from vlft.errors import VlftError
+from vlft.utils import log
+
+
+def init_distributed_early(*, deepspeed: bool) -> None:
+    """Start DeepSpeed's process group before TrainingArguments exist, when launched on several processes
+    with --deepspeed (on the command line or in --config; `config.parse_command` calls this).
+
+    Why: TrainingArguments fill the DeepSpeed config's "auto" batch sizes from the world size when they are
+    built, and ZeRO-3's zero.Init (inside from_pretrained) checks train_batch_size = micro x accumulation x
+    world size. If the group is not up yet, the world size reads 1 and the check fails (seen on the CPU
+    rehearsal: "4 != 2 * 1 * 1")."""
+    if not deepspeed or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import deepspeed as ds
+    import torch
+
+    if not torch.distributed.is_initialized():
+        ds.init_distributed()
+        release_cpu_allreduce_names()
+
+
+def release_cpu_allreduce_names() -> bool:
+    """Unlink the shared-memory names of DeepSpeed's CPU all-reduce once every rank has mapped them.
+
+    Why: on CPU (the rehearsal), DeepSpeed's shm all-reduce (csrc/cpu/comm/shm.cpp, read against 0.19.8) creates
+    one ~69 MB POSIX shared-memory segment per rank, `/dev/shm/deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_
+    {MASTER_PORT}_{rank}`, and never unlinks it. /dev/shm is RAM: every rehearsal leaks 69 MB per process
+    until reboot (a day of test runs here left 22 GB and the next runs hung), and a later run on the same port
+    can map a peer's stale segment before that peer recreates it. `initialize` returns on each rank only after
+    it has mapped every peer's segment, so after a barrier the names serve nothing: each rank unlinks its own,
+    its mappings stay valid, and the kernel frees the memory when the processes exit, however they exit."""
+    import os
+
+    import torch
+    from deepspeed.comm import comm as ds_comm
+
+    if getattr(getattr(ds_comm, "cdb", None), "shm_comm_op", None) is None:
+        return False
+    torch.distributed.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def shutdown_distributed(wait: bool = True) -> bool:
+    """Leave the process group cleanly: a gloo/DeepSpeed group still alive at interpreter exit can abort the
+    process ("terminate called without an active exception") after a successful run."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        return True
+    return False
+
+
+def check_output_dir(train_args) -> None:
+    """Nothing the user wrote is overwritten: a non-empty --output_dir needs --overwrite_output_dir or a resume."""
+    out = train_args.output_dir
+    if os.path.isdir(out) and os.listdir(out) and not (train_args.overwrite_output_dir or train_args.resume_from_checkpoint):
+        raise VlftError(
+            f"--output_dir {out} already holds files; nothing was changed. Choose a new directory, pass "
+            "--overwrite_output_dir true to write into it, or --resume_from_checkpoint to continue that run"
+        )
+
+
+def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
+    """Train (resuming when --resume_from_checkpoint is set), save the final model and state, and log one
+    end-of-run summary. Returns (summary, trainer); the summary's `tokens_per_second` is the whole job's (all
+    processes), the same figure the throughput line shows."""
+    args = trainer.args
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    elapsed = time.perf_counter() - start
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    rates = trainer.throughput.summary or {}
+    summary = {
+        "first_loss": losses[0] if losses else math.nan,
+        "last_loss": losses[-1] if losses else math.nan,
+        "steps": result.global_step,
+        "train_seconds": elapsed,
+        "tokens_per_second": rates.get("tokens_per_second", 0.0),
+        "flops": rates.get("flops", 0.0),
+        "output_dir": os.path.abspath(args.output_dir),
+        "lora": lora,
+    }
+    log(
+        f"done: {summary['steps']} steps in {elapsed:.1f}s; loss {summary['first_loss']:.4f} -> "
+        f"{summary['last_loss']:.4f}; {summary['tokens_per_second']:.0f} tokens/s (non-pad, all processes)\n"
+        f"       {'adapter' if lora else 'model'}, processor and vlft_args.json in {summary['output_dir']}"
+    )
+    return summary, trainer
+
+
+def run_stage(run: Callable[[list[str]], object], argv: list[str] | None) -> int:
+    """Call a stage's `run(argv)` and leave the process the way a distributed job must."""
+    try:
+        run(list(argv or []))
+    except BaseException:
+        shutdown_distributed(wait=False)  # the other ranks may never reach a barrier
+        raise
+    if shutdown_distributed():
+        # Everything is saved and the group is closed. On the CPU (gloo / DeepSpeed shared-memory comm) a
+        # communication thread can still abort the interpreter's teardown ("terminate called without an
+        # active exception") and turn a finished run into a failed one: leave without that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
