@@ -22,10 +22,9 @@ checkpointing as scripts/finetune*.sh run on a GPU (--checkpointing false turns 
     vlft     --packing true (rows of --max_seq_length tokens, --vlft_batch rows per step), --use_liger true,
              flash_attention_2 when `flash_attn` imports (else sdpa)
 
-for full SFT and for LoRA (--lora_enable true --freeze_vision_tower true, rank 64). Each run is `python -m vlft sft`
-with `vlft.train.throughput.ThroughputCallback` attached by this script (`--run-sft`, below), with counters of records,
-vision patches and vision attention pairs next to the trainer's non-pad token count, so every run reports its
-figures the same way whatever the trainer itself attaches.
+for full SFT and for LoRA (--lora_enable true --freeze_vision_tower true, rank 64). Each run is `vlft sft` unpatched
+(`--run-sft`, below): the trainer counts non-pad tokens, records, vision patches and vision attention pairs and
+reports through its own ThroughputCallback, as every user's run does.
 
 How to read the table: medians over the logged steps after the first --warmup (compilation, allocator warm-up);
 `tokens/s` counts non-pad tokens (image tokens included), `samples/s` records; `MFU` is model FLOPs (the estimate
@@ -158,55 +157,9 @@ def write_data(folder: Path, records: int, seed: int) -> Path:
 
 # ----------------------------------------------------------------------------------------------------------- runs
 
-def attach_throughput() -> None:
-    """Make every SFTTrainer carry a fully counted ThroughputCallback (bench only: a class patch in this process).
-
-    Why: the trainer counts non-pad tokens; MFU also needs records (the attention term) and vision patches and
-    query-key pairs (the tower's FLOPs). They are summed on the device, as the token count is, so counting adds no
-    GPU sync; the callback reads them at log time. A ThroughputCallback the trainer attached itself is replaced,
-    so that all runs report the same way."""
-    import torch
-
-    from vlft.train.throughput import ThroughputCallback
-    from vlft.train.trainer import SFTTrainer
-
-    init, compute_loss = SFTTrainer.__init__, SFTTrainer.compute_loss
-
-    def counted_loss(self, model, inputs, *args, **kwargs):
-        counts = self._bench_counts
-        if "pack_layout" in inputs:
-            counts["samples"] = counts["samples"] + inputs["pack_layout"][..., 3].sum()
-        else:
-            counts["samples"] = counts["samples"] + inputs["input_ids"].shape[0]
-        for key in ("image_grid_thw", "video_grid_thw"):
-            grid = inputs.get(key)
-            if grid is not None:
-                frame = grid[:, 1] * grid[:, 2]  # the tower attends within one temporal patch of one image
-                counts["patches"] = counts["patches"] + (grid[:, 0] * frame).sum()
-                counts["pairs"] = counts["pairs"] + (grid[:, 0] * frame * frame).sum()
-        return compute_loss(self, model, inputs, *args, **kwargs)
-
-    def init_with_callback(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        handler = self.callback_handler
-        handler.callbacks = [cb for cb in handler.callbacks if not isinstance(cb, ThroughputCallback)]
-        counts = self._bench_counts = {"samples": 0, "patches": 0, "pairs": 0}
-
-        def reader(key):
-            return lambda: int(torch.as_tensor(counts[key]).item())
-
-        callback = ThroughputCallback(self.model, self.family, real_tokens=lambda: int(self.real_tokens.item()),
-                                      real_samples=reader("samples"), vision_tokens=reader("patches"),
-                                      vision_pairs=reader("pairs"))
-        handler.callbacks.insert(1, callback)  # after DefaultFlowCallback, before the reporters and the printer
-
-    SFTTrainer.__init__ = init_with_callback
-    SFTTrainer.compute_loss = counted_loss
-
-
 def run_sft(argv: list[str]) -> int:
-    """`vlft sft ARGV` with the counted ThroughputCallback; what each benchmark run executes."""
-    attach_throughput()
+    """`vlft sft ARGV`, exactly the product path: the trainer counts tokens, records, vision patches and attention
+    pairs itself and reports throughput and MFU through its own ThroughputCallback."""
     from vlft.cli import main
 
     return main(["sft", *argv])

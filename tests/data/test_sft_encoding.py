@@ -125,3 +125,48 @@ def test_whitespace_inside_answers_is_kept(processor):
     out = enc.encode(messages, [])
     runs = labelled_runs(torch.tensor(out.labels))
     assert [processor.tokenizer.decode(r) for r in runs] == [answer + IM_END]
+
+
+PROMPT = [{"role": "system", "content": "Be brief."},
+          {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]},
+          {"role": "assistant", "content": "A square."},
+          {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]}]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_prompt_for_generation_ends_with_the_assistant_header(family, tiny_model_factory):
+    from vlft.models.loading import load_processor
+
+    processor = load_processor(str(tiny_model_factory(family)))
+    out = ChatEncoder(processor).encode_prompt(PROMPT, [VisionSpec((1, 2, 2))])
+    tok = processor.tokenizer
+    text = tok.decode(out.input_ids)
+    # the template's own generation prompt (a 1x2x2 grid expands to one merged image token, as in the template)
+    assert text == processor.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert set(out.labels) == {-100}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_preference_pairs_split_into_prompt_and_masked_completions(family, tiny_model_factory):
+    from vlft.models.loading import load_processor
+
+    processor = load_processor(str(tiny_model_factory(family)))
+    enc, tok = ChatEncoder(processor), processor.tokenizer
+    image = [VisionSpec((1, 4, 6))]
+    chosen, rejected = "It is red.", "Blue, I think, and\n  round."
+    pair = enc.encode_preference(PROMPT, [chosen, rejected], image)
+    assert pair.prompt_ids == enc.encode_prompt(PROMPT, image).input_ids
+    for text, ids, mask in zip((chosen, rejected), pair.completion_ids, pair.completion_masks):
+        full = PROMPT + [{"role": "assistant", "content": text}]
+        sft = enc.encode_conversation(full, image)
+        # the same tokens SFT trains on, and the completion mask is exactly SFT's labels after the prompt
+        assert pair.prompt_ids + ids == sft.input_ids
+        n = len(pair.prompt_ids)
+        assert mask == [int(lab != -100) for lab in sft.labels[n:]]
+        learned = [t for t, m in zip(ids, mask) if m]
+        assert tok.decode(learned) == text + "<|im_end|>"  # the answer and its end-of-turn, nothing else
+        assert tok.decode(pair.prompt_ids + ids) == processor.apply_chat_template(full, tokenize=False).replace(
+            "<|image_pad|>", "<|image_pad|>" * 6)
+    with pytest.raises(ValueError):
+        enc.encode_preference(PROMPT, [], image)

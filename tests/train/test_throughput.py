@@ -234,3 +234,46 @@ def test_in_a_real_trainer_the_history_carries_the_figures(tokenizers, tmp_path,
     assert all("mfu" not in h for h in lines)
     assert trainer.counts.tokens == 10 + 11 + 12 + 13
     assert "throughput:" in capsys.readouterr().err
+
+
+def test_a_real_sft_run_counts_the_vision_tower(tiny_model_dir, tmp_path):
+    """`vlft sft` as users run it (LoRA, tower frozen, merger trained): the FLOPs it reports equal the hand count
+    of the language model on the real tokens plus the tower, merger and vision attention on the patches of the
+    records' images, which the processor itself grids (an independent count)."""
+    import json
+
+    from conftest import DEMO_DATA, DEMO_IMAGES, DEMO_MEDIA
+    from PIL import Image
+
+    from vlft.models.loading import load_processor
+    from vlft.train.sft import run
+
+    summary, trainer = run(["--model_id", str(tiny_model_dir), "--data_path", str(DEMO_DATA), "--image_folder",
+                            str(DEMO_IMAGES), "--output_dir", str(tmp_path / "o"), "--lora_enable", "true",
+                            "--lora_rank", "4", "--freeze_vision_tower", "true", "--num_train_epochs", "1",
+                            "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no",
+                            "--disable_tqdm", "true", "--use_cpu", "true"])
+    image_processor = load_processor(str(tiny_model_dir)).image_processor
+    patches = pairs = 0
+    for record in json.loads(DEMO_DATA.read_text()):
+        names = record.get("image") or []
+        for name in [names] if isinstance(names, str) else names:
+            image = Image.open(DEMO_IMAGES / name).convert("RGB")
+            t, h, w = image_processor(images=[image], size={"shortest_edge": DEMO_MEDIA.image_min_pixels,
+                                      "longest_edge": DEMO_MEDIA.image_max_pixels})["image_grid_thw"][0].tolist()
+            patches += t * h * w
+            pairs += t * (h * w) ** 2
+    tokens = sum(len(trainer.train_dataset[i]["input_ids"]) for i in range(len(trainer.train_dataset)))
+    records = len(trainer.train_dataset)
+    assert (trainer.counts.tokens, trainer.counts.records) == (tokens, records)
+    assert (trainer.counts.patches, trainer.counts.pairs) == (patches, pairs)
+
+    base = trainer.model.get_base_model()
+    counts = hand_counts(base)
+    vision = base.config.vision_config
+    text_only = estimate_flops(trainer.model).flops(tokens, records)  # the language model's share
+    tower = (2 * counts["vision"] * patches  # frozen tower: forward only
+             + 6 * counts["merger"] * patches / vision.spatial_merge_size**2  # the merger trains
+             + 2 * 2 * vision.embed_dim * vision.depth * pairs)  # full attention in every block
+    assert summary["flops"] == pytest.approx(text_only + tower, rel=1e-9)
+    assert tower > 0.01 * text_only

@@ -146,7 +146,8 @@ class ChatEncoder:
                       videos: Sequence[VisionSpec] = ()) -> Encoded:
         """Generation (RL rollouts, predict): the messages (ending with a user turn) and the assistant header;
         nothing is learned, so every label is IGNORE_INDEX."""
-        return self.encode(messages, images, videos, add_generation_prompt=True)
+        ids = self.encode(messages, images, videos, add_generation_prompt=True).input_ids
+        return Encoded(ids, [IGNORE_INDEX] * len(ids))
 
     def encode_preference(self, prompt: list[dict], completions: Sequence[str], images: Sequence[VisionSpec] = (),
                           videos: Sequence[VisionSpec] = ()) -> EncodedPreference:
