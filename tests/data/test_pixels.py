@@ -1,5 +1,5 @@
 """uint8 patch rows (data/pixels.py) against the processors they stand in for, and the on-device
-normalisation (models/patches.py: normalize_pixels_on_device) against the processor's float path: the
+normalisation (train/model_inputs.py: normalize_pixels_on_device) against the processor's float path: the
 values, the loss and the gradients must be the same, bit for bit where the arithmetic is the same."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from vlft.data.media import smart_size
 from vlft.data.pixels import PixelNorm, image_to_tensor, patchify, resize
 from vlft.data.sft import SFTDataset
 from vlft.models.loading import load_model, load_processor
-from vlft.models.patches import normalize_pixels_on_device
+from vlft.train.model_inputs import normalize_pixels_on_device
 from vlft.train.sft import make_collator
 
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"

@@ -10,7 +10,7 @@ from vlft.data.collator import PackingCollator
 from vlft.data.packing import plan_packs
 from vlft.data.sft import SFTDataset
 from vlft.models.loading import load_model, load_processor
-from vlft.models.patches import packed_positions
+from vlft.train.model_inputs import packed_positions
 from vlft.train.sft import make_collator, run
 
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"

@@ -204,7 +204,7 @@ class SFTDataset(torch.utils.data.Dataset):
     patchified here (in the DataLoader workers); everything that can fail was already tried by the check.
 
     `raw_pixels=True` keeps `pixel_values` / `pixel_values_videos` as uint8 patch rows, to be normalised on the
-    device (data/pixels.py says why; models/patches.py: `normalize_pixels_on_device` does it); otherwise they
+    device (data/pixels.py says why; train/model_inputs.py: `normalize_pixels_on_device` does it); otherwise they
     are the float32 values the processor itself would give."""
 
     def __init__(self, samples: list[Sample], image_paths: list[list[str]], processor, *, media: MediaSettings,

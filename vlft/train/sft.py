@@ -67,8 +67,8 @@ def make_collator(processor, model, *, distributed: bool = False) -> SFTCollator
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
     from vlft.models.loading import load_processor
-    from vlft.models.patches import normalize_pixels_on_device
     from vlft.train.common import init_distributed_early, prepare_model
+    from vlft.train.model_inputs import normalize_pixels_on_device
     from vlft.train.throughput import ThroughputCallback
     from vlft.train.trainer import VlftTrainer
 
@@ -96,7 +96,7 @@ def run(argv: list[str]):
     train_order = None
     if data_args.packing:
         from vlft.data.packing import plan_packs
-        from vlft.models.patches import packed_positions
+        from vlft.train.model_inputs import packed_positions
 
         packs = plan_packs(checked.lengths, data_args.max_seq_length)
         log(f"packing: {len(checked.lengths)} records into {len(packs)} rows of up to {data_args.max_seq_length} "
