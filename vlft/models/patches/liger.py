@@ -1,50 +1,23 @@
-"""Every monkey patch of vlft lives here.
+"""Liger kernels on the language model of one Qwen-VL model (`apply_liger`).
 
-Each patch changes one model *instance* (never a class or a module global, so two models in one
-process do not affect each other), says why it exists and which library versions it targets, and has
-a test against the unpatched forward in `tests/models/test_patches.py`. Data features that let the model
-take vlft's own inputs (packed rows, uint8 pixels) are not patches: vlft/train/model_inputs.py.
+Why: Liger's fused kernels cut activation memory (the fused linear cross-entropy never builds the
+`tokens x vocab` logits, which for Qwen's 151,936-token vocabulary is the largest tensor of a step)
+and speed up RMSNorm and the SwiGLU MLP.
 
-Liger kernels (`apply_liger`)
-    Why: Liger's fused kernels cut activation memory (the fused linear cross-entropy never builds the
-    `tokens x vocab` logits, which for Qwen's 151,936-token vocabulary is the largest tensor of a step)
-    and speed up RMSNorm and the SwiGLU MLP.
-    Why not `liger_kernel.transformers.apply_liger_kernel_to_qwen2_vl` and its 2.5/3 siblings: with
-    liger-kernel <= 0.8.5 they raise `ImportError: cannot import name 'LigerQwen2VLCausalLMOutputWithPast'`
-    on transformers >= 5.23, and they patch classes and module globals. We use only Liger's building blocks
-    (`LigerRMSNormFunction`, `LigerSiLUMulFunction`, `LigerFusedLinearCrossEntropyLoss`, called with their
-    long-standing leading arguments only) and patch the language model of one
-    `Qwen*VLForConditionalGeneration` the same way for the three families.
-    Targets: transformers 5.17-5.24 (the forward is `outputs = self.model(...)`, `logits =
-    self.lm_head(slice_logits_to_keep(outputs[0]))`, `loss = ForCausalLMLoss(...)`); liger-kernel >= 0.6,
-    read against 0.8.5.
+Why not `liger_kernel.transformers.apply_liger_kernel_to_qwen2_vl` and its 2.5/3 siblings: with
+liger-kernel <= 0.8.5 they raise `ImportError: cannot import name 'LigerQwen2VLCausalLMOutputWithPast'`
+on transformers >= 5.23, and they patch classes and module globals. We use only Liger's building blocks
+(`LigerRMSNormFunction`, `LigerSiLUMulFunction`, `LigerFusedLinearCrossEntropyLoss`, called with their
+long-standing leading arguments only) and patch the language model of one
+`Qwen*VLForConditionalGeneration` the same way for the three families.
 
-    The patching code takes its kernels as arguments (`Kernels`), so the very same code runs on the CPU
-    with the plain torch kernels of `TORCH_KERNELS`, which is how the tests prove it exact.
+Targets: transformers 5.17-5.24 (the forward is `outputs = self.model(...)`, `logits =
+self.lm_head(slice_logits_to_keep(outputs[0]))`, `loss = ForCausalLMLoss(...)`); liger-kernel >= 0.6,
+read against 0.8.5.
 
-Frozen vision tower without an autograd graph (`skip_frozen_vision_graph`)
-    Why: with activation checkpointing on, transformers 5 (`_activation_checkpointing_enable`, 5.17-5.24)
-    calls `enable_input_require_grads()`, which hooks the input embeddings of every sub-model, the vision
-    tower's `patch_embed` included. A frozen tower then records a full autograd graph and is checkpointed and
-    recomputed in the backward pass for nothing (2U1 and most peers pay this). When no parameter of the tower
-    (merger excluded) trains, each vision block runs under `torch.no_grad()` and is not checkpointed
-    (`uncheckpoint_frozen_blocks`, called once the Trainer has enabled checkpointing). Loss and gradients
-    are unchanged: nothing below the merger has a gradient to compute.
-
-Checkpoint key names after a ZeRO-3 load (`fix_zero3_weight_conversions`)
-    Why: `from_pretrained` remembers the key renamings it applied, and `save_pretrained` reverses them so a
-    saved checkpoint keeps the original key names. The regular load path (transformers 5.2x) keeps only the
-    renamings that matched a key; the ZeRO-3 path keeps every registered one, and reversing the unused
-    prefix changes writes `model.model.layers.*` instead of `model.layers.*`: a checkpoint that other tools
-    (and a later merge) do not read as the same model. Keep only the renamings that were used.
-
-Vision input gradients for adapted frozen towers (`vision_input_require_grads`)
-    Why: reentrant activation checkpointing only back-propagates into a checkpointed block when one of its
-    inputs requires grad. transformers hooks the vision `patch_embed` for that in Qwen2-VL and Qwen2.5-VL
-    (their vision models set `_input_embed_layer = "patch_embed"`), but not in Qwen3-VL (5.17-5.24): there,
-    LoRA on the vision blocks silently gets no gradient and torch warns "None of the inputs have
-    requires_grad". The hook marks the patch-embedding output as requiring grad when vision blocks train
-    but the patch embedding does not.
+The patching code takes its kernels as arguments (`Kernels`), so the very same code runs on the CPU
+with the plain torch kernels of `TORCH_KERNELS`, which is how the tests prove it exact
+(tests/models/test_patches.py).
 """
 from __future__ import annotations
 
@@ -60,13 +33,13 @@ from torch import nn
 
 from vlft.constants import IGNORE_INDEX
 from vlft.errors import VlftError
+from vlft.models.patches._common import _ORIGINAL_FORWARD, unwrap_model
 from vlft.utils import log
 
-# Attributes that vlft sets on patched modules.
+# Attributes that this patch sets on patched modules, besides `_ORIGINAL_FORWARD` (the top-level forward the
+# fused loss wraps).
 _KERNEL = "_vlft_kernel"  # the kernel a patched norm / MLP / forward calls
-_ORIGINAL_FORWARD = "_vlft_original_forward"  # the top-level forward the fused loss wraps
 _APPLIED = "_vlft_kernels"  # name of the kernel set on the model ("liger", "torch")
-_PATCH_TAG = "_vlft_patch"  # set on our forward functions: which patch they are
 
 
 # ---------------------------------------------------------------- kernels
@@ -134,14 +107,6 @@ def liger_kernels() -> Kernels:
 
 
 # ---------------------------------------------------------------- finding the parts
-
-
-def unwrap_model(model) -> nn.Module:
-    """The `Qwen*VLForConditionalGeneration` inside a PEFT wrapper (or the model itself). Patching it is
-    enough: PEFT's forward ends in this instance's `forward`."""
-    while hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
 
 
 def _language_model(model) -> nn.Module:
@@ -349,103 +314,5 @@ def apply_liger(model, *, force: bool = False) -> bool:
 
 
 def liger_applied(model) -> bool:
+    """Whether `apply_liger` patched this model (the torch reference kernels of the tests do not count)."""
     return getattr(unwrap_model(model), _APPLIED, None) == "liger"
-
-
-def patched_parts(model) -> dict[str, list[str]]:
-    """Names of the modules whose forward a vlft patch replaced, by patch ('rms_norm', 'swiglu',
-    'fused_lm_loss'); for tests and for the CLI to report."""
-    parts: dict[str, list[str]] = {}
-    for name, module in unwrap_model(model).named_modules():
-        forward = module.__dict__.get("forward")
-        tag = getattr(getattr(forward, "__func__", None), _PATCH_TAG, None)
-        if tag is not None:
-            parts.setdefault(tag, []).append(name)
-    return parts
-
-
-# ---------------------------------------------------------------- frozen vision tower
-
-_FROZEN_BLOCK = "_vlft_frozen_block"
-
-
-def _vision_blocks(model, family) -> list[nn.Module]:
-    blocks = []
-    for name, module in model.named_modules():
-        found = family.layer_index(name)
-        bare = name.removeprefix("base_model.model.")
-        if found and found[0] == "vision" and bare == f"{family.vision_blocks_prefix}{found[1]}":
-            blocks.append(module)
-    return blocks
-
-
-def _no_grad_forward(self, *args, **kwargs):
-    with torch.no_grad():
-        return self.__dict__[_ORIGINAL_FORWARD](*args, **kwargs)
-
-
-_no_grad_forward._vlft_patch = "frozen_vision"
-
-
-def skip_frozen_vision_graph(model, family) -> int:
-    """Run the vision blocks without autograd when nothing in them trains (see the module docstring).
-    Returns the number of blocks patched (0 when some tower parameter or vision LoRA trains)."""
-    if any(p.requires_grad for n, p in model.named_parameters() if family.part_of(n) == "vision"):
-        return 0
-    blocks = _vision_blocks(model, family)
-    for block in blocks:
-        if getattr(block, _FROZEN_BLOCK, False):
-            continue
-        block.__dict__[_ORIGINAL_FORWARD] = block.forward
-        block.forward = types.MethodType(_no_grad_forward, block)
-        setattr(block, _FROZEN_BLOCK, True)
-    uncheckpoint_frozen_blocks(model)
-    return len(blocks)
-
-
-def uncheckpoint_frozen_blocks(model) -> int:
-    """Turn activation checkpointing off again in patched frozen blocks: enabling it on the whole model
-    (the Trainer does so at the start of `train()`) reaches them too, and checkpointing a block that builds
-    no graph only costs a recomputation (and, with reentrant checkpointing, warns or fails)."""
-    n = 0
-    for module in model.modules():
-        if getattr(module, _FROZEN_BLOCK, False) and getattr(module, "gradient_checkpointing", False):
-            module.gradient_checkpointing = False
-            n += 1
-    return n
-
-
-_INPUT_GRAD_HOOK = "_vlft_input_grad_hook"
-
-
-def _require_grad_output(module, args, output):
-    return output.requires_grad_(True) if torch.is_tensor(output) and not output.requires_grad else output
-
-
-def vision_input_require_grads(model, family) -> bool:
-    """Hook the vision patch embedding so checkpointed vision blocks see an input that requires grad, when
-    something in the blocks trains (LoRA, unfrozen blocks) but the patch embedding itself is frozen."""
-    named = dict(model.named_modules())
-    name = next((n for n in named if n.removeprefix("base_model.model.") == family.vision_prefix + "patch_embed"), None)
-    if name is None:
-        return False
-    patch_embed = named[name]
-    blocks_train = any(p.requires_grad for n, p in model.named_parameters()
-                       if family.part_of(n) == "vision" and ".patch_embed." not in n)
-    embed_trains = any(p.requires_grad for p in patch_embed.parameters())
-    if not blocks_train or embed_trains or getattr(patch_embed, _INPUT_GRAD_HOOK, None) is not None:
-        return False
-    setattr(patch_embed, _INPUT_GRAD_HOOK, patch_embed.register_forward_hook(_require_grad_output))
-    return True
-
-
-def fix_zero3_weight_conversions(model) -> bool:
-    """Drop the key renamings a ZeRO-3 load recorded without using them (see the module docstring)."""
-    conversions = getattr(model, "_weight_conversions", None)
-    if not conversions or not all(hasattr(c, "was_used") for c in conversions):
-        return False
-    used = [c for c in conversions if c.was_used()]
-    if len(used) == len(conversions):
-        return False
-    model._weight_conversions = used
-    return True
