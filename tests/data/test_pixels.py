@@ -1,5 +1,5 @@
 """uint8 patch rows (data/pixels.py) against the processors they stand in for, and the on-device
-normalisation (models/patches.py: normalize_pixels_on_device) against the processor's float path: the
+normalisation (train/model_inputs.py: model_inputs) against the processor's float path: the
 values, the loss and the gradients must be the same, bit for bit where the arithmetic is the same."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from vlft.data.pixels import PixelNorm, image_to_tensor, patchify, resize
 from vlft.data.prepare import prepare_sft_data
 from vlft.data.sft import SFTDataset
 from vlft.models.loading import load_model, load_processor
-from vlft.models.patches import normalize_pixels_on_device
+from vlft.train.model_inputs import model_inputs
 
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"
 
@@ -94,7 +94,7 @@ def test_pixel_norm_follows_the_processor_switches():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_uint8_batch_trains_exactly_like_the_float_batch(family, tiny_model_factory):
     """Images and videos in one batch: the raw dataset + on-device normalisation gives the loss and gradients
-    of the processor-valued dataset, exactly; float batches still pass through the patched model untouched."""
+    of the processor-valued dataset, exactly; float batches pass through the input preparation untouched."""
     model_dir = tiny_model_factory(family)
     processor = load_processor(str(model_dir))
     checked = prepare_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(REPO / "data_examples"),
@@ -111,10 +111,9 @@ def test_uint8_batch_trains_exactly_like_the_float_batch(family, tiny_model_fact
     assert float_batch["pixel_values"].dtype == torch.float32
 
     float_loss, float_grads = loss_and_grads(model, float_batch)
-    assert normalize_pixels_on_device(model, raw.image_norm, raw.video_norm)
-    assert not normalize_pixels_on_device(model, raw.image_norm, raw.video_norm)  # idempotent
-    raw_loss, raw_grads = loss_and_grads(model, raw_batch)
-    again_loss, _ = loss_and_grads(model, float_batch)
+    norms = dict(image_norm=raw.image_norm, video_norm=raw.video_norm)
+    raw_loss, raw_grads = loss_and_grads(model, model_inputs(raw_batch, model, **norms))  # the trainer's input path
+    again_loss, _ = loss_and_grads(model, model_inputs(float_batch, model, **norms))
     assert raw_loss == float_loss == again_loss
     assert raw_grads.keys() == float_grads.keys()
     assert all(torch.equal(raw_grads[n], float_grads[n]) for n in float_grads)

@@ -10,7 +10,7 @@ from vlft.data.packing import plan_packs
 from vlft.data.prepare import prepare_sft_data
 from vlft.data.sft import SFTDataset
 from vlft.models.loading import load_model, load_processor
-from vlft.models.patches import packed_positions
+from vlft.train.model_inputs import model_inputs
 from vlft.train.sft import run
 
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"
@@ -31,10 +31,9 @@ def test_packed_equals_padded(family, tiny_model_factory):
 
     packs = plan_packs(checked.lengths, 256)
     assert 1 < len(packs) < len(ds)  # several records share rows, and there is more than one row
-    packed_positions(model)
     batch = PackingCollator(collator)([[ds[i] for i in pack] for pack in packs])
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == len(packs)
-    packed_loss, packed_grads = loss_and_grads(model, batch)
+    packed_loss, packed_grads = loss_and_grads(model, model_inputs(batch, model))  # what the trainer hands the model
     grad_diff = max((padded_grads[n] - packed_grads[n]).abs().max().item() for n in padded_grads)
     print(f"\n{family}: loss padded {padded_loss.item():.6f} packed {packed_loss.item():.6f}; "
           f"max |grad diff| {grad_diff:.2e}")

@@ -25,12 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-
-def inner_model(model):
-    """The `Qwen*VLModel` inside a `Qwen*VLForConditionalGeneration`, PEFT-wrapped or not."""
-    while hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model.model
+from vlft.models.patches import unwrap_model
 
 
 def model_inputs(inputs: dict, model, *, image_norm: Callable | None = None,
@@ -49,7 +44,7 @@ def model_inputs(inputs: dict, model, *, image_norm: Callable | None = None,
     layout = inputs.pop("pack_layout", None)
     if layout is not None:
         inputs["position_ids"] = pack_position_ids(
-            inner_model(model), inputs["input_ids"], layout, mm_token_type_ids=inputs.get("mm_token_type_ids"),
+            unwrap_model(model).model, inputs["input_ids"], layout, mm_token_type_ids=inputs.get("mm_token_type_ids"),
             image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"),
             second_per_grid_ts=inputs.get("second_per_grid_ts"))
         inputs["attention_mask"] = None  # the mask comes from the text positions: block-diagonal
