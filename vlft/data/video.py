@@ -14,8 +14,11 @@ between the current position and the wanted time, in which case decoding simply 
 the file once, sequentially). Memory is the output array plus the decoder's few reference frames and one full-size
 RGB frame, whatever the video's length.
 
-Resizing is swscale bicubic through `VideoFrame.reformat` (2-6x faster than converting to RGB and resizing with
-PIL's bicubic; the two differ by under 1 level on average, see bench/video_decode.py).
+Resizing: every frame (video file, frame folder, frame list) is converted to RGB at its stored size, turned upright,
+then resized by pixels.resize, the processors' own kernel (torchvision bicubic, antialiased, on uint8), so that the
+pixels equal those of the model's video processor given the same frames, bit for bit
+(tests/data/test_video_pixels.py). Resizing in swscale while converting (`VideoFrame.reformat`, used before) is
+faster but differs from the processor's pixels (by under one level on average).
 
 Rotation: the display matrix (phone videos) is applied, so frames come out as a player shows them (qwen-vl-utils'
 decord and torchvision readers do not apply it). Flips in that matrix and non-square sample aspect ratios are
@@ -38,9 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+import torch
 
 from vlft.data.media import MediaError, load_image
+from vlft.data.pixels import image_to_tensor, resize
 from vlft.data.video_sampling import (  # noqa: F401  (re-exported: the policy's names are part of this API)
     FPS,
     FPS_MAX_FRAMES,
@@ -375,11 +379,20 @@ def _grab(cursor: _Cursor, info: VideoInfo, targets: Sequence[float], path: Path
         yield rel, got[1]
 
 
-def _to_array(frame, height: int, width: int, rotation: int) -> np.ndarray:
-    """RGB uint8 [height, width, 3] as displayed: scale the stored frame (pre-rotation size), then turn it."""
-    h, w = (width, height) if rotation in (90, 270) else (height, width)
-    rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="BICUBIC").to_ndarray()
-    return np.rot90(rgb, rotation // 90) if rotation else rgb
+def _fit(image: torch.Tensor, height: int, width: int, out: np.ndarray) -> None:
+    """Write the uint8 [3, h, w] frame into out [height, width, 3] with the processors' resize kernel
+    (pixels.resize: torchvision bicubic, antialiased, on uint8), the one kernel every frame and image goes through."""
+    out[...] = resize(image, height, width).permute(1, 2, 0).numpy()
+
+
+def _to_array(frame, height: int, width: int, rotation: int, out: np.ndarray) -> None:
+    """Write the frame as displayed (turned upright) into out [height, width, 3]: decode to RGB at its stored size,
+    turn it, then resize. Resizing after turning keeps the kernel's passes on the displayed axes, as a processor
+    given the upright frame resizes it."""
+    rgb = frame.to_ndarray(format="rgb24")
+    if rotation:
+        rgb = np.ascontiguousarray(np.rot90(rgb, rotation // 90))
+    _fit(torch.from_numpy(rgb).permute(2, 0, 1), height, width, out)
 
 
 def _decode_file(path: Path, *, keep: bool, every: bool, fps, nframes, min_frames, max_frames, min_pixels,
@@ -403,7 +416,7 @@ def _decode_file(path: Path, *, keep: bool, every: bool, fps, nframes, min_frame
             for i, (t, frame) in enumerate(_grab(cursor, info, targets, path, what)):
                 times.append(t)
                 if keep:
-                    frames[i] = _to_array(frame, height, width, info.rotation)
+                    _to_array(frame, height, width, info.rotation, frames[i])
         except av.FFmpegError as e:  # seeking/decoding failures the cursor did not absorb
             raise MediaError(f"video {path} could not be decoded (FFmpeg: {_ffmpeg_reason(e)}); it is truncated or "
                              "corrupt") from e
@@ -456,8 +469,7 @@ def _decode_frames(paths: list[Path], *, keep: bool, every: bool, frames_fps: fl
     for k, i in enumerate(chosen):
         img = first if k == 0 else load_image(paths[i])
         if keep:  # frames of other sizes are stretched to the first one's size: a video has one size
-            frames[k] = np.asarray(img if img.size == (width, height) else
-                                   img.resize((width, height), Image.Resampling.BICUBIC))
+            _fit(image_to_tensor(img), height, width, frames[k])
     if keep and pad:
         frames[real:] = frames[real - 1]
     chosen += [chosen[-1]] * pad
