@@ -20,6 +20,24 @@ pixels equal those of the model's video processor given the same frames, bit for
 (tests/data/test_video_pixels.py). Resizing in swscale while converting (`VideoFrame.reformat`, used before) is
 faster but differs from the processor's pixels (by under one level on average).
 
+Why hand-written seeking rather than a library reader: bench/video_decode.py, 320x240 H.264 at 30 fps (keyframe
+every 250 frames), frames resized to 308x224; ms per video, best of 5, 2 shared CPU cores, so
+figures move by +-50% between runs:
+
+    decoder          dense: 20 s, 128 frames   sparse: 600 s, 16 frames   folder: 300 JPEGs, 16 frames
+    ours (PyAV)                 270                        377                       37
+    hf-pyav                     439                      6 195                       n/a
+    naive (all)                 638                     34 999                       n/a
+    qwen-vl-utils               fails (*)                  fails (*)                155 (other size: resizes twice)
+    torchcodec 0.17             fails (**)                 fails (**)                n/a
+
+hf-pyav is transformers.video_utils.load_video(backend="pyav"), which decodes every frame up to the last wanted one;
+naive decodes the whole file. Frames of both equal ours bit for bit once resized with our kernel. Dense sampling
+costs the same either way (we decode sequentially too); seeking pays on sparse sampling of long videos (16x here).
+(*) qwen_vl_utils.fetch_video: decord is not installed (not tried) and its torchvision backend calls torchvision.io.read_video,
+which torchvision 0.29 no longer has. (**) torchcodec's wheel needs the system's FFmpeg shared libraries
+(libavutil.so.56-60), absent on a clean machine (PyAV bundles its own), so it cannot be a dependency.
+
 Rotation: the display matrix (phone videos) is applied, so frames come out as a player shows them (qwen-vl-utils'
 decord and torchvision readers do not apply it). Flips in that matrix and non-square sample aspect ratios are
 ignored.
