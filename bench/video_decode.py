@@ -1,31 +1,32 @@
-"""Decode cost of vlft's load_video against decoding the whole file, on a long video.
+"""Decode cost of vlft's load_video against maintained readers: one table, decoder x case -> ms per video.
 
-    .venv/bin/python bench/video_decode.py            # 10 min, 30 fps, 320x240; cached in $TMPDIR/vlft_bench
-    .venv/bin/python bench/video_decode.py --nframes 16 64 --repeat 3
+    .venv/bin/python bench/video_decode.py                 # videos cached in $TMPDIR/vlft_bench
+    .venv/bin/python bench/video_decode.py --repeat 3 --decoders ours torchcodec
 
-Writes the video once (H.264 superfast, about 10 s on 2 cores), then runs each method in a fresh Python process so
-that peak memory (VmHWM, the resident high-water mark: what the OOM killer sees) belongs to that method alone:
+Cases (320x240 H.264, x264 superfast, keyframe every 250 frames, 30 fps; each frame carries its index as black
+blocks in a white strip):
+- dense:  a 20 s clip (600 frames), 128 frames sampled: most GOPs hold several wanted frames.
+- sparse: a 600 s video (18000 frames), 16 frames sampled: one wanted frame every 37 s.
+- folder: 300 JPEG frames, 16 sampled.
 
-- ours:  load_video(nframes=N): seeks to the keyframe before each wanted frame and decodes forward.
-- naive: decode every frame to RGB into memory, then pick N (what torchvision.io.read_video does, the
-  qwen-vl-utils fallback when neither torchcodec nor decord is installed).
+Decoders (each gets the same frame numbers, qwen-vl-utils' linspace rule):
+- ours:        vlft.data.video.load_video (PyAV; seeks only where the index says a keyframe lies between).
+- torchcodec:  torchcodec VideoDecoder.get_frames_at(indices) (exact seeking in FFmpeg), then our resize.
+- qwen-vl-utils: qwen_vl_utils.fetch_video with its torchcodec backend (decord is not installed here; its
+  torchvision backend needs torchvision.io.read_video, removed from torchvision); for the folder, the sampled frame
+  paths as a list (it reads every image it is given and resizes each twice: PIL, then torchvision).
+- hf-pyav:     transformers.video_utils.load_video(backend="pyav"): decodes every frame up to the last wanted one.
+- naive:       decode every frame to RGB, then pick (what torchvision.io.read_video did).
 
-A second, short table times the two ways to resize a decoded frame to the model's size (swscale bicubic via
-`VideoFrame.reformat`, which load_video uses, against RGB conversion then PIL bicubic) and their mean difference.
-
-How to read the table: `wall s` is the whole call (open, probe, decode, resize); `decoded` counts frames the decoder
-produced; `kept/s` is useful (returned) frames per second of wall time; `decoded/s` is raw decoder throughput;
-`peak MB` is the process high-water mark and `+MB` the part above the same process right after imports (the
-method's own memory). Both methods also check that they returned the frames the sampling rule asks for (each frame
-carries its index as black blocks in a white strip).
+`ms` is the best of --repeat calls (open, probe, decode, resize to the model's size) in one process; `frames`
+says whether the returned frames are those the sampling rule asks for (read from the index strip), and `= ours`
+whether its frames, resized with our kernel (or by the reader itself for qwen-vl-utils), equal load_video's bit for
+bit (else the largest difference, in levels).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,30 +34,42 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-WIDTH, HEIGHT, FPS, SECONDS = 320, 240, 30, 600
+WIDTH, HEIGHT, FPS = 320, 240, 30
 BITS = 16  # index bits drawn in the top strip, 16 px per bit
 FACTOR, MIN_PIXELS, MAX_PIXELS = 28, 4 * 28 * 28, 320 * 240
+CASES = {"dense": (20, 128), "sparse": (600, 16), "folder": (10, 16)}  # case: (seconds at 30 fps, frames sampled)
+DECODERS = ["ours", "torchcodec", "qwen-vl-utils", "hf-pyav", "naive"]
 
 
-def make_video(path: Path) -> None:
+def draw(i: int, background: np.ndarray) -> np.ndarray:
+    a = background.copy()
+    x, y = (i * 3) % (WIDTH - 40), 16 + (i * 2) % (HEIGHT - 56)
+    a[y:y + 40, x:x + 40] = (250, 250, 250)  # a moving square, so frames differ as in real video
+    for b in range(BITS):
+        if (i >> b) & 1:
+            a[2:14, b * 16 + 2:b * 16 + 14] = 0
+    return a
+
+
+def make_video(path: Path, seconds: int, folder: bool = False) -> None:
     import av
+    from PIL import Image
 
     yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
     background = np.stack([xx * 255 // WIDTH, yy * 255 // HEIGHT, np.full_like(xx, 96)], -1).astype(np.uint8)
     background[:16] = 255
+    if folder:
+        path.mkdir(parents=True)
+        for i in range(FPS * seconds):
+            Image.fromarray(draw(i, background)).save(path / f"{i}.jpg", quality=90)
+        return
     tmp = path.with_suffix(".part")
     with av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         stream.options = {"preset": "superfast", "crf": "26"}  # keyframe every 250 frames (x264's default)
-        for i in range(FPS * SECONDS):
-            a = background.copy()
-            x, y = (i * 3) % (WIDTH - 40), 16 + (i * 2) % (HEIGHT - 56)
-            a[y:y + 40, x:x + 40] = (250, 250, 250)  # a moving square, so frames differ as in real video
-            for b in range(BITS):
-                if (i >> b) & 1:
-                    a[2:14, b * 16 + 2:b * 16 + 14] = 0
-            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+        for i in range(FPS * seconds):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(draw(i, background), format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -69,125 +82,122 @@ def read_index(frame: np.ndarray) -> int:
     return sum(1 << b for b in range(BITS) if frame[y, int((b * 16 + 8) * w / WIDTH)].mean() < 128)
 
 
-def peak_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
+def fit(frames, h: int, w: int) -> np.ndarray:
+    """[N, H, W, 3] or [N, 3, H, W] uint8 full-size frames -> [N, h, w, 3] with vlft's kernel (pixels.resize)."""
+    import torch
 
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024**2
+    from vlft.data.pixels import resize
 
-
-def run_ours(path: Path, nframes: int) -> dict:
-    from vlft.data.video import load_video
-
-    clip = load_video(path, nframes=nframes, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    return {"frames": clip.frames, "decoded": clip.decoded}
+    t = torch.as_tensor(np.asarray(frames))
+    if t.shape[-1] == 3:
+        t = t.permute(0, 3, 1, 2)
+    return resize(t, h, w).permute(0, 2, 3, 1).numpy()
 
 
-def run_naive(path: Path, nframes: int) -> dict:
+def run(decoder: str, source: Path, nframes: int, size: tuple[int, int]):
+    """The decoder's frames [N, h, w, 3] uint8 for the frame numbers load_video takes (None: not applicable)."""
+    from vlft.data.video import frame_paths, load_video
+    from vlft.data.video_sampling import frame_indices
+
+    h, w = size
+    folder = source.is_dir()
+    if decoder == "ours":
+        return load_video(source, nframes=nframes, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).frames
+    if decoder == "qwen-vl-utils":
+        from qwen_vl_utils import fetch_video
+
+        ele = {"nframes": nframes, "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
+        if folder:
+            paths = frame_paths(source)
+            ele["video"] = [str(paths[i]) for i in frame_indices(len(paths), nframes)]
+        else:
+            ele["video"] = str(source)
+        video = fetch_video(ele, image_patch_size=FACTOR // 2)
+        return video.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    if folder:
+        return None
+    if decoder == "torchcodec":
+        from torchcodec.decoders import VideoDecoder
+
+        decoder_ = VideoDecoder(str(source))
+        total = decoder_.metadata.num_frames
+        return fit(decoder_.get_frames_at(indices=frame_indices(total, nframes)).data, h, w)
+    if decoder == "hf-pyav":
+        from transformers.video_utils import load_video as hf_load_video
+
+        def pick(metadata, **kwargs):
+            return np.array(frame_indices(metadata.total_num_frames, nframes))
+
+        video, _ = hf_load_video(str(source), backend="pyav", sample_indices_fn=pick)
+        return fit(video, h, w)
     import av
-    from PIL import Image
 
-    from vlft.data.video import frame_size
-
-    with av.open(str(path)) as container:
+    with av.open(str(source)) as container:
         everything = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    idx = np.linspace(0, len(everything) - 1, nframes).round().astype(int)
-    h, w = frame_size(HEIGHT, WIDTH, nframes, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    frames = np.stack([np.asarray(Image.fromarray(everything[i]).resize((w, h), Image.Resampling.BICUBIC)) for i in idx])
-    return {"frames": frames, "decoded": len(everything)}
+    return fit(np.stack([everything[i] for i in frame_indices(len(everything), nframes)]), h, w)
 
 
-def child(method: str, path: Path, nframes: int) -> None:
-    import av  # noqa: F401  (imports before the baseline, so +MB is the method's own memory)
+def table(paths: dict[str, Path], decoders: list[str], repeat: int) -> None:
+    from vlft.data.video_sampling import frame_indices
 
-    import vlft.data.video  # noqa: F401
-
-    base = peak_mb()
-    start = time.perf_counter()
-    out = (run_ours if method == "ours" else run_naive)(path, nframes)
-    wall = time.perf_counter() - start
-    got = [read_index(f) for f in out["frames"]]
-    wanted = np.linspace(0, FPS * SECONDS - 1, nframes)
-    correct = all(abs(g - x) <= 0.5 + 1e-6 for g, x in zip(got, wanted))
-    print(json.dumps({"method": method, "nframes": nframes, "wall": wall, "decoded": out["decoded"], "peak": peak_mb(),
-                      "base": base, "correct": correct, "shape": list(out["frames"].shape)}))
-
-
-def measure(method: str, path: Path, nframes: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, __file__, "--child", method, "--video", str(path), "--nframes", str(nframes)],
-                          capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{method} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def resize_table(path: Path) -> None:
-    import av
-    from PIL import Image
-
-    from vlft.data.video import frame_size
-
-    with av.open(str(path)) as container:
-        frame = next(container.decode(video=0))
-    print(f"\nresize one decoded {WIDTH}x{HEIGHT} frame (ms, best of 50)      swscale  PIL   mean |diff|")
-    for factor, min_pixels, max_pixels, label in [(28, 4 * 784, 48 * 784, "down"), (28, 4 * 784, 320 * 240, "near"),
-                                                  (32, 512 * 1024, 768 * 1024, "up")]:
-        h, w = frame_size(HEIGHT, WIDTH, 16, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-        ways = {"swscale": lambda w=w, h=h: frame.reformat(width=w, height=h, format="rgb24",
-                                                           interpolation="BICUBIC").to_ndarray(),
-                "pil": lambda w=w, h=h: np.asarray(Image.fromarray(frame.to_ndarray(format="rgb24")).resize(
-                    (w, h), Image.Resampling.BICUBIC))}
-        best, out = {}, {}
-        for name, way in ways.items():
-            times = []
-            for _ in range(50):
+    header = f"{'decoder':<14}" + "".join(f"{case + ' ms':>12} {'frames':>7} {'= ours':>7}" for case in CASES)
+    print(header)
+    print("-" * len(header))
+    ours: dict[str, np.ndarray] = {}
+    for decoder in decoders:
+        cells = []
+        for case, (seconds, nframes) in CASES.items():
+            size = ours[case].shape[1:3] if case in ours else None
+            best, frames = float("inf"), None
+            for _ in range(repeat):
                 start = time.perf_counter()
-                out[name] = way()
-                times.append(time.perf_counter() - start)
-            best[name] = min(times) * 1000
-        diff = np.abs(out["swscale"].astype(int) - out["pil"]).mean()
-        print(f"  {label:<5} to {w}x{h:<33} {best['swscale']:>7.2f} {best['pil']:>5.2f} {diff:>8.2f}")
+                try:
+                    frames = run(decoder, paths[case], nframes, size or (0, 0))
+                except Exception as e:  # a reader that cannot do this case: say why in the cell
+                    frames = f"{type(e).__name__}"
+                    break
+                best = min(best, time.perf_counter() - start)
+                if frames is None or best > 20:  # slow readers: one run is enough to rank them
+                    break
+            if decoder == "ours":
+                ours[case] = frames
+            if frames is None or isinstance(frames, str):
+                cells.append(f"{frames or 'n/a':>12} {'':>7} {'':>7}")
+                continue
+            wanted = frame_indices(FPS * seconds, nframes)
+            ok = len(frames) == nframes and all(read_index(f) == x for f, x in zip(frames, wanted))
+            if frames.shape != ours[case].shape:
+                same = "size"
+            else:
+                diff = int(np.abs(frames.astype(int) - ours[case]).max())
+                same = "yes" if diff == 0 else f"{diff}"
+            cells.append(f"{best * 1000:>12.0f} {'yes' if ok else 'NO':>7} {same:>7}")
+        print(f"{decoder:<14}" + "".join(cells))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "vlft_bench"), help="folder for the video")
-    parser.add_argument("--nframes", type=int, nargs="+", default=[16], help="frames to sample (one row each)")
-    parser.add_argument("--methods", nargs="+", default=["ours", "naive"], choices=["ours", "naive"])
-    parser.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest is shown")
-    parser.add_argument("--child", choices=["ours", "naive"], help=argparse.SUPPRESS)
-    parser.add_argument("--video", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "vlft_bench"), help="folder for videos")
+    parser.add_argument("--decoders", nargs="+", default=DECODERS, choices=DECODERS)
+    parser.add_argument("--repeat", type=int, default=3, help="calls per cell; the fastest is shown")
     args = parser.parse_args()
-    if args.child:
-        child(args.child, Path(args.video), args.nframes[0])
-        return
-
-    path = Path(args.cache) / f"long_{SECONDS}s_{FPS}fps_{WIDTH}x{HEIGHT}.mp4"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        make_video(path)
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
-    print(f"video: {path} ({SECONDS} s, {FPS} fps, {WIDTH}x{HEIGHT}, {FPS * SECONDS} frames, "
-          f"{path.stat().st_size / 1e6:.1f} MB), {os.cpu_count()} CPUs\n")
-    header = f"{'method':<7} {'N':>4} {'wall s':>8} {'decoded':>8} {'kept/s':>8} {'decoded/s':>10} {'peak MB':>8} " \
-             f"{'+MB':>7}  frames ok"
-    print(header)
-    print("-" * len(header))
-    for nframes in args.nframes:
-        for method in args.methods:
-            r = min((measure(method, path, nframes) for _ in range(args.repeat)), key=lambda r: r["wall"])
-            print(f"{method:<7} {nframes:>4} {r['wall']:>8.2f} {r['decoded']:>8} {nframes / r['wall']:>8.1f} "
-                  f"{r['decoded'] / r['wall']:>10.0f} {r['peak']:>8.0f} {r['peak'] - r['base']:>7.0f}  "
-                  f"{'yes' if r['correct'] else 'NO'} {tuple(r['shape'])}")
-    resize_table(path)
+    os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "torchcodec")
+    paths = {}
+    for case, (seconds, _) in CASES.items():
+        folder = case == "folder"
+        path = Path(args.cache) / (f"frames_{seconds}s_{FPS}fps_{WIDTH}x{HEIGHT}" if folder else
+                                   f"long_{seconds}s_{FPS}fps_{WIDTH}x{HEIGHT}.mp4")
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            make_video(path, seconds, folder=folder)
+            print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+        paths[case] = path
+    print(f"{WIDTH}x{HEIGHT} at {FPS} fps; dense {CASES['dense']}, sparse {CASES['sparse']}, folder {CASES['folder']} "
+          f"(seconds, frames sampled); {os.cpu_count()} CPUs, best of {args.repeat}\n")
+    if args.decoders[0] != "ours":
+        args.decoders = ["ours", *[d for d in args.decoders if d != "ours"]]  # the others are compared with it
+    table(paths, args.decoders, args.repeat)
 
 
 if __name__ == "__main__":

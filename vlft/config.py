@@ -104,14 +104,10 @@ class DataArguments:
                 setattr(self, new, value)
         if not self.lazy_preprocess:
             raise ValueError("--lazy_preprocess false is not supported: vlft loads images in the data loader workers")
-        if self.fps is not None and self.nframes is not None:
-            raise ValueError(f"--fps {self.fps} and --nframes {self.nframes} both choose how many frames to sample; "
-                             "give only one")
-        if self.fps is not None and self.fps <= 0 or self.nframes is not None and self.nframes < 1:
-            raise ValueError("--fps must be > 0 and --nframes >= 1")
-        if not 1 <= self.video_min_frames <= self.video_max_frames:
-            raise ValueError(f"--video_min_frames ({self.video_min_frames}) must be >= 1 and <= --video_max_frames "
-                             f"({self.video_max_frames})")
+        from vlft.data.video_sampling import check_sampling  # the one check of the sampling flags
+
+        check_sampling(fps=self.fps, nframes=self.nframes, min_frames=self.video_min_frames,
+                       max_frames=self.video_max_frames, frames_fps=self.frames_fps)
 
     def media_settings(self):
         from vlft.data.prepare import MediaSettings

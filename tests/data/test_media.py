@@ -46,18 +46,29 @@ BOUNDS = [
 
 @pytest.mark.parametrize("factor", [16, 28, 32])
 @pytest.mark.parametrize("min_pixels, max_pixels", BOUNDS)
-def test_smart_size_matches_qwen_vl_utils(factor, min_pixels, max_pixels):
-    checked = 0
+def test_smart_size_matches_qwen_vl_utils_and_the_processor(factor, min_pixels, max_pixels):
+    """qwen-vl-utils' rule wherever no side rounds to 0 patches; there it keeps one patch row for that side while
+    transformers' image processor (whose rule smart_size is) scales the whole image up to min_pixels, and the
+    processor is what inference runs: checked against the processor's own grid on those sizes."""
+    checked = thin = 0
+    processor = transformers.Qwen2VLImageProcessor(patch_size=factor // 2, merge_size=2, min_pixels=min_pixels,
+                                                   max_pixels=max_pixels)
     for height, width in itertools.product(SIDES, SIDES):
         if max(height, width) / min(height, width) > 200:
             continue
-        expected = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-        # qwen_vl_utils floors a very thin side to 0 under a small max_pixels; we keep one patch row instead
-        expected = tuple(max(factor, side) for side in expected)
         got = smart_size(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-        assert got == expected, (height, width)
+        if round(min(height, width) / factor) > 0:
+            expected = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+            # qwen_vl_utils floors a very thin side to 0 under a small max_pixels; we keep one patch row instead
+            expected = tuple(max(factor, side) for side in expected)
+            assert got == expected, (height, width)
+        else:
+            img = Image.new("RGB", (width, height), (90, 120, 150))
+            grid = processor(images=[img], return_tensors="pt")["image_grid_thw"][0].tolist()
+            assert [1, got[0] // (factor // 2), got[1] // (factor // 2)] == grid, (height, width)
+            thin += 1
         checked += 1
-    assert checked > 300
+    assert checked > 300 and thin > 10
 
 
 def test_smart_size_properties():

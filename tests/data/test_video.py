@@ -160,11 +160,32 @@ def test_fps_and_nframes_together_names_both_flags(videos):
 
 
 @pytest.mark.parametrize("kwargs, flag", [({"fps": 0}, "--fps"), ({"nframes": 0}, "--nframes"),
-                                          ({"min_frames": 8, "max_frames": 4}, "--max_frames"),
-                                          ({"max_frames": 1}, "--max_frames")])
+                                          ({"min_frames": 8, "max_frames": 4}, "--video_max_frames"),
+                                          ({"max_frames": 1}, "--video_max_frames"),
+                                          ({"min_frames": 0}, "--video_min_frames")])
 def test_bad_sampling_settings(kwargs, flag):
     with pytest.raises(VlftError, match=flag):
         sample_count(100, 10.0, **kwargs)
+
+
+def test_sampling_errors_name_the_real_flags(tmp_path):
+    """--video_min_frames 1 --video_max_frames 1 cannot give one temporal patch (2 frames): the message names the
+    flags a user can pass, from the command line (config.py) and from the loader alike, and no flag that is not one."""
+    from vlft.config import DataArguments, parse_args
+
+    with pytest.raises(VlftError) as e:
+        parse_args((DataArguments,), ["--video_min_frames", "1", "--video_max_frames", "1"])
+    message = str(e.value)
+    assert "--video_max_frames (1)" in message and "--video_min_frames (1)" in message
+    assert "temporal patch size (2 frames" in message
+    assert "--max_frames" not in message and "--min_frames" not in message
+    with pytest.raises(VlftError) as loader:
+        load_video(tmp_path, min_frames=1, max_frames=1, **SMALL)
+    assert str(loader.value) == message  # one check, one message
+    with pytest.raises(VlftError, match="--frames_fps must be positive, got 0"):
+        parse_args((DataArguments,), ["--frames_fps", "0"])
+    with pytest.raises(VlftError, match=r"--fps 1.0 and --nframes 8 both choose"):
+        parse_args((DataArguments,), ["--fps", "1", "--nframes", "8"])
 
 
 # --- pixel budgets (pure) ---

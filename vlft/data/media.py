@@ -1,7 +1,6 @@
 """Image files -> RGB images at the size the Qwen-VL vision encoder will see."""
 from __future__ import annotations
 
-import math
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,25 +29,28 @@ def resolve_media_path(path: str, image_folder: str | None, data_file: str) -> P
 
 
 def smart_size(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen-VL's target (height, width): multiples of factor, pixel count within bounds, aspect ratio kept."""
+    """Qwen-VL's target (height, width) in pixels for an image: multiples of factor, pixel count within bounds,
+    aspect ratio kept.
+
+    The rule is transformers' own `smart_resize` (models/qwen2_vl/image_processing_qwen2_vl.py), the one the
+    image processors apply at inference, so token counts and pixels agree with them. Its ValueError (aspect ratio
+    over 200) becomes a MediaError naming the size; the checks it lacks (an empty image, bounds the wrong way round)
+    come first. Video frames follow qwen-vl-utils' variant instead (video_sampling.frame_size).
+    """
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
     if height <= 0 or width <= 0:
         raise MediaError(f"image size {width}x{height} (width x height) is empty")
     if min_pixels > max_pixels:
         raise VlftError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels}); lower it")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+    try:
+        h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError as e:  # transformers' only refusal: the aspect ratio
         raise MediaError(f"image size {width}x{height} (width x height) has an aspect ratio over "
-                         f"{MAX_ASPECT_RATIO}; crop or pad it")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        # the clamp keeps a very thin image at one patch row instead of zero
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
+                         f"{MAX_ASPECT_RATIO}, Qwen-VL's limit; crop or pad it (transformers: {e})") from e
+    if h <= 0 or w <= 0:  # a side under factor / 2 with min_pixels 0: no patch at all
+        raise MediaError(f"image size {width}x{height} (width x height) fits no {factor}x{factor} patch under "
+                         f"min_pixels {min_pixels}; raise the image min_pixels")
     return h, w
 
 

@@ -6,25 +6,37 @@
     clip.fps            # effective sampled rate T / duration: Qwen2.5-VL's second_per_grid_ts = 2 / clip.fps
     clip.indices        # source frame numbers (timestamp * source_fps): Qwen3-VL's VideoMetadata.frames_indices
 
-Sampling and pixel budgets follow qwen-vl-utils (`smart_nframes`, `fetch_video`), written anew:
-- `fps` (default 2) or `nframes`, never both; the count is bounded by min_frames / max_frames and by the frames the
-  video has, then rounded to a multiple of temporal_patch_size. Frames are spread evenly from the first frame to the
-  last one, as qwen-vl-utils' `linspace(0, total - 1, n).round()` does for constant frame rate video; each wanted
-  time takes the decoded frame nearest to it.
-- A video with fewer frames than one temporal patch (a single frame) is kept and its last frame repeated up to
-  temporal_patch_size, as the Qwen processors pad a short frame list; `VideoClip.padded` counts the copies.
-- Frame size: `smart_size` with per-frame max = min(max_pixels, max(min(max_pixels, total_pixels / T *
-  temporal_patch_size), 1.05 * min_pixels)). total_pixels therefore bounds (T / temporal_patch_size) * H * W, i.e.
-  the video's tokens are at most total_pixels / factor**2, except that min_pixels wins when the two disagree (as in
-  qwen-vl-utils). Unlike qwen-vl-utils, an explicit max_pixels is not capped at 768 * factor**2 (that is only the
-  default).
+Which frames and what size is the pure policy of video_sampling.py (qwen-vl-utils' rules); this module decodes.
 
 Decoding (PyAV, imported only here, so image-only installs never need it) touches only what it keeps: for each
 wanted time it seeks to the keyframe before it and decodes forward, unless the stream's index shows no keyframe
 between the current position and the wanted time, in which case decoding simply continues (dense sampling decodes
-the file once, sequentially). Memory is the output array plus the decoder's few reference frames, whatever the
-video's length. Resizing is swscale bicubic through `VideoFrame.reformat` (2-6x faster than converting to RGB and
-resizing with PIL's bicubic; the two differ by under 1 level on average, see bench/video_decode.py).
+the file once, sequentially). Memory is the output array plus the decoder's few reference frames and one full-size
+RGB frame, whatever the video's length.
+
+Resizing: every frame (video file, frame folder, frame list) is converted to RGB at its stored size, turned upright,
+then resized by pixels.resize, the processors' own kernel (torchvision bicubic, antialiased, on uint8), so that the
+pixels equal those of the model's video processor given the same frames, bit for bit
+(tests/data/test_video_pixels.py). Resizing in swscale while converting (`VideoFrame.reformat`, used before) is
+faster but differs from the processor's pixels (by under one level on average).
+
+Why hand-written seeking rather than a library reader: bench/video_decode.py, 320x240 H.264 at 30 fps (keyframe
+every 250 frames), frames resized to 308x224; ms per video, best of 5, 2 shared CPU cores, so
+figures move by +-50% between runs:
+
+    decoder          dense: 20 s, 128 frames   sparse: 600 s, 16 frames   folder: 300 JPEGs, 16 frames
+    ours (PyAV)                 270                        377                       37
+    hf-pyav                     439                      6 195                       n/a
+    naive (all)                 638                     34 999                       n/a
+    qwen-vl-utils               fails (*)                  fails (*)                155 (other size: resizes twice)
+    torchcodec 0.17             fails (**)                 fails (**)                n/a
+
+hf-pyav is transformers.video_utils.load_video(backend="pyav"), which decodes every frame up to the last wanted one;
+naive decodes the whole file. Frames of both equal ours bit for bit once resized with our kernel. Dense sampling
+costs the same either way (we decode sequentially too); seeking pays on sparse sampling of long videos (16x here).
+(*) qwen_vl_utils.fetch_video: decord is not installed (not tried) and its torchvision backend calls torchvision.io.read_video,
+which torchvision 0.29 no longer has. (**) torchcodec's wheel needs the system's FFmpeg shared libraries
+(libavutil.so.56-60), absent on a clean machine (PyAV bundles its own), so it cannot be a dependency.
 
 Rotation: the display matrix (phone videos) is applied, so frames come out as a player shows them (qwen-vl-utils'
 decord and torchvision readers do not apply it). Flips in that matrix and non-square sample aspect ratios are
@@ -40,7 +52,6 @@ sampled by the same rules; only the chosen images are read.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -48,18 +59,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+import torch
 
-from vlft.data.media import MediaError, load_image, smart_size
+from vlft.data.media import MediaError, load_image
+from vlft.data.pixels import image_to_tensor, resize
+from vlft.data.video_sampling import (  # noqa: F401  (re-exported: the policy's names are part of this API)
+    FPS,
+    FPS_MAX_FRAMES,
+    FPS_MIN_FRAMES,
+    FRAMES_FPS,
+    VIDEO_MAX_TOKENS,
+    VIDEO_MIN_TOKENS,
+    FramePlan,
+    check_sampling,
+    frame_indices,
+    frame_size,
+    plan_frames,
+    sample_count,
+    video_token_count,
+)
 from vlft.errors import VlftError
-
-# qwen_vl_utils.vision_process defaults
-FPS = 2.0
-FPS_MIN_FRAMES = 4
-FPS_MAX_FRAMES = 768
-VIDEO_MIN_TOKENS = 128  # default min_pixels = VIDEO_MIN_TOKENS * factor**2 per frame
-VIDEO_MAX_TOKENS = 768  # default max_pixels = VIDEO_MAX_TOKENS * factor**2 per frame
-FRAMES_FPS = 2.0  # assumed recording rate of a folder or list of frame images
 
 FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 _SEEK_GAP_S = 1.0  # without a usable index, seek when the next wanted frame is further ahead than this
@@ -85,16 +104,6 @@ class VideoInfo:
     def last_time(self) -> float:
         """Expected time of the last frame, relative to the first (exact for constant frame rate)."""
         return max(0.0, self.duration - 1.0 / self.fps) if self.frames > 1 else 0.0
-
-
-@dataclass(frozen=True)
-class FramePlan:
-    """Which frames to take: `len(targets)` distinct wanted times, then `pad` copies of the last frame."""
-
-    nframes: int  # frames in the clip, padding included; a multiple of temporal_patch_size
-    targets: tuple[float, ...]  # wanted times (seconds from the first frame), ascending
-    pad: int
-    fps: float  # effective sampled rate nframes / duration
 
 
 @dataclass
@@ -126,82 +135,6 @@ class VideoCheck:
     duration: float
     source_fps: float
     indices: tuple[int, ...] = ()  # source frame numbers (Qwen3-VL's timestamps are computed from them)
-
-
-def video_token_count(nframes: int, height: int, width: int, *, patch_size: int, merge_size: int,
-                      temporal_patch_size: int) -> int:
-    """Video pad tokens for frames already sized by load_video (height, width multiples of patch_size * merge_size).
-
-    A frame count that is not a multiple of temporal_patch_size is counted as the processors pad it (rounded up);
-    load_video always returns multiples.
-    """
-    grid_t = -(-nframes // temporal_patch_size)
-    return grid_t * (height // patch_size) * (width // patch_size) // merge_size**2
-
-
-# --- sampling (pure) ---
-
-
-def _check_sampling_args(fps: float | None, nframes: int | None, min_frames: int, max_frames: int,
-                         temporal_patch_size: int) -> None:
-    if fps is not None and nframes is not None:
-        raise VlftError(f"both --fps ({fps}) and --nframes ({nframes}) are set; they are two ways to choose the "
-                        "frame count: pass only one")
-    if fps is not None and not fps > 0:
-        raise VlftError(f"--fps must be positive, got {fps}")
-    if nframes is not None and nframes < 1:
-        raise VlftError(f"--nframes must be at least 1, got {nframes}")
-    if temporal_patch_size < 1:
-        raise VlftError(f"temporal_patch_size must be at least 1, got {temporal_patch_size}")
-    if min_frames < 1:
-        raise VlftError(f"--min_frames must be at least 1, got {min_frames}")
-    if max_frames < max(min_frames, temporal_patch_size):
-        raise VlftError(f"--max_frames ({max_frames}) must be at least --min_frames ({min_frames}) and the temporal "
-                        f"patch size ({temporal_patch_size})")
-
-
-def sample_count(total_frames: int, duration: float, *, fps: float | None = None, nframes: int | None = None,
-                 min_frames: int = FPS_MIN_FRAMES, max_frames: int = FPS_MAX_FRAMES,
-                 temporal_patch_size: int = 2) -> tuple[int, int]:
-    """(frames to decode, copies of the last one to append). Their sum is a multiple of temporal_patch_size.
-
-    Never more frames than the video has: an `nframes` above that is lowered to the largest multiple that fits.
-    """
-    _check_sampling_args(fps, nframes, min_frames, max_frames, temporal_patch_size)
-    tps = temporal_patch_size
-    if total_frames < tps:  # too short for one temporal patch: all of it, then padding
-        return total_frames, tps - total_frames
-    if nframes is not None:
-        n = max(tps, round(nframes / tps) * tps)
-    else:
-        rate = FPS if fps is None else fps
-        lo = math.ceil(min_frames / tps) * tps
-        hi = math.floor(min(max_frames, total_frames) / tps) * tps
-        n = math.floor(min(max(duration * rate, lo), hi) / tps) * tps
-    return min(n, total_frames // tps * tps), 0
-
-
-def plan_frames(total_frames: int, duration: float, last_time: float, *, fps: float | None = None,
-                nframes: int | None = None, min_frames: int = FPS_MIN_FRAMES, max_frames: int = FPS_MAX_FRAMES,
-                temporal_patch_size: int = 2) -> FramePlan:
-    """Wanted times spread evenly over [0, last_time] (the first and last frame included)."""
-    real, pad = sample_count(total_frames, duration, fps=fps, nframes=nframes, min_frames=min_frames,
-                             max_frames=max_frames, temporal_patch_size=temporal_patch_size)
-    targets = tuple(float(t) for t in np.linspace(0.0, last_time, real)) if real > 1 else (0.0,)
-    return FramePlan(nframes=real + pad, targets=targets, pad=pad, fps=(real + pad) / duration)
-
-
-def frame_size(height: int, width: int, nframes: int, *, factor: int, min_pixels: int | None = None,
-               max_pixels: int | None = None, total_pixels: int | None = None,
-               temporal_patch_size: int = 2) -> tuple[int, int]:
-    """(height, width) shared by all frames of a clip of nframes frames (see the module docstring for the rule)."""
-    min_p = VIDEO_MIN_TOKENS * factor**2 if min_pixels is None else min_pixels
-    max_p = VIDEO_MAX_TOKENS * factor**2 if max_pixels is None else max_pixels
-    if min_p > max_p:
-        raise VlftError(f"video min_pixels ({min_p}) is larger than max_pixels ({max_p}); lower it")
-    cap = max_p if total_pixels is None else min(max_p, total_pixels / nframes * temporal_patch_size)
-    cap = min(max_p, max(cap, int(min_p * 1.05)))
-    return smart_size(height, width, factor=factor, min_pixels=min_p, max_pixels=cap)
 
 
 # --- PyAV ---
@@ -464,11 +397,20 @@ def _grab(cursor: _Cursor, info: VideoInfo, targets: Sequence[float], path: Path
         yield rel, got[1]
 
 
-def _to_array(frame, height: int, width: int, rotation: int) -> np.ndarray:
-    """RGB uint8 [height, width, 3] as displayed: scale the stored frame (pre-rotation size), then turn it."""
-    h, w = (width, height) if rotation in (90, 270) else (height, width)
-    rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="BICUBIC").to_ndarray()
-    return np.rot90(rgb, rotation // 90) if rotation else rgb
+def _fit(image: torch.Tensor, height: int, width: int, out: np.ndarray) -> None:
+    """Write the uint8 [3, h, w] frame into out [height, width, 3] with the processors' resize kernel
+    (pixels.resize: torchvision bicubic, antialiased, on uint8), the one kernel every frame and image goes through."""
+    out[...] = resize(image, height, width).permute(1, 2, 0).numpy()
+
+
+def _to_array(frame, height: int, width: int, rotation: int, out: np.ndarray) -> None:
+    """Write the frame as displayed (turned upright) into out [height, width, 3]: decode to RGB at its stored size,
+    turn it, then resize. Resizing after turning keeps the kernel's passes on the displayed axes, as a processor
+    given the upright frame resizes it."""
+    rgb = frame.to_ndarray(format="rgb24")
+    if rotation:
+        rgb = np.ascontiguousarray(np.rot90(rgb, rotation // 90))
+    _fit(torch.from_numpy(rgb).permute(2, 0, 1), height, width, out)
 
 
 def _decode_file(path: Path, *, keep: bool, every: bool, fps, nframes, min_frames, max_frames, min_pixels,
@@ -492,7 +434,7 @@ def _decode_file(path: Path, *, keep: bool, every: bool, fps, nframes, min_frame
             for i, (t, frame) in enumerate(_grab(cursor, info, targets, path, what)):
                 times.append(t)
                 if keep:
-                    frames[i] = _to_array(frame, height, width, info.rotation)
+                    _to_array(frame, height, width, info.rotation, frames[i])
         except av.FFmpegError as e:  # seeking/decoding failures the cursor did not absorb
             raise MediaError(f"video {path} could not be decoded (FFmpeg: {_ffmpeg_reason(e)}); it is truncated or "
                              "corrupt") from e
@@ -528,13 +470,11 @@ def frame_paths(source: str | Path | Sequence[str | Path]) -> list[Path]:
 
 def _decode_frames(paths: list[Path], *, keep: bool, every: bool, frames_fps: float, fps, nframes, min_frames,
                    max_frames, min_pixels, max_pixels, total_pixels, factor, temporal_patch_size) -> tuple[VideoClip, int]:
-    if not frames_fps > 0:
-        raise VlftError(f"frames_fps must be positive, got {frames_fps}")
     total = len(paths)
     duration = total / frames_fps
     real, pad = sample_count(total, duration, fps=fps, nframes=nframes, min_frames=min_frames, max_frames=max_frames,
                              temporal_patch_size=temporal_patch_size)
-    indices = [int(i) for i in np.linspace(0, total - 1, real).round()] if real > 1 else [0]
+    indices = frame_indices(total, real)
     chosen = indices if every or len(indices) < 3 else [indices[0], indices[-1]]
     first = load_image(paths[chosen[0]])
     try:
@@ -546,9 +486,8 @@ def _decode_frames(paths: list[Path], *, keep: bool, every: bool, frames_fps: fl
     frames = np.empty((real + pad if keep else 0, height, width, 3), np.uint8)
     for k, i in enumerate(chosen):
         img = first if k == 0 else load_image(paths[i])
-        if keep:  # frames of other sizes are stretched to the first one's: a video has one size
-            frames[k] = np.asarray(img if img.size == (width, height) else
-                                   img.resize((width, height), Image.Resampling.BICUBIC))
+        if keep:  # frames of other sizes are stretched to the first one's size: a video has one size
+            _fit(image_to_tensor(img), height, width, frames[k])
     if keep and pad:
         frames[real:] = frames[real - 1]
     chosen += [chosen[-1]] * pad
@@ -562,6 +501,8 @@ def _decode_frames(paths: list[Path], *, keep: bool, every: bool, frames_fps: fl
 
 
 def _load(source, *, keep: bool, every: bool, frames_fps: float, **kw) -> tuple[VideoClip, int]:
+    check_sampling(fps=kw["fps"], nframes=kw["nframes"], min_frames=kw["min_frames"], max_frames=kw["max_frames"],
+                   frames_fps=frames_fps, temporal_patch_size=kw["temporal_patch_size"])  # before touching any file
     if isinstance(source, (list, tuple)):
         return _decode_frames(frame_paths(source), keep=keep, every=every, frames_fps=frames_fps, **kw)
     path = Path(source)
