@@ -138,3 +138,47 @@ def test_predict_reproduces_the_memorised_demo(tiny_model_dir, tmp_path):
     with pytest.raises(VlftError, match="already exists"):
         predict_main(["--model", str(merged), "--data_path", str(DEMO_DATA), "--image_folder", str(DEMO_IMAGES),
                       "--output", str(out)])
+
+
+def test_the_run_records_what_trained_and_merge_checks_against_it(trained, tmp_path):
+    """vlft_trained.json names what trained when the run saved (LoRA modules on LLM and tower, the merger fully);
+    a saved weight that the record says did not train stops the merge, naming it."""
+    import shutil
+
+    from vlft.models.loading import load_model
+    from vlft.models.registry import get_family
+    from vlft.run_dir import TRAINED_FILE, read_trained
+
+    family, model_dir, run_dir = trained
+    record = read_trained(run_dir)
+    fam = get_family(family)
+    assert record["non_lora"] and all(fam.part_of(n) == "merger" for n in record["non_lora"])
+    merger = {n for n, _ in load_model(str(model_dir))[0].named_parameters() if fam.part_of(n) == "merger"}
+    assert set(record["non_lora"]) == merger  # every merger weight, and nothing else, trained fully
+    parts = {fam.part_of(m) for m in record["lora_modules"]}
+    assert parts == {"llm", "vision"}
+    assert read_trained(run_dir / "checkpoint-2") is not None  # every checkpoint carries it
+
+    narrowed = tmp_path / "narrowed"
+    shutil.copytree(run_dir, narrowed, ignore=shutil.ignore_patterns("checkpoint-*"))
+    dropped = record["non_lora"][0]
+    (narrowed / TRAINED_FILE).write_text(json.dumps({**record, "non_lora": record["non_lora"][1:]}))
+    with pytest.raises(VlftError, match=f"did not train: {dropped.replace('.', '[.]')}"):
+        merge(str(narrowed), str(tmp_path / "out"))
+
+
+def test_predict_takes_media_flags_from_a_config_file_over_the_run(trained, tmp_path, monkeypatch):
+    """Media settings a user gives in --config win over the run's saved ones, as on the command line; the
+    others come from the run."""
+    import vlft.predict
+
+    _, _, run_dir = trained
+    seen = {}
+    monkeypatch.setattr(vlft.predict, "predict", lambda pred_args, data_args: seen.setdefault("data", data_args))
+    config = tmp_path / "predict.yaml"
+    config.write_text("image_max_pixels: 4096\n")
+    predict_main(["--model", str(run_dir), "--data_path", str(DEMO_DATA), "--output", str(tmp_path / "p.jsonl"),
+                  "--config", str(config)])
+    saved = json.loads((run_dir / "vlft_args.json").read_text())
+    assert seen["data"].image_max_pixels == 4096 != saved["image_max_pixels"]
+    assert seen["data"].image_min_pixels == saved["image_min_pixels"]

@@ -5,7 +5,6 @@ keys, and flags given on the command line win over the file. Flag names follow 2
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from vlft import compat_2u1
 from vlft.constants import (
     DEFAULT_IMAGE_MAX_PIXELS,
     DEFAULT_IMAGE_MIN_PIXELS,
@@ -37,14 +37,6 @@ class ModelArguments:
     disable_flash_attn2: bool | None = field(
         default=None, metadata={"help": "2U1 spelling: false = --attn_implementation flash_attention_2, true = sdpa."}
     )
-
-    def __post_init__(self):
-        if self.disable_flash_attn2 is not None:
-            wanted = "sdpa" if self.disable_flash_attn2 else "flash_attention_2"
-            if self.attn_implementation not in ("sdpa", wanted):
-                raise ValueError(f"--disable_flash_attn2 {self.disable_flash_attn2} contradicts "
-                                 f"--attn_implementation {self.attn_implementation}")
-            self.attn_implementation = wanted
 
 
 @dataclass
@@ -96,14 +88,6 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        for old, new in (("min_pixels", "image_min_pixels"), ("max_pixels", "image_max_pixels")):
-            value = getattr(self, old)
-            if value is not None:
-                if getattr(self, new) not in (value, DataArguments.__dataclass_fields__[new].default):
-                    raise ValueError(f"--{old} {value} contradicts --{new} {getattr(self, new)}; give only --{new}")
-                setattr(self, new, value)
-        if not self.lazy_preprocess:
-            raise ValueError("--lazy_preprocess false is not supported: vlft loads images in the data loader workers")
         from vlft.data.video_sampling import check_sampling  # the one check of the sampling flags
 
         check_sampling(fps=self.fps, nframes=self.nframes, min_frames=self.video_min_frames,
@@ -169,22 +153,6 @@ class TuneArguments:
         default=False, metadata={"help": "Liger kernels (RMSNorm, SwiGLU, fused linear cross-entropy); GPU only."}
     )
     tune_merger: bool | None = field(default=None, metadata={"help": "2U1 spelling: tune_merger x = --freeze_merger (not x)."})
-
-    def __post_init__(self):
-        if self.tune_merger is not None:
-            if self.freeze_merger and self.tune_merger:
-                raise ValueError("--tune_merger true contradicts --freeze_merger true")
-            self.freeze_merger = not self.tune_merger
-        # 2U1 scripts pass the list as one Python-literal string: "['lm_head', 'embed_tokens']"
-        if len(self.lora_namespan_exclude) == 1 and self.lora_namespan_exclude[0].lstrip().startswith("["):
-            try:
-                value = ast.literal_eval(self.lora_namespan_exclude[0])
-            except (ValueError, SyntaxError):
-                raise ValueError(f"--lora_namespan_exclude: cannot read {self.lora_namespan_exclude[0]!r}; "
-                                 "give the names as separate words: --lora_namespan_exclude lm_head embed_tokens") from None
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError("--lora_namespan_exclude must be a list of names")
-            self.lora_namespan_exclude = value
 
     @property
     def any_lora(self) -> bool:
@@ -330,6 +298,7 @@ def parse_command(groups: tuple[type, ...], argv: list[str], prog: str = "vlft")
         init_distributed_early(deepspeed="deepspeed" in given)
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        compat_2u1.translate(parsed)
     except ValueError as err:  # raised by dataclass __post_init__ checks (TrainingArguments among them)
         raise VlftError(f"invalid arguments: {err}") from None
     if remaining:
