@@ -150,7 +150,7 @@ def check_sft_data(data_path: str, *, processor, image_folder: str | None, media
 
 def main(argv: list[str] | None = None) -> int:
     from vlft.config import DataArguments, ModelArguments, parse_args
-    from vlft.models.loading import load_processor
+    from vlft.models.loading import load_family, load_processor
 
     model_args, data_args = parse_args((ModelArguments, DataArguments), argv or [], prog="vlft check-data")
     if not model_args.model_id or not data_args.data_path:
@@ -158,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(data_args.data_path).exists():
         raise VlftError(f"--data_path {data_args.data_path}: file not found")
     processor = load_processor(model_args.model_id)
+    media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
     checked = check_sft_data(
         data_args.data_path, processor=processor, image_folder=data_args.image_folder,
-        media=data_args.media_settings(), max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
+        media=media, max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
         skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
     )
     log(checked.summary())

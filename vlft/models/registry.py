@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlft.constants import (
+    DEFAULT_IMAGE_MAX_TOKENS,
+    DEFAULT_IMAGE_MIN_TOKENS,
+    DEFAULT_VIDEO_MAX_TOKENS,
+    DEFAULT_VIDEO_MAX_TOTAL_TOKENS,
+    DEFAULT_VIDEO_MIN_TOKENS,
+)
 from vlft.errors import VlftError
 
 
@@ -34,7 +41,9 @@ class Family:
     merger_prefixes: tuple[str, ...]  # parts of the tower that project into the LLM (deepstack mergers included)
     llm_prefix: str
     head_prefix: str
-    pixel_factor: int  # patch_size * merge_size of the released checkpoints
+    # patch_size x merge_size of the released checkpoints, in pixels: the side of the square one LLM token covers
+    # (28 for Qwen2/2.5-VL, 32 for Qwen3-VL). Pixel budgets are token counts times pixel_factor**2.
+    pixel_factor: int
     # vision_config field holding the width of the vision blocks: Qwen2-VL's `hidden_size` is the LLM's width
     vision_width_key: str = "hidden_size"
     vision_depth_key: str = "depth"
@@ -94,6 +103,16 @@ class Family:
             merge_size=vision_config.spatial_merge_size, window_blocks=windowed,
             window_patches=(window // vision_config.patch_size) ** 2 if windowed else 0,
         )
+
+    def default_pixel_budgets(self) -> dict[str, int]:
+        """The default pixel budgets (pixels; per image, per video frame, and all frames of one video) in this
+        family's units, keyed by their DataArguments field names: the same token counts for every family."""
+        tokens = {
+            "image_min_pixels": DEFAULT_IMAGE_MIN_TOKENS, "image_max_pixels": DEFAULT_IMAGE_MAX_TOKENS,
+            "video_min_pixels": DEFAULT_VIDEO_MIN_TOKENS, "video_max_pixels": DEFAULT_VIDEO_MAX_TOKENS,
+            "video_max_total_pixels": DEFAULT_VIDEO_MAX_TOTAL_TOKENS,
+        }
+        return {name: count * self.pixel_factor**2 for name, count in tokens.items()}
 
 
 _VISION = "model.visual."

@@ -66,7 +66,7 @@ def make_collator(processor, model, *, distributed: bool = False) -> SFTCollator
 
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
-    from vlft.models.loading import load_processor
+    from vlft.models.loading import load_family, load_processor
     from vlft.models.patches import normalize_pixels_on_device
     from vlft.train.common import init_distributed_early, prepare_model
     from vlft.train.throughput import ThroughputCallback
@@ -76,17 +76,19 @@ def run(argv: list[str]):
     model_args, data_args, tune_args, train_args = parse_args(SFT_GROUPS, argv, prog="vlft sft")
     check_sft_args(model_args, data_args, tune_args, train_args)
     _check_output_dir(train_args)
+    # fills the pixel budgets left to the family's default first, so that the record holds the numbers used
+    media = data_args.media_settings(load_family(model_args.model_id))
     args_record = resolved_args(model_args, data_args, tune_args, train_args)
 
     processor = load_processor(model_args.model_id)
     checked = check_sft_data(
         data_args.data_path, processor=processor, image_folder=data_args.image_folder,
-        media=data_args.media_settings(), max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
+        media=media, max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
         skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
     )
     log(f"data: {checked.summary()}")
     dataset = SFTDataset(
-        checked.samples, checked.image_paths, processor, media=data_args.media_settings(),
+        checked.samples, checked.image_paths, processor, media=media,
         video_sources=checked.video_sources, raw_pixels=True,
     )
 
