@@ -1,5 +1,5 @@
-# Shared by every scripts/*.sh: locate the repo and Python, provide the tiny demo model, pick the
-# precision, and launch. Sourced, not run.
+# Shared by every scripts/*.sh: locate the repo and Python, provide the tiny demo model, pick the precision,
+# hold the settings every finetune script shares (shared_settings, training_flags), and launch. Sourced, not run.
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
@@ -100,16 +100,52 @@ optional_flag() {
   if [ -n "$2" ]; then printf '%s\n' "--$1" "$2"; fi
 }
 
+# ---- settings every finetune script shares; each script sets its own first, at its top ----
+
+# demo_model FAMILY: the offline demo's model and batch, for settings still unset: the tiny model, 2 records per
+# device, one optimizer step per batch over all processes, data read in the main process (the tiny model's batches
+# are faster to build than worker processes are to start).
+demo_model() {
+  MODEL="$(tiny_model "$1")"
+  BATCH_SIZE="${BATCH_SIZE:-2}"
+  GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-$(( BATCH_SIZE * $(world_size) ))}"
+  NUM_WORKERS="${NUM_WORKERS:-0}"
+}
+
+# shared_settings: the defaults of the settings every finetune script has, for those the environment and the
+# script left unset; then GRAD_ACCUM, the accumulation steps that make GLOBAL_BATCH_SIZE (or an error).
+shared_settings() {
+  MAX_SEQ_LENGTH="${MAX_SEQ_LENGTH:-8192}"             # tokens per record, vision tokens included
+  IMAGE_MIN_PIXELS="${IMAGE_MIN_PIXELS:-}"             # empty: the model family's default, 4 tokens (3136 pixels
+  IMAGE_MAX_PIXELS="${IMAGE_MAX_PIXELS:-}"             # for Qwen2/2.5-VL, 4096 for Qwen3-VL) .. 16384 tokens
+  BF16="${BF16:-$(default_bf16)}"
+  USE_LIGER="${USE_LIGER:-$(default_liger)}"
+  ATTN="${ATTN:-sdpa}"                                 # flash_attention_2 if installed
+  GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-$BF16}"  # on for GPU runs
+  NUM_WORKERS="${NUM_WORKERS:-4}"
+  SAVE_STEPS="${SAVE_STEPS:-500}"
+  LOGGING_STEPS="${LOGGING_STEPS:-1}"
+  REPORT_TO="${REPORT_TO:-none}"
+  PACKING="${PACKING:-false}"                          # 1/true: pack records into MAX_SEQ_LENGTH rows
+  GROUP_BY_LENGTH="${GROUP_BY_LENGTH:-false}"          # padded batches of similar lengths (not with PACKING)
+  GRAD_ACCUM="$(grad_accum "$GLOBAL_BATCH_SIZE" "$BATCH_SIZE")"
+}
+
 # training_flags [EXTRA...]: the training flags every finetune script passes, from its settings (EPOCHS, LR,
-# BATCH_SIZE, GRAD_ACCUM, MAX_SEQ_LENGTH, PACKING, GROUP_BY_LENGTH, IMAGE_*_PIXELS, BF16, USE_LIGER, ATTN,
-# GRADIENT_CHECKPOINTING, LOGGING_STEPS, SAVE_STEPS, NUM_WORKERS, REPORT_TO), one per line; EXTRA follow the LR.
+# VISION_LR, MERGER_LR, BATCH_SIZE, GRAD_ACCUM and those of shared_settings), one per line; EXTRA follow the
+# learning rates. Settings whose empty value means "vlft's default" (VISION_LR, MERGER_LR, IMAGE_*_PIXELS) give
+# no flag when empty.
 training_flags() {
   local packing=false
   case "$PACKING" in 1|true|True) packing=true ;; esac
-  printf '%s\n' --num_train_epochs "$EPOCHS" --learning_rate "$LR" "$@" \
+  printf '%s\n' --num_train_epochs "$EPOCHS" --learning_rate "$LR"
+  optional_flag vision_lr "${VISION_LR:-}"
+  optional_flag merger_lr "${MERGER_LR:-}"
+  optional_flag image_min_pixels "$IMAGE_MIN_PIXELS"
+  optional_flag image_max_pixels "$IMAGE_MAX_PIXELS"
+  printf '%s\n' "$@" \
     --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM" \
     --max_seq_length "$MAX_SEQ_LENGTH" --packing "$packing" --group_by_length "$GROUP_BY_LENGTH" \
-    --image_min_pixels "$IMAGE_MIN_PIXELS" --image_max_pixels "$IMAGE_MAX_PIXELS" \
     --bf16 "$BF16" --use_liger "$USE_LIGER" --attn_implementation "$ATTN" \
     --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
     --weight_decay 0.0 --warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps "$LOGGING_STEPS" \

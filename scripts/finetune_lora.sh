@@ -6,6 +6,9 @@
 #   MODEL=Qwen/Qwen2-VL-2B-Instruct DATA=train.json IMAGE_FOLDER=images/ bash scripts/finetune_lora.sh --save_steps 200
 # Several GPUs or nodes: NUM_GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, HOSTFILE, ZERO_CONFIG (README):
 #   NUM_GPUS=8 ZERO_CONFIG=zero_configs/zero3.json bash scripts/finetune_lora.sh
+# Settings shared by every finetune script (MAX_SEQ_LENGTH, IMAGE_MIN/MAX_PIXELS, BF16, USE_LIGER, ATTN,
+# GRADIENT_CHECKPOINTING, NUM_WORKERS, SAVE_STEPS, LOGGING_STEPS, REPORT_TO, PACKING, GROUP_BY_LENGTH) and their
+# defaults: shared_settings in scripts/_common.sh.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
@@ -14,10 +17,9 @@ DATA="${DATA:-$REPO/data_examples/llava_demo.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples/images}"
 OUTPUT_DIR="${OUTPUT_DIR:-$(new_output_dir finetune_lora)}"
 if [ -z "$MODEL" ]; then
-  MODEL="$(tiny_model qwen2_vl)"
-  # demo: a random tiny model needs many passes at a high rate to memorise 10 records
+  demo_model qwen2_vl                                # batch 2, one step per batch, no loader workers
+  # a random tiny model needs many passes at a high rate to memorise 10 records
   EPOCHS="${EPOCHS:-30}"; LR="${LR:-5e-3}"; LORA_RANK="${LORA_RANK:-16}"; LORA_ALPHA="${LORA_ALPHA:-32}"
-  BATCH_SIZE="${BATCH_SIZE:-2}"; GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-$(( BATCH_SIZE * $(world_size) ))}"; NUM_WORKERS="${NUM_WORKERS:-0}"
 fi
 EPOCHS="${EPOCHS:-1}"
 LR="${LR:-1e-4}"
@@ -29,26 +31,12 @@ BITS="${BITS:-16}"                                   # 4 or 8 = QLoRA
 VISION_LR="${VISION_LR:-}"                           # only when the tower trains (empty: same as LR)
 MERGER_LR="${MERGER_LR:-}"                           # empty: same as LR
 BATCH_SIZE="${BATCH_SIZE:-4}"                        # per device
-GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-64}"             # over all processes; accumulation follows
-MAX_SEQ_LENGTH="${MAX_SEQ_LENGTH:-8192}"
-IMAGE_MIN_PIXELS="${IMAGE_MIN_PIXELS:-3136}"
-IMAGE_MAX_PIXELS="${IMAGE_MAX_PIXELS:-12845056}"
+GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-64}"         # over all processes; accumulation follows
 FREEZE_VISION_TOWER="${FREEZE_VISION_TOWER:-true}"
 FREEZE_MERGER="${FREEZE_MERGER:-false}"
-BF16="${BF16:-$(default_bf16)}"
-USE_LIGER="${USE_LIGER:-$(default_liger)}"
-ATTN="${ATTN:-sdpa}"                                 # flash_attention_2 if installed
-GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-$BF16}"  # on for GPU runs
-NUM_WORKERS="${NUM_WORKERS:-4}"
-SAVE_STEPS="${SAVE_STEPS:-500}"
-LOGGING_STEPS="${LOGGING_STEPS:-1}"
-REPORT_TO="${REPORT_TO:-none}"
-PACKING="${PACKING:-false}"                          # 1/true: pack records into MAX_SEQ_LENGTH rows
-GROUP_BY_LENGTH="${GROUP_BY_LENGTH:-false}"          # padded batches of similar lengths (not with PACKING)
+shared_settings
 
-mapfile -t OPTIONAL < <(optional_flag vision_lr "$VISION_LR"; optional_flag merger_lr "$MERGER_LR")
-GRAD_ACCUM="$(grad_accum "$GLOBAL_BATCH_SIZE" "$BATCH_SIZE")"
-mapfile -t TRAINING < <(training_flags "${OPTIONAL[@]}")
+mapfile -t TRAINING < <(training_flags)
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \

@@ -5,6 +5,9 @@
 # Every setting is an environment variable; extra vlft flags can follow on the command line:
 #   MODEL=Qwen/Qwen2.5-VL-3B-Instruct DATA=videos.json IMAGE_FOLDER=/data/media FPS=1 bash scripts/finetune_video.sh
 # Several GPUs or nodes: NUM_GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, HOSTFILE, ZERO_CONFIG (README).
+# Settings shared by every finetune script (IMAGE_MIN/MAX_PIXELS, BF16, USE_LIGER, ATTN, GRADIENT_CHECKPOINTING,
+# NUM_WORKERS, SAVE_STEPS, LOGGING_STEPS, REPORT_TO, PACKING, GROUP_BY_LENGTH) and their defaults: shared_settings
+# in scripts/_common.sh.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
@@ -13,10 +16,9 @@ DATA="${DATA:-$REPO/data_examples/llava_video_demo.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples}"  # image and video paths resolve against it
 OUTPUT_DIR="${OUTPUT_DIR:-$(new_output_dir finetune_video)}"
 if [ -z "$MODEL" ]; then
-  MODEL="$(tiny_model qwen2_vl)"
-  # demo: the tiny model's patches are 16 pixels, so frames of a few thousand pixels are plenty
-  EPOCHS="${EPOCHS:-20}"; LR="${LR:-1e-3}"; VISION_LR="${VISION_LR-}"; BATCH_SIZE="${BATCH_SIZE:-2}"
-  GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-$(( BATCH_SIZE * $(world_size) ))}"; NUM_WORKERS="${NUM_WORKERS:-0}"
+  demo_model qwen2_vl                                # batch 2, one step per batch, no loader workers
+  EPOCHS="${EPOCHS:-20}"; LR="${LR:-1e-3}"; VISION_LR="${VISION_LR-}"
+  # the tiny model's tokens are 16 pixels a side, so frames of a few thousand pixels are plenty
   VIDEO_MIN_PIXELS="${VIDEO_MIN_PIXELS:-1024}"; VIDEO_MAX_PIXELS="${VIDEO_MAX_PIXELS:-4096}"
   VIDEO_MAX_TOTAL_PIXELS="${VIDEO_MAX_TOTAL_PIXELS:-65536}"
 fi
@@ -26,29 +28,20 @@ LR="${LR:-1e-5}"                                     # language model (LoRA: use
 VISION_LR="${VISION_LR-2e-6}"                        # vision tower (set empty: same as LR)
 MERGER_LR="${MERGER_LR:-}"                           # empty: same as LR
 BATCH_SIZE="${BATCH_SIZE:-1}"                        # per device
-GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-32}"             # over all processes; accumulation follows
+GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-32}"         # over all processes; accumulation follows
 MAX_SEQ_LENGTH="${MAX_SEQ_LENGTH:-16384}"
 FPS="${FPS:-}"                                       # frames sampled per second (default 2) ...
 NFRAMES="${NFRAMES:-}"                               # ... or an exact frame count (not both)
 VIDEO_MIN_FRAMES="${VIDEO_MIN_FRAMES:-4}"
 VIDEO_MAX_FRAMES="${VIDEO_MAX_FRAMES:-768}"
-VIDEO_MIN_PIXELS="${VIDEO_MIN_PIXELS:-100352}"       # per frame (128 x 28 x 28)
-VIDEO_MAX_PIXELS="${VIDEO_MAX_PIXELS:-602112}"       # per frame (768 x 28 x 28)
-VIDEO_MAX_TOTAL_PIXELS="${VIDEO_MAX_TOTAL_PIXELS:-6422528}"  # all frames of one video
-IMAGE_MIN_PIXELS="${IMAGE_MIN_PIXELS:-3136}"
-IMAGE_MAX_PIXELS="${IMAGE_MAX_PIXELS:-12845056}"
+# Frame budgets in pixels, Qwen2/2.5-VL's defaults (tokens x 28 x 28); set empty for the model family's own
+# (the same token counts, x 32 x 32 for Qwen3-VL)
+VIDEO_MIN_PIXELS="${VIDEO_MIN_PIXELS-100352}"        # per frame (128 tokens)
+VIDEO_MAX_PIXELS="${VIDEO_MAX_PIXELS-602112}"        # per frame (768 tokens)
+VIDEO_MAX_TOTAL_PIXELS="${VIDEO_MAX_TOTAL_PIXELS-6422528}"  # all frames of one video (8192 tokens)
 FREEZE_VISION_TOWER="${FREEZE_VISION_TOWER:-false}"
 FREEZE_MERGER="${FREEZE_MERGER:-false}"
-BF16="${BF16:-$(default_bf16)}"
-USE_LIGER="${USE_LIGER:-$(default_liger)}"
-ATTN="${ATTN:-sdpa}"                                 # flash_attention_2 if installed
-GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-$BF16}"  # on for GPU runs
-NUM_WORKERS="${NUM_WORKERS:-4}"
-SAVE_STEPS="${SAVE_STEPS:-500}"
-LOGGING_STEPS="${LOGGING_STEPS:-1}"
-REPORT_TO="${REPORT_TO:-none}"
-PACKING="${PACKING:-false}"                          # 1/true: pack records into MAX_SEQ_LENGTH rows
-GROUP_BY_LENGTH="${GROUP_BY_LENGTH:-false}"          # padded batches of similar lengths (not with PACKING)
+shared_settings
 
 if [ "$LORA" = true ]; then
   TUNE=(--lora_enable true --vision_lora true --freeze_merger "$FREEZE_MERGER")
@@ -56,10 +49,10 @@ else
   TUNE=(--freeze_vision_tower "$FREEZE_VISION_TOWER" --freeze_merger "$FREEZE_MERGER")
   [ "$FREEZE_VISION_TOWER" = true ] && VISION_LR=""   # nothing in the tower trains
 fi
-mapfile -t OPTIONAL < <(optional_flag vision_lr "$VISION_LR"; optional_flag merger_lr "$MERGER_LR"
-                        optional_flag fps "$FPS"; optional_flag nframes "$NFRAMES")
-GRAD_ACCUM="$(grad_accum "$GLOBAL_BATCH_SIZE" "$BATCH_SIZE")"
-mapfile -t TRAINING < <(training_flags "${OPTIONAL[@]}")
+mapfile -t VIDEO < <(optional_flag fps "$FPS"; optional_flag nframes "$NFRAMES"
+                     optional_flag video_min_pixels "$VIDEO_MIN_PIXELS"; optional_flag video_max_pixels "$VIDEO_MAX_PIXELS"
+                     optional_flag video_max_total_pixels "$VIDEO_MAX_TOTAL_PIXELS")
+mapfile -t TRAINING < <(training_flags)
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
@@ -69,8 +62,6 @@ vlft_launch sft \
   "${TRAINING[@]}" \
   --video_min_frames "$VIDEO_MIN_FRAMES" \
   --video_max_frames "$VIDEO_MAX_FRAMES" \
-  --video_min_pixels "$VIDEO_MIN_PIXELS" \
-  --video_max_pixels "$VIDEO_MAX_PIXELS" \
-  --video_max_total_pixels "$VIDEO_MAX_TOTAL_PIXELS" \
+  "${VIDEO[@]}" \
   "$@"
 mark_latest "$OUTPUT_DIR"

@@ -13,10 +13,14 @@ import pytest
 from PIL import Image
 
 from vlft.cli import main
-from vlft.constants import DEFAULT_IMAGE_MAX_PIXELS, DEFAULT_IMAGE_MIN_PIXELS
 from vlft.data.prepare import MediaSettings, prepare_sft_data
 from vlft.data.sft import SFTDataset
 from vlft.errors import DataError, VlftError
+from vlft.models.registry import get_family
+
+# Qwen2-VL's default image budgets (3136 and 12845056 pixels), what the scripts give the tiny demo model
+DEFAULT_IMAGE_MIN_PIXELS, DEFAULT_IMAGE_MAX_PIXELS = (get_family("qwen2_vl").default_pixel_budgets()[k]
+                                                  for k in ("image_min_pixels", "image_max_pixels"))
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data_examples" / "llava_demo.json"

@@ -159,6 +159,8 @@ def test_script_arguments_parse(tmp_path, script, demo):
     assert values["lr_scheduler_type"] == "cosine" and values["warmup_ratio"] == 0.03
     expected = EXPECTED[script][0 if demo else 1]
     assert {k: values[k] for k in expected} == expected
+    # image budgets are left to the model family's default (its own units), resolved once the model is known
+    assert (values["image_min_pixels"], values["image_max_pixels"]) == (None, None)
     assert sorted(calls) == (["sft", "tiny-model"] if demo else ["sft"])
 
 
@@ -175,9 +177,10 @@ def test_demo_builds_the_tiny_model_with_flags_tiny_model_accepts(tmp_path, tiny
 
 def test_settings_and_extra_flags_reach_vlft(tmp_path):
     calls = launched_argv(tmp_path, "finetune_lora.sh", "--save_steps", "7", "--seed", "3",
-                          LORA_RANK="8", MAX_SEQ_LENGTH="1024", IMAGE_FOLDER=str(tmp_path))
+                          LORA_RANK="8", MAX_SEQ_LENGTH="1024", IMAGE_FOLDER=str(tmp_path), IMAGE_MAX_PIXELS="1003520")
     values = flat(parse_args(SFT_GROUPS, calls["sft"]))
     assert (values["lora_rank"], values["max_seq_length"], values["image_folder"]) == (8, 1024, str(tmp_path))
+    assert (values["image_min_pixels"], values["image_max_pixels"]) == (None, 1003520)
     assert (values["save_steps"], values["seed"]) == (7, 3)  # the extra flags come last, so they win
 
 
@@ -209,6 +212,8 @@ def assert_trained(proc: subprocess.CompletedProcess, out: Path, weights: list[s
     args = json.loads((out / ARGS_FILE).read_text())
     assert args["lora_enable"] is lora
     assert args["num_train_epochs"] == 1 and args["output_dir"] == str(out)
+    # the record holds the pixel budgets used: the tiny Qwen2-VL family's defaults, not "unset"
+    assert (args["image_min_pixels"], args["image_max_pixels"]) == (4 * 28 * 28, 16384 * 28 * 28)
     assert "Traceback" not in proc.stderr
 
 

@@ -14,7 +14,7 @@ from vlft.utils import log
 def main(argv: list[str] | None = None) -> int:
     from vlft.config import DataArguments, ModelArguments, parse_args, validate
     from vlft.data.prepare import prepare_sft_data
-    from vlft.models.loading import load_processor
+    from vlft.models.loading import load_family, load_processor
 
     model_args, data_args = parse_args((ModelArguments, DataArguments), argv or [], prog="vlft check-data")
     if not model_args.model_id or not data_args.data_path:
@@ -23,9 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         raise VlftError(f"--data_path {data_args.data_path}: file not found")
     validate(model_args, data_args)
     processor = load_processor(model_args.model_id)
+    media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
     prepared = prepare_sft_data(
         data_args.data_path, processor=processor, image_folder=data_args.image_folder,
-        media=data_args.media_settings(), max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
+        media=media, max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
         skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
     )
     log(prepared.summary())

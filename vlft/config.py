@@ -14,13 +14,6 @@ from pathlib import Path
 from transformers import HfArgumentParser, TrainingArguments
 
 from vlft import compat_2u1
-from vlft.constants import (
-    DEFAULT_IMAGE_MAX_PIXELS,
-    DEFAULT_IMAGE_MIN_PIXELS,
-    DEFAULT_VIDEO_MAX_PIXELS,
-    DEFAULT_VIDEO_MAX_TOTAL_PIXELS,
-    DEFAULT_VIDEO_MIN_PIXELS,
-)
 from vlft.errors import VlftError
 
 ARGS_FILE = "vlft_args.json"
@@ -46,8 +39,14 @@ class DataArguments:
         default=None,
         metadata={"help": "Folder that relative image and video paths resolve against (default: the data file's folder)."},
     )
-    image_min_pixels: int = field(default=DEFAULT_IMAGE_MIN_PIXELS, metadata={"help": "Lower pixel budget per image."})
-    image_max_pixels: int = field(default=DEFAULT_IMAGE_MAX_PIXELS, metadata={"help": "Upper pixel budget per image."})
+    # Pixel budgets: None = the model family's default, the same token count for every family (vlft.constants:
+    # 4..16384 tokens per image; 3136..12845056 pixels for Qwen2/2.5-VL, 4096..16777216 for Qwen3-VL).
+    image_min_pixels: int | None = field(
+        default=None, metadata={"help": "Lower pixel budget per image (default: 4 tokens of the model's patch x merge)."}
+    )
+    image_max_pixels: int | None = field(
+        default=None, metadata={"help": "Upper pixel budget per image (default: 16384 tokens of the model's patch x merge)."}
+    )
     max_seq_length: int = field(
         default=8192, metadata={"help": "Longest tokenised record, vision tokens included; longer ones are dropped."}
     )
@@ -66,11 +65,16 @@ class DataArguments:
     group_by_length: bool = field(
         default=False, metadata={"help": "Batch records of similar length together (padded batches; not with --packing)."}
     )
-    video_min_pixels: int = field(default=DEFAULT_VIDEO_MIN_PIXELS, metadata={"help": "Lower pixel budget per frame."})
-    video_max_pixels: int = field(default=DEFAULT_VIDEO_MAX_PIXELS, metadata={"help": "Upper pixel budget per frame."})
-    video_max_total_pixels: int = field(
-        default=DEFAULT_VIDEO_MAX_TOTAL_PIXELS,
-        metadata={"help": "Pixel budget of all sampled frames of one video together (caps a long video's tokens)."},
+    video_min_pixels: int | None = field(
+        default=None, metadata={"help": "Lower pixel budget per frame (default: 128 tokens of the model's patch x merge)."}
+    )
+    video_max_pixels: int | None = field(
+        default=None, metadata={"help": "Upper pixel budget per frame (default: 768 tokens of the model's patch x merge)."}
+    )
+    video_max_total_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Pixel budget of all sampled frames of one video together, caps a long video's tokens "
+                          "(default: 8192 tokens of the model's patch x merge)."},
     )
     fps: float | None = field(
         default=None, metadata={"help": "Frames per second to sample from videos (default 2; not with --nframes)."}
@@ -93,15 +97,49 @@ class DataArguments:
         check_sampling(fps=self.fps, nframes=self.nframes, min_frames=self.video_min_frames,
                        max_frames=self.video_max_frames, frames_fps=self.frames_fps)
 
-    def media_settings(self):
+    def _pixel_budget_problems(self, defaulted: frozenset[str] = frozenset()) -> list[str]:
+        """What is wrong with the pixel budgets set so far (unset ones are skipped); `defaulted` names the fields
+        that hold the family's default rather than a flag's value, to say so in the message."""
+        def show(name):
+            return f"--{name} ({getattr(self, name)}{', the default' if name in defaulted else ''})"
+
+        problems = [f"{show(name)} must be > 0" for name in _PIXEL_BUDGETS
+                    if getattr(self, name) is not None and getattr(self, name) <= 0]
+        for low, high in (("image_min_pixels", "image_max_pixels"), ("video_min_pixels", "video_max_pixels")):
+            if None not in (getattr(self, low), getattr(self, high)) and getattr(self, low) > getattr(self, high):
+                problems.append(f"{show(low)} must be <= {show(high)}")
+        return problems
+
+    def resolve_media_defaults(self, family) -> DataArguments:
+        """Fill every pixel budget left unset (None) with `family`'s default (`Family.default_pixel_budgets`: token
+        counts times its pixel_factor**2), in place, and check them; returns self. Call it before the arguments are
+        recorded (`resolved_args`), so that the record holds the numbers training used. Idempotent."""
+        defaults = family.default_pixel_budgets()
+        defaulted = frozenset(name for name in _PIXEL_BUDGETS if getattr(self, name) is None)
+        for name in defaulted:
+            setattr(self, name, defaults[name])
+        problems = self._pixel_budget_problems(defaulted)
+        if problems:
+            raise VlftError(f"invalid pixel budgets for {family.model_type} (one token = {family.pixel_factor}x"
+                            f"{family.pixel_factor} pixels): " + "; ".join(problems))
+        return self
+
+    def media_settings(self, family):
+        """The media settings for a model of `family`: resolves the unset pixel budgets first (in place, see
+        `resolve_media_defaults`)."""
         from vlft.data.prepare import MediaSettings
 
+        self.resolve_media_defaults(family)
         return MediaSettings(
             image_min_pixels=self.image_min_pixels, image_max_pixels=self.image_max_pixels,
             video_min_pixels=self.video_min_pixels, video_max_pixels=self.video_max_pixels,
             video_max_total_pixels=self.video_max_total_pixels, fps=self.fps, nframes=self.nframes,
             video_min_frames=self.video_min_frames, video_max_frames=self.video_max_frames, frames_fps=self.frames_fps,
         )
+
+
+_PIXEL_BUDGETS = ("image_min_pixels", "image_max_pixels", "video_min_pixels", "video_max_pixels",
+                  "video_max_total_pixels")
 
 
 @dataclass
@@ -343,12 +381,7 @@ def _data_errors(data_args: DataArguments) -> list[str]:
         errors.append("--data_path is required (a LLaVA-format JSON or JSONL file)")
     if data_args.image_folder and not os.path.isdir(data_args.image_folder):
         errors.append(f"--image_folder {data_args.image_folder}: no such directory")
-    if not 0 < data_args.image_min_pixels <= data_args.image_max_pixels:
-        errors.append(f"--image_min_pixels ({data_args.image_min_pixels}) must be > 0 and <= --image_max_pixels "
-                      f"({data_args.image_max_pixels})")
-    if not 0 < data_args.video_min_pixels <= data_args.video_max_pixels:
-        errors.append(f"--video_min_pixels ({data_args.video_min_pixels}) must be > 0 and <= --video_max_pixels "
-                      f"({data_args.video_max_pixels})")
+    errors += data_args._pixel_budget_problems()  # the unset ones are checked once the family resolves them
     if data_args.packing and data_args.group_by_length:
         errors.append("--packing and --group_by_length both arrange records into batches; give only one")
     if data_args.max_seq_length < 8:

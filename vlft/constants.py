@@ -28,12 +28,16 @@ RESERVED_STRINGS = (*QWEN_SPECIAL_TOKENS, "\ue000", "\ue001")
 # LLaVA role names -> chat-template roles
 ROLE_MAP = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
-# 2U1/Qwen2-VL-Finetune defaults for image pixel budgets
-DEFAULT_IMAGE_MIN_PIXELS = 3136
-DEFAULT_IMAGE_MAX_PIXELS = 12845056
-# 2U1's per-frame video budgets (128 and 768 tokens of 28x28 pixels)
-DEFAULT_VIDEO_MIN_PIXELS = 128 * 28 * 28
-DEFAULT_VIDEO_MAX_PIXELS = 768 * 28 * 28
-# All frames of one video together: at most 4096 tokens of 28x28 pixels x 2 frames, half the default
-# --max_seq_length, so one long video cannot push a record over the limit by itself.
-DEFAULT_VIDEO_MAX_TOTAL_PIXELS = 4096 * 28 * 28 * 2
+# Default pixel budgets, as LLM tokens: one token covers a square of the family's `pixel_factor` pixels per side
+# (patch x merge: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL), so the budget in pixels is the count times
+# pixel_factor**2 (`Family.default_pixel_budgets`) and every family gets the same number of tokens.
+# 2U1/Qwen2-VL-Finetune's image budgets, 3136 and 12845056 pixels in 28x28 units:
+DEFAULT_IMAGE_MIN_TOKENS = 4
+DEFAULT_IMAGE_MAX_TOKENS = 16384
+# 2U1's per-frame video budgets (qwen-vl-utils' defaults):
+DEFAULT_VIDEO_MIN_TOKENS = 128
+DEFAULT_VIDEO_MAX_TOKENS = 768
+# All frames of one video together: the pixels summed over its temporal patches (two frames make one), so a video
+# has at most this many tokens (vlft.data.video), the default --max_seq_length, unless the per-frame minimum wins
+# (beyond about 2 * 8192 / 128 = 128 frames); a longer record is dropped or reported like any over-long one.
+DEFAULT_VIDEO_MAX_TOTAL_TOKENS = 8192

@@ -50,6 +50,21 @@ def load_for_inference(model_path: str, *, base_model: str | None, dtype: str):
     return model.eval(), family
 
 
+def _family(pred_args: PredictArguments):
+    """The family of the model to predict with, from its config alone (an adapter run: its base model's), so that
+    the media settings are known before the data check and the model load."""
+    from vlft.merge import is_adapter_run, read_run_args
+    from vlft.models.loading import load_family
+
+    path = Path(pred_args.model)
+    if path.is_dir() and is_adapter_run(path):
+        base = pred_args.base_model or read_run_args(path).get("model_id")
+        if not base:
+            raise VlftError(f"{path / 'vlft_args.json'} is missing, so the base model is unknown: pass --base_model")
+        return load_family(base)
+    return load_family(pred_args.model)
+
+
 def _media_from_run(data_args, run_args: dict, explicit: set[str]):
     """The run's media settings for every media flag not given on this command line."""
     from vlft.config import DataArguments
@@ -78,8 +93,9 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
     if out_path.exists() and not pred_args.overwrite:
         raise VlftError(f"--output {out_path} already exists; choose another file or pass --overwrite true")
     processor = load_processor(pred_args.model)
+    media = data_args.media_settings(_family(pred_args))  # pixel defaults in the family's units
     checked = prepare_sft_data(data_args.data_path, processor=processor, image_folder=data_args.image_folder,
-                             media=data_args.media_settings(), max_seq_length=data_args.max_seq_length,
+                               media=media, max_seq_length=data_args.max_seq_length,
                              skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
                              require_answer=False)
     prompts, references = [], []
@@ -88,7 +104,7 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
         has_answer = last["role"] == "assistant"
         references.append(last["content"] if has_answer else None)
         prompts.append(dataclasses.replace(sample, messages=sample.messages[:-1] if has_answer else sample.messages))
-    dataset = SFTDataset(prompts, checked.image_paths, processor, media=data_args.media_settings(),
+    dataset = SFTDataset(prompts, checked.image_paths, processor, media=media,
                          video_sources=checked.video_sources, add_generation_prompt=True)
 
     set_seed(pred_args.seed)

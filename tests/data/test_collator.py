@@ -85,6 +85,7 @@ def test_dummy_media_leaves_the_loss_and_gradients_unchanged(family, tiny_model_
 
     from vlft.data.collator import SFTCollator
     from vlft.models.loading import load_processor
+    from vlft.models.registry import get_family
 
     model_dir = tiny_model_factory(family)
     processor = load_processor(str(model_dir))
@@ -95,7 +96,7 @@ def test_dummy_media_leaves_the_loss_and_gradients_unchanged(family, tiny_model_
     items = [ds[8], ds[9]]  # text only: both a dummy image and a dummy video are added
     results = []
     for distributed in (False, True):
-        batch = SFTCollator.for_model(processor, model, distributed=distributed)(items)
+        batch = SFTCollator.for_model(processor, model, family=get_family(family), distributed=distributed)(items)
         assert ("pixel_values" in batch) is distributed and ("pixel_values_videos" in batch) is distributed
         model.zero_grad()
         loss = model(**batch).loss

@@ -8,9 +8,13 @@ import transformers
 from PIL import Image, ImageFile
 from qwen_vl_utils import smart_resize
 
-from vlft.constants import DEFAULT_IMAGE_MAX_PIXELS, DEFAULT_IMAGE_MIN_PIXELS
 from vlft.data.media import MediaError, fit_image, image_token_count, load_image, resolve_media_path, smart_size
 from vlft.errors import VlftError
+from vlft.models.registry import get_family
+
+# Qwen2-VL's default image budgets (3136 and 12845056 pixels)
+DEFAULT_IMAGE_MIN_PIXELS, DEFAULT_IMAGE_MAX_PIXELS = (get_family("qwen2_vl").default_pixel_budgets()[k]
+                                                  for k in ("image_min_pixels", "image_max_pixels"))
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "data_examples" / "images"
 

@@ -15,17 +15,8 @@ from PIL import Image
 from qwen_vl_utils.vision_process import smart_nframes, smart_resize
 
 from vlft.data.media import MediaError
-from vlft.data.video import (
-    FPS_MAX_FRAMES,
-    FPS_MIN_FRAMES,
-    check_video,
-    frame_paths,
-    frame_size,
-    load_video,
-    probe_video,
-    sample_count,
-    video_token_count,
-)
+from vlft.data.video import check_video, frame_paths, load_video, probe_video
+from vlft.data.video_sampling import FPS_MAX_FRAMES, FPS_MIN_FRAMES, frame_size, sample_count, video_token_count
 from vlft.errors import VlftError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "data_examples" / "videos"

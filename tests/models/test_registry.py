@@ -1,14 +1,19 @@
-"""The family table agrees with transformers and with real module names of each tiny family."""
+"""The family table agrees with transformers and with real module names of each tiny family, and the pixel
+budgets default to the same token counts in every family's units."""
 from __future__ import annotations
+
+import dataclasses
+import json
 
 import pytest
 import transformers
 
+from vlft.config import SFT_GROUPS, DataArguments, parse_args, resolved_args
 from vlft.errors import VlftError
 from vlft.models.freezing import apply_freeze, count_parameters, parameter_table
-from vlft.models.registry import FAMILIES, get_family
+from vlft.models.registry import FAMILIES, Family, get_family
 from vlft.models.tiny import FAMILIES as TINY_FAMILIES
-from vlft.models.tiny import build_model, build_tokenizer
+from vlft.models.tiny import build_model, build_processor, build_tokenizer
 
 
 @pytest.fixture(scope="module", params=TINY_FAMILIES)
@@ -22,6 +27,38 @@ def test_table_points_at_real_classes():
     for fam in FAMILIES.values():
         assert hasattr(transformers, fam.model_class), fam.model_class
         assert hasattr(transformers, fam.processor_class), fam.processor_class
+        assert hasattr(transformers, fam.video_processor_class), fam.video_processor_class
+        assert getattr(transformers, fam.model_class).config_class.model_type == fam.model_type
+
+
+def test_every_field_is_used():
+    """A field nothing reads is dead knowledge that drifts: each one appears somewhere in vlft outside the table."""
+    from pathlib import Path
+
+    import vlft
+
+    root = Path(vlft.__file__).parent
+    sources = "".join(p.read_text() for p in root.rglob("*.py") if p.name != "registry.py")
+    registry = (root / "models" / "registry.py").read_text()
+    for field in dataclasses.fields(Family):
+        used = f".{field.name}" in sources or f"self.{field.name}" in registry
+        assert used, f"Family.{field.name} is read nowhere"
+
+
+def test_vision_config_fields_exist_in_the_released_configs():
+    """The field names the family reads are there in transformers' default configs (those of the released
+    checkpoints), with the values vision_shape turns into the FLOPs model's shape."""
+    for fam in FAMILIES.values():
+        vision = getattr(transformers, fam.model_class).config_class().vision_config
+        shape = fam.vision_shape(vision)
+        assert shape.patch_size * shape.merge_size == fam.pixel_factor
+        assert shape.depth == vision.depth and shape.width in (getattr(vision, "embed_dim", None), vision.hidden_size)
+        if fam.model_type == "qwen2_vl":
+            assert shape.width == vision.embed_dim != vision.hidden_size  # hidden_size is the LLM's there
+        if fam.model_type == "qwen2_5_vl":
+            assert (shape.window_blocks, shape.window_patches) == (32 - 4, 8 * 8)  # 112-pixel windows of 14-pixel patches
+        else:
+            assert (shape.window_blocks, shape.window_patches) == (0, 0)
 
 
 def test_unknown_model_type_lists_supported():
@@ -40,6 +77,67 @@ def test_every_parameter_belongs_to_a_known_part(tiny):
     assert parts["lm_head.weight"] == "head"
     assert parts["model.language_model.embed_tokens.weight"] == "head"  # counted with the head: embeddings
     assert all(p == "vision" for n, p in parts.items() if "patch_embed" in n)
+    embed = family.patch_embed(model)
+    assert embed is model.model.visual.patch_embed
+    assert embed.proj.weight.shape[0] == family.vision_shape(model.config.vision_config).width
+    assert family.patch_embed_prefix + "proj.weight" in dict(model.named_parameters())
+
+
+def test_patch_embed_is_found_under_peft(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    family, _ = tiny
+    model = build_model(family.model_type, build_tokenizer(family.model_type))  # the fixture's stays unwrapped
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert family.patch_embed(wrapped) is model.model.visual.patch_embed
+
+
+def test_tiny_processor_is_the_family_class(tiny):
+    family, _ = tiny
+    processor = build_processor(family.model_type, build_tokenizer(family.model_type))
+    assert type(processor).__name__ == family.processor_class
+    assert type(processor.video_processor).__name__ == family.video_processor_class
+
+
+# --- default pixel budgets ---
+
+
+def test_qwen3_defaults_are_in_its_own_units():
+    """Qwen3-VL's token is 32x32 pixels: its defaults are multiples of 32*32 and give the token counts that
+    Qwen2-VL's (the 2U1 numbers, in 28x28 units) give."""
+    qwen2 = DataArguments().media_settings(get_family("qwen2_vl"))
+    qwen3 = DataArguments().media_settings(get_family("qwen3_vl"))
+    names = ("image_min_pixels", "image_max_pixels", "video_min_pixels", "video_max_pixels", "video_max_total_pixels")
+    assert [getattr(qwen2, n) for n in names] == [3136, 12845056, 128 * 28 * 28, 768 * 28 * 28, 4096 * 28 * 28 * 2]
+    for name in names:
+        assert getattr(qwen3, name) % (32 * 32) == 0, name
+        assert getattr(qwen3, name) // (32 * 32) == getattr(qwen2, name) // (28 * 28), name
+    assert DataArguments().media_settings(get_family("qwen2_5_vl")) == qwen2
+
+
+def test_given_budgets_win_and_the_record_holds_numbers():
+    model, data, tune, train = parse_args(SFT_GROUPS, ["--model_id", "m", "--data_path", "d.json", "--output_dir", "o",
+                                                       "--image_max_pixels", "1003520", "--video_min_pixels", "2048"])
+    assert data.image_min_pixels is None and data.image_max_pixels == 1003520  # None: the family's, once known
+    media = data.media_settings(get_family("qwen3_vl"))
+    assert (media.image_min_pixels, media.image_max_pixels, media.video_min_pixels) == (4 * 1024, 1003520, 2048)
+    record = json.loads(json.dumps(resolved_args(model, data, tune, train)))
+    assert (record["image_min_pixels"], record["video_max_pixels"]) == (4 * 1024, 768 * 1024)
+    # the record passed back as a config gives the same settings, whatever the family
+    again = DataArguments(**{f.name: record[f.name] for f in dataclasses.fields(DataArguments)})
+    assert again.media_settings(get_family("qwen2_vl")) == media
+    # legacy 2U1 spelling
+    legacy = DataArguments(min_pixels=200704).media_settings(get_family("qwen3_vl"))
+    assert (legacy.image_min_pixels, legacy.image_max_pixels) == (200704, 16384 * 1024)
+
+
+def test_a_budget_below_the_family_default_is_named():
+    with pytest.raises(VlftError, match=r"--image_min_pixels \(4096, the default\) must be <= --image_max_pixels \(2000\)"):
+        DataArguments(image_max_pixels=2000).media_settings(get_family("qwen3_vl"))
+    with pytest.raises(ValueError, match="--video_min_pixels"):
+        DataArguments(video_min_pixels=5000, video_max_pixels=4000)
+    with pytest.raises(ValueError, match="--image_max_pixels"):
+        DataArguments(image_max_pixels=0)
 
 
 @pytest.mark.parametrize("flags,trainable_parts", [

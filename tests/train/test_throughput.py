@@ -95,6 +95,21 @@ def test_qwen2_5_window_attention(tokenizers):
     assert full == pytest.approx(2 * 6 * vision.hidden_size * len(vision.fullatt_block_indexes) * 400)
 
 
+def test_qwen3_shape_comes_through_its_family():
+    """Qwen3-VL's tower: width from `hidden_size`, full attention in every block; its deepstack mergers count with
+    the merger. A model vlft does not know gets no vision terms rather than a guess."""
+    model = build_model("qwen3_vl", build_tokenizer("qwen3_vl"))
+    vision = model.config.vision_config
+    est = estimate_flops(model)
+    assert (est.vision_layers, est.vision_width, est.merge_size) == (vision.depth, vision.hidden_size, 2)
+    assert (est.vision_window_layers, est.window_patches) == (0, 0)
+    deepstack = sum(p.numel() for n, p in model.named_parameters() if ".deepstack_merger_list." in n)
+    assert deepstack and est.merger_params > deepstack
+    model.config.model_type = "not_a_qwen"
+    unknown = estimate_flops(model)
+    assert (unknown.vision_layers, unknown.vision_params, unknown.merger_params) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("name, peak", [
     ("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA L40S", 362e12),

@@ -43,20 +43,24 @@ class SFTCollator:
         self.padding_side = padding_side  # "left" for batched generation: every prompt ends at the last column
 
     @classmethod
-    def for_model(cls, processor, model, *, distributed: bool = False, padding_side: str = "right") -> SFTCollator:
+    def for_model(cls, processor, model, *, family=None, distributed: bool = False,
+                  padding_side: str = "right") -> SFTCollator:
         """The collator matched to `model` (a bare `Qwen*VLForConditionalGeneration`): its special token ids, the
-        arguments this transformers version's forward accepts, and in distributed runs a masked one-token
-        image/video for media-less batches (see DummyMedia) shaped like the model's patch embedding."""
+        arguments this transformers version's forward accepts, and in distributed runs (`family`, the model's
+        registry entry, required then) a masked one-token image/video for media-less batches (see DummyMedia)
+        shaped like the model's patch embedding."""
         import inspect
 
         config = model.config
         accepted = inspect.signature(type(model).forward).parameters  # the class's: instance patches take **kwargs
         dummy = None
         if distributed:
-            visual = model.model.visual
-            weight = visual.patch_embed.proj.weight  # Conv3d [embed, channels, temporal, patch, patch]
+            if family is None:
+                raise ValueError("a distributed collator needs the model's family to find its patch embedding")
+            weight = family.patch_embed(model).proj.weight  # Conv3d [embed, channels, temporal, patch, patch]
             shape = getattr(weight, "ds_shape", weight.shape)  # ZeRO-3 keeps the real shape aside
-            dummy = DummyMedia(patch_dim=shape[1] * shape[2] * shape[3] * shape[4], merge_size=visual.spatial_merge_size,
+            dummy = DummyMedia(patch_dim=shape[1] * shape[2] * shape[3] * shape[4],
+                               merge_size=config.vision_config.spatial_merge_size,
                                vision_start_id=config.vision_start_token_id, vision_end_id=config.vision_end_token_id)
         return cls(processor.tokenizer.pad_token_id, image_token_id=config.image_token_id,
                    video_token_id=config.video_token_id, mm_token_type_ids="mm_token_type_ids" in accepted,

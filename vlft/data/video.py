@@ -63,20 +63,15 @@ import torch
 
 from vlft.data.media import MediaError, load_image
 from vlft.data.pixels import image_to_tensor, resize
-from vlft.data.video_sampling import (  # noqa: F401  (re-exported: the policy's names are part of this API)
-    FPS,
+from vlft.data.video_sampling import (
     FPS_MAX_FRAMES,
     FPS_MIN_FRAMES,
     FRAMES_FPS,
-    VIDEO_MAX_TOKENS,
-    VIDEO_MIN_TOKENS,
-    FramePlan,
     check_sampling,
     frame_indices,
     frame_size,
     plan_frames,
     sample_count,
-    video_token_count,
 )
 from vlft.errors import VlftError
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlft.constants import DEFAULT_VIDEO_MAX_TOKENS, DEFAULT_VIDEO_MIN_TOKENS
 from vlft.data.media import MAX_ASPECT_RATIO, MediaError
 from vlft.errors import VlftError
 
@@ -31,8 +32,6 @@ from vlft.errors import VlftError
 FPS = 2.0  # frames sampled per second of video when neither fps nor nframes is given
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
-VIDEO_MIN_TOKENS = 128  # default min_pixels = VIDEO_MIN_TOKENS * factor**2 per frame
-VIDEO_MAX_TOKENS = 768  # default max_pixels = VIDEO_MAX_TOKENS * factor**2 per frame
 FRAMES_FPS = 2.0  # assumed recording rate (frames per second) of a folder or list of frame images
 TEMPORAL_PATCH_SIZE = 2  # every Qwen-VL family's; the model's own value is passed where it is known
 
@@ -114,8 +113,8 @@ def frame_size(height: int, width: int, nframes: int, *, factor: int, min_pixels
                max_pixels: int | None = None, total_pixels: int | None = None,
                temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> tuple[int, int]:
     """(height, width) in pixels shared by all frames of a clip of nframes frames (rule in the module docstring)."""
-    min_p = VIDEO_MIN_TOKENS * factor**2 if min_pixels is None else min_pixels
-    max_p = VIDEO_MAX_TOKENS * factor**2 if max_pixels is None else max_pixels
+    min_p = DEFAULT_VIDEO_MIN_TOKENS * factor**2 if min_pixels is None else min_pixels
+    max_p = DEFAULT_VIDEO_MAX_TOKENS * factor**2 if max_pixels is None else max_pixels
     if min_p > max_p:
         raise VlftError(f"--video_min_pixels ({min_p}) is larger than --video_max_pixels ({max_p}); lower it")
     cap = max_p if total_pixels is None else min(max_p, total_pixels / nframes * temporal_patch_size)

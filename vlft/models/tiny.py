@@ -13,18 +13,55 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlft.constants import ENDOFTEXT, IM_END, IMAGE_PAD, QWEN_SPECIAL_TOKENS, VIDEO_PAD, VISION_END, VISION_START
+from vlft.models.registry import get_family
 from vlft.utils import log
-
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 PATCH = 8  # vision patch size (real models: 14 or 16); small so tiny images give a few tokens
 MERGE = 2  # spatial merge size, as in the real models
 TEMPORAL_PATCH = 2
 MIN_PIXELS = (2 * PATCH * MERGE) ** 2
 MAX_PIXELS = (8 * PATCH * MERGE) ** 2
+
+
+def _qwen2_vl_vision(hidden: int, width: int, depth: int) -> dict:
+    # the tower's width is `embed_dim`; its `hidden_size` is the LLM's, which the merger projects to
+    return dict(embed_dim=width, hidden_size=hidden, mlp_ratio=2)
+
+
+def _qwen2_5_vl_vision(hidden: int, width: int, depth: int) -> dict:
+    # windowed attention (windows of 2x2 merged tokens) in every block but the last
+    return dict(hidden_size=width, intermediate_size=2 * width, out_hidden_size=hidden, window_size=PATCH * MERGE * 2,
+                fullatt_block_indexes=[depth - 1], tokens_per_second=2)
+
+
+def _qwen3_vl_vision(hidden: int, width: int, depth: int) -> dict:
+    # learned position embeddings (an 8x8 grid, interpolated) and one deepstack merger, after block 0
+    return dict(hidden_size=width, intermediate_size=2 * width, out_hidden_size=hidden, num_position_embeddings=64,
+                deepstack_visual_indexes=[0])
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """What the tiny build of one family chooses beyond the registry's class names (vlft.models.registry): the
+    chat template and the config fields only this family has. Patch, merge and temporal patch are the same for
+    every tiny family (PATCH, MERGE, TEMPORAL_PATCH), so its pixel factor is 16 whatever the family's real one."""
+
+    chat_template: str  # file under TRL's chat_templates/ (Qwen2-VL's and Qwen2.5-VL's templates are identical)
+    vision: Callable[[int, int, int], dict]  # (LLM width, vision width, vision depth) -> its own vision fields
+    qwen3_text: bool = False  # Qwen3 text config: explicit head_dim and interleaved mRoPE sections
+
+
+TINY: dict[str, TinySpec] = {
+    "qwen2_vl": TinySpec("qwen2_5_vl", _qwen2_vl_vision),
+    "qwen2_5_vl": TinySpec("qwen2_5_vl", _qwen2_5_vl_vision),
+    "qwen3_vl": TinySpec("qwen3_vl", _qwen3_vl_vision, qwen3_text=True),
+}
+FAMILIES = tuple(TINY)
 
 # The BPE is trained on this text so that the demo data tokenises into few tokens.
 _CORPUS = """You are a helpful assistant. You are a careful visual assistant.
@@ -42,10 +79,16 @@ user assistant system image video picture frame left right top bottom small larg
 """
 
 
+def _spec(family: str) -> TinySpec:
+    try:
+        return TINY[family]
+    except KeyError:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}") from None
+
+
 def load_chat_template(family: str) -> str:
-    """The official Qwen-VL chat templates, as shipped in TRL's package data (Qwen2-VL's and
-    Qwen2.5-VL's are identical)."""
-    name = "qwen3_vl" if family == "qwen3_vl" else "qwen2_5_vl"
+    """The official Qwen-VL chat templates, as shipped in TRL's package data."""
+    name = _spec(family).chat_template
     return importlib.resources.files("trl").joinpath(f"chat_templates/{name}.jinja").read_text()
 
 
@@ -74,6 +117,7 @@ def build_tokenizer(family: str = "qwen2_vl", vocab_size: int = 640):
 
 
 def build_processor(family: str, tokenizer):
+    import transformers
     from transformers import Qwen2VLImageProcessor
 
     image_processor = Qwen2VLImageProcessor(
@@ -82,15 +126,10 @@ def build_processor(family: str, tokenizer):
     )
     video_size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS * 4}
     common = dict(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH, size=video_size)
-    if family == "qwen3_vl":
-        from transformers import Qwen3VLProcessor as Processor
-        from transformers import Qwen3VLVideoProcessor as VideoProcessor
-    elif family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLProcessor as Processor
-        from transformers import Qwen2VLVideoProcessor as VideoProcessor
-    else:
-        from transformers import Qwen2VLProcessor as Processor
-        from transformers import Qwen2VLVideoProcessor as VideoProcessor
+    _spec(family)  # an unknown family fails here, naming the tiny ones
+    fam = get_family(family)
+    Processor = getattr(transformers, fam.processor_class)
+    VideoProcessor = getattr(transformers, fam.video_processor_class)
     return Processor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=VideoProcessor(**common),
         chat_template=tokenizer.chat_template,
@@ -101,6 +140,9 @@ def build_model(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, vi
                 vision_hidden: int = 32, seed: int = 0, initializer_range: float = 0.2):
     """A randomly initialised model of about 0.2M parameters whose config matches the tokenizer."""
     import torch
+    import transformers
+
+    spec = _spec(family)
 
     ids = {
         "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_PAD),
@@ -121,27 +163,13 @@ def build_model(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, vi
         # 0.02 cannot reach logits sharp enough to memorise the demo, so its loss would stall near ln(vocab).
         initializer_range=initializer_range,
     )
-    vision_common = dict(patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH,
-                         depth=vision_depth, num_heads=2)
-    if family == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config
-        from transformers import Qwen2VLForConditionalGeneration as Model
-        vision = dict(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2, **vision_common)
-    elif family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig as Config
-        from transformers import Qwen2_5_VLForConditionalGeneration as Model
-        vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
-                      window_size=PATCH * MERGE * 2, fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2,
-                      **vision_common)
-    elif family == "qwen3_vl":
-        from transformers import Qwen3VLConfig as Config
-        from transformers import Qwen3VLForConditionalGeneration as Model
+    if spec.qwen3_text:
         text.update(head_dim=head_dim)
         text["rope_parameters"]["mrope_interleaved"] = True
-        vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
-                      num_position_embeddings=64, deepstack_visual_indexes=[0], **vision_common)
-    else:
-        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+    vision = dict(patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH,
+                  depth=vision_depth, num_heads=2, **spec.vision(hidden, vision_hidden, vision_depth))
+    Model = getattr(transformers, get_family(family).model_class)
+    Config = Model.config_class
     config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     torch.manual_seed(seed)
     model = Model(config).to(torch.float32)

@@ -20,7 +20,7 @@ from vlft.utils import log
 
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
-    from vlft.models.loading import load_processor
+    from vlft.models.loading import load_family, load_processor
     from vlft.train.setup import prepare_model
     from vlft.train.trainer import SFTTrainer
 
@@ -29,7 +29,7 @@ def run(argv: list[str]):
     check_output_dir(train_args)
 
     processor = load_processor(model_args.model_id)
-    media = data_args.media_settings()
+    media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
     data = prepare_sft_data(
         data_args.data_path, processor=processor, image_folder=data_args.image_folder, media=media,
         max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
@@ -41,7 +41,8 @@ def run(argv: list[str]):
     dataset = SFTDataset(data.samples, data.image_paths, processor, media=media, video_sources=data.video_sources,
                          raw_pixels=True)
     pixel_norms = (dataset.image_norm, dataset.video_norm)  # uint8 pixels are normalised on the device
-    collator = SFTCollator.for_model(processor, prepared.base_model, distributed=train_args.world_size > 1)
+    collator = SFTCollator.for_model(processor, prepared.base_model, family=prepared.family,
+                                     distributed=train_args.world_size > 1)
     order = None
     if data_args.packing:
         packs = plan_packs(data.lengths, data_args.max_seq_length)

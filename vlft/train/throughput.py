@@ -102,7 +102,8 @@ class FlopsModel:
 
 def estimate_flops(model, family=None) -> FlopsModel:
     """Count `model`'s parameters into the estimate's parts (`family.part_of`; without a family, read from the
-    config, or all of it as LLM for a model vlft does not know)."""
+    config, or all of it as LLM for a model vlft does not know) and read the tower's shape through
+    `family.vision_shape` (an unknown model gets no vision terms)."""
     from vlft.models.registry import FAMILIES
 
     config = model.config
@@ -128,14 +129,10 @@ def estimate_flops(model, family=None) -> FlopsModel:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     vision = getattr(config, "vision_config", None)
     shape = {}
-    if vision is not None:
-        depth = vision.depth
-        windowed = depth - len(vision.fullatt_block_indexes) if getattr(vision, "fullatt_block_indexes", None) else 0
-        window = getattr(vision, "window_size", 0) or 0
-        shape = dict(merge_size=vision.spatial_merge_size, vision_layers=depth,
-                     vision_width=getattr(vision, "embed_dim", None) or vision.hidden_size,
-                     vision_window_layers=windowed if window else 0,
-                     window_patches=(window // vision.patch_size) ** 2 if window else 0)
+    if vision is not None and family is not None:  # the family knows which vision_config fields to read
+        v = family.vision_shape(vision)
+        shape = dict(merge_size=v.merge_size, vision_layers=v.depth, vision_width=v.width,
+                     vision_window_layers=v.window_blocks, window_patches=v.window_patches)
     vision_factor = 6 if trains["vision"] else 2
     return FlopsModel(
         llm_params=counts["llm"], vision_params=counts["vision"], merger_params=counts["merger"],

@@ -21,13 +21,11 @@ def _require_grad_output(module, args, output):
 def vision_input_require_grads(model, family) -> bool:
     """Hook the vision patch embedding so checkpointed vision blocks see an input that requires grad, when
     something in the blocks trains (LoRA, unfrozen blocks) but the patch embedding itself is frozen."""
-    named = dict(model.named_modules())
-    name = next((n for n in named if n.removeprefix("base_model.model.") == family.vision_prefix + "patch_embed"), None)
-    if name is None:
+    patch_embed = family.patch_embed(model)
+    if patch_embed is None:
         return False
-    patch_embed = named[name]
-    blocks_train = any(p.requires_grad for n, p in model.named_parameters()
-                       if family.part_of(n) == "vision" and ".patch_embed." not in n)
+    blocks_train = any(p.requires_grad for n, p in model.named_parameters() if family.part_of(n) == "vision"
+                       and not n.removeprefix("base_model.model.").startswith(family.patch_embed_prefix))
     embed_trains = any(p.requires_grad for p in patch_embed.parameters())
     if not blocks_train or embed_trains or getattr(patch_embed, _INPUT_GRAD_HOOK, None) is not None:
         return False
