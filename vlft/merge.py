@@ -17,13 +17,12 @@ from pathlib import Path
 
 from vlft.errors import VlftError
 from vlft.run_dir import (
-    ARGS_FILE,
     NON_LORA_FILE,
     TRAINED_FILE,
+    base_model_of,
     is_adapter_run,
     read_adapter,
     read_non_lora,
-    read_run_args,
     read_trained,
 )
 from vlft.utils import log
@@ -54,10 +53,7 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
     if not is_adapter_run(run_dir):
         raise VlftError(f"{run_dir} holds no adapter (adapter_config.json); full fine-tuning runs are already "
                         "plain checkpoints: load them directly")
-    run_args = read_run_args(run_dir)
-    base = base_model or run_args.get("model_id")
-    if not base:
-        raise VlftError(f"{run_dir / ARGS_FILE} is missing, so the base model is unknown: pass --base_model")
+    base = base_model_of(run_dir, base_model)
     model, family = load_model(base, dtype=dtype if dtype != "auto" else "fp32")
 
     saved = read_non_lora(run_dir)

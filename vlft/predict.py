@@ -53,15 +53,12 @@ def load_for_inference(model_path: str, *, base_model: str | None, dtype: str):
 def _family(pred_args: PredictArguments):
     """The family of the model to predict with, from its config alone (an adapter run: its base model's), so that
     the media settings are known before the data check and the model load."""
-    from vlft.merge import is_adapter_run, read_run_args
     from vlft.models.loading import load_family
+    from vlft.run_dir import base_model_of, is_adapter_run
 
     path = Path(pred_args.model)
     if path.is_dir() and is_adapter_run(path):
-        base = pred_args.base_model or read_run_args(path).get("model_id")
-        if not base:
-            raise VlftError(f"{path / 'vlft_args.json'} is missing, so the base model is unknown: pass --base_model")
-        return load_family(base)
+        return load_family(base_model_of(path, pred_args.base_model))
     return load_family(pred_args.model)
 
 

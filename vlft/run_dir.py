@@ -91,6 +91,16 @@ def read_run_args(run_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def base_model_of(run_dir: str | os.PathLike, override: str | None = None) -> str:
+    """The base model an adapter run trained from (its recorded --model_id), unless `override` is given."""
+    from vlft.errors import VlftError
+
+    base = override or read_run_args(run_dir).get("model_id")
+    if not base:
+        raise VlftError(f"{Path(run_dir) / ARGS_FILE} is missing, so the base model is unknown: pass --base_model")
+    return base
+
+
 def read_trained(run_dir: str | os.PathLike) -> dict | None:
     """What trained (see `trained_record`), or None for a run saved before vlft recorded it."""
     path = Path(run_dir) / TRAINED_FILE
