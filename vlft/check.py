@@ -1,22 +1,32 @@
 """`vlft check-data`: run a stage's data preparation (data/prepare.py) against a model's processor, without
 loading the model or training: every record parsed, every image and video decoded, every sequence measured.
 
-    vlft check-data --model_id DIR --data_path data.json --image_folder images/
+    vlft check-data --model_id DIR --data_path data.json --image_folder images/ [--stage sft|dpo|predict]
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlft.errors import VlftError
 from vlft.utils import log
 
 
+@dataclass
+class CheckArguments:
+    stage: str = field(
+        default="sft", metadata={"help": "Which stage's records the file holds: sft (conversations ending with a gpt "
+                                         "turn), dpo (preference pairs), predict (prompts, answers optional).",
+                                 "choices": ["sft", "dpo", "predict"]})
+
+
 def main(argv: list[str] | None = None) -> int:
     from vlft.config import DataArguments, ModelArguments, parse_args, validate
-    from vlft.data.prepare import prepare_sft_data
+    from vlft.data.prepare import RECORD_FORMATS, prepare_data
     from vlft.models.loading import load_family, load_processor
 
-    model_args, data_args = parse_args((ModelArguments, DataArguments), argv or [], prog="vlft check-data")
+    check_args, model_args, data_args = parse_args((CheckArguments, ModelArguments, DataArguments), argv or [],
+                                                   prog="vlft check-data")
     if not model_args.model_id or not data_args.data_path:
         raise VlftError("vlft check-data needs --model_id and --data_path")
     if not Path(data_args.data_path).exists():
@@ -24,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     validate(model_args, data_args)
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
-    prepared = prepare_sft_data(
-        data_args.data_path, processor=processor, image_folder=data_args.image_folder,
-        media=media, max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
-        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
+    prepared = prepare_data(
+        data_args.data_path, RECORD_FORMATS[check_args.stage], processor=processor,
+        image_folder=data_args.image_folder, media=media, max_seq_length=data_args.max_seq_length,
+        reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
+        workers=data_args.check_workers,
     )
-    log(prepared.summary())
+    log(f"{check_args.stage} data: {prepared.summary()}")
     return 0

@@ -120,12 +120,12 @@ def _check_turns(value: object, report: Report) -> list[tuple[str, str]] | None:
                    "write the turn's text, or drop the turn")
             ok = False
             continue
-        _check_text(text, role, f"{where}.value", report)
+        check_text(text, role, f"{where}.value", report)
         turns.append((role, text))
     return turns if ok else None
 
 
-def _check_text(text: str, role: str | None, field: str, report: Report) -> None:
+def check_text(text: str, role: str | None, field: str, report: Report) -> None:
     reserved = [s for s in RESERVED_STRINGS if s in text]
     if reserved:
         report(field, f"contains {', '.join(reserved)}, which the tokenizer would read as chat structure",

@@ -23,6 +23,7 @@ from vlft.data.encoding import ChatEncoder, VisionSpec
 from vlft.data.formats import load_records
 from vlft.data.llava import Sample, parse_record
 from vlft.data.media import MediaError, image_grid, load_image, resolve_media_path
+from vlft.data.preference import PreferenceSample, parse_preference_record
 from vlft.data.video import check_video
 from vlft.errors import DataError, Problem, VlftError
 from vlft.utils import log
@@ -70,10 +71,18 @@ def _conversation_lengths(encoder: ChatEncoder, sample: Sample, images, videos) 
     return (len(encoder.encode_conversation(sample.messages, images, videos).input_ids),)
 
 
+def _preference_lengths(encoder: ChatEncoder, sample: PreferenceSample, images, videos) -> tuple[int, ...]:
+    pair = encoder.encode_preference(sample.messages, sample.completions, images, videos)
+    return tuple(len(pair.prompt_ids) + len(ids) for ids in pair.completion_ids)
+
+
 # SFT: LLaVA conversations ending with a gpt turn. Prediction: the last turn may be human (no reference).
 CONVERSATION = RecordFormat("conversation", partial(parse_record, require_answer=True), _conversation_lengths)
 CONVERSATION_OR_PROMPT = RecordFormat("conversation or prompt", partial(parse_record, require_answer=False),
                                       _conversation_lengths)
+# DPO: a prompt with a chosen and a rejected answer (data/preference.py); one sequence per answer
+PREFERENCE = RecordFormat("preference", parse_preference_record, _preference_lengths)
+RECORD_FORMATS = {"sft": CONVERSATION, "predict": CONVERSATION_OR_PROMPT, "dpo": PREFERENCE}
 
 
 @dataclass

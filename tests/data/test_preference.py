@@ -1,0 +1,111 @@
+"""Preference records (the DPO stage's format): both layouts, every defect named by file, record, id and field,
+and data preparation measuring each answer's sequence as SFT would encode it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO
+
+from vlft.data.encoding import ChatEncoder
+from vlft.data.llava import parse_record
+from vlft.data.preference import parse_preference_record
+from vlft.data.prepare import PREFERENCE, prepare_data
+from vlft.errors import DataError
+
+DPO_DEMO = REPO / "data_examples" / "dpo_demo.json"
+GOOD = {"id": "g", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}],
+        "chosen": "A cat.", "rejected": "A dog."}
+
+
+def problems(record):
+    sample, found = parse_preference_record(record, 3, "prefs.json")
+    assert sample is None
+    return {p.field: str(p) for p in found}
+
+
+def test_llava_and_flat_layouts_give_the_same_sample():
+    llava, found = parse_preference_record(GOOD, 0, "f")
+    assert not found
+    flat, found = parse_preference_record({"id": "g", "image": "a.png", "prompt": "<image>\nWhat is it?",
+                                           "chosen": {"from": "gpt", "value": "A cat."}, "rejected": "A dog."}, 0, "f")
+    assert not found and flat == llava
+    assert llava.messages == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    assert (llava.chosen, llava.rejected, llava.images) == ("A cat.", "A dog.", ["a.png"])
+
+
+@pytest.mark.parametrize("change,field,words", [
+    ({"rejected": "A cat."}, "rejected", "the same as the chosen one"),
+    ({"chosen": "  "}, "chosen", "the chosen answer is empty"),
+    ({"rejected": None}, "rejected", "'rejected' is missing"),
+    ({"chosen": ["A cat."]}, "chosen", "'chosen' is a list"),
+    ({"chosen": {"from": "human", "value": "A cat."}}, "chosen.from", "speaker is 'human'"),
+    ({"chosen": "A <image> cat."}, "chosen", "<image> in a gpt turn"),
+    ({"image": ["a.png", "b.png"]}, "image", "1 <image> tag(s) in the human turns but 2 image path(s)"),
+    ({"rejected_image": "b.png"}, "rejected_image", "not supported yet"),
+    ({"conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Hello."}]},
+     "conversations[1]", "the prompt ends with a gpt turn"),
+])
+def test_each_defect_names_its_field(change, field, words):
+    found = problems({**GOOD, **change})
+    assert field in found, found
+    assert words in found[field]
+    assert found[field].startswith("prefs.json: record 3 (id 'g'), field ")
+
+
+def test_flat_layout_problems_name_the_prompt():
+    found = problems({"id": "g", "prompt": "  ", "chosen": "a", "rejected": "b"})
+    assert list(found) == ["prompt"] and "needs non-empty text" in found["prompt"]
+
+
+def test_not_an_object():
+    sample, found = parse_preference_record(["x"], 1, "f")
+    assert sample is None and "not an object" in str(found[0])
+
+
+def test_demo_prepares_and_each_length_is_the_sft_encoding(processor):
+    from conftest import DEMO_MEDIA
+
+    prepared = prepare_data(str(DPO_DEMO), PREFERENCE, processor=processor, image_folder=None, media=DEMO_MEDIA,
+                            max_seq_length=8192)
+    records = json.loads(DPO_DEMO.read_text())
+    assert [s.id for s in prepared.samples] == [r["id"] for r in records]
+    assert [len(s.images) for s in prepared.samples] == [1, 2, 0, 1, 0]
+    assert [len(s.videos) for s in prepared.samples] == [0, 0, 1, 0, 0]
+    encoder = ChatEncoder(processor)
+    for sample, lengths, images, videos in zip(prepared.samples, prepared.sequence_lengths, prepared.image_specs,
+                                               prepared.video_specs):
+        # independent: the whole conversation (prompt + that answer) encoded the SFT way
+        expected = tuple(len(encoder.encode_conversation(sample.messages + [{"role": "assistant", "content": answer}],
+                                                         images, videos).input_ids)
+                         for answer in (sample.chosen, sample.rejected))
+        assert lengths == expected
+    assert prepared.lengths == [max(n) for n in prepared.sequence_lengths]
+
+
+def test_a_pair_whose_longer_answer_does_not_fit_is_dropped(processor, tmp_path):
+    from conftest import DEMO_MEDIA
+
+    text = [r for r in json.loads(DPO_DEMO.read_text()) if r["id"] == "text_only_2u1_flat"][0]
+    long = {**text, "id": "long", "rejected": "no " * 400}
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps([text, long]))
+    kwargs = dict(processor=processor, image_folder=None, media=DEMO_MEDIA, max_seq_length=64)
+    prepared = prepare_data(str(path), PREFERENCE, **kwargs)
+    assert [s.id for s in prepared.samples] == ["text_only_2u1_flat"] and [p.index for p in prepared.overlong] == [1]
+    with pytest.raises(DataError, match="record 1 \\(id 'long'\\)"):
+        prepare_data(str(path), PREFERENCE, reject_overlong=True, **kwargs)
+
+
+def test_sft_records_are_not_preference_records():
+    record = {"id": "s", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+    assert parse_record(record, 0, "f")[0] is not None
+    found = problems({**record, "id": "g"})
+    assert "chosen" in found and "rejected" in found and "conversations[1]" in found
+
+
+def test_check_data_cli_reads_the_dpo_demo(tiny_model_dir, capsys):
+    from vlft.cli import main
+
+    assert main(["check-data", "--stage", "dpo", "--model_id", str(tiny_model_dir), "--data_path", str(DPO_DEMO)]) == 0
+    assert "dpo data: 5 of 5 records usable" in capsys.readouterr().err
