@@ -39,7 +39,7 @@ def lora_targets(model, family: Family, *, llm: bool, vision: bool, exclude: lis
             continue
         if llm and part == "llm":
             llm_names.append(name)
-        elif vision and part == "vision" and "patch_embed" not in name:
+        elif vision and part == "vision" and not name.removeprefix("base_model.model.").startswith(family.patch_embed_prefix):
             vision_names.append(name)
     if num_llm_modules > 0:
         llm_names = llm_names[-num_llm_modules:]
