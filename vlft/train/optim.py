@@ -13,7 +13,7 @@ def _no_decay(name: str, param) -> bool:
 
 def build_param_groups(model, family: Family, *, lr: float, weight_decay: float, vision_lr: float | None = None,
                        merger_lr: float | None = None) -> list[dict]:
-    """Groups named 'vision', 'merger', 'base' (language model, head, embeddings), each split into decay and
+    """Groups named 'base' (language model, head, embeddings), 'merger', 'vision', each split into decay and
     no-decay halves; LoRA tensors follow the part they adapt (vision LoRA gets vision_lr). Empty groups are dropped."""
     rates = {"vision": vision_lr if vision_lr is not None else lr,
              "merger": merger_lr if merger_lr is not None else lr,
@@ -26,7 +26,8 @@ def build_param_groups(model, family: Family, *, lr: float, weight_decay: float,
         kind = part if part in ("vision", "merger") else "base"
         buckets.setdefault((kind, _no_decay(name, param)), []).append(param)
     groups = []
-    for kind in ("vision", "merger", "base"):
+    # "base" first: the Trainer logs the first group's rate as `learning_rate`, which should be --learning_rate
+    for kind in ("base", "merger", "vision"):
         for no_decay in (False, True):
             params = buckets.get((kind, no_decay))
             if params:

@@ -74,7 +74,8 @@ class VlftTrainerMixin:
         self.throughput = ThroughputCallback(
             self.model, family, real_tokens=lambda: c.tokens, real_samples=lambda: c.records,
             vision_tokens=lambda: c.patches, vision_pairs=lambda: c.pairs)
-        self.add_callback(self.throughput)
+        # right after DefaultFlowCallback: the figures it adds to a log line reach the reporters and the printer
+        self.callback_handler.callbacks.insert(1, self.throughput)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
