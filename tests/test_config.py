@@ -127,3 +127,23 @@ def test_flag_spellings_that_contradict_are_named():
         check("--min_pixels", "100", "--image_min_pixels", "200")
     with pytest.raises(VlftError, match="--lazy_preprocess"):
         check("--lazy_preprocess", "false")
+
+
+@pytest.mark.parametrize("config_name", ["DPOConfig", "GRPOConfig"])
+def test_the_arguments_mixin_goes_on_trls_configs(config_name, tmp_path):
+    """The DPO and GRPO stages are `VlftArgumentsMixin + trl.*Config`: vlft's defaults and 2U1 flags apply on top
+    of TRL's own fields, which keep their defaults."""
+    from dataclasses import dataclass
+
+    import trl
+
+    from vlft.config import VlftArgumentsMixin
+
+    base = getattr(trl, config_name)
+    config_cls = dataclass(type(f"Vlft{config_name}", (VlftArgumentsMixin, base), {}))
+    args = config_cls(output_dir=str(tmp_path), warmup_ratio=0.1, use_cpu=True, report_to=[])
+    assert args.warmup_steps == 0.1 and args.remove_unused_columns is False and args.label_names == ["labels"]
+    assert args.logging_steps == 1
+    plain = base(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    own = {"beta", "loss_type"} if config_name == "DPOConfig" else {"num_generations", "beta", "loss_type"}
+    assert all(getattr(args, name) == getattr(plain, name) for name in own)
