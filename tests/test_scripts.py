@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from vlft.cli import main
-from vlft.config import ARGS_FILE, SFT_GROUPS, parse_args, validate
+from vlft.config import SFT_GROUPS, parse_args, validate
+from vlft.run_dir import ARGS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"

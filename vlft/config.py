@@ -16,8 +16,6 @@ from transformers import HfArgumentParser, TrainingArguments
 from vlft import compat_2u1
 from vlft.errors import VlftError
 
-ARGS_FILE = "vlft_args.json"
-
 
 @dataclass
 class ModelArguments:

@@ -247,7 +247,7 @@ def test_in_a_real_trainer_the_history_carries_the_figures(tokenizers, tmp_path,
     lines = [h for h in trainer.state.log_history if "loss" in h]
     assert len(lines) == 2 and all(h["tokens_per_second"] > 0 and h["peak_memory_gb"] > 0 for h in lines)
     assert all("mfu" not in h for h in lines)
-    assert trainer.counts.tokens == 10 + 11 + 12 + 13
+    assert int(trainer.counts.tokens) == 10 + 11 + 12 + 13
     assert "throughput:" in capsys.readouterr().err
 
 
@@ -280,8 +280,8 @@ def test_a_real_sft_run_counts_the_vision_tower(tiny_model_dir, tmp_path):
             pairs += t * (h * w) ** 2
     tokens = sum(len(trainer.train_dataset[i]["input_ids"]) for i in range(len(trainer.train_dataset)))
     records = len(trainer.train_dataset)
-    assert (trainer.counts.tokens, trainer.counts.records) == (tokens, records)
-    assert (trainer.counts.patches, trainer.counts.pairs) == (patches, pairs)
+    assert (int(trainer.counts.tokens), int(trainer.counts.records)) == (tokens, records)
+    assert (int(trainer.counts.patches), int(trainer.counts.pairs)) == (patches, pairs)
 
     base = trainer.model.get_base_model()
     counts = hand_counts(base)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from vlft.errors import VlftError
+from vlft.run_dir import ARGS_FILE
 from vlft.utils import log
 
 
@@ -111,7 +112,7 @@ def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
     log(
         f"done: {summary['steps']} steps in {elapsed:.1f}s; loss {summary['first_loss']:.4f} -> "
         f"{summary['last_loss']:.4f}; {summary['tokens_per_second']:.0f} tokens/s (non-pad, all processes)\n"
-        f"       {'adapter' if lora else 'model'}, processor and vlft_args.json in {summary['output_dir']}"
+        f"       {'adapter' if lora else 'model'}, processor and {ARGS_FILE} in {summary['output_dir']}"
     )
     return summary, trainer
 

@@ -26,8 +26,9 @@ from vlft.utils import log
 
 
 class TrainCounts:
-    """What this process trained on, accumulated at every training step (plain integers: the batches are
-    counted on the CPU before they move to the device, so counting never waits for the GPU)."""
+    """What this process trained on, accumulated at every training step. The sums stay tensors on the batch's
+    device (the Trainer's data loader may already have moved it there): counting never waits for the GPU; the
+    throughput callback reads them (`int(...)`) only when it logs."""
 
     def __init__(self):
         self.tokens = self.records = self.patches = self.pairs = 0
@@ -37,17 +38,17 @@ class TrainCounts:
         per segment tokens, images, videos, is_record), and the `*_grid_thw` rows of its images and videos."""
         if "pack_layout" in inputs:
             layout = inputs["pack_layout"]
-            self.tokens += int((layout[..., 0] * layout[..., 3]).sum())
-            self.records += int(layout[..., 3].sum())
+            self.tokens = self.tokens + (layout[..., 0] * layout[..., 3]).sum()
+            self.records = self.records + layout[..., 3].sum()
         elif "attention_mask" in inputs:
-            self.tokens += int(inputs["attention_mask"].sum())
-            self.records += int(inputs["attention_mask"].shape[0])
+            self.tokens = self.tokens + inputs["attention_mask"].sum()
+            self.records = self.records + inputs["attention_mask"].shape[0]
         for key in ("image_grid_thw", "video_grid_thw"):
             grid = inputs.get(key)
             if grid is not None:
                 frame = grid[:, 1] * grid[:, 2]  # the tower attends within one temporal patch of one image / video
-                self.patches += int((grid[:, 0] * frame).sum())
-                self.pairs += int((grid[:, 0] * frame * frame).sum())
+                self.patches = self.patches + (grid[:, 0] * frame).sum()
+                self.pairs = self.pairs + (grid[:, 0] * frame * frame).sum()
 
 
 class VlftTrainerMixin:
@@ -72,8 +73,8 @@ class VlftTrainerMixin:
         super().__init__(*args, **kwargs)
         c = self.counts
         self.throughput = ThroughputCallback(
-            self.model, family, real_tokens=lambda: c.tokens, real_samples=lambda: c.records,
-            vision_tokens=lambda: c.patches, vision_pairs=lambda: c.pairs)
+            self.model, family, real_tokens=lambda: int(c.tokens), real_samples=lambda: int(c.records),
+            vision_tokens=lambda: int(c.patches), vision_pairs=lambda: int(c.pairs))
         # right after DefaultFlowCallback: the figures it adds to a log line reach the reporters and the printer
         self.callback_handler.callbacks.insert(1, self.throughput)
 
