@@ -8,6 +8,7 @@ a pair that contradicts itself. Nothing else in vlft reads the old names.
     --min_pixels / --max_pixels    -> --image_min_pixels / --image_max_pixels
     --tune_merger B                -> --freeze_merger (not B)
     --lora_namespan_exclude "['a', 'b']"  (one Python-literal string) -> --lora_namespan_exclude a b
+    --dpo_loss NAME                -> --loss_type NAME (2U1 declared it but never read it; vlft does)
     --lazy_preprocess true         -> accepted and ignored: vlft always loads media lazily, in the loader workers
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ def translate(groups) -> None:
         elif name == "TuneArguments":
             _merger(group)
             _namespan(group)
+        elif name == "DPOConfig":
+            _dpo_loss(group)
 
 
 def _attention(model_args) -> None:
@@ -69,3 +72,11 @@ def _namespan(tune_args) -> None:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError("--lora_namespan_exclude must be a list of names")
         tune_args.lora_namespan_exclude = value
+
+
+def _dpo_loss(dpo_args) -> None:
+    if dpo_args.dpo_loss is not None:
+        if dpo_args.loss_type not in (["sigmoid"], [dpo_args.dpo_loss]):
+            raise ValueError(f"--dpo_loss {dpo_args.dpo_loss} contradicts --loss_type {','.join(dpo_args.loss_type)}; "
+                             "give only --loss_type")
+        dpo_args.loss_type = [t.strip() for t in dpo_args.dpo_loss.split(",") if t.strip()]

@@ -48,6 +48,7 @@ class DataArguments:
     max_seq_length: int = field(
         default=8192, metadata={"help": "Longest tokenised record, vision tokens included; longer ones are dropped."}
     )
+    max_length: int | None = field(default=None, metadata={"help": "TRL's name for --max_seq_length."})
     reject_overlong: bool = field(
         default=False, metadata={"help": "Stop with an error listing over-long records instead of dropping them."}
     )
@@ -94,6 +95,12 @@ class DataArguments:
 
         check_sampling(fps=self.fps, nframes=self.nframes, min_frames=self.video_min_frames,
                        max_frames=self.video_max_frames, frames_fps=self.frames_fps)
+        if self.max_length is not None:
+            default = DataArguments.__dataclass_fields__["max_seq_length"].default
+            if self.max_seq_length not in (default, self.max_length):
+                raise ValueError(f"--max_length {self.max_length} contradicts --max_seq_length {self.max_seq_length}; "
+                                 "give one of them")
+            self.max_seq_length = self.max_length
 
     def _pixel_budget_problems(self, defaulted: frozenset[str] = frozenset()) -> list[str]:
         """What is wrong with the pixel budgets set so far (unset ones are skipped); `defaulted` names the fields
@@ -263,6 +270,63 @@ class SFTConfig(VlftArgumentsMixin, TrainingArguments):
     """HF TrainingArguments with vlft's additions (the SFT stage)."""
 
 
+@dataclass
+class DPOConfig(VlftArgumentsMixin, TrainingArguments):
+    """HF TrainingArguments with vlft's additions and the DPO stage's flags, under TRL's `DPOConfig` names and
+    defaults (trl 1.16) for what vlft implements: the loss (train/dpo_loss.py), the reference, truncation."""
+
+    beta: float = field(default=0.1, metadata={"help": "DPO's beta: how far the policy may move from the reference "
+                                                       "(higher = closer)."})
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": "Preference loss(es), TRL's names: sigmoid (DPO), hinge, ipo, exo_pair, nca_pair, robust, "
+                          "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm. "
+                          "Several (space- or comma-separated) are summed with --loss_weights; sigmoid,sft is RPO."},
+    )
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per --loss_type (default: 1 each)."}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Probability that a pair's labels are flipped (robust, exo_pair, aot)."}
+    )
+    ld_alpha: float | None = field(
+        default=None, metadata={"help": "LD-DPO: weight of the longer answer's tokens past the shorter one's length "
+                                        "(arXiv 2409.06411); unset = plain sums."}
+    )
+    discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of the discopop loss."})
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Compute the reference log-probs once before training, cache them in the run directory "
+                          "(reused on resume) and keep no reference model in memory."},
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None, metadata={"help": "Pairs per forward of the reference pass (default: the train batch size)."}
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "A pair longer than --max_seq_length: keep_start cuts the answers from their end; drop "
+                          "leaves the pair out (counted). The prompt is never cut.", "choices": ["keep_start", "drop"]},
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Turn dropout off, so that policy and reference agree at step 0."}
+    )
+    dpo_loss: str | None = field(default=None, metadata={"help": "2U1 spelling of --loss_type."})
+
+    def __post_init__(self):
+        self.loss_type = [t.strip() for value in self.loss_type for t in str(value).split(",") if t.strip()]
+        super().__post_init__()
+
+    def problems(self) -> list[str]:
+        from vlft.train.dpo_loss import check_loss_config
+
+        errors = check_loss_config(self.loss_type, self.loss_weights, self.beta, self.label_smoothing)
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            errors.append(f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
+            errors.append("--precompute_ref_batch_size must be >= 1")
+        return errors
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -270,6 +334,7 @@ def _has_cuda() -> bool:
 
 
 SFT_GROUPS = (ModelArguments, DataArguments, TuneArguments, SFTConfig)
+DPO_GROUPS = (ModelArguments, DataArguments, TuneArguments, DPOConfig)
 
 
 def _config_to_argv(path: str, parser) -> list[str]:
@@ -367,8 +432,10 @@ def validate(*groups) -> None:
             errors += _data_errors(group)
         elif isinstance(group, TuneArguments):
             errors += _tune_errors(group)
-        elif isinstance(group, TrainingArguments) and not group.output_dir:
-            errors.append("--output_dir is required")
+        elif isinstance(group, TrainingArguments):
+            if not group.output_dir:
+                errors.append("--output_dir is required")
+            errors += group.problems() if hasattr(group, "problems") else []
     if errors:
         raise VlftError("invalid arguments:\n  - " + "\n  - ".join(errors))
 

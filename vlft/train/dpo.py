@@ -1,0 +1,123 @@
+"""Direct preference optimisation (DPO, arXiv 2305.18290) of a Qwen-VL model on preference pairs (full or LoRA).
+
+    vlft dpo --model_id output/sft_run --data_path pairs.json --image_folder images/ \
+        --output_dir output/dpo_run --lora_enable true --beta 0.1 --loss_type sigmoid --bf16 true
+
+The same order as SFT (train/sft.py): arguments, data preparation (every pair checked before the model loads),
+model set-up (train/setup.py, one definition for every stage), then the reference (train/reference.py), the data
+pipeline (data/dpo.py) and the trainer (train/dpo_trainer.py). The run directory has an SFT run's shape, so
+`vlft merge` and `vlft predict` take it unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from vlft.config import DPO_GROUPS, parse_args, resolved_args, validate
+from vlft.data.collator import SFTCollator
+from vlft.data.dpo import PreferenceCollator, PreferenceDataset, PreferenceFormat
+from vlft.data.packing import length_grouped_order
+from vlft.data.prepare import prepare_data
+from vlft.errors import VlftError
+from vlft.train.launch import check_output_dir, run_stage, train_and_save
+from vlft.utils import log
+
+
+def reference_cache_key(*, data_path: str, data, model_id: str, media, model_args, train_args, max_length: int) -> str:
+    """What the reference log-probs depend on, hashed: the data file's bytes and the records kept, the model's
+    files (name, size, modification time; or the hub id), the weights dtype and attention kernel, the media
+    settings (pixel budgets, frame sampling), the length limit and --ld_alpha."""
+    model = Path(model_id)
+    files = (sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.iterdir() if p.is_file())
+             if model.is_dir() else model_id)
+    parts = {
+        "data": hashlib.sha256(Path(data_path).read_bytes()).hexdigest(),
+        "records": [s.index for s in data.samples],
+        "model": files,
+        "dtype": "bf16" if train_args.bf16 else "fp32",
+        "attn": model_args.attn_implementation,
+        "media": repr(media),
+        "max_length": max_length,
+        "truncation": train_args.truncation_mode,
+        "ld_alpha": train_args.ld_alpha,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _zero_stage(train_args) -> int:
+    if not train_args.deepspeed:
+        return 0
+    return int(train_args.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0))
+
+
+def run(argv: list[str]):
+    """Train; returns (summary dict, trainer). The summary is also printed."""
+    import torch
+
+    from vlft.models.loading import load_family, load_model, load_processor
+    from vlft.train.dpo_trainer import DPOTrainer, ReferenceCache
+    from vlft.train.reference import make_reference
+    from vlft.train.setup import prepare_model, weights_dtype
+
+    model_args, data_args, tune_args, train_args = parse_args(DPO_GROUPS, argv, prog="vlft dpo")
+    validate(model_args, data_args, tune_args, train_args)
+    if data_args.packing:
+        raise VlftError("--packing is not available for DPO: a pair's two rows share one prompt; drop --packing")
+    check_output_dir(train_args)
+
+    processor = load_processor(model_args.model_id)
+    media = data_args.media_settings(load_family(model_args.model_id))
+    max_length = data_args.max_seq_length
+    fmt = PreferenceFormat(max_length, train_args.truncation_mode)
+    data = prepare_data(
+        data_args.data_path, fmt.record_format(), processor=processor, image_folder=data_args.image_folder,
+        media=media, max_seq_length=max_length, reject_overlong=data_args.reject_overlong,
+        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers)
+    cut = f"; {len(fmt.truncated)} with answers cut to --max_seq_length {max_length}" if fmt.truncated else ""
+    log(f"data: {data.summary()}{cut}")
+
+    prepared = prepare_model(model_args, tune_args, train_args)  # load, Liger, LoRA, freeze
+    if train_args.disable_dropout:
+        for module in prepared.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+
+    def load_copy():
+        copy, _ = load_model(model_args.model_id, dtype=weights_dtype(train_args),
+                             attn_implementation=model_args.attn_implementation)
+        if tune_args.use_liger:
+            from vlft.models.patches import apply_liger
+
+            apply_liger(copy)
+        return copy
+
+    reference = make_reference(prepared, load_copy=load_copy, precompute=train_args.precompute_ref_log_probs,
+                               zero_stage=_zero_stage(train_args))
+    log(reference.describe() if reference is not None else "reference: precomputed before the first step")
+
+    dataset = PreferenceDataset(data.samples, data.image_paths, processor, media=media,
+                                video_sources=data.video_sources, max_length=max_length, raw_pixels=True)
+    collator = PreferenceCollator(SFTCollator.for_model(processor, prepared.base_model, family=prepared.family,
+                                                        distributed=train_args.world_size > 1))
+    order = None
+    if data_args.group_by_length:
+        batch = train_args.per_device_train_batch_size * train_args.world_size
+        order = lambda epoch: length_grouped_order(data.lengths, batch, train_args.seed + epoch)  # noqa: E731
+    ref_cache = None
+    if train_args.precompute_ref_log_probs:
+        key = reference_cache_key(data_path=data_args.data_path, data=data, model_id=model_args.model_id,
+                                  media=media, model_args=model_args, train_args=train_args, max_length=max_length)
+        ref_cache = ReferenceCache(train_args.output_dir, key, len(dataset))
+
+    trainer = DPOTrainer(
+        model=prepared.model, args=train_args, train_dataset=dataset, processing_class=processor,
+        data_collator=collator, callbacks=prepared.callbacks, vlft_args=resolved_args(model_args, data_args,
+        tune_args, train_args), family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
+        train_order=order, pixel_norms=(dataset.image_norm, dataset.video_norm), reference=reference,
+        ref_cache=ref_cache)
+    return train_and_save(trainer, lora=tune_args.any_lora)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(run, argv)
