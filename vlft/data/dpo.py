@@ -21,8 +21,8 @@ from vlft.constants import IGNORE_INDEX
 from vlft.data.collator import SFTCollator
 from vlft.data.encoding import ChatEncoder
 from vlft.data.media import MediaError
-from vlft.data.prepare import RecordFormat
 from vlft.data.preference import PreferenceSample, parse_preference_record
+from vlft.data.prepare import RecordFormat
 from vlft.data.sft import SFTDataset
 from vlft.errors import VlftError
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-
 from vlft.errors import VlftError
 from vlft.models.freezing import is_lora_param
 
