@@ -36,10 +36,11 @@ def completion_log_probs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tenso
 
     inputs: the model's keyword arguments plus `labels` [N, L] (token ids on the completion tokens,
         IGNORE_INDEX elsewhere; `pair_index` is ignored).
-    Returns (log_probs [N, M], mask [N, M]), float32 nats and 0/1, aligned: column m is the log-prob of the
-    token at column `kept[m] + 1` given everything before it, where `kept` are the M positions (ascending) whose
-    next token is a completion token in at least one row. Only those positions' logits are built (the model's
-    `logits_to_keep` takes the index tensor): the prompt's and the vision tokens' never are."""
+    Returns (log_probs [N, M], mask [N, M]): nats in float32 (or the logits' dtype if wider), and 0/1; aligned:
+    column m is the log-prob of the token at column `kept[m] + 1` given everything before it, where `kept` are
+    the M positions (ascending) whose next token is a completion token in at least one row. Only those positions'
+    logits are built (the model's `logits_to_keep` takes the index tensor): the prompt's and the vision tokens'
+    never are."""
     labels = inputs["labels"]
     model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
     kept = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()[:, 0]
@@ -51,7 +52,7 @@ def completion_log_probs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tenso
     safe = targets.masked_fill(~mask, 0)
     rows = []
     for b in range(logits.shape[0]):  # one row at a time: the float32 copy of [M, vocab] logits is the peak
-        row = logits[b].float()
+        row = logits[b].to(torch.promote_types(logits.dtype, torch.float32))
         rows.append(row.gather(-1, safe[b, :, None])[:, 0] - torch.logsumexp(row, dim=-1))
     per_token = torch.stack(rows) * mask
     return per_token, mask.long()
