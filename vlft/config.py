@@ -307,6 +307,10 @@ class DPOConfig(VlftArgumentsMixin, TrainingArguments):
         metadata={"help": "A pair longer than --max_seq_length: keep_start cuts the answers from their end; drop "
                           "leaves the pair out (counted). The prompt is never cut.", "choices": ["keep_start", "drop"]},
     )
+    encode_vision_once: bool = field(
+        default=True, metadata={"help": "Run the vision tower once per pair, not once per answer: chosen and rejected "
+                                        "share the prompt's pictures (same loss and gradients, proven in the tests)."}
+    )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Turn dropout off, so that policy and reference agree at step 0."}
     )

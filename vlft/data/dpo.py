@@ -94,7 +94,10 @@ class PreferenceDataset(SFTDataset):
 
 class PreferenceCollator:
     """Pairs -> one padded batch of 2B rows, [chosen; rejected] (see the module docstring), plus `pair_index`
-    [B]. `base` is the stage's SFTCollator (SFTCollator.for_model), which does the padding and the media."""
+    [B] and `image_pairs` / `video_pairs` (scalars): the number n of images (videos) of the chosen rows. The media
+    tensors hold those n, the rejected rows' n identical copies, then any dummy media of a distributed batch
+    (data/collator.py: DummyMedia), so the trainer can encode each picture once (train/dpo_trainer.py).
+    `base` is the stage's SFTCollator (SFTCollator.for_model), which does the padding and the media."""
 
     def __init__(self, base: SFTCollator):
         self.base = base
@@ -109,4 +112,7 @@ class PreferenceCollator:
                 rows.append({"input_ids": ids, "labels": labels, **{k: pair[k] for k in MEDIA_KEYS if k in pair}})
         batch = self.base(rows)
         batch["pair_index"] = torch.tensor([pair["pair_index"] for pair in pairs], dtype=torch.long)
+        # images (videos) of the chosen rows; the rejected rows repeat them, in the same order, right after
+        for key, grid in (("image_pairs", "image_grid_thw"), ("video_pairs", "video_grid_thw")):
+            batch[key] = torch.tensor(sum(len(pair.get(grid, ())) for pair in pairs), dtype=torch.long)
         return batch

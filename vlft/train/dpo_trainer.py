@@ -28,20 +28,69 @@ from vlft.train.reference import AdaptersOff, FrozenCopy
 from vlft.train.trainer import VlftTrainerMixin
 from vlft.utils import log
 
-NON_MODEL_KEYS = ("labels", "pair_index")
+NON_MODEL_KEYS = ("labels", "pair_index", "image_pairs", "video_pairs")
+_MEDIA = (("image", "pixel_values", "image_grid_thw", "image_pairs"),
+          ("video", "pixel_values_videos", "video_grid_thw", "video_pairs"))
 
 
-def completion_log_probs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_vision_once(model, inputs: dict) -> dict:
+    """The batch with each pair's pictures encoded once: the vision tower runs on the chosen rows' images and
+    videos (plus any dummy media), and its outputs are given to the model's forward twice, once for the chosen
+    rows and once for the rejected rows, through the library's public `mm_encoder_outputs` argument
+    (transformers >= 5.2x; Qwen3-VL's deepstack features included). The grids stay complete (2n + dummies), so
+    mRoPE positions and Qwen2.5-VL's `second_per_grid_ts` are those of the plain batch.
+
+    Exact: the tower encodes every image (video) on its own (attention within one picture), so the features of
+    a picture do not depend on what else is in the batch; the gradient of a feature used twice is the sum of
+    both uses, which is what the plain path accumulates over its two encodings (tests/train/
+    test_dpo_vision_once.py compares loss and gradients). Returns a new dict; batches without media pass."""
+    inputs = dict(inputs)
+    inner = None
+    encoded = {}
+    for kind, pixels_key, grid_key, pairs_key in _MEDIA:
+        pixels, grid = inputs.get(pixels_key), inputs.get(grid_key)
+        if pixels is None or pairs_key not in inputs:
+            continue
+        n = int(inputs[pairs_key])
+        if inner is None:
+            from vlft.models.patches import unwrap_model
+
+            inner = unwrap_model(model).model
+        rows = grid.prod(-1)
+        first, second = int(rows[:n].sum()), int(rows[:2 * n].sum())
+        unique_pixels = torch.cat([pixels[:first], pixels[second:]])
+        unique_grid = torch.cat([grid[:n], grid[2 * n:]])
+        encode = inner.get_image_features if kind == "image" else inner.get_video_features
+        out = encode(unique_pixels, unique_grid, return_dict=True)
+        out.pooler_output = _twice(out.pooler_output, n)
+        if getattr(out, "deepstack_features", None) is not None:
+            out.deepstack_features = [_twice(level, n) for level in out.deepstack_features]
+        encoded[kind] = out
+        del inputs[pixels_key]
+    if encoded:
+        inputs["mm_encoder_outputs"] = encoded
+    return inputs
+
+
+def _twice(parts, n: int) -> tuple:
+    """Per-picture outputs [the n shared ones, extras] -> [the n, the n again, extras]."""
+    return tuple(parts[:n]) * 2 + tuple(parts[n:])
+
+
+def completion_log_probs(model, inputs: dict, *, vision_once: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the completion tokens of a preference batch, from one forward of `model`.
 
     inputs: the model's keyword arguments plus `labels` [N, L] (token ids on the completion tokens,
         IGNORE_INDEX elsewhere; `pair_index` is ignored).
+    vision_once: encode each pair's pictures once (`encode_vision_once`; needs the collator's `image_pairs`).
     Returns (log_probs [N, M], mask [N, M]): nats in float32 (or the logits' dtype if wider), and 0/1; aligned:
     column m is the log-prob of the token at column `kept[m] + 1` given everything before it, where `kept` are
     the M positions (ascending) whose next token is a completion token in at least one row. Only those positions'
     logits are built (the model's `logits_to_keep` takes the index tensor): the prompt's and the vision tokens'
     never are."""
     labels = inputs["labels"]
+    if vision_once:
+        inputs = encode_vision_once(model, inputs)
     model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
     kept = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()[:, 0]
     if kept.numel() == 0:
@@ -120,10 +169,10 @@ class DPOTrainer(VlftTrainerMixin, Trainer):
         ref = self.reference
         if isinstance(ref, FrozenCopy):
             ref.prepare(self)
-            per_token, mask = completion_log_probs(ref.prepared, inputs)
+            per_token, mask = completion_log_probs(ref.prepared, inputs, vision_once=self.args.encode_vision_once)
         else:
             with ref.active():
-                per_token, mask = completion_log_probs(model, inputs)
+                per_token, mask = completion_log_probs(model, inputs, vision_once=self.args.encode_vision_once)
         return sequence_logps(per_token, mask, self.args.ld_alpha)
 
     def precompute_reference(self, *, resumed: bool) -> None:
@@ -152,7 +201,7 @@ class DPOTrainer(VlftTrainerMixin, Trainer):
                 inputs = self._prepare_inputs(self.data_collator([self.train_dataset[i] for i in mine[start:start + batch]]))
                 if self.reference is None:  # full fine-tuning before its first step: the policy is the reference
                     with torch.no_grad():
-                        per_token, mask = completion_log_probs(model, inputs)
+                        per_token, mask = completion_log_probs(model, inputs, vision_once=self.args.encode_vision_once)
                     logps = sequence_logps(per_token, mask, self.args.ld_alpha)
                 else:
                     logps = self.reference_log_probs(model, inputs)
@@ -173,7 +222,7 @@ class DPOTrainer(VlftTrainerMixin, Trainer):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        per_token, mask = completion_log_probs(model, inputs)
+        per_token, mask = completion_log_probs(model, inputs, vision_once=self.args.encode_vision_once)
         args = self.args
         logps = sequence_logps(per_token, mask, args.ld_alpha)
         chosen, rejected = logps.chunk(2)
