@@ -18,6 +18,9 @@ class CheckArguments:
         default="sft", metadata={"help": "Which stage's records the file holds: sft (conversations ending with a gpt "
                                          "turn), dpo (preference pairs), predict (prompts, answers optional).",
                                  "choices": ["sft", "dpo", "predict"]})
+    truncation_mode: str = field(
+        default="keep_start", metadata={"help": "dpo: over-long pairs get their answers cut (keep_start, vlft dpo's "
+                                                "default) or are dropped (drop).", "choices": ["keep_start", "drop"]})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     validate(model_args, data_args)
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
+    record_format, truncated = RECORD_FORMATS[check_args.stage], None
+    if check_args.stage == "dpo":  # the over-long policy of `vlft dpo` (data/dpo.py)
+        from vlft.data.dpo import PreferenceFormat
+
+        preference = PreferenceFormat(data_args.max_seq_length, check_args.truncation_mode)
+        record_format, truncated = preference.record_format(), preference.truncated
     prepared = prepare_data(
-        data_args.data_path, RECORD_FORMATS[check_args.stage], processor=processor,
+        data_args.data_path, record_format, processor=processor,
         image_folder=data_args.image_folder, media=media, max_seq_length=data_args.max_seq_length,
         reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
         workers=data_args.check_workers,
     )
-    log(f"{check_args.stage} data: {prepared.summary()}")
+    cut = f"; {len(truncated)} with answers to be cut to --max_seq_length" if truncated else ""
+    log(f"{check_args.stage} data: {prepared.summary()}{cut}")
     return 0
