@@ -55,7 +55,12 @@ def encode_vision_once(model, inputs: dict) -> dict:
         if inner is None:
             from vlft.models.patches import unwrap_model
 
-            inner = unwrap_model(model).model
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # DDP does not forward attributes
+                model = model.module
+            bare = model
+            while hasattr(bare, "module"):  # DDP / DeepSpeed engine around the model
+                bare = bare.module
+            inner = unwrap_model(bare).model
         rows = grid.prod(-1)
         first, second = int(rows[:n].sum()), int(rows[:2 * n].sum())
         unique_pixels = torch.cat([pixels[:first], pixels[second:]])
