@@ -34,15 +34,18 @@ class TrainCounts:
         self.tokens = self.records = self.patches = self.pairs = 0
 
     def add(self, inputs: dict) -> None:
-        """Count one batch as vlft's collators build it: `attention_mask` (padded) or `pack_layout` (packed rows:
-        per segment tokens, images, videos, is_record), and the `*_grid_thw` rows of its images and videos."""
+        """Count one batch as vlft's collators build it: `attention_mask` (padded; with `pair_index`, a preference
+        batch of two rows per record) or `pack_layout` (packed rows: per segment tokens, images, videos, is_record),
+        and the `*_grid_thw` rows of its images and videos."""
         if "pack_layout" in inputs:
             layout = inputs["pack_layout"]
             self.tokens = self.tokens + (layout[..., 0] * layout[..., 3]).sum()
             self.records = self.records + layout[..., 3].sum()
         elif "attention_mask" in inputs:
             self.tokens = self.tokens + inputs["attention_mask"].sum()
-            self.records = self.records + inputs["attention_mask"].shape[0]
+            # preference batches (data/dpo.py) hold two rows per record: a record is a pair there
+            rows = inputs["pair_index"] if "pair_index" in inputs else inputs["attention_mask"]
+            self.records = self.records + rows.shape[0]
         for key in ("image_grid_thw", "video_grid_thw"):
             grid = inputs.get(key)
             if grid is not None:
