@@ -167,6 +167,16 @@ class DPOTrainer(VlftTrainerMixin, Trainer):
         if ref_cache is not None:
             self.add_callback(_PrecomputeReference(self))
 
+    def count_batch(self, inputs: dict) -> None:
+        if not self.args.encode_vision_once:
+            return super().count_batch(inputs)
+        counted = dict(inputs)  # the tower sees each pair's pictures once: count their patches once
+        for _, _, grid_key, pairs_key in _MEDIA:
+            if counted.get(grid_key) is not None and pairs_key in counted:
+                n = int(counted[pairs_key])
+                counted[grid_key] = torch.cat([counted[grid_key][:n], counted[grid_key][2 * n:]])
+        self.counts.add(counted)
+
     # ------------------------------------------------------------------ reference
     @torch.no_grad()
     def reference_log_probs(self, model, inputs: dict) -> torch.Tensor:

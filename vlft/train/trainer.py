@@ -115,8 +115,12 @@ class VlftTrainerMixin:
             return super()._get_train_sampler(*args, **kwargs)
         return _EpochOrderSampler(self.train_order, self)
 
-    def training_step(self, model, inputs, *args, **kwargs):
+    def count_batch(self, inputs: dict) -> None:
+        """What a batch adds to the throughput counts (a stage whose model sees other than the batch overrides)."""
         self.counts.add(inputs)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.count_batch(inputs)
         return super().training_step(model, inputs, *args, **kwargs)
 
     def _prepare_inputs(self, inputs):
