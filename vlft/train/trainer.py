@@ -18,7 +18,8 @@ import torch
 from transformers import Trainer
 
 from vlft.errors import VlftError
-from vlft.run_dir import write_run_files
+from vlft.models.freezing import is_lora_param
+from vlft.run_dir import bare_name, read_non_lora, write_run_files
 from vlft.train.model_inputs import model_inputs
 from vlft.train.optim import build_param_groups, groups_table
 from vlft.train.throughput import ThroughputCallback
@@ -128,6 +129,32 @@ class VlftTrainerMixin:
         image_norm, video_norm = self.pixel_norms or (None, None)
         return model_inputs(inputs, self.accelerator.unwrap_model(self.model), image_norm=image_norm,
                             video_norm=video_norm)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """HF's resume of a PEFT model loads the adapter only: the weights trained fully next to it (merger,
+        unfrozen blocks; non_lora_trainables.safetensors) would restart from the base model. Restored here, in
+        place (the optimizer and a DPO reference keep their tensors)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.is_fsdp_enabled:  # sharded parameters: not vlft's path (DeepSpeed restores the whole module itself)
+            return
+        from peft import PeftModel
+
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not isinstance(target, PeftModel):
+            return
+        expected = {bare_name(n) for n, p in target.named_parameters() if p.requires_grad and not is_lora_param(n)}
+        if not expected:
+            return
+        saved = read_non_lora(resume_from_checkpoint)
+        if saved.keys() != expected:
+            missing, extra = sorted(expected - saved.keys()), sorted(saved.keys() - expected)
+            raise VlftError(f"cannot resume from {resume_from_checkpoint}: its non_lora_trainables.safetensors does "
+                            f"not hold this run's fully trained weights (missing {missing[:4]}, unexpected "
+                            f"{extra[:4]}); resume with the flags that run was started with")
+        params = {bare_name(n): p for n, p in target.named_parameters()}
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
