@@ -1,5 +1,5 @@
 """What we ship in scripts/: every flag exists, every script's full argument list parses and passes the
-cross-field checks, and both scripts train the demo end to end."""
+cross-field checks, and every script trains the demo end to end (the DPO one also through merge_lora.sh)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vlft.cli import main
-from vlft.config import SFT_GROUPS, parse_args, validate
+from vlft.config import DPO_GROUPS, SFT_GROUPS, parse_args, validate
 from vlft.run_dir import ARGS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +21,7 @@ SCRIPTS = REPO / "scripts"
 SFT_SCRIPTS = sorted(p.name for p in SCRIPTS.glob("*.sh") if "vlft_launch sft" in p.read_text())
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*)")
 SFT_FIELDS = {f.name for g in SFT_GROUPS for f in dataclasses.fields(g) if f.init}
+DPO_FIELDS = {f.name for g in DPO_GROUPS for f in dataclasses.fields(g) if f.init}
 TINY = "tiny-qwen2_vl"
 
 
@@ -363,3 +364,94 @@ def test_merge_script_merges_the_newest_demo_run(tmp_path, cache):
         assert argv[argv.index("--output") + 1] == str(expected)
     else:
         assert proc.returncode == 2 and "bash scripts/finetune_lora.sh" in proc.stderr
+
+
+# --- the DPO script ---
+
+
+def test_every_flag_in_the_dpo_script_is_a_dpo_argument():
+    text = (SCRIPTS / "finetune_dpo.sh").read_text()
+    assert "vlft_launch dpo" in text and "training_flags" in text
+    common = (SCRIPTS / "_common.sh").read_text()
+    flags = set(FLAG.findall(text + common[common.index("training_flags() {"):]))
+    assert len(flags) > 30
+    assert sorted(flags - DPO_FIELDS) == []
+
+
+@pytest.mark.parametrize("demo", [True, False], ids=["demo", "real-model"])
+def test_dpo_script_arguments_parse(tmp_path, demo):
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text("[]")
+    settings = {} if demo else {"MODEL": "/ckpt/merged-sft", "DATA": str(pairs), "IMAGE_FOLDER": str(tmp_path)}
+    calls = launched_argv(tmp_path, "finetune_dpo.sh", **settings)
+    assert sorted(calls) == (["dpo", "tiny-model"] if demo else ["dpo"])
+    groups = parse_args(DPO_GROUPS, calls["dpo"])
+    validate(*groups)
+    values = flat(groups)
+    if demo:
+        assert values["model_id"] == str(tmp_path / "cache" / TINY)
+        assert values["data_path"] == str(REPO / "data_examples" / "dpo_demo.json")
+        assert values["image_folder"] == str(REPO / "data_examples")
+        expected = dict(num_train_epochs=6, learning_rate=5e-3, lora_rank=16, lora_alpha=32,
+                        per_device_train_batch_size=2, gradient_accumulation_steps=1, dataloader_num_workers=0)
+    else:
+        assert (values["model_id"], values["data_path"], values["image_folder"]) == (
+            "/ckpt/merged-sft", str(pairs), str(tmp_path))
+        expected = dict(num_train_epochs=1, learning_rate=5e-6, lora_rank=64, lora_alpha=64,
+                        per_device_train_batch_size=2, gradient_accumulation_steps=16, dataloader_num_workers=4)
+    expected.update(lora_enable=True, lora_dropout=0.0, freeze_vision_tower=True, freeze_merger=False, beta=0.1,
+                    loss_type=["sigmoid"], precompute_ref_log_probs=False, truncation_mode="keep_start",
+                    packing=False, output_dir=str(tmp_path / "out"))
+    assert {k: values[k] for k in expected} == expected
+
+
+def test_dpo_demo_trains_and_merges_into_a_loadable_model(tmp_path, cache):
+    """`bash scripts/finetune_dpo.sh` with only OUTPUT_DIR: the offline demo (5 pairs: images, two images, a video,
+    history, text) trains LoRA + merger; merge_lora.sh folds it into a model plain transformers loads and runs."""
+    out = tmp_path / "runs" / "dpo"
+    env = script_env(tmp_path, PYTHON=sys.executable, VLFT_CACHE=str(cache), OUTPUT_DIR=str(out))
+    proc = subprocess.run(["bash", str(SCRIPTS / "finetune_dpo.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "5 of 5 records usable" in proc.stderr
+    for name in ["adapter_model.safetensors", "adapter_config.json", "non_lora_trainables.safetensors", ARGS_FILE,
+                 "tokenizer.json", "chat_template.jinja"]:
+        assert (out / name).is_file(), name
+    assert (out.parent / "latest").resolve() == out.resolve()
+    match = DONE.search(proc.stderr)
+    assert match, proc.stderr[-3000:]
+    assert int(match.group(1)) == 18  # 5 pairs, 2 per step on one process: 3 steps per epoch, 6 epochs
+    assert float(match.group(2)) == pytest.approx(0.6931, abs=1e-4)  # step 1: policy = reference, loss = ln 2
+    assert float(match.group(3)) < 0.2  # the demo visibly learns to rank its pairs
+    args = json.loads((out / ARGS_FILE).read_text())
+    assert args["lora_enable"] is True and args["beta"] == 0.1 and args["freeze_merger"] is False
+
+    merged = tmp_path / "merged"
+    env = script_env(tmp_path, PYTHON=sys.executable, VLFT_CACHE=str(cache), ADAPTER=str(out), OUTPUT=str(merged))
+    proc = subprocess.run(["bash", str(SCRIPTS / "merge_lora.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    # what trained is in the merged weights (LoRA folded into the LLM, the merger replaced), the rest is the base
+    base, new = load_file(str(cache / TINY / "model.safetensors")), load_file(str(merged / "model.safetensors"))
+    assert base.keys() == new.keys()
+    changed = {k for k in base if not torch.equal(base[k], new[k])}
+    assert any("merger" in k for k in changed) and any(k.endswith("q_proj.weight") for k in changed)
+    assert not any(".blocks." in k or "embed" in k for k in changed)
+
+    model = AutoModelForImageTextToText.from_pretrained(merged)
+    processor = AutoProcessor.from_pretrained(merged)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is this?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = Image.open(REPO / "data_examples" / "images" / "red_square.png").convert("RGB")
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert ids.shape == (1, inputs["input_ids"].shape[1] + 4)
+    assert isinstance(processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:])[0], str)

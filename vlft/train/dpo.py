@@ -51,6 +51,26 @@ def _zero_stage(train_args) -> int:
     return int(train_args.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0))
 
 
+def trained_next_to_lora(tune_args) -> list[str]:
+    """The flags that make parameters train fully next to LoRA adapters (their starting values must stay the
+    reference: train/reference.py); empty without LoRA."""
+    t = tune_args
+    if not t.any_lora:
+        return []
+    flags = []
+    if not t.freeze_merger:
+        flags.append("--freeze_merger false (the merger trains)")
+    if not t.vision_frozen:
+        flags.append("--freeze_vision_tower false")
+    if not t.llm_frozen:
+        flags.append("--freeze_llm false")
+    if t.unfreeze_topk_llm or t.unfreeze_topk_vision:
+        flags.append("--unfreeze_topk_llm / --unfreeze_topk_vision")
+    if t.lora_bias != "none":
+        flags.append(f"--lora_bias {t.lora_bias}")
+    return flags
+
+
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
     import torch
@@ -64,6 +84,12 @@ def run(argv: list[str]):
     validate(model_args, data_args, tune_args, train_args)
     if data_args.packing:
         raise VlftError("--packing is not available for DPO: a pair's two rows share one prompt; drop --packing")
+    trained = trained_next_to_lora(tune_args)
+    if trained and _zero_stage(train_args) == 3 and not train_args.precompute_ref_log_probs:
+        raise VlftError(  # before the data and the model load: the same rule as make_reference's
+            f"under ZeRO-3, LoRA with fully trained parameters next to the adapters ({'; '.join(trained)}) needs "
+            "--precompute_ref_log_probs true: their starting values must stay the reference and ZeRO-3 keeps them as "
+            "shards vlft cannot swap. Or freeze them (--freeze_merger true ...)")
     check_output_dir(train_args)
 
     processor = load_processor(model_args.model_id)

@@ -55,8 +55,6 @@ def encode_vision_once(model, inputs: dict) -> dict:
         if inner is None:
             from vlft.models.patches import unwrap_model
 
-            if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # DDP does not forward attributes
-                model = model.module
             bare = model
             while hasattr(bare, "module"):  # DDP / DeepSpeed engine around the model
                 bare = bare.module

@@ -81,6 +81,9 @@ class VlftTrainerMixin:
             vision_tokens=lambda: int(c.patches), vision_pairs=lambda: int(c.pairs))
         # right after DefaultFlowCallback: the figures it adds to a log line reach the reporters and the printer
         self.callback_handler.callbacks.insert(1, self.throughput)
+        from vlft.train.callbacks import ReleaseSharedMemoryCallback
+
+        self.add_callback(ReleaseSharedMemoryCallback())
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
