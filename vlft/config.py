@@ -331,6 +331,70 @@ class DPOConfig(VlftArgumentsMixin, TrainingArguments):
         return errors
 
 
+@dataclass
+class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
+    """HF TrainingArguments with vlft's additions and the GRPO stage's flags, under TRL's `GRPOConfig` names and
+    defaults (trl 1.16) for what vlft implements (train/grpo_loss.py, train/rewards.py, train/grpo_trainer.py).
+    As in TRL, --per_device_train_batch_size counts completions: prompts per step = it / --num_generations."""
+
+    num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt (the group)."})
+    max_completion_length: int = field(default=512, metadata={"help": "Longest completion, in tokens."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Longest prompt, vision tokens included; longer ones are dropped, never cut "
+                                        "(default: --max_seq_length minus --max_completion_length)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (the log-probs use it too)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    beta: float = field(default=0.0, metadata={"help": "KL weight against the reference (0: no reference model)."})
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clipping bound of the importance ratio."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clipping bound (default: --epsilon)."})
+    loss_type: str = field(default="dapo", metadata={"help": "How token losses are aggregated (TRL's names).",
+                                                      "choices": ["grpo", "bnpo", "dr_grpo", "dapo"]})
+    importance_sampling_level: str = field(
+        default="token", metadata={"help": "token (GRPO) or sequence (GSPO).", "choices": ["token", "sequence"]})
+    scale_rewards: str = field(
+        default="group", metadata={"help": "Divide advantages by the group's reward std (group), the batch's (batch), "
+                                           "or not (none).", "choices": ["group", "batch", "none"]})
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "Leave completions that hit --max_completion_length out of the loss."})
+    num_iterations: int = field(default=1, metadata={"help": "Optimisation passes per generated batch (vlft: 1)."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={"help": "Rewards: built-in names (format, accuracy, count, choice, iou, overlong, repetition), "
+                          "path/to/file.py:function or module:function, with TRL's signature."})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward (default 1)."})
+    log_completions: bool = field(
+        default=True, metadata={"help": "Write every step's completions and rewards to <output_dir>/completions.jsonl."})
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (not available in this version)."})
+    disable_dropout: bool = field(default=False, metadata={"help": "Turn dropout off in the policy."})
+
+    def __post_init__(self):
+        self.reward_funcs = [t.strip() for value in self.reward_funcs for t in str(value).split(",") if t.strip()]
+        super().__post_init__()
+
+    def problems(self) -> list[str]:
+        errors = []
+        if self.num_generations < 2:
+            errors.append("--num_generations must be >= 2: advantages compare the completions of one prompt")
+        elif self.per_device_train_batch_size % self.num_generations:
+            errors.append(f"--per_device_train_batch_size {self.per_device_train_batch_size} counts completions and "
+                          f"must be a multiple of --num_generations {self.num_generations}")
+        if self.num_iterations != 1:
+            errors.append("--num_iterations > 1 is not available yet in vlft; use 1")
+        if self.use_vllm:
+            errors.append("--use_vllm is not available yet in vlft; generation runs with transformers")
+        if self.max_completion_length < 1:
+            errors.append("--max_completion_length must be >= 1")
+        if not self.reward_funcs:
+            errors.append("--reward_funcs needs at least one reward")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            errors.append(f"--reward_weights has {len(self.reward_weights)} value(s) for {len(self.reward_funcs)} "
+                          "reward(s); give one weight per --reward_funcs entry")
+        if self.temperature <= 0:
+            errors.append("--temperature must be > 0")
+        return errors
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -339,6 +403,7 @@ def _has_cuda() -> bool:
 
 SFT_GROUPS = (ModelArguments, DataArguments, TuneArguments, SFTConfig)
 DPO_GROUPS = (ModelArguments, DataArguments, TuneArguments, DPOConfig)
+GRPO_GROUPS = (ModelArguments, DataArguments, TuneArguments, GRPOConfig)
 
 
 def _config_to_argv(path: str, parser) -> list[str]:
