@@ -12,7 +12,7 @@ export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HOME ?= $(CURDIR)/.cache/huggingface
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-distributed test-all lint install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/finetune_lora.sh
 
+# The suite without the multi-process runs (about 10 minutes on 2 cores); CI (.ci/run) runs both.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -m "not distributed" tests
+
+# DDP / ZeRO-2 / ZeRO-3 on 2 CPU processes through the scripts' launcher (tests marked `distributed`)
+test-distributed: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m distributed tests
+
+test-all: test test-distributed
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vlft tests scripts data_examples bench
