@@ -74,9 +74,23 @@ def cat_sketch() -> None:
     img.save(OUT / "cat_sketch.png")
 
 
+def counting_shapes() -> None:
+    """count_1.png .. count_5.png: N shapes on white (the GRPO demo's counting task, data_examples/grpo_demo.json)."""
+    spots = [(6, 6), (36, 8), (20, 30), (6, 44), (40, 42)]
+    colours = [(220, 30, 30), (30, 140, 30), (30, 60, 220), (200, 150, 0), (150, 30, 160)]
+    for n in range(1, 6):
+        img = Image.new("RGB", (64, 64), (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        for k, ((x, y), colour) in enumerate(zip(spots[:n], colours)):
+            box = (x, y, x + 16, y + 16)
+            draw.ellipse(box, fill=colour) if k % 2 == 0 else draw.rectangle(box, fill=colour)
+        img.save(OUT / f"count_{n}.png")
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    for draw in (red_square, green_circle, blue_triangle, gray_gradient, yellow_cmyk, rotated_arrow, cat_sketch):
+    for draw in (red_square, green_circle, blue_triangle, gray_gradient, yellow_cmyk, rotated_arrow, cat_sketch,
+                 counting_shapes):
         draw()
     for path in sorted(OUT.iterdir()):
         print(f"{path.name}: {path.stat().st_size} bytes")

@@ -9,6 +9,7 @@ from vlft.errors import VlftError
 COMMANDS = {
     "sft": ("vlft.train.sft", "supervised fine-tuning (full or LoRA) on LLaVA-format data"),
     "dpo": ("vlft.train.dpo", "direct preference optimisation (full or LoRA) on preference pairs"),
+    "grpo": ("vlft.train.grpo", "GRPO (RL with reward functions) on prompts, full or LoRA"),
     "merge": ("vlft.merge", "merge a LoRA run into a plain Hugging Face checkpoint"),
     "predict": ("vlft.predict", "generate answers for LLaVA records with a run, a merged or a base model"),
     "check-data": ("vlft.check", "validate a data file against a model's processor, without training"),

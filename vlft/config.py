@@ -348,8 +348,9 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
     beta: float = field(default=0.0, metadata={"help": "KL weight against the reference (0: no reference model)."})
     epsilon: float = field(default=0.2, metadata={"help": "Lower clipping bound of the importance ratio."})
     epsilon_high: float | None = field(default=None, metadata={"help": "Upper clipping bound (default: --epsilon)."})
-    loss_type: str = field(default="dapo", metadata={"help": "How token losses are aggregated (TRL's names).",
-                                                      "choices": ["grpo", "bnpo", "dr_grpo", "dapo"]})
+    loss_type: str = field(default="dapo", metadata={"help": "How token losses are aggregated and clipped (TRL's names).",
+                                                      "choices": ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo",
+                                                                  "luspo", "vespo"]})
     importance_sampling_level: str = field(
         default="token", metadata={"help": "token (GRPO) or sequence (GSPO).", "choices": ["token", "sequence"]})
     scale_rewards: str = field(

@@ -211,7 +211,8 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, advan
     loss_type: one of LOSS_TYPES; TRL's default is "dapo".
     epsilon_low, epsilon_high: the ratio is clipped to [1 - epsilon_low, 1 + epsilon_high] (TRL's `epsilon` and
         `epsilon_high`, the latter defaulting to the former). For cispo, epsilon_high is the ratio's upper bound itself
-        (TRL recommends 5.0). delta: INTELLECT-2's extra upper bound on the unclipped ratio (TRL's `delta`), or None.
+        (TRL recommends 5.0; left at 0.2, every on-policy token is weighted 0.2).
+    delta: INTELLECT-2's extra upper bound on the unclipped ratio (TRL's `delta`), or None.
     beta: KL coefficient; beta != 0 needs ref_per_token_logps [B, T] (the reference model's log-probs). The per-token
         KL is k3: exp(ref - logp) - (ref - logp) - 1, times the importance ratio when kl_bias_correction (TRL's
         `use_bias_correction_kl`, default True).
@@ -278,7 +279,7 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, advan
         terms["clip_ratio/low_min"] = _row_share(low, mask)
         terms["clip_ratio/high_max"] = _row_share(high, mask)
     elif loss_type == "sapo":  # smooth gate sigmoid(tau (r - 1)) * 4 / tau in place of the hard clip
-        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)  # float32, as in TRL
         per_token_loss = -(torch.sigmoid(tau * (ratio - 1)) * 4 / tau) * adv
     else:  # vespo
         phi = vespo_weights(adv, log_ratio, mask, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)

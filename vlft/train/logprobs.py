@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from vlft.constants import IGNORE_INDEX
-from vlft.errors import VlftError
 
 # batch keys of vlft's stages that are not model arguments
 NON_MODEL_KEYS = ("labels", "pair_index", "image_pairs", "video_pairs", "advantages", "ref_per_token_logps", "record")
@@ -78,8 +77,8 @@ def completion_log_probs(model, inputs: dict, *, vision_once: bool = False,
         inputs = encode_vision_once(model, inputs)
     model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
     kept = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()[:, 0]
-    if kept.numel() == 0:
-        raise VlftError("a preference batch has no completion token")
+    if kept.numel() == 0:  # nothing to learn in this batch (e.g. every GRPO completion masked): the forward still
+        kept = torch.tensor([labels.shape[1] - 2], device=labels.device)  # runs (collectives), every mask is 0
     logits = model(**model_kwargs, use_cache=False, logits_to_keep=kept).logits
     targets = labels[:, kept + 1]
     mask = targets != IGNORE_INDEX

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GRPO on prompts with verifiable answers (data/grpo.py: a LLaVA prompt with media and any extra keys, e.g.
+# "solution", which reach the reward functions by name), usually after SFT: MODEL is then the merged SFT model.
+# LoRA on the language model by default (LORA_ENABLE=false: full fine-tuning). REWARD_FUNCS takes built-in names
+# (format accuracy count choice iou overlong repetition) and path/to/file.py:function or module:function.
+# With no settings it runs the offline demo (tiny model + data_examples/grpo_demo.json) on whatever this machine has.
+#   MODEL=output/merged/sft DATA=prompts.json IMAGE_FOLDER=images/ REWARD_FUNCS="format accuracy" bash scripts/finetune_grpo.sh
+#   REWARD_FUNCS="format my_rewards.py:box_reward" REWARD_WEIGHTS="0.5 1.0" NUM_GENERATIONS=8 bash scripts/finetune_grpo.sh
+# Launchers (NUM_GPUS, ZERO_CONFIG, ...) and the shared settings as in the SFT scripts (scripts/_common.sh).
+set -euo pipefail
+source "$(dirname "$0")/_common.sh"
+
+MODEL="${MODEL:-}"                                   # empty = tiny offline demo model
+DATA="${DATA:-$REPO/data_examples/grpo_demo.json}"
+IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples}"
+OUTPUT_DIR="${OUTPUT_DIR:-$(new_output_dir finetune_grpo)}"
+if [ -z "$MODEL" ]; then
+  # 4 completions of up to 16 tokens for 2 prompts per step: a random tiny model earns no reward; the demo shows
+  # rollouts, rewards and completions.jsonl, not learning (the tests prove that on a reward it can learn)
+  NUM_GENERATIONS="${NUM_GENERATIONS:-4}"; BATCH_SIZE="${BATCH_SIZE:-8}"
+  demo_model qwen2_vl
+  MAX_COMPLETION_LENGTH="${MAX_COMPLETION_LENGTH:-16}"; LR="${LR:-1e-3}"; LORA_RANK="${LORA_RANK:-16}"
+  LORA_ALPHA="${LORA_ALPHA:-32}"; REWARD_FUNCS="${REWARD_FUNCS:-count format}"
+fi
+EPOCHS="${EPOCHS:-1}"
+LR="${LR:-1e-6}"
+LORA_ENABLE="${LORA_ENABLE:-true}"
+LORA_RANK="${LORA_RANK:-64}"
+LORA_ALPHA="${LORA_ALPHA:-64}"
+LORA_DROPOUT="${LORA_DROPOUT:-0.0}"
+BITS="${BITS:-16}"                                   # 4 or 8 = QLoRA
+NUM_GENERATIONS="${NUM_GENERATIONS:-8}"
+MAX_COMPLETION_LENGTH="${MAX_COMPLETION_LENGTH:-512}"
+TEMPERATURE="${TEMPERATURE:-1.0}"
+BETA="${BETA:-0.0}"                                  # > 0: KL to the starting model (a reference is kept)
+LOSS_TYPE="${LOSS_TYPE:-dapo}"
+REWARD_FUNCS="${REWARD_FUNCS:-format accuracy}"
+REWARD_WEIGHTS="${REWARD_WEIGHTS:-}"                 # space-separated, one per reward
+BATCH_SIZE="${BATCH_SIZE:-8}"                        # completions per device (a multiple of NUM_GENERATIONS)
+GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-64}"
+FREEZE_VISION_TOWER="${FREEZE_VISION_TOWER:-true}"
+FREEZE_MERGER="${FREEZE_MERGER:-false}"
+shared_settings
+
+LORA=()
+if [ "$LORA_ENABLE" = true ]; then
+  LORA=(--lora_enable true --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
+        --bits "$BITS")
+fi
+read -r -a FUNCS <<< "$REWARD_FUNCS"
+WEIGHTS=()
+if [ -n "$REWARD_WEIGHTS" ]; then read -r -a WEIGHTS <<< "$REWARD_WEIGHTS"; WEIGHTS=(--reward_weights "${WEIGHTS[@]}"); fi
+mapfile -t TRAINING < <(training_flags)
+vlft_launch grpo \
+  --model_id "$MODEL" \
+  --data_path "$DATA" \
+  --image_folder "$IMAGE_FOLDER" \
+  --output_dir "$OUTPUT_DIR" \
+  "${LORA[@]}" \
+  --freeze_vision_tower "$FREEZE_VISION_TOWER" \
+  --freeze_merger "$FREEZE_MERGER" \
+  --num_generations "$NUM_GENERATIONS" \
+  --max_completion_length "$MAX_COMPLETION_LENGTH" \
+  --temperature "$TEMPERATURE" \
+  --beta "$BETA" \
+  --loss_type "$LOSS_TYPE" \
+  --reward_funcs "${FUNCS[@]}" \
+  "${WEIGHTS[@]}" \
+  "${TRAINING[@]}" \
+  "$@"
+mark_latest "$OUTPUT_DIR"

@@ -1,0 +1,113 @@
+"""Group relative policy optimisation (GRPO, arXiv 2402.03300) of a Qwen-VL model on prompts with verifiable
+answers, with reward functions written for TRL (full or LoRA).
+
+    vlft grpo --model_id output/merged/sft --data_path prompts.json --image_folder images/ \
+        --output_dir output/grpo_run --lora_enable true --reward_funcs format accuracy --num_generations 8
+
+The order of the other stages (train/sft.py): arguments, data preparation (every prompt checked before the model
+loads), the reward functions loaded and called once on real records with a sample completion (a missing column
+or a wrong return fails here, not after the first rollout), model set-up (train/setup.py), the reference when
+--beta > 0 (train/reference.py), then the trainer (train/grpo_trainer.py). The run directory has an SFT run's
+shape, so `vlft merge` and `vlft predict` take it unchanged.
+"""
+from __future__ import annotations
+
+from vlft.config import GRPO_GROUPS, parse_args, resolved_args, validate
+from vlft.data.collator import SFTCollator
+from vlft.data.encoding import ChatEncoder
+from vlft.data.grpo import PROMPT, PromptDataset, first_items
+from vlft.data.prepare import prepare_data
+from vlft.errors import VlftError
+from vlft.train.dpo import _zero_stage, trained_next_to_lora
+from vlft.train.launch import check_output_dir, run_stage, train_and_save
+from vlft.utils import log
+
+
+def sample_completions(data, encoder, n: int = 4, max_completion_length: int = 512) -> list[dict]:
+    """Up to `n` real records (one per media kind first) with a plausible completion, for the reward pre-flight:
+    the record's solution in the think/answer layout, or a placeholder answer."""
+    kinds: dict[str, int] = {}
+    for i, s in enumerate(data.samples):
+        kinds.setdefault("video" if s.videos else "image" if s.images else "text", i)
+    chosen = list(dict.fromkeys([*kinds.values(), *range(len(data.samples))]))[:n]
+    out = []
+    for i in chosen:
+        s = data.samples[i]
+        answer = s.columns.get("solution", "an answer")
+        completion = f"<think>Looking at the input.</think>\n<answer>{answer}</answer>"
+        out.append({"prompt": encoder.render(s.messages, add_generation_prompt=True)[0], "completion": completion,
+                    "completion_ids": encoder.tokenizer(completion, add_special_tokens=False)["input_ids"],
+                    "columns": {"id": s.id, **s.columns, "max_completion_length": max_completion_length}})
+    return out
+
+
+def run(argv: list[str]):
+    """Train; returns (summary dict, trainer). The summary is also printed."""
+    import torch
+
+    from vlft.models.loading import load_family, load_model, load_processor
+    from vlft.train.grpo_trainer import GRPOTrainer
+    from vlft.train.reference import make_reference
+    from vlft.train.rewards import check_rewards, load_reward_funcs
+    from vlft.train.setup import prepare_model, weights_dtype
+
+    model_args, data_args, tune_args, train_args = parse_args(GRPO_GROUPS, argv, prog="vlft grpo")
+    validate(model_args, data_args, tune_args, train_args)
+    if data_args.packing:
+        raise VlftError("--packing is not available for GRPO (rollouts are generated per prompt); drop --packing")
+    trained = trained_next_to_lora(tune_args)
+    if train_args.beta > 0 and trained and _zero_stage(train_args) == 3:
+        raise VlftError(f"under ZeRO-3, --beta > 0 with LoRA and fully trained parameters next to it "
+                        f"({'; '.join(trained)}) would move the reference; freeze them, or use --beta 0")
+    max_prompt = train_args.max_prompt_length or data_args.max_seq_length - train_args.max_completion_length
+    if max_prompt < 8:
+        raise VlftError(f"--max_seq_length {data_args.max_seq_length} leaves no room for prompts next to "
+                        f"--max_completion_length {train_args.max_completion_length}; raise it or set --max_prompt_length")
+    check_output_dir(train_args)
+
+    processor = load_processor(model_args.model_id)
+    media = data_args.media_settings(load_family(model_args.model_id))
+    data = prepare_data(
+        data_args.data_path, PROMPT, processor=processor, image_folder=data_args.image_folder, media=media,
+        max_seq_length=max_prompt, reject_overlong=data_args.reject_overlong,
+        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers)
+    log(f"data: {data.summary()} (prompts; --max_prompt_length {max_prompt})")
+    encoder = ChatEncoder(processor)
+    reward_funcs = load_reward_funcs(train_args.reward_funcs)
+    samples = sample_completions(data, encoder, max_completion_length=train_args.max_completion_length)
+    log("rewards on real records with a sample completion (before step 1):\n"
+        + check_rewards(reward_funcs, train_args.reward_weights, samples))
+
+    prepared = prepare_model(model_args, tune_args, train_args)  # load, Liger, LoRA, freeze
+    if train_args.disable_dropout:
+        for module in prepared.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    reference = None
+    if train_args.beta > 0:
+        def load_copy():
+            copy, _ = load_model(model_args.model_id, dtype=weights_dtype(train_args),
+                                 attn_implementation=model_args.attn_implementation)
+            return copy
+
+        reference = make_reference(prepared, load_copy=load_copy, precompute=False,
+                                   zero_stage=_zero_stage(train_args))
+        log(reference.describe())
+
+    dataset = PromptDataset(data.samples, data.image_paths, processor, media=media, video_sources=data.video_sources,
+                            raw_pixels=True)
+    generation_collator = SFTCollator.for_model(processor, prepared.base_model, padding_side="left")
+    training_collator = SFTCollator.for_model(processor, prepared.base_model, family=prepared.family,
+                                              distributed=train_args.world_size > 1)
+    trainer = GRPOTrainer(
+        model=prepared.model, args=train_args, train_dataset=dataset, processing_class=processor,
+        data_collator=first_items, callbacks=prepared.callbacks, vlft_args=resolved_args(model_args, data_args,
+        tune_args, train_args), family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
+        pixel_norms=(dataset.image_norm, dataset.video_norm), reward_funcs=reward_funcs,
+        reward_weights=train_args.reward_weights, samples=data.samples, generation_collator=generation_collator,
+        training_collator=training_collator, encoder=encoder, reference=reference)
+    return train_and_save(trainer, lora=tune_args.any_lora)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(run, argv)

@@ -1,0 +1,227 @@
+"""The GRPO trainer: HF's Trainer with vlft's additions (train/trainer.py), rollouts and a clipped policy-gradient
+loss (GRPO, arXiv 2402.03300; DAPO 2503.14476; Dr. GRPO 2503.20783; GSPO 2507.18071).
+
+Why not `VlftTrainerMixin + trl.GRPOTrainer`: TRL 1.16's GRPOTrainer takes only a `datasets.Dataset` and builds the
+model inputs with its own processor call (images only, no video; pixels and grids not those of vlft's data path),
+so media would not go through vlft's preparation. Here each step, for the B prompts of this process:
+
+1. rollout: every prompt repeated `num_generations` times (its pixels with it), left-padded by the SFT collator,
+   `generate` on the unwrapped model (TRL's `unwrap_model_for_generation`: ZeRO-3 weights gathered, so ranks
+   with and without media never wait on each other inside `generate`);
+2. completions cut after their first end-of-turn token; texts decoded; every reward function called with TRL's
+   signature (train/rewards.py), the weighted sum turned into group advantages (train/grpo_loss.py);
+3. training rows: prompt + completion, right-padded by the same SFT collator (distributed dummy media included),
+   labels on the completion tokens, and the reference's per-token log-probs when --beta > 0;
+4. the loss (train/grpo_loss.py, TRL's formulas) on the policy's log-probs from one forward of those rows.
+
+All G completions of a prompt are generated on the process that holds the prompt, so the group statistics need no
+communication. Logged: TRL's metric names (reward, reward_std, rewards/<f>/mean|std, frac_reward_zero_std,
+completions/mean_length, completions/clipped_ratio, clip_ratio/*, kl) and `completions.jsonl` in the run directory.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, Trainer
+
+from vlft.data.grpo import generation_rows, training_rows
+from vlft.train.grpo_loss import group_advantages, grpo_loss, reward_stats, weighted_rewards
+from vlft.train.logprobs import completion_log_probs
+from vlft.train.reference import FrozenCopy
+from vlft.train.trainer import VlftTrainerMixin
+
+
+class GRPOTrainer(VlftTrainerMixin, Trainer):
+    """vlft's GRPO stage. Keyword arguments on top of the mixin's:
+
+    reward_funcs: [(name, function)] (train/rewards.py: load_reward_funcs); reward_weights: one per function.
+    samples: the dataset's PromptSamples (their `columns` reach the reward functions by name).
+    generation_collator: SFTCollator with left padding and no dummy media (rollouts);
+    training_collator: the stage's SFTCollator (right padding, dummy media in distributed runs).
+    encoder: the ChatEncoder (prompt texts for the reward functions).
+    reference: train/reference.py's AdaptersOff or FrozenCopy when --beta > 0, else None."""
+
+    def __init__(self, *args, reward_funcs, reward_weights=None, samples, generation_collator, training_collator,
+                 encoder, reference=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        a = self.args
+        self.reward_funcs = reward_funcs
+        self.reward_weights = torch.tensor(reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)
+        self.samples = samples
+        self.generation_collator = generation_collator
+        self.training_collator = training_collator
+        self.encoder = encoder
+        self.reference = reference
+        self._train_batch_size = a.per_device_train_batch_size // a.num_generations  # prompts per step
+        self.model_accepts_loss_kwargs = False  # the loss is normalised per micro-batch; the Trainer divides by GA
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        tokenizer = encoder.tokenizer
+        end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        self.end_ids = [i for i in end_ids if isinstance(i, int) and i >= 0]
+        # a completion holding a vision placeholder would break the training forward (no pixels for it)
+        vision = [tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                                "<|vision_end|>", "<|vision_pad|>")]
+        self.generation_config = GenerationConfig(
+            suppress_tokens=[i for i in vision if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id],
+            max_new_tokens=a.max_completion_length, do_sample=True, temperature=a.temperature, top_p=a.top_p,
+            top_k=a.top_k or None, eos_token_id=self.end_ids, pad_token_id=tokenizer.pad_token_id,
+            use_cache=True)
+        self.completions_path = Path(a.output_dir) / "completions.jsonl"
+        self.keep_generation_logits = False  # tests: keep the sampling logits of the last rollout
+        self.last_rollout: dict | None = None
+
+    # ------------------------------------------------------------------ rollout
+    def count_batch(self, inputs) -> None:
+        pass  # the training rows are counted when they are built (_prepare_inputs)
+
+    def _prepare_inputs(self, inputs):
+        if isinstance(inputs, dict):  # an already-built batch
+            return super()._prepare_inputs(inputs)
+        return self.rollout(inputs)
+
+    @torch.no_grad()
+    def generate(self, items: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool], torch.Tensor]:
+        """Sample `num_generations` completions per prompt item. Returns per row (prompt-major): completion ids
+        (cut after the first end-of-turn token), the completion mask, whether it was truncated, and the batch the
+        model generated from (for tests)."""
+        from trl.models.utils import unwrap_model_for_generation
+
+        a = self.args
+        batch = super()._prepare_inputs(self.generation_collator(generation_rows(items, a.num_generations)))
+        batch.pop("labels", None)
+        width = batch["input_ids"].shape[1]
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                         gradient_checkpointing_kwargs=a.gradient_checkpointing_kwargs) as model:
+            config = copy.deepcopy(self.generation_config)
+            config.return_dict_in_generate, config.output_logits = True, self.keep_generation_logits
+            out = model.generate(**batch, generation_config=config)
+        sequences = out.sequences[:, width:].cpu()
+        completions, masks, truncated = [], [], []
+        for row in sequences:
+            ends = [k for k, t in enumerate(row.tolist()) if t in self.end_ids]
+            length = ends[0] + 1 if ends else len(row)
+            ids = row[:length]
+            cut = not ends
+            mask = torch.zeros_like(ids) if (cut and a.mask_truncated_completions) else torch.ones_like(ids)
+            completions.append(ids)
+            masks.append(mask)
+            truncated.append(cut)
+        if self.keep_generation_logits:
+            self.last_rollout = {"batch": batch, "sequences": sequences, "logits": torch.stack(out.logits, 1)}
+        return completions, masks, truncated, batch
+
+    def score(self, items: list[dict], completions: list[torch.Tensor]) -> tuple[torch.Tensor, list[str], list[str]]:
+        """Every reward function on this step's completions -> ([N, F] rewards, NaN where a function returned
+        None), with the completion texts and prompt texts."""
+        g = self.args.num_generations
+        tokenizer = self.encoder.tokenizer
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+        samples = [self.samples[int(item["record"])] for item in items for _ in range(g)]
+        prompts = [self.encoder.render(s.messages, add_generation_prompt=True)[0] for s in samples]
+        names = sorted({k for s in samples for k in s.columns})
+        columns = {k: [s.columns.get(k) for s in samples] for k in names}
+        columns.setdefault("id", [s.id for s in samples])
+        # what TRL's GRPOTrainer adds to every call: the trainer state, and hooks to log a metric or a column
+        extras = {"trainer_state": self.state, "log_metric": lambda name, value: self._metrics[name].append(value),
+                  "log_extra": lambda column, values: None}
+        columns.setdefault("max_completion_length", self.args.max_completion_length)  # the built-in overlong reads it
+        per_func = torch.full((len(texts), len(self.reward_funcs)), math.nan)
+        for f, (_, func) in enumerate(self.reward_funcs):
+            values = func(prompts=prompts, completions=texts, completion_ids=[c.tolist() for c in completions],
+                          **columns, **extras)
+            per_func[:, f] = torch.tensor([math.nan if v is None else float(v) for v in values])
+        return per_func, texts, prompts
+
+    def rollout(self, items: list[dict]) -> dict:
+        a = self.args
+        completions, masks, truncated, _ = self.generate(items)
+        per_func, texts, _ = self.score(items, completions)
+        rewards = weighted_rewards(per_func, self.reward_weights)
+        advantages, _ = group_advantages(rewards, a.num_generations, a.scale_rewards)
+        batch = super()._prepare_inputs(self.training_collator(training_rows(items, a.num_generations, completions,
+                                                                              masks)))
+        self.counts.add(batch)
+        batch["advantages"] = advantages.to(batch["input_ids"].device)
+        if a.beta > 0:
+            batch["ref_per_token_logps"] = self.reference_log_probs(batch)
+        self._log_rollout(items, per_func, rewards, completions, truncated, texts)
+        return batch
+
+    @torch.no_grad()
+    def reference_log_probs(self, batch: dict) -> torch.Tensor:
+        ref = self.reference
+        if isinstance(ref, FrozenCopy):
+            ref.prepare(self)
+            return completion_log_probs(ref.prepared, batch, temperature=self.args.temperature)[0]
+        with ref.active():
+            return completion_log_probs(self.model_wrapped, batch, temperature=self.args.temperature)[0]
+
+    def _log_rollout(self, items, per_func, rewards, completions, truncated, texts) -> None:
+        a = self.args
+        gather = self.accelerator.gather
+        device = self.accelerator.device
+        all_per_func = gather(per_func.to(device)).cpu()
+        all_rewards = gather(rewards.to(device)).cpu()
+        names = [name for name, _ in self.reward_funcs]
+        for key, value in reward_stats(all_per_func, names, all_rewards, a.num_generations, a.scale_rewards).items():
+            self._metrics[key].append(value)
+        lengths = gather(torch.tensor([len(c) for c in completions], device=device, dtype=torch.float)).cpu()
+        cut = gather(torch.tensor(truncated, device=device, dtype=torch.float)).cpu()
+        self._metrics["completions/mean_length"].append(lengths.mean().item())
+        self._metrics["completions/min_length"].append(lengths.min().item())
+        self._metrics["completions/max_length"].append(lengths.max().item())
+        self._metrics["completions/clipped_ratio"].append(cut.mean().item())
+        if a.log_completions:
+            from accelerate.utils import gather_object
+
+            rows = []
+            for k, text in enumerate(texts):
+                sample = self.samples[int(items[k // a.num_generations]["record"])]
+                rows.append({"step": self.state.global_step + 1, "record": sample.index, "id": sample.id,
+                             "images": sample.images, "videos": sample.videos, "completion": text,
+                             "truncated": truncated[k], "reward": _finite(rewards[k].item()),
+                             "rewards": {n: _finite(per_func[k, f].item()) for f, n in enumerate(names)}})
+            rows = gather_object(rows)
+            if self.accelerator.is_main_process:
+                self.completions_path.parent.mkdir(parents=True, exist_ok=True)
+                with self.completions_path.open("a") as fh:
+                    for row in rows:
+                        fh.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        a = self.args
+        per_token, mask = completion_log_probs(model, inputs, temperature=a.temperature)
+        out = grpo_loss(per_token, None, inputs["advantages"], mask, loss_type=a.loss_type,
+                        epsilon_low=a.epsilon, epsilon_high=a.epsilon_high if a.epsilon_high is not None else a.epsilon,
+                        beta=a.beta, ref_per_token_logps=inputs.get("ref_per_token_logps"),
+                        importance_sampling_level=a.importance_sampling_level,
+                        max_completion_length=a.max_completion_length,
+                        # per micro-batch: the Trainer divides by the accumulation steps (model_accepts_loss_kwargs
+                        # is off); dapo normalises by this micro-batch's tokens (TRL: the generation batch's, which
+                        # is the same when the accumulated micro-batches hold equal token counts)
+                        gradient_accumulation_steps=1, steps_per_generation=1)
+        gather = self.accelerator.gather_for_metrics
+        metrics = dict(out.clip_metrics)
+        if out.kl_mean is not None:
+            metrics["kl"] = out.kl_mean
+        for key, value in metrics.items():
+            self._metrics[key].append(gather(torch.as_tensor(value, device=per_token.device)).float().mean().item())
+        return (out.loss, out) if return_outputs else out.loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            for key in list(self._metrics):
+                values = [v for v in self._metrics.pop(key) if not math.isnan(v)]
+                if values:
+                    logs[key] = sum(values) / len(values)
+        super().log(logs, *args, **kwargs)
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
