@@ -95,8 +95,9 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         batch = super()._prepare_inputs(self.generation_collator(generation_rows(items, a.num_generations)))
         batch.pop("labels", None)
         width = batch["input_ids"].shape[1]
+        checkpointing = getattr(a, "activation_checkpointing_kwargs", None) or a.gradient_checkpointing_kwargs
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                         gradient_checkpointing_kwargs=a.gradient_checkpointing_kwargs) as model:
+                                         gradient_checkpointing_kwargs=checkpointing) as model:
             config = copy.deepcopy(self.generation_config)
             config.return_dict_in_generate, config.output_logits = True, self.keep_generation_logits
             out = model.generate(**batch, generation_config=config)
