@@ -1,5 +1,6 @@
 """What we ship in scripts/: every flag exists, every script's full argument list parses and passes the
-cross-field checks, and every script trains the demo end to end (the DPO one also through merge_lora.sh)."""
+cross-field checks, and every script trains the demo end to end (the DPO and GRPO ones also through
+merge_lora.sh)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from vlft.cli import main
-from vlft.config import DPO_GROUPS, SFT_GROUPS, parse_args, validate
+from vlft.config import DPO_GROUPS, GRPO_GROUPS, SFT_GROUPS, parse_args, validate
 from vlft.run_dir import ARGS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +23,7 @@ SFT_SCRIPTS = sorted(p.name for p in SCRIPTS.glob("*.sh") if "vlft_launch sft" i
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*)")
 SFT_FIELDS = {f.name for g in SFT_GROUPS for f in dataclasses.fields(g) if f.init}
 DPO_FIELDS = {f.name for g in DPO_GROUPS for f in dataclasses.fields(g) if f.init}
+GRPO_FIELDS = {f.name for g in GRPO_GROUPS for f in dataclasses.fields(g) if f.init}
 TINY = "tiny-qwen2_vl"
 
 
@@ -455,3 +457,107 @@ def test_dpo_demo_trains_and_merges_into_a_loadable_model(tmp_path, cache):
         ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert ids.shape == (1, inputs["input_ids"].shape[1] + 4)
     assert isinstance(processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:])[0], str)
+
+
+# --- the GRPO script ---
+
+
+def test_every_flag_in_the_grpo_script_is_a_grpo_argument():
+    text = (SCRIPTS / "finetune_grpo.sh").read_text()
+    assert "vlft_launch grpo" in text and "training_flags" in text
+    common = (SCRIPTS / "_common.sh").read_text()
+    flags = set(FLAG.findall(text + common[common.index("training_flags() {"):]))
+    assert {"num_generations", "max_completion_length", "reward_funcs", "reward_weights", "beta"} <= flags
+    assert sorted(flags - GRPO_FIELDS) == []
+
+
+@pytest.mark.parametrize("demo", [True, False], ids=["demo", "real-model"])
+def test_grpo_script_arguments_parse(tmp_path, demo):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text("[]")
+    settings = {} if demo else {"MODEL": "/ckpt/merged-sft", "DATA": str(prompts), "IMAGE_FOLDER": str(tmp_path),
+                                "REWARD_FUNCS": "format my_rewards.py:box_reward", "REWARD_WEIGHTS": "0.5 1.0"}
+    calls = launched_argv(tmp_path, "finetune_grpo.sh", **settings)
+    assert sorted(calls) == (["grpo", "tiny-model"] if demo else ["grpo"])
+    groups = parse_args(GRPO_GROUPS, calls["grpo"])
+    validate(*groups)
+    values = flat(groups)
+    if demo:
+        assert values["model_id"] == str(tmp_path / "cache" / TINY)
+        assert values["data_path"] == str(REPO / "data_examples" / "grpo_demo.json")
+        assert values["image_folder"] == str(REPO / "data_examples")
+        expected = dict(num_generations=4, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                        max_completion_length=16, learning_rate=1e-3, lora_rank=16, lora_alpha=32,
+                        reward_funcs=["count", "format"], reward_weights=None, dataloader_num_workers=0)
+    else:
+        assert (values["model_id"], values["data_path"], values["image_folder"]) == (
+            "/ckpt/merged-sft", str(prompts), str(tmp_path))
+        expected = dict(num_generations=8, per_device_train_batch_size=8, gradient_accumulation_steps=8,
+                        max_completion_length=512, learning_rate=1e-6, lora_rank=64, lora_alpha=64,
+                        reward_funcs=["format", "my_rewards.py:box_reward"], reward_weights=[0.5, 1.0],
+                        dataloader_num_workers=4)
+    expected.update(num_train_epochs=1, lora_enable=True, lora_dropout=0.0, freeze_vision_tower=True,
+                    freeze_merger=False, beta=0.0, loss_type="dapo", temperature=1.0, packing=False,
+                    output_dir=str(tmp_path / "out"))
+    assert {k: values[k] for k in expected} == expected
+
+
+def test_grpo_demo_writes_completions_and_merges(tmp_path, cache):
+    """`bash scripts/finetune_grpo.sh` with only OUTPUT_DIR: the offline demo (7 prompts: images, two images, a
+    video, a text prompt; 4 completions each) runs one epoch and logs every completion with its record, media and
+    rewards in completions.jsonl; merge_lora.sh folds the run into a model plain transformers loads and runs."""
+    from vlft.train.rewards import count_reward, format_reward
+
+    out = tmp_path / "runs" / "grpo"
+    env = script_env(tmp_path, PYTHON=sys.executable, VLFT_CACHE=str(cache), OUTPUT_DIR=str(out))
+    proc = subprocess.run(["bash", str(SCRIPTS / "finetune_grpo.sh"), "--disable_tqdm", "true"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "7 of 7 records usable" in proc.stderr
+    for name in ["adapter_model.safetensors", "adapter_config.json", "non_lora_trainables.safetensors", ARGS_FILE,
+                 "tokenizer.json", "chat_template.jinja", "completions.jsonl"]:
+        assert (out / name).is_file(), name
+    assert (out.parent / "latest").resolve() == out.resolve()
+    match = re.search(r"\[vlft\] done: (\d+) steps", proc.stderr)
+    assert match and int(match.group(1)) == 4, proc.stderr[-3000:]  # 7 prompts, 2 a step: 4 steps in one epoch
+
+    records = {r["id"]: r for r in json.loads((REPO / "data_examples" / "grpo_demo.json").read_text())}
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * len(records)  # every prompt once, 4 completions each
+    assert sorted({r["step"] for r in rows}) == [1, 2, 3, 4]
+    for row in rows:
+        record = records[row["id"]]
+        assert row["record"] == list(records).index(row["id"])
+        for key, field in (("image", "images"), ("video", "videos")):
+            media = record.get(key, [])
+            assert row[field] == (media if isinstance(media, list) else [media]), (row["id"], field)
+        assert isinstance(row["completion"], str) and isinstance(row["truncated"], bool)
+        solution = record.get("solution") or record["conversations"][-1]["value"]
+        assert row["rewards"] == {"count": count_reward([row["completion"]], [solution])[0],
+                                  "format": format_reward([row["completion"]])[0]}
+        assert row["reward"] == sum(row["rewards"].values())
+    assert all(sum(r["id"] == rid for r in rows) == 4 for rid in records)
+
+    merged = tmp_path / "merged"
+    env = script_env(tmp_path, PYTHON=sys.executable, VLFT_CACHE=str(cache), ADAPTER=str(out), OUTPUT=str(merged))
+    proc = subprocess.run(["bash", str(SCRIPTS / "merge_lora.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    base, new = load_file(str(cache / TINY / "model.safetensors")), load_file(str(merged / "model.safetensors"))
+    assert base.keys() == new.keys() and all(base[k].shape == new[k].shape for k in base)
+    model = AutoModelForImageTextToText.from_pretrained(merged)
+    processor = AutoProcessor.from_pretrained(merged)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = Image.open(REPO / "data_examples" / "images" / "count_3.png").convert("RGB")
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert ids.shape == (1, inputs["input_ids"].shape[1] + 4)

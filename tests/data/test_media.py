@@ -165,7 +165,8 @@ def test_exif_example_is_stored_sideways():
 
 
 def test_example_images_are_tiny():
-    assert len(list(EXAMPLES.iterdir())) == 7
+    # 7 colour modes / file quirks, and count_1..5 for the GRPO counting demo
+    assert len(list(EXAMPLES.iterdir())) == 12
     assert all(path.stat().st_size < 3000 for path in EXAMPLES.iterdir())
 
 

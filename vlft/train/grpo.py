@@ -24,12 +24,16 @@ from vlft.utils import log
 
 
 def sample_completions(data, encoder, n: int = 4, max_completion_length: int = 512) -> list[dict]:
-    """Up to `n` real records (one per media kind first) with a plausible completion, for the reward pre-flight:
-    the record's solution in the think/answer layout, or a placeholder answer."""
+    """Up to `n` real records (one per media kind and one holding each column first, more than `n` if need be) with a
+    plausible completion, for the reward pre-flight: the record's solution in the think/answer layout, or a
+    placeholder answer."""
     kinds: dict[str, int] = {}
     for i, s in enumerate(data.samples):
         kinds.setdefault("video" if s.videos else "image" if s.images else "text", i)
-    chosen = list(dict.fromkeys([*kinds.values(), *range(len(data.samples))]))[:n]
+        for key in s.columns:  # and a record holding each column, wherever it is (else: 'no column of the data')
+            kinds.setdefault(f"column {key}", i)
+    must = list(dict.fromkeys(kinds.values()))
+    chosen = list(dict.fromkeys([*must, *range(len(data.samples))]))[:max(n, len(must))]
     out = []
     for i in chosen:
         s = data.samples[i]

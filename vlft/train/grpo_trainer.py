@@ -53,6 +53,7 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         self.reward_funcs = reward_funcs
         self.reward_weights = torch.tensor(reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)
         self.samples = samples
+        self.column_names = sorted({k for s in samples for k in s.columns})
         self.generation_collator = generation_collator
         self.training_collator = training_collator
         self.encoder = encoder
@@ -69,8 +70,8 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         self.generation_config = GenerationConfig(
             suppress_tokens=[i for i in vision if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id],
             max_new_tokens=a.max_completion_length, do_sample=True, temperature=a.temperature, top_p=a.top_p,
-            top_k=a.top_k or None, eos_token_id=self.end_ids, pad_token_id=tokenizer.pad_token_id,
-            use_cache=True)
+            top_k=a.top_k, eos_token_id=self.end_ids, pad_token_id=tokenizer.pad_token_id,
+            use_cache=True)  # top_k 0 = off, as in TRL (None would let transformers apply its default, 50)
         self.completions_path = Path(a.output_dir) / "completions.jsonl"
         self.keep_generation_logits = False  # tests: keep the sampling logits of the last rollout
         self.last_rollout: dict | None = None
@@ -124,8 +125,9 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
         samples = [self.samples[int(item["record"])] for item in items for _ in range(g)]
         prompts = [self.encoder.render(s.messages, add_generation_prompt=True)[0] for s in samples]
-        names = sorted({k for s in samples for k in s.columns})
-        columns = {k: [s.columns.get(k) for s in samples] for k in names}
+        # every column of the data at every call, None where a record lacks it (TRL passes a Dataset's columns):
+        # a step whose prompts all lack a column must not drop that argument
+        columns = {k: [s.columns.get(k) for s in samples] for k in self.column_names}
         columns.setdefault("id", [s.id for s in samples])
         # what TRL's GRPOTrainer adds to every call: the trainer state, and hooks to log a metric or a column
         extras = {"trainer_state": self.state, "log_metric": lambda name, value: self._metrics[name].append(value),
