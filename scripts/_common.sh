@@ -100,6 +100,27 @@ optional_flag() {
   if [ -n "$2" ]; then printf '%s\n' "--$1" "$2"; fi
 }
 
+# list_flag NAME "A B C": prints "--NAME A B C" one per line (nothing when the list is empty), for list-valued flags
+# set from one space-separated setting (LOSS_WEIGHTS, REWARD_FUNCS, ...).
+list_flag() {
+  if [ -n "$2" ]; then
+    local items
+    read -r -a items <<< "$2"
+    printf '%s
+' "--$1" "${items[@]}"
+  fi
+}
+
+# lora_flags: the LoRA flags from LORA_ENABLE, LORA_RANK, LORA_ALPHA, LORA_DROPOUT, BITS, one per line (nothing
+# unless LORA_ENABLE=true), for the scripts where LoRA is a setting (finetune_dpo.sh, finetune_grpo.sh).
+lora_flags() {
+  if [ "${LORA_ENABLE:-false}" = true ]; then
+    printf '%s
+' --lora_enable true --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT" \
+      --bits "$BITS"
+  fi
+}
+
 # ---- settings every finetune script shares; each script sets its own first, at its top ----
 
 # demo_model FAMILY: the offline demo's model and batch, for settings still unset: the tiny model, 2 records per

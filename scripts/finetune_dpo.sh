@@ -39,13 +39,8 @@ FREEZE_VISION_TOWER="${FREEZE_VISION_TOWER:-true}"
 FREEZE_MERGER="${FREEZE_MERGER:-false}"
 shared_settings
 
-LORA=()
-if [ "$LORA_ENABLE" = true ]; then
-  LORA=(--lora_enable true --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
-        --bits "$BITS")
-fi
-WEIGHTS=()
-if [ -n "$LOSS_WEIGHTS" ]; then read -r -a WEIGHTS <<< "$LOSS_WEIGHTS"; WEIGHTS=(--loss_weights "${WEIGHTS[@]}"); fi
+mapfile -t LORA < <(lora_flags)
+mapfile -t WEIGHTS < <(list_flag loss_weights "$LOSS_WEIGHTS")
 mapfile -t TRAINING < <(training_flags)
 vlft_launch dpo \
   --model_id "$MODEL" \

@@ -42,14 +42,9 @@ FREEZE_VISION_TOWER="${FREEZE_VISION_TOWER:-true}"
 FREEZE_MERGER="${FREEZE_MERGER:-false}"
 shared_settings
 
-LORA=()
-if [ "$LORA_ENABLE" = true ]; then
-  LORA=(--lora_enable true --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
-        --bits "$BITS")
-fi
-read -r -a FUNCS <<< "$REWARD_FUNCS"
-WEIGHTS=()
-if [ -n "$REWARD_WEIGHTS" ]; then read -r -a WEIGHTS <<< "$REWARD_WEIGHTS"; WEIGHTS=(--reward_weights "${WEIGHTS[@]}"); fi
+mapfile -t LORA < <(lora_flags)
+mapfile -t FUNCS < <(list_flag reward_funcs "$REWARD_FUNCS")
+mapfile -t WEIGHTS < <(list_flag reward_weights "$REWARD_WEIGHTS")
 mapfile -t TRAINING < <(training_flags)
 vlft_launch grpo \
   --model_id "$MODEL" \
@@ -64,7 +59,7 @@ vlft_launch grpo \
   --temperature "$TEMPERATURE" \
   --beta "$BETA" \
   --loss_type "$LOSS_TYPE" \
-  --reward_funcs "${FUNCS[@]}" \
+  "${FUNCS[@]}" \
   "${WEIGHTS[@]}" \
   "${TRAINING[@]}" \
   "$@"

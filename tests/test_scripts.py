@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlft.cli import main
 from vlft.config import DPO_GROUPS, GRPO_GROUPS, SFT_GROUPS, parse_args, validate
@@ -371,12 +372,19 @@ def test_merge_script_merges_the_newest_demo_run(tmp_path, cache):
 # --- the DPO script ---
 
 
+def script_flags(text: str) -> set[str]:
+    """The flags a script passes: literal --flags, `list_flag NAME ...`, and those of the _common.sh helpers it
+    calls (lora_flags, training_flags)."""
+    common = (SCRIPTS / "_common.sh").read_text()
+    common = common[common.index("list_flag() {"):]
+    return set(FLAG.findall(text + common)) | set(re.findall(r"list_flag (\w+)", text))
+
+
 def test_every_flag_in_the_dpo_script_is_a_dpo_argument():
     text = (SCRIPTS / "finetune_dpo.sh").read_text()
     assert "vlft_launch dpo" in text and "training_flags" in text
-    common = (SCRIPTS / "_common.sh").read_text()
-    flags = set(FLAG.findall(text + common[common.index("training_flags() {"):]))
-    assert len(flags) > 30
+    flags = script_flags(text)
+    assert len(flags) > 30 and {"loss_weights", "lora_rank", "beta"} <= flags
     assert sorted(flags - DPO_FIELDS) == []
 
 
@@ -429,45 +437,20 @@ def test_dpo_demo_trains_and_merges_into_a_loadable_model(tmp_path, cache):
     args = json.loads((out / ARGS_FILE).read_text())
     assert args["lora_enable"] is True and args["beta"] == 0.1 and args["freeze_merger"] is False
 
-    merged = tmp_path / "merged"
-    env = script_env(tmp_path, PYTHON=sys.executable, VLFT_CACHE=str(cache), ADAPTER=str(out), OUTPUT=str(merged))
-    proc = subprocess.run(["bash", str(SCRIPTS / "merge_lora.sh")], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    import torch
-    from PIL import Image
-    from safetensors.torch import load_file
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    base, new = merge_with_script_and_generate(tmp_path, cache, out, "red_square.png", "What shape is this?")
     # what trained is in the merged weights (LoRA folded into the LLM, the merger replaced), the rest is the base
-    base, new = load_file(str(cache / TINY / "model.safetensors")), load_file(str(merged / "model.safetensors"))
-    assert base.keys() == new.keys()
     changed = {k for k in base if not torch.equal(base[k], new[k])}
     assert any("merger" in k for k in changed) and any(k.endswith("q_proj.weight") for k in changed)
     assert not any(".blocks." in k or "embed" in k for k in changed)
 
-    model = AutoModelForImageTextToText.from_pretrained(merged)
-    processor = AutoProcessor.from_pretrained(merged)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is this?"}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    image = Image.open(REPO / "data_examples" / "images" / "red_square.png").convert("RGB")
-    inputs = processor(text=[text], images=[image], return_tensors="pt")
-    with torch.no_grad():
-        ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    assert ids.shape == (1, inputs["input_ids"].shape[1] + 4)
-    assert isinstance(processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:])[0], str)
-
 
 # --- the GRPO script ---
-
 
 def test_every_flag_in_the_grpo_script_is_a_grpo_argument():
     text = (SCRIPTS / "finetune_grpo.sh").read_text()
     assert "vlft_launch grpo" in text and "training_flags" in text
-    common = (SCRIPTS / "_common.sh").read_text()
-    flags = set(FLAG.findall(text + common[common.index("training_flags() {"):]))
-    assert {"num_generations", "max_completion_length", "reward_funcs", "reward_weights", "beta"} <= flags
+    flags = script_flags(text)
+    assert {"num_generations", "max_completion_length", "reward_funcs", "reward_weights", "beta", "lora_rank"} <= flags
     assert sorted(flags - GRPO_FIELDS) == []
 
 
@@ -539,25 +522,32 @@ def test_grpo_demo_writes_completions_and_merges(tmp_path, cache):
         assert row["reward"] == sum(row["rewards"].values())
     assert all(sum(r["id"] == rid for r in rows) == 4 for rid in records)
 
-    merged = tmp_path / "merged"
-    env = script_env(tmp_path, PYTHON=sys.executable, VLFT_CACHE=str(cache), ADAPTER=str(out), OUTPUT=str(merged))
-    proc = subprocess.run(["bash", str(SCRIPTS / "merge_lora.sh")], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    base, new = merge_with_script_and_generate(tmp_path, cache, out, "count_3.png", "How many shapes?")
+    assert all(base[k].shape == new[k].shape for k in base)
 
-    import torch
+
+def merge_with_script_and_generate(tmp_path, cache, run_dir, image: str, question: str):
+    """`merge_lora.sh` on a run; the merged model loads with plain transformers and generates 4 tokens for an image
+    question. Returns the base and merged state dicts (same keys)."""
     from PIL import Image
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    merged = tmp_path / "merged"
+    env = script_env(tmp_path, PYTHON=sys.executable, VLFT_CACHE=str(cache), ADAPTER=str(run_dir), OUTPUT=str(merged))
+    proc = subprocess.run(["bash", str(SCRIPTS / "merge_lora.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     base, new = load_file(str(cache / TINY / "model.safetensors")), load_file(str(merged / "model.safetensors"))
-    assert base.keys() == new.keys() and all(base[k].shape == new[k].shape for k in base)
+    assert base.keys() == new.keys()
     model = AutoModelForImageTextToText.from_pretrained(merged)
     processor = AutoProcessor.from_pretrained(merged)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes?"}]}]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    image = Image.open(REPO / "data_examples" / "images" / "count_3.png").convert("RGB")
-    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    inputs = processor(text=[text], images=[Image.open(REPO / "data_examples" / "images" / image).convert("RGB")],
+                       return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert ids.shape == (1, inputs["input_ids"].shape[1] + 4)
+    assert isinstance(processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:])[0], str)
+    return base, new

@@ -4,15 +4,12 @@ same loss curve on 1 process, DDP, ZeRO-2 and ZeRO-3; ZeRO-3 checkpoints equal s
 key; ranks with and without visual inputs in one step do not hang; the data is split across ranks."""
 from __future__ import annotations
 
-import glob
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
+import launcher
 import pytest
 import torch
 from conftest import DEMO_IMAGES, FAMILIES, REPO
@@ -21,38 +18,11 @@ from safetensors.torch import load_file
 from vlft.train.sft import run
 
 pytestmark = pytest.mark.distributed
-TIMEOUT = 300  # a hang fails the test instead of blocking CI
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(argv: list[str], *, zero: str | None, nproc: int = 2, port: int | None = None) -> subprocess.CompletedProcess:
-    """`vlft sft argv` through vlft_launch, as the scripts run it."""
-    port = port or free_port()
-    env = {**os.environ, "PYTHON": sys.executable, "NUM_GPUS": str(nproc), "MASTER_PORT": str(port),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
-    env.pop("ZERO_CONFIG", None)
-    if zero:
-        env["ZERO_CONFIG"] = str(REPO / "zero_configs" / f"{zero}.json")
-    cmd = f'source "{REPO}/scripts/_common.sh"; vlft_launch sft "$@"'
-    # its own session, so that a hang kills the launcher's whole process tree (the ranks hold the pipes open)
-    with subprocess.Popen(["bash", "-c", cmd, "launch", *argv], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"no result after {TIMEOUT} s (hang?):\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
-    # DeepSpeed's CPU all-reduce names its shared memory by port; nothing of this run may stay in /dev/shm
-    leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
-    assert not leaked, leaked
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    """`vlft sft argv` through vlft_launch, as the scripts run it (launcher.py)."""
+    return launcher.launch("sft", argv, zero=zero, nproc=nproc, port=port)
 
 
 def losses(out) -> list[float]:
@@ -152,7 +122,7 @@ def test_data_is_split_across_ranks(tiny_model_dir, tmp_path):
 def test_rehearsal_clears_shared_memory_left_on_its_port(tiny_model_dir, tmp_path):
     """Segments of an earlier run killed on the same port (here: short, zero-filled, one for a rank this run
     does not have) are removed by the launcher before the ranks start, and the run leaves none behind."""
-    port = free_port()
+    port = launcher.free_port()
     stale = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}") for rank in (0, 1, 7)]
     for path in stale:
         path.write_bytes(bytes(4096))

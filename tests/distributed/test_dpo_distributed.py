@@ -7,58 +7,18 @@ Plain SGD, as in test_distributed.py: a weight then differs from the single-proc
 rounding difference, so 1e-5 on losses and weights means something."""
 from __future__ import annotations
 
-import glob
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import REPO
+from launcher import launch
 from safetensors.torch import load_file
 
 from vlft.train.dpo import run
 
 pytestmark = pytest.mark.distributed
-TIMEOUT = 300  # a hang fails the test instead of blocking CI
 TOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(command: str, argv: list[str], *, zero: str | None, nproc: int = 2,
-           expect_success: bool = True) -> subprocess.CompletedProcess:
-    """`vlft <command> argv` through vlft_launch, as the scripts run it (test_distributed.launch for any command;
-    a failing run is returned when `expect_success` is false)."""
-    port = free_port()
-    env = {**os.environ, "PYTHON": sys.executable, "NUM_GPUS": str(nproc), "MASTER_PORT": str(port),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
-    env.pop("ZERO_CONFIG", None)
-    if zero:
-        env["ZERO_CONFIG"] = str(REPO / "zero_configs" / f"{zero}.json")
-    cmd = f'source "{REPO}/scripts/_common.sh"; vlft_launch {command} "$@"'
-    # its own session, so that a hang kills the launcher's whole process tree (the ranks hold the pipes open)
-    with subprocess.Popen(["bash", "-c", cmd, "launch", *argv], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"no result after {TIMEOUT} s (hang?):\n{stderr[-4000:]}")
-    if expect_success:
-        assert proc.returncode == 0, stderr[-4000:]
-    # DeepSpeed's CPU all-reduce names its shared memory by port; nothing of this run may stay in /dev/shm
-    leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
-    assert not leaked, leaked
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def history(out) -> list[dict]:

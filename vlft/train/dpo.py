@@ -21,6 +21,8 @@ from vlft.data.packing import length_grouped_order
 from vlft.data.prepare import prepare_data
 from vlft.errors import VlftError
 from vlft.train.launch import check_output_dir, run_stage, train_and_save
+from vlft.train.reference import trained_next_to_lora
+from vlft.train.setup import zero_stage
 from vlft.utils import log
 
 
@@ -45,47 +47,19 @@ def reference_cache_key(*, data_path: str, data, model_id: str, media, model_arg
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _zero_stage(train_args) -> int:
-    if not train_args.deepspeed:
-        return 0
-    return int(train_args.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0))
-
-
-def trained_next_to_lora(tune_args) -> list[str]:
-    """The flags that make parameters train fully next to LoRA adapters (their starting values must stay the
-    reference: train/reference.py); empty without LoRA."""
-    t = tune_args
-    if not t.any_lora:
-        return []
-    flags = []
-    if not t.freeze_merger:
-        flags.append("--freeze_merger false (the merger trains)")
-    if not t.vision_frozen:
-        flags.append("--freeze_vision_tower false")
-    if not t.llm_frozen:
-        flags.append("--freeze_llm false")
-    if t.unfreeze_topk_llm or t.unfreeze_topk_vision:
-        flags.append("--unfreeze_topk_llm / --unfreeze_topk_vision")
-    if t.lora_bias != "none":
-        flags.append(f"--lora_bias {t.lora_bias}")
-    return flags
-
-
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
-    import torch
-
-    from vlft.models.loading import load_family, load_model, load_processor
+    from vlft.models.loading import load_family, load_processor
     from vlft.train.dpo_trainer import DPOTrainer, ReferenceCache
     from vlft.train.reference import make_reference
-    from vlft.train.setup import prepare_model, weights_dtype
+    from vlft.train.setup import disable_dropout, load_model_copy, prepare_model
 
     model_args, data_args, tune_args, train_args = parse_args(DPO_GROUPS, argv, prog="vlft dpo")
     validate(model_args, data_args, tune_args, train_args)
     if data_args.packing:
         raise VlftError("--packing is not available for DPO: a pair's two rows share one prompt; drop --packing")
     trained = trained_next_to_lora(tune_args)
-    if trained and _zero_stage(train_args) == 3 and not train_args.precompute_ref_log_probs:
+    if trained and zero_stage(train_args) == 3 and not train_args.precompute_ref_log_probs:
         raise VlftError(  # before the data and the model load: the same rule as make_reference's
             f"under ZeRO-3, LoRA with fully trained parameters next to the adapters ({'; '.join(trained)}) needs "
             "--precompute_ref_log_probs true: their starting values must stay the reference and ZeRO-3 keeps them as "
@@ -105,21 +79,9 @@ def run(argv: list[str]):
 
     prepared = prepare_model(model_args, tune_args, train_args)  # load, Liger, LoRA, freeze
     if train_args.disable_dropout:
-        for module in prepared.model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-
-    def load_copy():
-        copy, _ = load_model(model_args.model_id, dtype=weights_dtype(train_args),
-                             attn_implementation=model_args.attn_implementation)
-        if tune_args.use_liger:
-            from vlft.models.patches import apply_liger
-
-            apply_liger(copy)
-        return copy
-
-    reference = make_reference(prepared, load_copy=load_copy, precompute=train_args.precompute_ref_log_probs,
-                               zero_stage=_zero_stage(train_args))
+        disable_dropout(prepared.model)
+    reference = make_reference(prepared, load_copy=lambda: load_model_copy(model_args, tune_args, train_args),
+                               precompute=train_args.precompute_ref_log_probs, zero_stage=zero_stage(train_args))
     log(reference.describe() if reference is not None else "reference: precomputed before the first step")
 
     dataset = PreferenceDataset(data.samples, data.image_paths, processor, media=media,

@@ -18,8 +18,9 @@ from vlft.data.encoding import ChatEncoder
 from vlft.data.grpo import PROMPT, PromptDataset, first_items
 from vlft.data.prepare import prepare_data
 from vlft.errors import VlftError
-from vlft.train.dpo import _zero_stage, trained_next_to_lora
 from vlft.train.launch import check_output_dir, run_stage, train_and_save
+from vlft.train.reference import trained_next_to_lora
+from vlft.train.setup import zero_stage
 from vlft.utils import log
 
 
@@ -47,20 +48,18 @@ def sample_completions(data, encoder, n: int = 4, max_completion_length: int = 5
 
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
-    import torch
-
-    from vlft.models.loading import load_family, load_model, load_processor
+    from vlft.models.loading import load_family, load_processor
     from vlft.train.grpo_trainer import GRPOTrainer
     from vlft.train.reference import make_reference
     from vlft.train.rewards import check_rewards, load_reward_funcs
-    from vlft.train.setup import prepare_model, weights_dtype
+    from vlft.train.setup import disable_dropout, load_model_copy, prepare_model
 
     model_args, data_args, tune_args, train_args = parse_args(GRPO_GROUPS, argv, prog="vlft grpo")
     validate(model_args, data_args, tune_args, train_args)
     if data_args.packing:
         raise VlftError("--packing is not available for GRPO (rollouts are generated per prompt); drop --packing")
     trained = trained_next_to_lora(tune_args)
-    if train_args.beta > 0 and trained and _zero_stage(train_args) == 3:
+    if train_args.beta > 0 and trained and zero_stage(train_args) == 3:
         raise VlftError(f"under ZeRO-3, --beta > 0 with LoRA and fully trained parameters next to it "
                         f"({'; '.join(trained)}) would move the reference; freeze them, or use --beta 0")
     max_prompt = train_args.max_prompt_length or data_args.max_seq_length - train_args.max_completion_length
@@ -84,18 +83,11 @@ def run(argv: list[str]):
 
     prepared = prepare_model(model_args, tune_args, train_args)  # load, Liger, LoRA, freeze
     if train_args.disable_dropout:
-        for module in prepared.model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout(prepared.model)
     reference = None
     if train_args.beta > 0:
-        def load_copy():
-            copy, _ = load_model(model_args.model_id, dtype=weights_dtype(train_args),
-                                 attn_implementation=model_args.attn_implementation)
-            return copy
-
-        reference = make_reference(prepared, load_copy=load_copy, precompute=False,
-                                   zero_stage=_zero_stage(train_args))
+        reference = make_reference(prepared, load_copy=lambda: load_model_copy(model_args, tune_args, train_args),
+                                   precompute=False, zero_stage=zero_stage(train_args))
         log(reference.describe())
 
     dataset = PromptDataset(data.samples, data.image_paths, processor, media=media, video_sources=data.video_sources,

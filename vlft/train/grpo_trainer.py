@@ -30,6 +30,7 @@ import torch
 from transformers import GenerationConfig, Trainer
 
 from vlft.data.grpo import generation_rows, training_rows
+from vlft.errors import VlftError
 from vlft.train.grpo_loss import group_advantages, grpo_loss, reward_stats, weighted_rewards
 from vlft.train.logprobs import completion_log_probs
 from vlft.train.reference import FrozenCopy
@@ -134,9 +135,13 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
                   "log_extra": lambda column, values: None}
         columns.setdefault("max_completion_length", self.args.max_completion_length)  # the built-in overlong reads it
         per_func = torch.full((len(texts), len(self.reward_funcs)), math.nan)
-        for f, (_, func) in enumerate(self.reward_funcs):
+        for f, (name, func) in enumerate(self.reward_funcs):
             values = func(prompts=prompts, completions=texts, completion_ids=[c.tolist() for c in completions],
                           **columns, **extras)
+            if not isinstance(values, (list, tuple)) or len(values) != len(texts):
+                got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+                raise VlftError(f"reward {name!r} returned {got} value(s) for {len(texts)} completions at step "
+                                f"{self.state.global_step + 1}; return one float (or None) per completion")
             per_func[:, f] = torch.tensor([math.nan if v is None else float(v) for v in values])
         return per_func, texts, prompts
 
@@ -145,7 +150,11 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         completions, masks, truncated, _ = self.generate(items)
         per_func, texts, _ = self.score(items, completions)
         rewards = weighted_rewards(per_func, self.reward_weights)
-        advantages, _ = group_advantages(rewards, a.num_generations, a.scale_rewards)
+        # every group lies on one process; --scale_rewards batch divides by the std of all processes' rewards (TRL's
+        # generation batch): compute on the gathered rewards (equal counts per process) and keep this slice
+        everyone = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
+        start = self.accelerator.process_index * len(rewards)
+        advantages = group_advantages(everyone, a.num_generations, a.scale_rewards)[0][start:start + len(rewards)]
         batch = super()._prepare_inputs(self.training_collator(training_rows(items, a.num_generations, completions,
                                                                               masks)))
         self.counts.add(batch)

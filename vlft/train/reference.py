@@ -105,3 +105,22 @@ def make_reference(prepared, *, load_copy, precompute: bool, zero_stage: int):
         return None
     return FrozenCopy(load_copy())
 
+
+def trained_next_to_lora(tune_args) -> list[str]:
+    """The flags that make parameters train fully next to LoRA adapters (their starting values must stay the
+    reference: train/reference.py); empty without LoRA."""
+    t = tune_args
+    if not t.any_lora:
+        return []
+    flags = []
+    if not t.freeze_merger:
+        flags.append("--freeze_merger false (the merger trains)")
+    if not t.vision_frozen:
+        flags.append("--freeze_vision_tower false")
+    if not t.llm_frozen:
+        flags.append("--freeze_llm false")
+    if t.unfreeze_topk_llm or t.unfreeze_topk_vision:
+        flags.append("--unfreeze_topk_llm / --unfreeze_topk_vision")
+    if t.lora_bias != "none":
+        flags.append(f"--lora_bias {t.lora_bias}")
+    return flags

@@ -61,3 +61,33 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
         callbacks.append(FrozenVisionCallback())
     log(f"model: {family.model_type} from {model_args.model_id}\n{parameter_table(model, family)}")
     return PreparedModel(model, base_model, family, callbacks)
+
+
+def zero_stage(train_args) -> int:
+    """The DeepSpeed ZeRO stage of this run (0 without DeepSpeed)."""
+    if not train_args.deepspeed:
+        return 0
+    return int(train_args.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0))
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere (LoRA's included), so that a policy and its reference agree (DPO, GRPO)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def load_model_copy(model_args, tune_args, train_args):
+    """A second copy of the starting model, loaded like the policy (dtype, attention, Liger kernels): the frozen
+    reference of full fine-tuning (train/reference.py). Under ZeRO-3 it is sharded like the policy."""
+    from vlft.models.loading import load_model
+
+    copy, _ = load_model(model_args.model_id, dtype=weights_dtype(train_args),
+                         attn_implementation=model_args.attn_implementation)
+    if tune_args.use_liger:
+        from vlft.models.patches import apply_liger
+
+        apply_liger(copy)
+    return copy
