@@ -151,12 +151,14 @@ def _missing(source) -> bool:
 
 def prepare_data(data_path: str, record_format: RecordFormat, *, processor, image_folder: str | None,
                  media: MediaSettings, max_seq_length: int, reject_overlong: bool = False,
-                 skip_bad_samples: bool = False, workers: int = 4) -> PreparedData:
+                 skip_bad_samples: bool = False, workers: int = 4,
+                 length_flag: str = "--max_seq_length") -> PreparedData:
     """Parse, resolve, probe and measure every record of `data_path` (JSON list or JSONL).
 
     Raises DataError listing every problem (file, record index, id, field, what to do) unless
     `skip_bad_samples`; records with a sequence over `max_seq_length` tokens are dropped and counted, or
-    raise DataError under `reject_overlong`; VlftError when no record is left."""
+    raise DataError under `reject_overlong`; VlftError when no record is left. `length_flag` is the flag that
+    set `max_seq_length`, as messages name it (GRPO: --max_prompt_length)."""
     file = str(data_path)
     records = load_records(data_path)
     problems: list[Problem] = []
@@ -198,8 +200,8 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
         lengths = tuple(record_format.sequence_lengths(encoder, sample, specs["image"], specs["video"]))
         if max(lengths) > max_seq_length:
             overlong.append(Problem(
-                file, sample.index, "", f"{max(lengths)} tokens (vision tokens included) > --max_seq_length "
-                f"{max_seq_length}", "raise --max_seq_length, lower the pixel budgets or frame counts, or split the "
+                file, sample.index, "", f"{max(lengths)} tokens (vision tokens included) > {length_flag} "
+                f"{max_seq_length}", f"raise {length_flag}, lower the pixel budgets or frame counts, or split the "
                 "conversation", sample.id))
             continue
         out.samples.append(sample)
@@ -219,7 +221,7 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
                       + header)
         raise DataError(problems, header=header)
     if overlong and reject_overlong:
-        raise DataError(overlong, header=f"{len(overlong)} record(s) in {file} exceed --max_seq_length "
+        raise DataError(overlong, header=f"{len(overlong)} record(s) in {file} exceed {length_flag} "
                                          "(--reject_overlong is set):")
     out.skipped, out.overlong = problems, overlong
     for p in problems[:10]:

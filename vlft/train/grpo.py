@@ -73,7 +73,7 @@ def run(argv: list[str]):
     data = prepare_data(
         data_args.data_path, PROMPT, processor=processor, image_folder=data_args.image_folder, media=media,
         max_seq_length=max_prompt, reject_overlong=data_args.reject_overlong,
-        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers)
+        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers, length_flag="--max_prompt_length")
     log(f"data: {data.summary()} (prompts; --max_prompt_length {max_prompt})")
     encoder = ChatEncoder(processor)
     reward_funcs = load_reward_funcs(train_args.reward_funcs)
