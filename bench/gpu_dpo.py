@@ -46,18 +46,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent)]  # gpu_throughput.py and padding.py, beside this file
-from gpu_throughput import REPO, save_model, save_tiny  # noqa: E402  (it also puts the checkout on sys.path)
+from gpu_throughput import run_process, save_model, save_tiny  # noqa: E402  (it also puts the checkout on sys.path)
 
 SETUPS = {  # name -> flags; learning rates as in scripts/finetune_dpo.sh (they do not change the timings)
     "lora": ["--lora_enable", "true", "--freeze_vision_tower", "true", "--lora_rank", "64", "--lora_alpha", "64",
@@ -129,29 +127,9 @@ def run_plan(args, model_dir: Path, data: Path) -> list[dict]:
 def execute(run: dict, workdir: Path, *, pairs_per_step: int, warmup: int, timeout: float) -> dict:
     """`vlft dpo` in a fresh process (its own peak memory), then the figures from its trainer_state.json."""
     name = f"{run['setup']}-{run['style']}"
-    out, log_path = workdir / "runs" / name, workdir / "runs" / f"{name}.log"
-    shutil.rmtree(out, ignore_errors=True)  # a reused --workdir: never read an older run's figures (or its cache)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "vlft", "dpo", *run["flags"], "--output_dir", str(out)]
-    print(f"{name}: vlft {' '.join(command[3:])}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        try:
-            code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-    result = {**run, "name": name, "wall_s": time.perf_counter() - start, "log": str(log_path)}
-    state = out / "trainer_state.json"
-    if code != 0 or not state.is_file():
-        text = log_path.read_text()
-        tail = "".join(text.splitlines(keepends=True)[-25:])
-        print(f"{name}: FAILED ({code}); last lines of {log_path}:\n{tail}", file=sys.stderr, flush=True)
-        return {**result, "error": "out of memory" if "OutOfMemoryError" in text else f"exit {code}"}
-    history = json.loads(state.read_text())["log_history"]
-    for big in out.glob("*.safetensors"):  # random weights: keep the disk free for the next run
-        big.unlink()
+    result, history = run_process(name, [sys.executable, "-m", "vlft", "dpo", *run["flags"]], workdir, timeout, run)
+    if history is None:
+        return result
     lines = [h for h in history if "loss" in h and "samples_per_second" in h]
     if not lines:
         return {**result, "error": "no throughput in the log history"}

@@ -212,15 +212,17 @@ def run_plan(args, model_dir: Path, data: Path) -> list[dict]:
     return plan
 
 
-def execute(run: dict, workdir: Path, timeout: float) -> dict:
-    """Train in a fresh process (its own peak memory), then read the figures from trainer_state.json."""
-    name = f"{run['setup']}-{run['style']}"
+def run_process(name: str, command: list[str], workdir: Path, timeout: float, run: dict) -> tuple[dict, list | None]:
+    """One benchmark run: `command` (which writes into <workdir>/runs/<name>) in a fresh process, for its own
+    peak memory, logging to <workdir>/runs/<name>.log. Returns (result, the run's trainer_state log_history), or
+    (result with "error", None) when it failed; the run's random weights are deleted to keep the disk free.
+    Shared with bench/gpu_dpo.py."""
     out, log_path = workdir / "runs" / name, workdir / "runs" / f"{name}.log"
-    shutil.rmtree(out, ignore_errors=True)  # a reused --workdir: never read an older run's figures
+    shutil.rmtree(out, ignore_errors=True)  # a reused --workdir: never read an older run's figures (or its cache)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, str(Path(__file__).resolve()), "--run-sft", *run["flags"], "--output_dir", str(out)]
+    command = [*command, "--output_dir", str(out)]
     print(f"{name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -234,10 +236,21 @@ def execute(run: dict, workdir: Path, timeout: float) -> dict:
         text = log_path.read_text()
         tail = "".join(text.splitlines(keepends=True)[-25:])
         print(f"{name}: FAILED ({code}); last lines of {log_path}:\n{tail}", file=sys.stderr, flush=True)
-        return {**result, "error": "out of memory" if "OutOfMemoryError" in text else f"exit {code}"}
-    lines = [h for h in json.loads(state.read_text())["log_history"] if "loss" in h and "tokens_per_second" in h]
-    for big in out.glob("*.safetensors"):  # the weights are random: keep the disk free for the next run
+        return {**result, "error": "out of memory" if "OutOfMemoryError" in text else f"exit {code}"}, None
+    history = json.loads(state.read_text())["log_history"]
+    for big in out.glob("*.safetensors"):
         big.unlink()
+    return result, history
+
+
+def execute(run: dict, workdir: Path, timeout: float) -> dict:
+    """Train in a fresh process (its own peak memory), then read the figures from trainer_state.json."""
+    name = f"{run['setup']}-{run['style']}"
+    result, history = run_process(name, [sys.executable, str(Path(__file__).resolve()), "--run-sft", *run["flags"]],
+                                  workdir, timeout, run)
+    if history is None:
+        return result
+    lines = [h for h in history if "loss" in h and "tokens_per_second" in h]
     if not lines:
         return {**result, "error": "no throughput in the log history"}
     steady = lines[min(result.get("warmup", 0), len(lines) - 1):]
