@@ -12,8 +12,10 @@ set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
 MODEL="${MODEL:-}"                                   # empty = tiny offline demo model
-DATA="${DATA:-$REPO/data_examples/dpo_demo.json}"
-IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples}"
+if [ -z "${DATA:-}" ]; then                          # the demo data; its media paths start in this folder
+  DATA="$REPO/data_examples/dpo_demo.json"; IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples}"
+fi
+IMAGE_FOLDER="${IMAGE_FOLDER:-}"                     # empty: media paths resolve against the data file's folder
 OUTPUT_DIR="${OUTPUT_DIR:-$(new_output_dir finetune_dpo)}"
 if [ -z "$MODEL" ]; then
   demo_model qwen2_vl
@@ -41,11 +43,12 @@ shared_settings
 
 mapfile -t LORA < <(lora_flags)
 mapfile -t WEIGHTS < <(list_flag loss_weights "$LOSS_WEIGHTS")
+mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
 vlft_launch dpo \
   --model_id "$MODEL" \
   --data_path "$DATA" \
-  --image_folder "$IMAGE_FOLDER" \
+  "${MEDIA_FOLDER[@]}" \
   --output_dir "$OUTPUT_DIR" \
   "${LORA[@]}" \
   --freeze_vision_tower "$FREEZE_VISION_TOWER" \

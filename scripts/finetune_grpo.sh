@@ -11,8 +11,10 @@ set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
 MODEL="${MODEL:-}"                                   # empty = tiny offline demo model
-DATA="${DATA:-$REPO/data_examples/grpo_demo.json}"
-IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples}"
+if [ -z "${DATA:-}" ]; then                          # the demo data; its media paths start in this folder
+  DATA="$REPO/data_examples/grpo_demo.json"; IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples}"
+fi
+IMAGE_FOLDER="${IMAGE_FOLDER:-}"                     # empty: media paths resolve against the data file's folder
 OUTPUT_DIR="${OUTPUT_DIR:-$(new_output_dir finetune_grpo)}"
 if [ -z "$MODEL" ]; then
   # 4 completions of up to 16 tokens for 2 prompts per step: a random tiny model earns no reward; the demo shows
@@ -45,11 +47,12 @@ shared_settings
 mapfile -t LORA < <(lora_flags)
 mapfile -t FUNCS < <(list_flag reward_funcs "$REWARD_FUNCS")
 mapfile -t WEIGHTS < <(list_flag reward_weights "$REWARD_WEIGHTS")
+mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
 vlft_launch grpo \
   --model_id "$MODEL" \
   --data_path "$DATA" \
-  --image_folder "$IMAGE_FOLDER" \
+  "${MEDIA_FOLDER[@]}" \
   --output_dir "$OUTPUT_DIR" \
   "${LORA[@]}" \
   --freeze_vision_tower "$FREEZE_VISION_TOWER" \

@@ -11,8 +11,10 @@ set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
 MODEL="${MODEL:-}"                                   # empty = tiny offline demo model
-DATA="${DATA:-$REPO/data_examples/llava_demo.json}"
-IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples/images}"
+if [ -z "${DATA:-}" ]; then                          # the demo data; its media paths start in this folder
+  DATA="$REPO/data_examples/llava_demo.json"; IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples/images}"
+fi
+IMAGE_FOLDER="${IMAGE_FOLDER:-}"                     # empty: media paths resolve against the data file's folder
 OUTPUT_DIR="${OUTPUT_DIR:-$(new_output_dir finetune_lora_vision)}"
 if [ -z "$MODEL" ]; then
   demo_model qwen2_vl                                # batch 2, one step per batch, no loader workers
@@ -32,11 +34,12 @@ GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-64}"         # over all processes; accum
 FREEZE_MERGER="${FREEZE_MERGER:-false}"
 shared_settings
 
+mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
-  --image_folder "$IMAGE_FOLDER" \
+  "${MEDIA_FOLDER[@]}" \
   --output_dir "$OUTPUT_DIR" \
   --lora_enable true \
   --vision_lora true \

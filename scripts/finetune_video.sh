@@ -12,8 +12,10 @@ set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
 MODEL="${MODEL:-}"                                   # empty = tiny offline demo model
-DATA="${DATA:-$REPO/data_examples/llava_video_demo.json}"
-IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples}"  # image and video paths resolve against it
+if [ -z "${DATA:-}" ]; then                          # the demo data; its media paths start in this folder
+  DATA="$REPO/data_examples/llava_video_demo.json"; IMAGE_FOLDER="${IMAGE_FOLDER:-$REPO/data_examples}"
+fi
+IMAGE_FOLDER="${IMAGE_FOLDER:-}"                     # empty: media paths resolve against the data file's folder
 OUTPUT_DIR="${OUTPUT_DIR:-$(new_output_dir finetune_video)}"
 if [ -z "$MODEL" ]; then
   demo_model qwen2_vl                                # batch 2, one step per batch, no loader workers
@@ -52,11 +54,12 @@ fi
 mapfile -t VIDEO < <(optional_flag fps "$FPS"; optional_flag nframes "$NFRAMES"
                      optional_flag video_min_pixels "$VIDEO_MIN_PIXELS"; optional_flag video_max_pixels "$VIDEO_MAX_PIXELS"
                      optional_flag video_max_total_pixels "$VIDEO_MAX_TOTAL_PIXELS")
+mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
-  --image_folder "$IMAGE_FOLDER" \
+  "${MEDIA_FOLDER[@]}" \
   --output_dir "$OUTPUT_DIR" \
   "${TUNE[@]}" \
   "${TRAINING[@]}" \

@@ -332,3 +332,21 @@ def test_check_data_process_exit_code_and_no_traceback(tmp_path, tiny_model_dir,
     assert "Traceback" not in proc.stderr
     assert f"{path}: record 1 (id 'b1'), field 'image[0]'" in proc.stderr
     assert f"{path}: record 4 (id 'b4'), field 'conversations[0].value'" in proc.stderr
+
+
+@pytest.mark.parametrize("stage,data", [("grpo", "grpo_demo.json"), ("dpo", "dpo_demo.json"),
+                                        ("predict", "grpo_demo.json")])
+def test_check_data_reads_every_stage_demo(tiny_model_dir, capsys, stage, data):
+    """Each stage's demo passes its own check; prediction also takes the flat `prompt` form of the DPO / GRPO
+    examples (a prompt to answer, with no reference)."""
+    path = Path(__file__).resolve().parents[1] / "data_examples" / data
+    n = len(json.loads(path.read_text()))
+    assert main(["check-data", "--stage", stage, "--model_id", str(tiny_model_dir), "--data_path", str(path)]) == 0
+    assert f"{n} of {n} records usable" in capsys.readouterr().err
+
+
+def test_a_missing_model_directory_is_named(tmp_path):
+    from vlft.models.loading import load_processor
+
+    with pytest.raises(VlftError, match="does not exist; check the path"):
+        load_processor(str(tmp_path / "runs" / "typo"))

@@ -1,7 +1,7 @@
 """`vlft check-data`: run a stage's data preparation (data/prepare.py) against a model's processor, without
 loading the model or training: every record parsed, every image and video decoded, every sequence measured.
 
-    vlft check-data --model_id DIR --data_path data.json --image_folder images/ [--stage sft|dpo|predict]
+    vlft check-data --model_id DIR --data_path data.json --image_folder images/ [--stage sft|dpo|grpo|predict]
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from vlft.utils import log
 class CheckArguments:
     stage: str = field(
         default="sft", metadata={"help": "Which stage's records the file holds: sft (conversations ending with a gpt "
-                                         "turn), dpo (preference pairs), predict (prompts, answers optional).",
-                                 "choices": ["sft", "dpo", "predict"]})
+                                         "turn), dpo (preference pairs), grpo (prompts with reward columns), predict "
+                                         "(prompts, answers optional).", "choices": ["sft", "dpo", "grpo", "predict"]})
     truncation_mode: str = field(
         default="keep_start", metadata={"help": "dpo: over-long pairs get their answers cut (keep_start, vlft dpo's "
                                                 "default) or are dropped (drop).", "choices": ["keep_start", "drop"]})
@@ -37,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     validate(model_args, data_args)
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
-    record_format, truncated = RECORD_FORMATS[check_args.stage], None
-    if check_args.stage == "dpo":  # the over-long policy of `vlft dpo` (data/dpo.py)
+    record_format, truncated = RECORD_FORMATS.get(check_args.stage), None
+    if check_args.stage == "grpo":  # prompts; they are limited by --max_prompt_length in `vlft grpo`
+        from vlft.data.grpo import PROMPT
+
+        record_format = PROMPT
+    elif check_args.stage == "dpo":  # the over-long policy of `vlft dpo` (data/dpo.py)
         from vlft.data.dpo import PreferenceFormat
 
         preference = PreferenceFormat(data_args.max_seq_length, check_args.truncation_mode)

@@ -46,5 +46,5 @@ class DataError(VlftError):
         lines += [f"  - {p}" for p in self.problems[:max_shown]]
         if len(self.problems) > max_shown:
             lines.append(f"  ... and {len(self.problems) - max_shown} more")
-        lines.append("Fix the records above, or pass --skip_bad_samples to train without them.")
+        lines.append("Fix the records above, or pass --skip_bad_samples true to go on without them.")
         super().__init__("\n".join(lines))

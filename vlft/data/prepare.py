@@ -76,10 +76,17 @@ def _preference_lengths(encoder: ChatEncoder, sample: PreferenceSample, images, 
     return tuple(len(pair.prompt_ids) + len(ids) for ids in pair.completion_ids)
 
 
+def _parse_conversation_or_prompt(record: object, index: int, file: str):
+    """Prediction: a LLaVA conversation whose last turn may be human, or the flat `prompt` string of 2U1's layout
+    (the form of the DPO and GRPO examples)."""
+    if isinstance(record, dict) and "conversations" not in record and isinstance(record.get("prompt"), str):
+        record = {**record, "conversations": [{"from": "human", "value": record["prompt"]}]}
+    return parse_record(record, index, file, require_answer=False)
+
+
 # SFT: LLaVA conversations ending with a gpt turn. Prediction: the last turn may be human (no reference).
 CONVERSATION = RecordFormat("conversation", partial(parse_record, require_answer=True), _conversation_lengths)
-CONVERSATION_OR_PROMPT = RecordFormat("conversation or prompt", partial(parse_record, require_answer=False),
-                                      _conversation_lengths)
+CONVERSATION_OR_PROMPT = RecordFormat("conversation or prompt", _parse_conversation_or_prompt, _conversation_lengths)
 # DPO: a prompt with a chosen and a rejected answer (data/preference.py); one sequence per answer
 PREFERENCE = RecordFormat("preference", parse_preference_record, _preference_lengths)
 RECORD_FORMATS = {"sft": CONVERSATION, "predict": CONVERSATION_OR_PROMPT, "dpo": PREFERENCE}

@@ -10,6 +10,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _wrap_load_error(what: str, model_id: str, err: Exception) -> VlftError:
+    import os
+
+    looks_local = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or os.sep + os.sep in model_id
+    if looks_local and not os.path.exists(os.path.expanduser(model_id)):
+        return VlftError(f"the model directory {model_id!r} does not exist; check the path (a run directory, a merged "
+                         "model, or a Hugging Face model id such as Qwen/Qwen2-VL-2B-Instruct)")
     return VlftError(
         f"could not load the {what} from --model_id {model_id!r}: {err}. "
         "Pass a local checkpoint directory (with config.json) or a Hugging Face model id you can reach."
