@@ -125,7 +125,9 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         tokenizer = self.encoder.tokenizer
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
         samples = [self.samples[int(item["record"])] for item in items for _ in range(g)]
-        prompts = [self.encoder.render(s.messages, add_generation_prompt=True)[0] for s in samples]
+        rendered = [self.encoder.render(self.samples[int(item["record"])].messages, add_generation_prompt=True)[0]
+                    for item in items]  # once per prompt, not once per completion
+        prompts = [text for text in rendered for _ in range(g)]
         # every column of the data at every call, None where a record lacks it (TRL passes a Dataset's columns):
         # a step whose prompts all lack a column must not drop that argument
         columns = {k: [s.columns.get(k) for s in samples] for k in self.column_names}

@@ -74,10 +74,6 @@ class FrozenCopy:
         else:
             self.prepared = trainer.accelerator.prepare_model(self.model, evaluation_mode=True)
 
-    @contextlib.contextmanager
-    def active(self, model=None):
-        yield
-
     def describe(self) -> str:
         return "reference: a frozen copy of the starting model"
 
