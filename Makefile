@@ -28,11 +28,12 @@ demo: $(STAMP)
 
 # The suite without the multi-process runs (about 10 minutes on 2 cores); CI (.ci/run) runs both.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m "not distributed" tests
+	$(VENV)/bin/python -m pytest -q -m "not distributed and not slow" tests
 
-# DDP / ZeRO-2 / ZeRO-3 on 2 CPU processes through the scripts' launcher (tests marked `distributed`)
+# DDP / ZeRO-2 / ZeRO-3 on 2 CPU processes through the scripts' launcher (tests marked `distributed`), and the
+# kill-and-resume runs that take several processes one after another (marked `slow`)
 test-distributed: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m distributed tests
+	$(VENV)/bin/python -m pytest -q -m "distributed or slow" tests
 
 test-all: test test-distributed
 

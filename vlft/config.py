@@ -224,6 +224,22 @@ class VlftArgumentsMixin:
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: vlft's collator builds the batch."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    skip_nonfinite_steps: int = field(
+        default=0, metadata={"help": "Steps with a non-finite loss or gradient norm to skip (the optimizer leaves the "
+                                     "weights as they were) before the run stops; 0: stop at the first, naming the "
+                                     "step and its records. Not with --deepspeed (its engine steps inside backward)."}
+    )
+
+    def problems(self) -> list[str]:
+        """What is wrong with these arguments together ([] when nothing); the stages' configs add theirs."""
+        errors = []
+        if self.skip_nonfinite_steps < 0:
+            errors.append("--skip_nonfinite_steps must be >= 0")
+        elif self.skip_nonfinite_steps and self.deepspeed:
+            errors.append("--skip_nonfinite_steps cannot skip a step under --deepspeed: DeepSpeed's engine applies the "
+                          "optimizer step inside backward, before the gradients can be checked; leave it at 0 (the run "
+                          "then stops at a non-finite step, before anything is saved)")
+        return errors
 
     def __post_init__(self):
         if self.warmup_ratio is not None:
@@ -323,7 +339,7 @@ class DPOConfig(VlftArgumentsMixin, TrainingArguments):
     def problems(self) -> list[str]:
         from vlft.train.dpo_loss import check_loss_config
 
-        errors = check_loss_config(self.loss_type, self.loss_weights, self.beta, self.label_smoothing)
+        errors = super().problems() + check_loss_config(self.loss_type, self.loss_weights, self.beta, self.label_smoothing)
         if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
             errors.append(f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
@@ -374,7 +390,7 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
         super().__post_init__()
 
     def problems(self) -> list[str]:
-        errors = []
+        errors = super().problems()
         if self.num_generations < 2:
             errors.append("--num_generations must be >= 2: advantages compare the completions of one prompt")
         elif self.per_device_train_batch_size % self.num_generations:

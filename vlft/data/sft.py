@@ -40,7 +40,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
-        item: dict = {}
+        item: dict = {"record": i}  # the dataset index: a failing training step names its records (train/trainer.py)
         try:
             image_specs = self._images(self.image_paths[i], item)
             video_specs = self._videos(self.video_sources[i], item)

@@ -77,24 +77,51 @@ def shutdown_distributed(wait: bool = True) -> bool:
 
 
 def check_output_dir(train_args) -> None:
-    """Nothing the user wrote is overwritten: a non-empty --output_dir needs --overwrite_output_dir or a resume."""
+    """Before anything loads: nothing the user wrote is overwritten (a non-empty --output_dir needs
+    --overwrite_output_dir or a resume), --output_dir is writable, `--resume_from_checkpoint latest` is resolved
+    to the newest complete checkpoint (train/checkpoints.py), and what a killed save left behind is removed."""
+    from vlft.train.checkpoints import check_writable, clear_staging, resolve_resume, user_files
+
     out = train_args.output_dir
-    if os.path.isdir(out) and os.listdir(out) and not (train_args.overwrite_output_dir or train_args.resume_from_checkpoint):
+    resume = resolve_resume(train_args)
+    if user_files(out) and not (train_args.overwrite_output_dir or resume):
         raise VlftError(
             f"--output_dir {out} already holds files; nothing was changed. Choose a new directory, pass "
-            "--overwrite_output_dir true to write into it, or --resume_from_checkpoint to continue that run"
+            "--overwrite_output_dir true to write into it, or --resume_from_checkpoint latest to continue that run"
         )
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_writable(out)
+        clear_staging(out)
 
 
 def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
-    """Train (resuming when --resume_from_checkpoint is set), save the final model and state, and log one
-    end-of-run summary. Returns (summary, trainer); the summary's `tokens_per_second` is the whole job's (all
-    processes), the same figure the throughput line shows."""
+    """Train (resuming when --resume_from_checkpoint is set, after checking the checkpoint belongs to this run),
+    save the final model and state, and log one end-of-run summary. Returns (summary, trainer); the summary's
+    `tokens_per_second` is the whole job's (all processes), the same figure the throughput line shows.
+
+    On SIGTERM / SIGUSR1 the run saves a checkpoint at the end of the step in progress and returns with
+    `summary["preempted"]` set (no final save: the run is not finished) and the line that resumes it."""
+    from vlft.train.checkpoints import PreemptionCallback, check_resume, latest_checkpoint
+
     args = trainer.args
+    if args.resume_from_checkpoint:
+        check_resume(args.resume_from_checkpoint, trainer.identity())
+    preemption = PreemptionCallback()
+    trainer.add_callback(preemption)
+    preemption.install()
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    finally:
+        preemption.uninstall()
     elapsed = time.perf_counter() - start
-    trainer.save_model(args.output_dir)
+    if preemption.stopped_at is not None:
+        saved = latest_checkpoint(args.output_dir)
+        log(f"stopped by {preemption.stopped_by} after step {preemption.stopped_at}; checkpoint saved: {saved}\n"
+            f"       resume: run the same command with --resume_from_checkpoint latest")
+        return {"preempted": preemption.stopped_by, "steps": result.global_step, "checkpoint": str(saved),
+                "train_seconds": elapsed, "output_dir": os.path.abspath(args.output_dir), "lora": lora}, trainer
+    trainer.save_final(args.output_dir)
     trainer.save_state()
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -35,6 +35,7 @@ def model_inputs(inputs: dict, model, *, image_norm: Callable | None = None,
     by per-record `position_ids` [4, B, L] (with `attention_mask=None`, `use_cache=False`). Returns a new dict;
     a batch with neither passes through unchanged."""
     inputs = dict(inputs)
+    inputs.pop("record", None)  # dataset indices of the batch's records: for error messages, not for the model
     for key, norm in (("pixel_values", image_norm), ("pixel_values_videos", video_norm)):
         value = inputs.get(key)
         if value is not None and value.dtype == torch.uint8:

@@ -10,9 +10,15 @@
   packed rows' per-record positions), so the model keeps its library forward;
 - counting of what trained (non-pad tokens, records, vision patches and attention pairs) and the throughput
   callback wired to those counts, so every run logs tokens/s and MFU with the vision tower in it;
-- vlft's files in every save (run_dir.py: fully trained non-LoRA weights, what trained, resolved arguments).
+- vlft's files in every save (run_dir.py: fully trained non-LoRA weights, what trained, resolved arguments);
+- checkpoints written atomically, with the run's identity for resume checks, and the final save staged the same
+  way (train/checkpoints.py);
+- a step whose loss or gradients are not finite is caught before the optimizer applies it: the run stops naming
+  the step and its records (or skips it, up to --skip_nonfinite_steps), and non-finite weights are never saved.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from transformers import Trainer
@@ -74,7 +80,13 @@ class VlftTrainerMixin:
         self.train_order = train_order
         self.pixel_norms = pixel_norms
         self.counts = TrainCounts()
+        self._staging: str | None = None  # where the Trainer writes a checkpoint before it is renamed into place
+        self._step_records: list[int] = []  # dataset indices of the step in progress
+        self._step_finite = None  # all losses of the step in progress finite (a tensor: no sync per micro-step)
+        self.nonfinite_skipped = 0
         super().__init__(*args, **kwargs)
+        if self.data_collator is not None:
+            self.data_collator = RecordIndices(self.data_collator)
         c = self.counts
         self.throughput = ThroughputCallback(
             self.model, family, real_tokens=lambda: int(c.tokens), real_samples=lambda: int(c.records),
@@ -125,7 +137,148 @@ class VlftTrainerMixin:
 
     def training_step(self, model, inputs, *args, **kwargs):
         self.count_batch(inputs)
-        return super().training_step(model, inputs, *args, **kwargs)
+        self._step_records.extend(batch_records(inputs))
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        finite = torch.isfinite(loss.detach()).all()
+        self._step_finite = finite if self._step_finite is None else self._step_finite & finite
+        return loss
+
+    # --- non-finite steps ---------------------------------------------------------------------------------------
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer asks for the gradient norm right before `optimizer.step()` (under DeepSpeed, whose engine
+        steps inside backward, right after it): the one place per step where the loss and the gradients of the
+        whole step are known. A non-finite one stops the run here (or skips the step: see `_nonfinite_step`)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        finite = self._step_finite if self._step_finite is not None else torch.tensor(True)
+        loss_finite = bool(finite)
+        norm_finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+        records, self._step_records, self._step_finite = self._step_records, [], None
+        from vlft.train.checkpoints import any_rank
+
+        if any_rank(not (loss_finite and norm_finite), self.args.device):
+            self._nonfinite_step(model, records, loss_finite, grad_norm)
+        return grad_norm
+
+    def _nonfinite_step(self, model, records: list[int], loss_finite: bool, grad_norm) -> None:
+        step = self.state.global_step + 1  # the step being taken, numbered as the logs number it
+        labels = self.describe_records(_gather_records(records))
+        what = "the loss" if not loss_finite else f"the gradient norm ({float(torch.as_tensor(grad_norm)):g})"
+        allowed = getattr(self.args, "skip_nonfinite_steps", 0)
+        if self.nonfinite_skipped < allowed and not self.is_deepspeed_enabled:
+            for p in model.parameters():
+                p.grad = None  # torch optimizers leave a parameter without a gradient untouched
+            self.nonfinite_skipped += 1
+            log(f"step {step}: {what} is not finite; step skipped ({self.nonfinite_skipped} of "
+                f"--skip_nonfinite_steps {allowed}); records in its batch: {labels}")
+            return
+        from vlft.train.checkpoints import latest_checkpoint
+
+        last = latest_checkpoint(self.args.output_dir)
+        kept = f"the last checkpoint, {last}, holds finite weights" if last else "no checkpoint had been written"
+        hint = ("" if allowed or self.is_deepspeed_enabled else
+                " To skip such steps instead, pass --skip_nonfinite_steps N.")
+        raise NonFiniteError(
+            f"step {step}: {what} is not finite{' (again: ' + str(allowed) + ' such steps skipped already)' if allowed else ''}; "
+            f"the run stopped before the optimizer applied it and nothing was saved after it ({kept}). Records in "
+            f"this step's batch: {labels}. Check those records, lower --learning_rate, or keep --max_grad_norm set; "
+            f"resume with --resume_from_checkpoint latest.{hint}")
+
+    def describe_records(self, indices: list[int]) -> str:
+        """'record 12 (id "a7")' for each dataset index of a batch (the record's index and id in its data file)."""
+        dataset = self.train_dataset
+        base = getattr(dataset, "dataset", dataset) if hasattr(dataset, "packs") else dataset
+        samples = getattr(base, "samples", None)
+        out = []
+        for i in indices:
+            sample = samples[i] if samples is not None and 0 <= i < len(samples) else None
+            if sample is None:
+                out.append(f"item {i}")
+            else:
+                out.append(f"record {sample.index}" + (f" (id {sample.id!r})" if getattr(sample, "id", None) else ""))
+        return ", ".join(out) or "(unknown)"
+
+    def _check_finite_weights(self, what: str) -> None:
+        """Refuse to write non-finite weights (any rank's trainable parameters or their ZeRO-3 partitions)."""
+        bad = [n for n, p in self.model.named_parameters()
+               if p.requires_grad and not bool(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all())]
+        from vlft.train.checkpoints import any_rank
+
+        if any_rank(bool(bad), self.args.device):
+            raise NonFiniteError(f"refusing to save {what}: trainable weights are not finite ({', '.join(bad[:3])}); "
+                                 "the checkpoints already written were left as they are")
+
+    # --- atomic checkpoints -------------------------------------------------------------------------------------
+
+    def _get_output_dir(self, trial):
+        return self._staging if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, written under <output_dir>/.vlft-staging and renamed into place when every
+        rank has finished; then the rotation of --save_total_limit (train/checkpoints.py says why)."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        from vlft.train.checkpoints import STAGING_DIR, any_rank, barrier, publish_checkpoint, save_failed
+
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        self._check_finite_weights(name)
+        staging = run_dir / STAGING_DIR
+        self._staging = str(staging)
+        failure = None
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as err:
+            failure = err
+        finally:
+            self._staging = None
+        if any_rank(failure is not None, self.args.device):
+            if self.args.should_save:
+                shutil_rmtree(staging / name)
+            raise save_failed(failure or OSError("another process could not write its part"), name, run_dir)
+        barrier()
+        if self.args.should_save:
+            publish_checkpoint(staging / name, run_dir / name)
+            if self.state.best_global_step:
+                best = run_dir / f"checkpoint-{self.state.best_global_step}"
+                if best.exists():
+                    self.state.best_model_checkpoint = str(best)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        barrier()
+
+    def save_final(self, output_dir: str) -> None:
+        """The end-of-run save, staged and then moved into `output_dir` (see train/checkpoints.py)."""
+        from vlft.train.checkpoints import STAGING_DIR, any_rank, barrier, publish_final, save_failed
+
+        self._check_finite_weights("the final model")
+        out = Path(output_dir)
+        staged = out / STAGING_DIR / "final"
+        if self.args.should_save:
+            shutil_rmtree(staged)
+        barrier()
+        failure = None
+        try:
+            self.save_model(str(staged))
+        except OSError as err:
+            failure = err
+        if any_rank(failure is not None, self.args.device):
+            if self.args.should_save:
+                shutil_rmtree(staged)
+            raise save_failed(failure or OSError("another process could not write its part"), "the final model", out)
+        barrier()
+        if self.args.should_save:
+            publish_final(staged, out)
+        barrier()
+
+    def identity(self) -> dict:
+        """This run's resume identity (train/checkpoints.py: run_identity)."""
+        from vlft.run_dir import trained_record
+        from vlft.train.checkpoints import run_identity
+
+        return run_identity(self.vlft_args, records=len(self.train_dataset) if self.train_dataset is not None else 0,
+                            trained=trained_record(self.accelerator.unwrap_model(self.model)),
+                            world_size=self.args.world_size)
 
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(inputs)
@@ -172,6 +325,9 @@ class VlftTrainerMixin:
             gathered = state_dict if self.is_deepspeed_enabled else None
             write_run_files(model, output_dir or self.args.output_dir, self.vlft_args,
                             is_peft=isinstance(model, PeftModel), state_dict=gathered)
+            from vlft.train.checkpoints import write_identity
+
+            write_identity(output_dir or self.args.output_dir, self.identity())
 
 
 def _load_full_weights(model, checkpoint: str) -> None:
@@ -193,6 +349,54 @@ def _load_full_weights(model, checkpoint: str) -> None:
                         f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}); resume with the "
                         "--model_id and flags that run was started with")
     del fresh
+
+
+class NonFiniteError(VlftError):
+    """A step's loss or gradients, or the weights about to be saved, are not finite."""
+
+
+def batch_records(inputs) -> list[int]:
+    """Dataset indices of the records in a batch of vlft's collators: `record` (SFT, packed rows: every record of
+    every row), `pair_index` (preference pairs), or a list of items with `record` (GRPO prompts)."""
+    if isinstance(inputs, dict):
+        value = inputs.get("record", inputs.get("pair_index"))
+        return [int(v) for v in value.tolist()] if isinstance(value, torch.Tensor) else list(value or [])
+    if isinstance(inputs, list):
+        return [int(it["record"]) for it in inputs if isinstance(it, dict) and "record" in it]
+    return []
+
+
+class RecordIndices:
+    """Wraps a collator: the batch also carries `record`, the dataset indices of its records (items, or packs of
+    items, with a `record` key), so that a step that goes wrong can name them. Other batches pass unchanged."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, items):
+        batch = self.collator(items)
+        if isinstance(batch, dict) and "record" not in batch and "pair_index" not in batch:
+            flat = [it for group in items for it in (group if isinstance(group, list) else [group])]
+            if flat and all(isinstance(it, dict) and "record" in it for it in flat):
+                batch["record"] = torch.tensor([int(it["record"]) for it in flat])
+        return batch
+
+
+def _gather_records(records: list[int]) -> list[int]:
+    """Every process's record indices of this step (only called when a step went wrong)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return records
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, records)
+    return [i for part in parts for i in part]
+
+
+def shutil_rmtree(path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class SFTTrainer(VlftTrainerMixin, Trainer):

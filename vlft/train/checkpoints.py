@@ -1,0 +1,321 @@
+"""Checkpoints a run can always come back from: atomic writes, `--resume_from_checkpoint latest`, a check that a
+resume continues the same run, and preemption (SIGTERM / SIGUSR1).
+
+Atomic checkpoints
+    The Trainer writes `checkpoint-N` into `<output_dir>/.vlft-staging/` and the main process renames it to
+    `<output_dir>/checkpoint-N` once every rank has finished writing (a rename within one filesystem is atomic).
+    So a `checkpoint-N` folder is always complete: a process killed while saving leaves the previous checkpoint
+    as the newest one (`latest` resolves to it), and the rotation of `--save_total_limit` runs only after the new
+    checkpoint is in place, so it never deletes the last complete one. The final save is staged the same way and
+    its files are moved into `--output_dir` one by one (each `os.replace` is atomic). Leftovers of a killed save
+    are removed at the next start.
+
+Resume identity
+    Every save writes `vlft_resume.json`: what must not change across a resume for the resumed steps to continue
+    the same run (model, data file contents, record count, media and length settings, seed, batch geometry, what
+    trains). A resume that differs stops before training and names each difference.
+
+Preemption
+    Schedulers send SIGTERM (Slurm, Kubernetes) or a chosen signal such as SIGUSR1 (`sbatch --signal`) before
+    they kill a job. The handler only sets a flag; at the end of the step in progress the ranks agree (one
+    all-reduce), save a checkpoint, stop, and the run exits 0 with the line that resumes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from vlft.errors import VlftError
+from vlft.utils import log
+
+STAGING_DIR = ".vlft-staging"
+RESUME_FILE = "vlft_resume.json"
+LATEST = "latest"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+# Resolved arguments that must be equal for a resumed run to be the same run (when both runs have them).
+IDENTITY_ARGS = (
+    "model_id", "data_path", "image_folder", "image_min_pixels", "image_max_pixels", "video_min_pixels",
+    "video_max_pixels", "video_max_total_pixels", "fps", "nframes", "video_min_frames", "video_max_frames",
+    "frames_fps", "max_seq_length", "max_length", "max_prompt_length", "truncation_mode", "packing",
+    "group_by_length", "seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "lora_rank", "lora_alpha", "use_dora", "bits", "num_generations",
+)
+
+
+# --- finding checkpoints ---------------------------------------------------------------------------------------
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete `checkpoint-N` folders of a run directory, oldest step first. Complete means renamed into
+    place (see the module docstring) and holding `trainer_state.json`."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _CHECKPOINT.match(entry.name)
+        if match and entry.is_dir() and (entry / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), entry))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in `output_dir`, or None."""
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def user_files(output_dir: str | os.PathLike) -> list[str]:
+    """What a directory holds besides vlft's staging area (leftovers of a killed save are not the user's)."""
+    root = Path(output_dir)
+    return sorted(p.name for p in root.iterdir() if p.name != STAGING_DIR) if root.is_dir() else []
+
+
+def resolve_resume(train_args) -> str | None:
+    """Turn `--resume_from_checkpoint` into the checkpoint to load (sets it on `train_args` and returns it).
+
+    `latest`: the newest complete checkpoint in --output_dir; with none and an empty (or missing) --output_dir the
+    run starts from step 0 (a job script can always pass `latest`, first start and requeue alike). A path must be
+    a complete checkpoint. Raises VlftError naming the flag and what to do otherwise."""
+    value = train_args.resume_from_checkpoint
+    if not value:
+        return None
+    out = train_args.output_dir
+    if str(value) == LATEST:
+        found = latest_checkpoint(out)
+        if found is None:
+            if user_files(out):
+                raise VlftError(f"--resume_from_checkpoint latest: {out} holds no complete checkpoint-N folder "
+                                f"(it holds {', '.join(user_files(out)[:5])}); pass a checkpoint path, or a new "
+                                "--output_dir to start a new run")
+            log(f"--resume_from_checkpoint latest: no checkpoint in {out} yet; starting from step 0")
+            train_args.resume_from_checkpoint = None
+            return None
+        log(f"resuming from {found} (the newest complete checkpoint in {out})")
+        train_args.resume_from_checkpoint = str(found)
+        return str(found)
+    path = Path(value)
+    if not path.is_dir():
+        raise VlftError(f"--resume_from_checkpoint {value}: no such directory; pass a checkpoint-N folder of the run "
+                        "or `latest`")
+    if not (path / "trainer_state.json").is_file():
+        raise VlftError(f"--resume_from_checkpoint {value} is not a complete checkpoint (it has no "
+                        "trainer_state.json); pass a checkpoint-N folder of the run, or `latest`")
+    return str(path)
+
+
+def clear_staging(output_dir: str | os.PathLike) -> None:
+    """Remove what a killed save left in the staging area (call on the main process before training)."""
+    staging = Path(output_dir) / STAGING_DIR
+    if staging.exists():
+        log(f"removing {staging}: an unfinished save of an earlier, interrupted run")
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_writable(output_dir: str | os.PathLike) -> None:
+    """--output_dir exists (created if needed) and accepts a file; VlftError otherwise, before anything loads."""
+    out = Path(output_dir)
+    probe = out / f".vlft-write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise VlftError(f"--output_dir {out} is not writable ({err.strerror}); choose a directory you can write "
+                        "to, with room for the checkpoints") from None
+
+
+# --- publishing a staged save ----------------------------------------------------------------------------------
+
+def publish_checkpoint(staged: Path, final: Path) -> None:
+    """Move a completely written checkpoint into place. A folder of the same name from an earlier timeline (a
+    resume from an older checkpoint reaches the same step again) is replaced."""
+    if final.exists():
+        old = staged.parent / f"replaced-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staged, final)
+    remove_if_empty(staged.parent)
+
+
+def remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def publish_final(staged: Path, output_dir: Path) -> None:
+    """Move the entries of a staged final save into --output_dir, each with one atomic replace."""
+    for entry in sorted(staged.iterdir()):
+        target = output_dir / entry.name
+        if entry.is_dir():
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(entry, target)
+        else:
+            os.replace(entry, target)
+    shutil.rmtree(staged, ignore_errors=True)
+    remove_if_empty(staged.parent)
+
+
+def save_failed(err: OSError, what: str, output_dir: str | os.PathLike) -> VlftError:
+    """The error for a save that could not be written (disk full, permissions, quota)."""
+    previous = latest_checkpoint(output_dir)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    where = f" ({err.filename})" if err.filename else ""
+    return VlftError(f"could not write {what}: {err.strerror or err}{where}. Nothing half-written was left in place; "
+                     f"{kept}. Free space (or fix the permissions of --output_dir {output_dir}) and resume with "
+                     "--resume_from_checkpoint latest")
+
+
+# --- resume identity -------------------------------------------------------------------------------------------
+
+def file_digest(path: str | os.PathLike, _cache: dict = {}) -> str:  # noqa: B006 (a per-process cache)
+    """sha256 of a file's bytes (cached per path, size and mtime)."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _cache:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        _cache[key] = digest.hexdigest()
+    return _cache[key]
+
+
+def run_identity(vlft_args: dict, *, records: int, trained: dict, world_size: int) -> dict:
+    """What a resume must find unchanged: the identity arguments, the data files' contents, the number of training
+    items (records, pairs or packed rows after the start-up check), what trains and the number of processes."""
+    data = {}
+    for path in str(vlft_args.get("data_path") or "").split(","):
+        path = path.strip()
+        if path and os.path.isfile(path):
+            data[os.path.basename(path)] = file_digest(path)
+    return {
+        "args": {k: vlft_args[k] for k in IDENTITY_ARGS if k in vlft_args},
+        "data_sha256": data,
+        "train_items": records,
+        "trained": trained,
+        "world_size": world_size,
+    }
+
+
+def write_identity(output_dir: str | os.PathLike, identity: dict) -> None:
+    (Path(output_dir) / RESUME_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True, default=str))
+
+
+def identity_differences(saved: dict, now: dict) -> list[str]:
+    """Human-readable differences between a checkpoint's identity and this run's ([] when it may resume)."""
+    out = []
+    saved_args, now_args = saved.get("args", {}), now.get("args", {})
+    for key in sorted(saved_args.keys() & now_args.keys()):
+        if saved_args[key] != now_args[key]:
+            out.append(f"--{key}: {saved_args[key]!r} in the checkpoint, {now_args[key]!r} now")
+    if saved.get("data_sha256") != now.get("data_sha256"):
+        out.append(f"the data file contents differ (sha256 {saved.get('data_sha256')} in the checkpoint, "
+                   f"{now.get('data_sha256')} now)")
+    if saved.get("train_items") != now.get("train_items"):
+        out.append(f"training items: {saved.get('train_items')} in the checkpoint, {now.get('train_items')} now")
+    if saved.get("world_size") != now.get("world_size"):
+        out.append(f"processes: {saved.get('world_size')} in the checkpoint, {now.get('world_size')} now (the data "
+                   "order and the position in the epoch depend on it)")
+    for part, label in (("non_lora", "fully trained weights"), ("lora_modules", "modules with an adapter")):
+        before, after = set(saved.get("trained", {}).get(part, [])), set(now.get("trained", {}).get(part, []))
+        if before != after:
+            gone, new = sorted(before - after), sorted(after - before)
+            out.append(f"{label}: {len(before)} in the checkpoint, {len(after)} now (only in the checkpoint: "
+                       f"{gone[:3]}; only now: {new[:3]})")
+    return out
+
+
+def check_resume(checkpoint: str, identity: dict) -> None:
+    """VlftError when `checkpoint` was written by a run that differs from this one (see `identity_differences`);
+    a checkpoint written before vlft recorded its identity is accepted with a log line."""
+    path = Path(checkpoint) / RESUME_FILE
+    if not path.is_file():
+        log(f"{checkpoint} has no {RESUME_FILE} (saved by an older vlft): resuming without checking that the data "
+            "and settings are the same")
+        return
+    diffs = identity_differences(json.loads(path.read_text()), json.loads(json.dumps(identity, default=str)))
+    if diffs:
+        raise VlftError(f"cannot resume from {checkpoint}: this run is not the run that wrote it:\n  - "
+                        + "\n  - ".join(diffs)
+                        + "\nResume with the data and flags that run was started with (its vlft_args.json works as "
+                          "--config), or start a new run in a new --output_dir")
+
+
+# --- preemption ------------------------------------------------------------------------------------------------
+
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM / SIGUSR1: finish the step in progress, save a checkpoint, stop (see the module docstring).
+
+    `install()` / `uninstall()` set and restore the signal handlers (main thread only); `stopped_by` is the
+    signal's name and `stopped_at` the last finished step once the run stopped for it."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.stopped_by: str | None = None
+        self.stopped_at: int | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in PREEMPT_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            os.write(2, f"[vlft] {name} received: finishing this step, then saving a checkpoint\n".encode())
+        self.requested = name
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if any_rank(self.requested is not None, args.device):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_by = self.requested or "a signal on another process"
+            self.stopped_at = state.global_step
+        return control
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True when `flag` is true on any process (one all-reduce when distributed; the flag itself otherwise)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return bool(flag)
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
