@@ -39,7 +39,8 @@ What maps exactly, and what does not (transformers 5.24's Qwen2-VL / Qwen2.5-VL 
   *choice* differs for Qwen2-VL / Qwen2.5-VL: transformers takes `arange(0, N, N / n)`, vlft (qwen-vl-utils) takes
   `linspace(0, N - 1, n).round()`, Qwen3-VL's own rule, so equal counts give equal frames there. An `--nframes`
   above a video's frame count is lowered by vlft and refused by the processor; a video shorter than one temporal
-  patch (one frame) is kept and padded by vlft, while the processors' samplers count 0 frames for it.
+  patch (one frame) is kept and padded by vlft, while the processors fail on it (Qwen2-VL's sampler counts 0
+  frames and divides by it; Qwen3-VL's takes the frame and its resize refuses fewer frames than a temporal patch).
 - No counterpart: `--frames_fps` (the rate vlft assumes for a folder or list of frame images: transformers does
   not sample frame lists at all). With `do_sample_frames = True` a caller that hands the processor frames it
   sampled itself passes `do_sample_frames=False`, as one must for any Qwen3-VL processor already.
