@@ -5,8 +5,9 @@ into a plain Hugging Face checkpoint that transformers, vLLM and other servers l
 
 --adapter is a finished run or any checkpoint-N inside it; the base model comes from its vlft_args.json
 (--base_model overrides). Every key is checked: a trained weight missing from the run, or a saved weight
-the model does not have, stops the merge and names it. The output is written to a temporary directory and
-renamed into place at the end, so a failed merge leaves nothing behind.
+the model does not have, stops the merge and names it. The processor written carries training's pixel budgets
+and frame sampling (vlft/models/processor_media.py) and vlft_media.json records them exactly. The output is
+written to a temporary directory and renamed into place at the end, so a failed merge leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from pathlib import Path
 
 from vlft.errors import VlftError
 from vlft.run_dir import (
+    ARGS_FILE,
     NON_LORA_FILE,
     TRAINED_FILE,
     base_model_of,
     is_adapter_run,
     read_adapter,
     read_non_lora,
+    read_run_args,
     read_trained,
 )
 from vlft.utils import log
@@ -93,10 +96,28 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
     return peft_model.eval(), family, base
 
 
+def save_processor(run_dir: Path, out: Path, family) -> None:
+    """The run's processor into `out`, with the media settings training used (vlft/models/processor_media.py) and
+    their record (MEDIA_FILE) for vlft's own predict. The run's saved processor carries them already; applying
+    the settings of its vlft_args.json again also serves runs saved before it did."""
+    from transformers import AutoProcessor
+
+    from vlft.models.processor_media import apply_media_settings, media_settings_from_args, write_media_record
+
+    processor = AutoProcessor.from_pretrained(str(run_dir))
+    media = media_settings_from_args(read_run_args(run_dir), family)
+    if media is None:
+        log(f"{run_dir} records no media settings ({ARGS_FILE}): the processor is copied as it is, with its own "
+            "pixel budgets")
+    else:
+        apply_media_settings(processor, media)
+        write_media_record(out, media)
+    processor.save_pretrained(out)
+
+
 def merge(adapter: str, output: str, *, base_model: str | None = None, dtype: str = "auto",
           overwrite: bool = False) -> Path:
     import torch
-    from transformers import AutoProcessor
 
     from vlft.models.loading import DTYPES, set_use_cache
 
@@ -122,7 +143,7 @@ def merge(adapter: str, output: str, *, base_model: str | None = None, dtype: st
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
     try:
         merged.save_pretrained(tmp, max_shard_size="5GB")
-        AutoProcessor.from_pretrained(str(run_dir)).save_pretrained(tmp)
+        save_processor(run_dir, tmp, family)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

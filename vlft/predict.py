@@ -3,10 +3,11 @@
     vlft predict --model output/finetune_lora/latest --data_path val.json --image_folder images/ --output preds.jsonl
 
 --model is a run directory with an adapter (its base model and trained weights are loaded, as by merge),
-a merged or fully fine-tuned directory, or a base model id. When it holds vlft_args.json, the media settings
-of training (pixel budgets, frame sampling) are used unless given here. Each record's last gpt turn, when
-present, is the reference; the prompt is everything before it. Writes one JSON line per record (id, prompt,
-prediction, reference) and prints the exact-match accuracy when references exist.
+a merged or fully fine-tuned directory, or a base model id. When it holds vlft_args.json (a run) or
+vlft_media.json (a model merged by vlft merge), the media settings of training (pixel budgets, frame sampling)
+are used unless given here. Each record's last gpt turn, when present, is the reference; the prompt is
+everything before it. Writes one JSON line per record (id, prompt, prediction, reference) and prints the
+exact-match accuracy when references exist.
 """
 from __future__ import annotations
 
@@ -63,11 +64,12 @@ def _family(pred_args: PredictArguments):
 
 
 def _media_from_run(data_args, run_args: dict, explicit: set[str]):
-    """The run's media settings for every media flag not given on this command line."""
+    """The run's media settings (its vlft_args.json, or a merged model's vlft_media.json) for every media flag not
+    given on this command line."""
     from vlft.config import DataArguments
+    from vlft.models.processor_media import MEDIA_FIELDS
 
-    media_fields = {"image_min_pixels", "image_max_pixels", "video_min_pixels", "video_max_pixels",
-                    "video_max_total_pixels", "fps", "nframes", "video_min_frames", "video_max_frames", "frames_fps"}
+    media_fields = set(MEDIA_FIELDS)
     values = {f.name: getattr(data_args, f.name) for f in dataclasses.fields(DataArguments) if f.init}
     for name in media_fields - explicit:
         if name in run_args:
@@ -144,15 +146,16 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from vlft.config import DataArguments, parse_command, validate
-    from vlft.run_dir import read_run_args
+    from vlft.run_dir import read_media_record, read_run_args
 
     (pred_args, data_args), given = parse_command((PredictArguments, DataArguments), list(argv or []),
                                                   prog="vlft predict")
     if not pred_args.model or not data_args.data_path or not pred_args.output:
         raise VlftError("vlft predict needs --model, --data_path and --output")
-    run_args = read_run_args(pred_args.model) if Path(pred_args.model).is_dir() else {}
-    if run_args:
-        data_args = _media_from_run(data_args, run_args, given)
+    model_dir = Path(pred_args.model)
+    recorded = (read_run_args(model_dir) or read_media_record(model_dir)) if model_dir.is_dir() else {}
+    if recorded:  # a run or a merged model: the settings training used
+        data_args = _media_from_run(data_args, recorded, given)
     if "max_seq_length" not in given:
         data_args.max_seq_length = 10**9  # prediction keeps every record; the check still reports bad ones
     validate(data_args)

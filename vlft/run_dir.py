@@ -123,3 +123,15 @@ def read_adapter(run_dir: str | os.PathLike) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(run_dir) / ADAPTER_WEIGHTS))
+
+
+# A merged model's record of the media settings training used (it has no vlft_args.json); written by merge,
+# read by predict (vlft/models/processor_media.py).
+MEDIA_FILE = "vlft_media.json"
+
+
+def read_media_record(model_dir: str | os.PathLike) -> dict:
+    """The media settings a merged model carries ({} when it has none: a base model, or merged before vlft
+    recorded them)."""
+    path = Path(model_dir) / MEDIA_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

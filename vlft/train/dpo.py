@@ -20,6 +20,7 @@ from vlft.data.dpo import PreferenceCollator, PreferenceDataset, PreferenceForma
 from vlft.data.packing import length_grouped_order
 from vlft.data.prepare import prepare_data
 from vlft.errors import VlftError
+from vlft.models.processor_media import apply_media_settings
 from vlft.train.launch import check_output_dir, run_stage, train_and_save
 from vlft.train.reference import trained_next_to_lora
 from vlft.train.setup import zero_stage
@@ -68,6 +69,7 @@ def run(argv: list[str]):
 
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))
+    apply_media_settings(processor, media)  # saved with every checkpoint: servers resize as training did
     max_length = data_args.max_seq_length
     fmt = PreferenceFormat(max_length, train_args.truncation_mode)
     data = prepare_data(

@@ -18,6 +18,7 @@ from vlft.data.encoding import ChatEncoder
 from vlft.data.grpo import PROMPT, PromptDataset, first_items
 from vlft.data.prepare import prepare_data
 from vlft.errors import VlftError
+from vlft.models.processor_media import apply_media_settings
 from vlft.train.launch import check_output_dir, run_stage, train_and_save
 from vlft.train.reference import trained_next_to_lora
 from vlft.train.setup import zero_stage
@@ -70,6 +71,7 @@ def run(argv: list[str]):
 
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))
+    apply_media_settings(processor, media)  # saved with every checkpoint: servers resize as training did
     data = prepare_data(
         data_args.data_path, PROMPT, processor=processor, image_folder=data_args.image_folder, media=media,
         max_seq_length=max_prompt, reject_overlong=data_args.reject_overlong,

@@ -14,6 +14,7 @@ from vlft.data.collator import PackingCollator, SFTCollator
 from vlft.data.packing import length_grouped_order, plan_packs
 from vlft.data.prepare import prepare_sft_data
 from vlft.data.sft import PackedDataset, SFTDataset
+from vlft.models.processor_media import apply_media_settings
 from vlft.train.launch import check_output_dir, run_stage, train_and_save
 from vlft.utils import log
 
@@ -30,6 +31,7 @@ def run(argv: list[str]):
 
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
+    apply_media_settings(processor, media)  # saved with every checkpoint: servers resize as training did
     data = prepare_sft_data(
         data_args.data_path, processor=processor, image_folder=data_args.image_folder, media=media,
         max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
