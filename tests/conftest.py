@@ -70,3 +70,26 @@ def loss_and_grads(model, batch):
     loss = model(**batch).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def logged_losses(out: Path) -> list[float]:
+    """The losses a finished run logged (its trainer_state.json)."""
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def final_weights(out: Path) -> dict:
+    """Every weight a run saved (full model, adapter, non-LoRA trainables), keyed "file:name"."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for name in ("model.safetensors", "adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        if (out / name).is_file():
+            weights.update({f"{name}:{k}": v for k, v in load_file(str(out / name)).items()})
+    assert weights, f"no weights in {out}"
+    return weights
+
+
+def max_weight_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((x.float() - b[k].float()).abs().max().item() for k, x in a.items())

@@ -3,8 +3,8 @@ checkpoint, resumes with `--resume_from_checkpoint latest` onto exactly the loss
 uninterrupted run; SIGTERM saves a checkpoint and exits 0; a non-finite loss stops the run naming the step and its
 records with finite checkpoints left; a save that cannot be written leaves the previous checkpoint intact.
 
-The interrupted runs are real processes (`python -m` of a small driver that injects the fault into vlft's trainer,
-then calls the `vlft` command line): SIGKILL cannot be caught, so nothing in the run gets a chance to tidy up."""
+The interrupted runs are real `vlft sft` processes with the fault injected from outside vlft (tests/faults): SIGKILL
+cannot be caught, so nothing in the run gets a chance to tidy up."""
 from __future__ import annotations
 
 import errno
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DATA, DEMO_IMAGES, REPO
+from conftest import DEMO_DATA, DEMO_IMAGES, REPO, final_weights, logged_losses, max_weight_difference
 from safetensors.torch import load_file
 
 from vlft.errors import VlftError
@@ -36,36 +36,6 @@ SETTINGS = {
     "grad_accum_2": ["--gradient_accumulation_steps", "2"],
 }
 
-DRIVER = '''
-import os, signal, sys
-mode, at = os.environ["VLFT_TEST_FAULT"].split("@")
-at = int(at)
-from transformers import Trainer
-import vlft.train.trainer as t
-
-if mode in ("kill_step", "term_step"):
-    step_fn = t.VlftTrainerMixin.training_step
-    sent = []
-
-    def training_step(self, *a, **k):
-        if self.state.global_step == at and not sent:
-            sent.append(1)
-            os.kill(os.getpid(), signal.SIGKILL if mode == "kill_step" else signal.SIGTERM)
-        return step_fn(self, *a, **k)
-
-    t.VlftTrainerMixin.training_step = training_step
-elif mode == "kill_save":  # after the weights and the optimizer are written, before the checkpoint is complete
-    rng_fn = Trainer._save_rng_state
-
-    def save_rng_state(self, output_dir):
-        if self.state.global_step == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return rng_fn(self, output_dir)
-
-    Trainer._save_rng_state = save_rng_state
-from vlft.cli import main
-sys.exit(main(sys.argv[1:]))
-'''
 
 
 def common_args(model_dir, data=DEMO_DATA) -> list[str]:
@@ -76,36 +46,17 @@ def common_args(model_dir, data=DEMO_DATA) -> list[str]:
 
 
 def run_with_fault(tmp_path: Path, fault: str, argv: list[str]) -> subprocess.CompletedProcess:
-    driver = tmp_path / "fault_driver.py"
-    driver.write_text(DRIVER)
-    env = dict(os.environ, VLFT_TEST_FAULT=fault, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(driver), "sft", *argv], env=env, capture_output=True, text=True,
-                          timeout=600)
+    """`vlft sft argv` in its own process (and process group) with a fault injected (tests/faults)."""
+    env = dict(os.environ, VLFT_TEST_FAULT=fault, VLFT_TEST_SINGLE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "faults"), str(REPO)]))
+    return subprocess.run([sys.executable, "-m", "vlft.cli", "sft", *argv], env=env, capture_output=True, text=True,
+                          timeout=600, start_new_session=True)
 
 
 def resume_latest(argv: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "vlft.cli", "sft", *argv, "--resume_from_checkpoint", "latest"],
                           env=env, capture_output=True, text=True, timeout=600)
-
-
-def logged_losses(out: Path) -> list[float]:
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    return [h["loss"] for h in history if "loss" in h]
-
-
-def final_weights(out: Path) -> dict:
-    weights = {}
-    for name in ("model.safetensors", "adapter_model.safetensors", "non_lora_trainables.safetensors"):
-        if (out / name).is_file():
-            weights.update({f"{name}:{k}": v for k, v in load_file(str(out / name)).items()})
-    assert weights, f"no weights in {out}"
-    return weights
-
-
-def max_weight_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((x.float() - b[k].float()).abs().max().item() for k, x in a.items())
 
 
 SLOW = {"packing", "group_by_length", "grad_accum_2"}  # in `make test-distributed`; full and LoRA in `make test`
