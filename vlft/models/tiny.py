@@ -187,6 +187,9 @@ def save_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_vl", *, see
         if exist_ok and (out / "config.json").exists():
             return out
         from vlft.errors import VlftError
+        if exist_ok:  # --exist_ok is set: it reuses a model, and this is not one
+            raise VlftError(f"{out} already exists but holds no model (no config.json) to reuse; choose another "
+                             "directory or remove it")
         raise VlftError(f"{out} already exists; choose another directory (or pass --exist_ok to reuse it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -204,14 +207,18 @@ def save_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_vl", *, see
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlft tiny-model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="directory to create")
     parser.add_argument("--family", default="qwen2_vl", choices=FAMILIES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exist_ok", action="store_true", help="reuse the directory if it already holds a model")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = save_tiny_model(args.out_dir, args.family, seed=args.seed, exist_ok=args.exist_ok)
     log(f"tiny {args.family} model in {out}")
     return 0
