@@ -133,7 +133,7 @@ def merge(adapter: str, output: str, *, base_model: str | None = None, dtype: st
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlft merge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="a LoRA run directory or a checkpoint-N inside it")
@@ -142,10 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                         help="weights dtype of the merged model (auto: the base model's)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     merge(args.adapter, args.output, base_model=args.base_model, dtype=args.dtype, overwrite=args.overwrite)
     return 0

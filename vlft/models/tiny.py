@@ -207,18 +207,14 @@ def save_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_vl", *, see
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlft tiny-model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="directory to create")
     parser.add_argument("--family", default="qwen2_vl", choices=FAMILIES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exist_ok", action="store_true", help="reuse the directory if it already holds a model")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     out = save_tiny_model(args.out_dir, args.family, seed=args.seed, exist_ok=args.exist_ok)
     log(f"tiny {args.family} model in {out}")
     return 0
