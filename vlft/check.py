@@ -25,7 +25,7 @@ class CheckArguments:
 
 def main(argv: list[str] | None = None) -> int:
     from vlft.config import DataArguments, ModelArguments, parse_args, validate
-    from vlft.data.prepare import RECORD_FORMATS, prepare_data
+    from vlft.data.prepare import RECORD_FORMATS, length_flag_of, prepare_data
     from vlft.models.loading import load_family, load_processor
 
     check_args, model_args, data_args = parse_args((CheckArguments, ModelArguments, DataArguments), argv or [],
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         data_args.data_path, record_format, processor=processor,
         image_folder=data_args.image_folder, media=media, max_seq_length=data_args.max_seq_length,
         reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
-        workers=data_args.check_workers,
+        workers=data_args.check_workers, length_flag=length_flag_of(data_args),
     )
-    cut = f"; {len(truncated)} with answers to be cut to --max_seq_length" if truncated else ""
+    cut = f"; {len(truncated)} with answers to be cut to {length_flag_of(data_args)}" if truncated else ""
     log(f"{check_args.stage} data: {prepared.summary()}{cut}")
     return 0

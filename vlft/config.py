@@ -397,7 +397,8 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
             errors.append(f"--per_device_train_batch_size {self.per_device_train_batch_size} counts completions and "
                           f"must be a multiple of --num_generations {self.num_generations}")
         if self.num_iterations != 1:
-            errors.append("--num_iterations > 1 is not available yet in vlft; use 1")
+            errors.append(f"--num_iterations {self.num_iterations}: vlft runs one optimisation pass per generated batch "
+                          "for now; use 1 (the default)")
         if self.use_vllm:
             errors.append("--use_vllm is not available yet in vlft; generation runs with transformers")
         if self.max_completion_length < 1:
@@ -535,8 +536,9 @@ def _data_errors(data_args: DataArguments) -> list[str]:
     errors += data_args._pixel_budget_problems()  # the unset ones are checked once the family resolves them
     if data_args.packing and data_args.group_by_length:
         errors.append("--packing and --group_by_length both arrange records into batches; give only one")
-    if data_args.max_seq_length < 8:
-        errors.append(f"--max_seq_length {data_args.max_seq_length} is too small")
+    if data_args.max_seq_length < 8:  # named by the flag the user gave: TRL's --max_length sets it too
+        flag = "--max_length" if data_args.max_length is not None else "--max_seq_length"
+        errors.append(f"{flag} {data_args.max_seq_length} is too small")
     return errors
 
 
@@ -565,12 +567,16 @@ def _tune_errors(tune_args: TuneArguments) -> list[str]:
                       "quantised weights is not possible)")
     if t.unfreeze_topk_llm < 0 or t.unfreeze_topk_vision < 0:
         errors.append("--unfreeze_topk_llm / --unfreeze_topk_vision must be >= 0")
-    if t.unfreeze_topk_llm and not t.llm_frozen:
-        errors.append("--unfreeze_topk_llm trains the top layers of a frozen LLM; the LLM is not frozen (add "
-                      "--freeze_llm true or --lora_enable)")
+    if t.unfreeze_topk_llm and not t.llm_frozen:  # --lora_enable is no way out next to an explicit --freeze_llm false
+        errors.append("--unfreeze_topk_llm trains the top layers of a frozen LLM; "
+                      + ("--freeze_llm false trains all of it (set --freeze_llm true, or drop --unfreeze_topk_llm)"
+                         if t.freeze_llm is False else
+                         "the LLM is not frozen (add --freeze_llm true or --lora_enable)"))
     if t.unfreeze_topk_vision and not t.vision_frozen:
-        errors.append("--unfreeze_topk_vision trains the top blocks of a frozen vision tower; the tower is not frozen "
-                      "(add --freeze_vision_tower true or --vision_lora)")
+        errors.append("--unfreeze_topk_vision trains the top blocks of a frozen vision tower; "
+                      + ("--freeze_vision_tower false trains all of it (set --freeze_vision_tower true, or drop "
+                         "--unfreeze_topk_vision)" if t.freeze_vision_tower is False else
+                         "the tower is not frozen (add --freeze_vision_tower true or --vision_lora)"))
     if t.unfreeze_topk_llm and t.bits != 16:
         errors.append("--unfreeze_topk_llm cannot fully train quantised layers (--bits); use LoRA on them")
     vision_trains = not t.vision_frozen or t.vision_lora or t.unfreeze_topk_vision > 0

@@ -38,13 +38,19 @@ class Problem:
 
 
 class DataError(VlftError):
-    """One or more records are unusable; lists every problem found, not only the first."""
+    """One or more records are unusable; lists every problem found, not only the first.
 
-    def __init__(self, problems: list[Problem], header: str = "", max_shown: int = 50):
+    `advice` is the closing line(s), what the user can do about the whole list; the raiser writes it from the flags
+    of the run (data/prepare.py: only a run without --skip_bad_samples is told to pass it, and only for problems it
+    would skip). The default names no flag: a file that cannot be read at all is not helped by any."""
+
+    def __init__(self, problems: list[Problem], header: str = "", max_shown: int = 50,
+                 advice: str = "Fix the records above."):
         self.problems = list(problems)
         lines = [header or f"{len(self.problems)} problem(s) in the training data:"]
         lines += [f"  - {p}" for p in self.problems[:max_shown]]
         if len(self.problems) > max_shown:
             lines.append(f"  ... and {len(self.problems) - max_shown} more")
-        lines.append("Fix the records above, or pass --skip_bad_samples true to go on without them.")
+        if advice:
+            lines.append(advice)
         super().__init__("\n".join(lines))

@@ -84,7 +84,7 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
     from transformers import set_seed
 
     from vlft.data.collator import SFTCollator
-    from vlft.data.prepare import prepare_sft_data
+    from vlft.data.prepare import length_flag_of, prepare_sft_data
     from vlft.data.sft import SFTDataset
     from vlft.models.loading import load_processor
 
@@ -95,8 +95,9 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
     media = data_args.media_settings(_family(pred_args))  # pixel defaults in the family's units
     checked = prepare_sft_data(data_args.data_path, processor=processor, image_folder=data_args.image_folder,
                                media=media, max_seq_length=data_args.max_seq_length,
-                             skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
-                             require_answer=False)
+                               reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
+                               workers=data_args.check_workers, require_answer=False,
+                               length_flag=length_flag_of(data_args))
     prompts, references = [], []
     for sample in checked.samples:
         last = sample.messages[-1]
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     recorded = (read_run_args(model_dir) or read_media_record(model_dir)) if model_dir.is_dir() else {}
     if recorded:  # a run or a merged model: the settings training used
         data_args = _media_from_run(data_args, recorded, given)
-    if "max_seq_length" not in given:
+    if not {"max_seq_length", "max_length"} & given:
         data_args.max_seq_length = 10**9  # prediction keeps every record; the check still reports bad ones
     validate(data_args)
     predict(pred_args, data_args)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from vlft.errors import DataError, Problem, VlftError
 
+# A file is read whole before any record is checked: --skip_bad_samples skips invalid records, not unreadable text.
+_UNREADABLE = "Fix the file: --skip_bad_samples skips invalid records, not a file that cannot be read."
 _SHAPE_HINT = 'write the records as a JSON list [{"conversations": [...]}, ...] or as JSONL, one record per line'
 
 
@@ -43,7 +45,8 @@ def _load_json_list(text: str, path: Path) -> list:
         return json.loads(text)
     except json.JSONDecodeError as e:
         hint = "fix the syntax there (a missing comma, quote or bracket is the usual cause)"
-        raise DataError([_json_problem(path, None, e, e.lineno, hint)], header=f"{path} is not valid JSON:") from e
+        raise DataError([_json_problem(path, None, e, e.lineno, hint)], header=f"{path} is not valid JSON:",
+                        advice=_UNREADABLE) from e
 
 
 def _load_jsonl(text: str, path: Path) -> list:
@@ -71,7 +74,7 @@ def _load_jsonl(text: str, path: Path) -> list:
             continue
         records.append(record)
     if problems:
-        raise DataError(problems, header=f"{len(problems)} line(s) of {path} are not valid JSON:")
+        raise DataError(problems, header=f"{len(problems)} line(s) of {path} are not valid JSON:", advice=_UNREADABLE)
     if len(records) == 1 and _is_container(records[0]):
         _raise_wrong_shape(path, records[0])
     return records
@@ -84,7 +87,8 @@ def _raise_wrong_shape(path: Path, value: object) -> None:
     hint = _SHAPE_HINT
     if isinstance(value, dict) and any(isinstance(v, list) for v in value.values()):
         hint = "move the list of records to the top level, or " + hint
-    raise DataError([Problem(str(path), None, "", message, hint)], header=f"{path} has the wrong shape:")
+    raise DataError([Problem(str(path), None, "", message, hint)], header=f"{path} has the wrong shape:",
+                    advice=_UNREADABLE)
 
 
 def _is_container(value: object) -> bool:

@@ -102,6 +102,7 @@ class PreparedData:
     n_records: int
     skipped: list[Problem] = field(default_factory=list)  # invalid records left out (--skip_bad_samples)
     overlong: list[Problem] = field(default_factory=list)  # records longer than max_seq_length, left out
+    length_flag: str = "--max_seq_length"  # the flag that set the length limit, as messages name it
     video_sources: list[list] = field(default_factory=list)  # resolved videos, parallel to samples
     image_specs: list[list[VisionSpec]] = field(default_factory=list)  # grid of each image, parallel to samples
     video_specs: list[list[VisionSpec]] = field(default_factory=list)  # grid and timing of each video
@@ -116,7 +117,7 @@ class PreparedData:
         if self.skipped:
             text += f"; {len(self.skipped)} problem(s) skipped"
         if self.overlong:
-            text += f"; {len(self.overlong)} over --max_seq_length dropped"
+            text += f"; {len(self.overlong)} over {self.length_flag} dropped"
         if self.sequence_lengths:
             s = sorted(self.lengths)
             text += f"; tokens per record min {s[0]} / median {s[len(s) // 2]} / max {s[-1]}"
@@ -156,6 +157,49 @@ def _missing(source) -> bool:
     return not all(Path(p).exists() for p in paths)
 
 
+def _relative(raw) -> bool:
+    """Whether a media entry as written in the record (a path, or a list of frame paths) has a relative path,
+    the only kind --image_folder changes."""
+    return any(not Path(p).is_absolute() for p in (raw if isinstance(raw, list) else [raw]))
+
+
+def length_flag_of(data_args) -> str:
+    """The flag the user set the length limit with, for messages: TRL's --max_length when it was given, else
+    --max_seq_length (DataArguments copies --max_length into max_seq_length)."""
+    return "--max_length" if getattr(data_args, "max_length", None) is not None else "--max_seq_length"
+
+
+def _missing_hint(kind: str, raw, image_folder: str | None, file: str) -> str:
+    if not _relative(raw):
+        return "fix the path in the record (it is absolute: --image_folder does not change it)"
+    if image_folder:
+        return f"fix the path in the record, or --image_folder {image_folder}, which relative {kind} paths resolve against"
+    return (f"fix the path in the record, or pass --image_folder: without it relative {kind} paths resolve against the "
+            f"data file's folder, {Path(file).parent}")
+
+
+def _not_found_header(n: int, image_folder: str | None, file: str) -> str:
+    """The first line when none of the media files was found and all were written as relative paths."""
+    if image_folder:
+        return f"none of the {n} media files was found under --image_folder {image_folder}: is it the right folder?"
+    return (f"none of the {n} media files was found under {Path(file).parent}, the data file's folder, which relative "
+            "paths resolve against when --image_folder is not given: pass --image_folder")
+
+
+def _advice(*, invalid: bool, overlong: bool, skip_bad_samples: bool, reject_overlong: bool, length_flag: str) -> str:
+    """The closing lines of a data error, from the run's own flags: each kind of listed record gets the way out
+    that applies to it, and no flag is suggested that is already set."""
+    lines = []
+    if invalid:
+        lines.append("Fix the invalid records above" + ("." if skip_bad_samples else
+                     ", or pass --skip_bad_samples true to go on without them (they are counted and listed)."))
+    if overlong and reject_overlong:
+        lines.append(f"The over-long records stop the run because --reject_overlong is set: raise {length_flag} (or "
+                     "lower the pixel budgets or frame counts), or drop --reject_overlong to leave them out (counted "
+                     "and listed)" + (". --skip_bad_samples does not skip them." if skip_bad_samples else "."))
+    return "\n".join(lines)
+
+
 def prepare_data(data_path: str, record_format: RecordFormat, *, processor, image_folder: str | None,
                  media: MediaSettings, max_seq_length: int, reject_overlong: bool = False,
                  skip_bad_samples: bool = False, workers: int = 4,
@@ -164,8 +208,9 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
 
     Raises DataError listing every problem (file, record index, id, field, what to do) unless
     `skip_bad_samples`; records with a sequence over `max_seq_length` tokens are dropped and counted, or
-    raise DataError under `reject_overlong`; VlftError when no record is left. `length_flag` is the flag that
-    set `max_seq_length`, as messages name it (GRPO: --max_prompt_length)."""
+    raise DataError under `reject_overlong` (one error lists both kinds); VlftError when no record is left.
+    `length_flag` is the flag that set `max_seq_length`, as messages name it (GRPO: --max_prompt_length; TRL's
+    --max_length when given: `length_flag_of`). What the error tells the user to do follows the flags passed."""
     file = str(data_path)
     records = load_records(data_path)
     problems: list[Problem] = []
@@ -178,6 +223,9 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
 
     images = {s.index: [str(resolve_media_path(p, image_folder, file)) for p in s.images] for s in parsed}
     videos = {s.index: [_resolve_video(v, image_folder, file) for v in s.videos] for s in parsed}
+    # the media written as relative paths: the only ones --image_folder decides where to find
+    relative = {resolved for s in parsed for resolved, raw in zip([*images[s.index], *videos[s.index]],
+                                                                  [*s.images, *s.videos]) if _relative(raw)}
     unique_images = sorted({p for paths in images.values() for p in paths})
     unique_videos = sorted({v for sources in videos.values() for v in sources}, key=str)
     encoder = ChatEncoder(processor)
@@ -187,18 +235,19 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
         probed = dict(zip(unique_images, pool.map(lambda p: probe_image(p, encoder, media), unique_images)))
         probed.update(zip(unique_videos, pool.map(lambda v: probe_video(v, encoder, media), unique_videos)))
 
-    out = PreparedData([], [], [], len(records))
+    out = PreparedData([], [], [], len(records), length_flag=length_flag)
     overlong: list[Problem] = []
     for sample in parsed:
         specs: dict[str, list[VisionSpec]] = {"image": [], "video": []}
         bad = False
-        for kind, sources in (("image", images[sample.index]), ("video", videos[sample.index])):
+        for kind, sources, written in (("image", images[sample.index], sample.images),
+                                       ("video", videos[sample.index], sample.videos)):
             for j, source in enumerate(sources):
                 result = probed[source]
                 if isinstance(result, MediaError):
                     bad = True
-                    hint = (f"fix the path in the record, or --image_folder that relative {kind} paths resolve against"
-                            if _missing(source) else f"replace the {kind} or remove the record")
+                    hint = (_missing_hint(kind, written[j], image_folder, file) if _missing(source)
+                            else f"replace the {kind} or remove the record")
                     problems.append(Problem(file, sample.index, f"{kind}[{j}]", str(result), hint, sample.id))
                 else:
                     specs[kind].append(result)
@@ -219,17 +268,23 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
         out.video_specs.append(specs["video"])
 
     problems.sort(key=lambda p: (p.index if p.index is not None else -1))
-    if problems and not skip_bad_samples:
-        header = f"{len(problems)} problem(s) in {file}:"
-        everything = [*unique_images, *unique_videos]
-        if everything and all(isinstance(probed[m], MediaError) and _missing(m) for m in everything):
-            base = image_folder or str(Path(file).parent)
-            header = (f"none of the {len(everything)} media files was found under {base}: is --image_folder right?\n"
-                      + header)
-        raise DataError(problems, header=header)
-    if overlong and reject_overlong:
-        raise DataError(overlong, header=f"{len(overlong)} record(s) in {file} exceed {length_flag} "
-                                         "(--reject_overlong is set):")
+    invalid, too_long = bool(problems) and not skip_bad_samples, bool(overlong) and reject_overlong
+    if invalid or too_long:
+        listed = sorted((problems if invalid else []) + (overlong if too_long else []),
+                        key=lambda p: (p.index if p.index is not None else -1))
+        too_long_what = f"{length_flag} {max_seq_length} (--reject_overlong is set)"
+        if invalid:
+            header = (f"{len(problems)} problem(s) and {len(overlong)} record(s) over {too_long_what} in {file}:"
+                      if too_long else f"{len(problems)} problem(s) in {file}:")
+            everything = [*unique_images, *unique_videos]
+            if everything and all(isinstance(probed[m], MediaError) and _missing(m) and m in relative
+                                  for m in everything):
+                header = _not_found_header(len(everything), image_folder, file) + "\n" + header
+        else:
+            header = f"{len(overlong)} record(s) in {file} exceed {too_long_what}:"
+        raise DataError(listed, header=header, advice=_advice(
+            invalid=invalid, overlong=too_long, skip_bad_samples=skip_bad_samples, reject_overlong=reject_overlong,
+            length_flag=length_flag))
     out.skipped, out.overlong = problems, overlong
     for p in problems[:10]:
         log(f"skipped: {p}")

@@ -17,7 +17,7 @@ def _wrap_load_error(what: str, model_id: str, err: Exception) -> VlftError:
         return VlftError(f"the model directory {model_id!r} does not exist; check the path (a run directory, a merged "
                          "model, or a Hugging Face model id such as Qwen/Qwen2-VL-2B-Instruct)")
     return VlftError(
-        f"could not load the {what} from --model_id {model_id!r}: {err}. "
+        f"could not load the {what} from {model_id!r}: {err}. "
         "Pass a local checkpoint directory (with config.json) or a Hugging Face model id you can reach."
     )
 

@@ -44,12 +44,20 @@ def lora_targets(model, family: Family, *, llm: bool, vision: bool, exclude: lis
     if num_llm_modules > 0:
         llm_names = llm_names[-num_llm_modules:]
     if llm and not llm_names:
-        raise VlftError(f"--lora_enable found no linear layers in the language model ({family.llm_prefix}) after "
-                        f"--lora_namespan_exclude {exclude}")
+        raise VlftError(f"--lora_enable found no linear layers in the language model ({family.llm_prefix})"
+                        + _left_out_by(exclude, skip_layers.get("llm"), "--unfreeze_topk_llm"))
     if vision and not vision_names:
-        raise VlftError(f"--vision_lora found no linear layers in the vision blocks ({family.vision_blocks_prefix}) after "
-                        f"--lora_namespan_exclude {exclude}")
+        raise VlftError(f"--vision_lora found no linear layers in the vision blocks ({family.vision_blocks_prefix})"
+                        + _left_out_by(exclude, skip_layers.get("vision"), "--unfreeze_topk_vision"))
     return llm_names + vision_names
+
+
+def _left_out_by(exclude: list[str], skipped: set[int] | None, topk_flag: str) -> str:
+    """What left a part without LoRA targets, naming only the flags the run set."""
+    reasons = [f"--lora_namespan_exclude {' '.join(exclude)}"] if exclude else []
+    if skipped:
+        reasons.append(f"{topk_flag} (its {len(skipped)} layer(s) train fully, without LoRA)")
+    return (" after " + " and ".join(reasons) + "; exclude less") if reasons else ""
 
 
 def apply_lora(model, *, targets: list[str], rank: int, alpha: int, dropout: float, bias: str = "none",

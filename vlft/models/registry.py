@@ -149,5 +149,5 @@ def get_family(model_type: str) -> Family:
     except KeyError:
         raise VlftError(
             f"model_type {model_type!r} is not supported; vlft supports: {', '.join(sorted(FAMILIES))}. "
-            "Pass a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint to --model_id."
+            "Give a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint."
         ) from None

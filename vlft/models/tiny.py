@@ -187,6 +187,9 @@ def save_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_vl", *, see
         if exist_ok and (out / "config.json").exists():
             return out
         from vlft.errors import VlftError
+        if exist_ok:  # --exist_ok is set: it reuses a model, and this is not one
+            raise VlftError(f"{out} already exists but holds no model (no config.json) to reuse; choose another "
+                             "directory or remove it")
         raise VlftError(f"{out} already exists; choose another directory (or pass --exist_ok to reuse it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

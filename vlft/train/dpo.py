@@ -18,11 +18,11 @@ from vlft.config import DPO_GROUPS, parse_args, resolved_args, validate
 from vlft.data.collator import SFTCollator
 from vlft.data.dpo import PreferenceCollator, PreferenceDataset, PreferenceFormat
 from vlft.data.packing import length_grouped_order
-from vlft.data.prepare import prepare_data
+from vlft.data.prepare import length_flag_of, prepare_data
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
 from vlft.train.launch import check_output_dir, run_stage, train_and_save
-from vlft.train.reference import trained_next_to_lora
+from vlft.train.reference import freezing_flags, trained_next_to_lora
 from vlft.train.setup import zero_stage
 from vlft.utils import log
 
@@ -64,7 +64,7 @@ def run(argv: list[str]):
         raise VlftError(  # before the data and the model load: the same rule as make_reference's
             f"under ZeRO-3, LoRA with fully trained parameters next to the adapters ({'; '.join(trained)}) needs "
             "--precompute_ref_log_probs true: their starting values must stay the reference and ZeRO-3 keeps them as "
-            "shards vlft cannot swap. Or freeze them (--freeze_merger true ...)")
+            f"shards vlft cannot swap. Or freeze them ({freezing_flags(tune_args)})")
     check_output_dir(train_args)
 
     processor = load_processor(model_args.model_id)
@@ -75,8 +75,9 @@ def run(argv: list[str]):
     data = prepare_data(
         data_args.data_path, fmt.record_format(), processor=processor, image_folder=data_args.image_folder,
         media=media, max_seq_length=max_length, reject_overlong=data_args.reject_overlong,
-        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers)
-    cut = f"; {len(fmt.truncated)} with answers cut to --max_seq_length {max_length}" if fmt.truncated else ""
+        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
+        length_flag=length_flag_of(data_args))
+    cut = f"; {len(fmt.truncated)} with answers cut to {length_flag_of(data_args)} {max_length}" if fmt.truncated else ""
     log(f"data: {data.summary()}{cut}")
 
     prepared = prepare_model(model_args, tune_args, train_args)  # load, Liger, LoRA, freeze

@@ -16,11 +16,11 @@ from vlft.config import GRPO_GROUPS, parse_args, resolved_args, validate
 from vlft.data.collator import SFTCollator
 from vlft.data.encoding import ChatEncoder
 from vlft.data.grpo import PROMPT, PromptDataset, first_items
-from vlft.data.prepare import prepare_data
+from vlft.data.prepare import length_flag_of, prepare_data
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
 from vlft.train.launch import check_output_dir, run_stage, train_and_save
-from vlft.train.reference import trained_next_to_lora
+from vlft.train.reference import freezing_flags, trained_next_to_lora
 from vlft.train.setup import zero_stage
 from vlft.utils import log
 
@@ -61,12 +61,21 @@ def run(argv: list[str]):
         raise VlftError("--packing is not available for GRPO (rollouts are generated per prompt); drop --packing")
     trained = trained_next_to_lora(tune_args)
     if train_args.beta > 0 and trained and zero_stage(train_args) == 3:
-        raise VlftError(f"under ZeRO-3, --beta > 0 with LoRA and fully trained parameters next to it "
-                        f"({'; '.join(trained)}) would move the reference; freeze them, or use --beta 0")
-    max_prompt = train_args.max_prompt_length or data_args.max_seq_length - train_args.max_completion_length
-    if max_prompt < 8:
-        raise VlftError(f"--max_seq_length {data_args.max_seq_length} leaves no room for prompts next to "
-                        f"--max_completion_length {train_args.max_completion_length}; raise it or set --max_prompt_length")
+        raise VlftError(f"under ZeRO-3, --beta {train_args.beta} with LoRA and fully trained parameters next to it "
+                        f"({'; '.join(trained)}) would move the reference; freeze them ({freezing_flags(tune_args)}), "
+                        "or use --beta 0")
+    if train_args.max_prompt_length is not None:
+        max_prompt = train_args.max_prompt_length
+        if max_prompt < 8:
+            raise VlftError(f"--max_prompt_length {max_prompt} leaves no room for a prompt (at least 8 tokens); raise it")
+    else:
+        max_prompt = data_args.max_seq_length - train_args.max_completion_length
+        if max_prompt < 8:
+            seq_flag = length_flag_of(data_args)
+            raise VlftError(f"{seq_flag} {data_args.max_seq_length} leaves no room for prompts next to "
+                            f"--max_completion_length {train_args.max_completion_length} (without --max_prompt_length, "
+                            f"prompts get the difference, {max_prompt}); raise {seq_flag}, lower "
+                            "--max_completion_length, or set --max_prompt_length")
     check_output_dir(train_args)
 
     processor = load_processor(model_args.model_id)
@@ -89,7 +98,7 @@ def run(argv: list[str]):
     reference = None
     if train_args.beta > 0:
         reference = make_reference(prepared, load_copy=lambda: load_model_copy(model_args, tune_args, train_args),
-                                   precompute=False, zero_stage=zero_stage(train_args))
+                                   precompute=False, zero_stage=zero_stage(train_args), can_precompute=False)
         log(reference.describe())
 
     dataset = PromptDataset(data.samples, data.image_paths, processor, media=media, video_sources=data.video_sources,

@@ -78,45 +78,60 @@ class FrozenCopy:
         return "reference: a frozen copy of the starting model"
 
 
-def make_reference(prepared, *, load_copy, precompute: bool, zero_stage: int):
+def make_reference(prepared, *, load_copy, precompute: bool, zero_stage: int, can_precompute: bool = True):
     """The reference for a prepared policy (train/setup.py's PreparedModel): AdaptersOff under LoRA, else a
     FrozenCopy from `load_copy()` (a callable loading the starting model like the policy), or None when
     the log-probs are precomputed and the policy at step 0 gives them (full fine-tuning). Under LoRA the
     AdaptersOff object is returned even with precompute: the reference pass runs through it.
 
-    VlftError when LoRA trains other parameters fully under ZeRO-3 without --precompute_ref_log_probs."""
+    VlftError when LoRA trains other parameters fully under ZeRO-3 without --precompute_ref_log_probs; its advice
+    names that flag only where the stage has it (`can_precompute`: DPO, not GRPO)."""
     from peft import PeftModel
 
     if isinstance(prepared.model, PeftModel):
         reference = AdaptersOff(prepared.model)
         if reference.snapshot and zero_stage == 3 and not precompute:
             names = sorted({n.split(".weight")[0].split(".bias")[0] for n in reference.snapshot})
-            raise VlftError(
-                f"under ZeRO-3, LoRA with fully trained parameters next to the adapters ({len(names)} module(s), e.g. "
-                f"{names[0]}: --freeze_merger false, --unfreeze_topk_*, or --lora_bias) needs "
-                "--precompute_ref_log_probs true: their starting values must stay the reference and ZeRO-3 keeps them "
-                "as shards vlft cannot swap. Or freeze them (--freeze_merger true ...)")
+            trained = (f"LoRA with fully trained parameters next to the adapters ({len(names)} module(s), e.g. "
+                       f"{names[0]}: the merger, --unfreeze_topk_*, or --lora_bias)")
+            why = "their starting values must stay the reference and ZeRO-3 keeps them as shards vlft cannot swap"
+            raise VlftError(f"under ZeRO-3, {trained} needs --precompute_ref_log_probs true: {why}. Or freeze them"
+                            if can_precompute else
+                            f"under ZeRO-3, {trained} cannot keep a reference: {why}. Freeze them, or use --beta 0")
         return reference
     if precompute:
         return None
     return FrozenCopy(load_copy())
 
 
-def trained_next_to_lora(tune_args) -> list[str]:
-    """The flags that make parameters train fully next to LoRA adapters (their starting values must stay the
-    reference: train/reference.py); empty without LoRA."""
+def _trained_next_to_lora(tune_args) -> list[tuple[str, str]]:
+    """(what makes parameters train fully next to LoRA adapters, the flag value that freezes them) per cause."""
     t = tune_args
     if not t.any_lora:
         return []
-    flags = []
+    causes = []
     if not t.freeze_merger:
-        flags.append("--freeze_merger false (the merger trains)")
+        causes.append(("--freeze_merger false (the merger trains)", "--freeze_merger true"))
     if not t.vision_frozen:
-        flags.append("--freeze_vision_tower false")
+        causes.append(("--freeze_vision_tower false", "--freeze_vision_tower true"))
     if not t.llm_frozen:
-        flags.append("--freeze_llm false")
-    if t.unfreeze_topk_llm or t.unfreeze_topk_vision:
-        flags.append("--unfreeze_topk_llm / --unfreeze_topk_vision")
+        causes.append(("--freeze_llm false", "--freeze_llm true"))
+    if t.unfreeze_topk_llm:
+        causes.append((f"--unfreeze_topk_llm {t.unfreeze_topk_llm}", "--unfreeze_topk_llm 0"))
+    if t.unfreeze_topk_vision:
+        causes.append((f"--unfreeze_topk_vision {t.unfreeze_topk_vision}", "--unfreeze_topk_vision 0"))
     if t.lora_bias != "none":
-        flags.append(f"--lora_bias {t.lora_bias}")
-    return flags
+        causes.append((f"--lora_bias {t.lora_bias}", "--lora_bias none"))
+    return causes
+
+
+def trained_next_to_lora(tune_args) -> list[str]:
+    """The flags that make parameters train fully next to LoRA adapters (their starting values must stay the
+    reference: train/reference.py); empty without LoRA."""
+    return [cause for cause, _ in _trained_next_to_lora(tune_args)]
+
+
+def freezing_flags(tune_args) -> str:
+    """The flag values that would freeze what `trained_next_to_lora` lists, for a message: only those that differ
+    from the run's own (a flag the run already has is never suggested)."""
+    return " ".join(fix for _, fix in _trained_next_to_lora(tune_args))

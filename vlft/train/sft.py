@@ -12,7 +12,7 @@ from __future__ import annotations
 from vlft.config import SFT_GROUPS, parse_args, resolved_args, validate
 from vlft.data.collator import PackingCollator, SFTCollator
 from vlft.data.packing import length_grouped_order, plan_packs
-from vlft.data.prepare import prepare_sft_data
+from vlft.data.prepare import length_flag_of, prepare_sft_data
 from vlft.data.sft import PackedDataset, SFTDataset
 from vlft.models.processor_media import apply_media_settings
 from vlft.train.launch import check_output_dir, run_stage, train_and_save
@@ -35,7 +35,8 @@ def run(argv: list[str]):
     data = prepare_sft_data(
         data_args.data_path, processor=processor, image_folder=data_args.image_folder, media=media,
         max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
-        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers)
+        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
+        length_flag=length_flag_of(data_args))
     log(f"data: {data.summary()}")
 
     prepared = prepare_model(model_args, tune_args, train_args)  # load, Liger, LoRA, freeze
