@@ -23,7 +23,8 @@ new_output_dir() {
   echo "$REPO/output/$1/$(date +%Y%m%d-%H%M%S)"
 }
 
-mark_latest() {  # mark_latest OUTPUT_DIR: update the sibling `latest` link after a successful run
+mark_latest() {  # mark_latest OUTPUT_DIR: update the sibling `latest` link after a finished run
+  [ -f "$1/trainer_state.json" ] || return 0  # stopped by a signal (a checkpoint, no final model): not finished
   ln -sfn "$(basename "$1")" "$(dirname "$1")/latest"
 }
 
@@ -149,6 +150,7 @@ shared_settings() {
   REPORT_TO="${REPORT_TO:-none}"
   PACKING="${PACKING:-false}"                          # 1/true: pack records into MAX_SEQ_LENGTH rows
   GROUP_BY_LENGTH="${GROUP_BY_LENGTH:-false}"          # padded batches of similar lengths (not with PACKING)
+  RESUME="${RESUME:-}"                                 # latest (newest complete checkpoint in OUTPUT_DIR) or a path
   GRAD_ACCUM="$(grad_accum "$GLOBAL_BATCH_SIZE" "$BATCH_SIZE")"
 }
 
@@ -164,6 +166,7 @@ training_flags() {
   optional_flag merger_lr "${MERGER_LR:-}"
   optional_flag image_min_pixels "$IMAGE_MIN_PIXELS"
   optional_flag image_max_pixels "$IMAGE_MAX_PIXELS"
+  optional_flag resume_from_checkpoint "$RESUME"
   printf '%s\n' "$@" \
     --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM" \
     --max_seq_length "$MAX_SEQ_LENGTH" --packing "$packing" --group_by_length "$GROUP_BY_LENGTH" \

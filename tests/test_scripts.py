@@ -189,6 +189,16 @@ def test_settings_and_extra_flags_reach_vlft(tmp_path):
     assert (values["save_steps"], values["seed"]) == (7, 3)  # the extra flags come last, so they win
 
 
+@pytest.mark.parametrize("script", ["finetune.sh", "finetune_lora.sh", "finetune_dpo.sh", "finetune_grpo.sh"])
+def test_resume_setting_reaches_vlft(tmp_path, script):
+    command = {"finetune_dpo.sh": "dpo", "finetune_grpo.sh": "grpo"}.get(script, "sft")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    resumed = launched_argv(tmp_path / "a", script, RESUME="latest")[command]
+    assert resumed[resumed.index("--resume_from_checkpoint") + 1] == "latest"
+    assert "--resume_from_checkpoint" not in launched_argv(tmp_path / "b", script)[command]  # unset: no flag
+
+
 # --- real runs on the tiny model ---
 
 

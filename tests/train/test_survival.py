@@ -84,8 +84,12 @@ def test_kill_at_a_random_step_then_resume_latest_matches_the_straight_run(setti
     want, got = logged_losses(straight), logged_losses(out)
     assert len(want) == len(got) == STEPS
     assert abs(want[-1] - want[SAVE_EVERY]) > 1e-3  # the run moves after the checkpoint: equality means something
-    assert max(abs(a - b) for a, b in zip(want, got)) <= 1e-6, (want, got)
-    assert max_weight_difference(final_weights(straight), final_weights(out)) <= 1e-6
+    loss_diff = max(abs(a - b) for a, b in zip(want, got))
+    weight_diff = max_weight_difference(final_weights(straight), final_weights(out))
+    print(f"\nresume equality | {setting} | killed at step {at + 1} | max loss diff {loss_diff:.3g} | "
+          f"max weight diff {weight_diff:.3g}")
+    assert loss_diff <= 1e-6, (want, got)
+    assert weight_diff <= 1e-6
 
 
 def test_kill_inside_a_checkpoint_save_leaves_the_previous_one_to_resume(tiny_model_dir, tmp_path):

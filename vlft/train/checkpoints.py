@@ -16,7 +16,7 @@ Resume identity
     trains). A resume that differs stops before training and names each difference.
 
 Preemption
-    Schedulers send SIGTERM (Slurm, Kubernetes) or a chosen signal such as SIGUSR1 (`sbatch --signal`) before
+    Schedulers send SIGTERM (Slurm, Kubernetes) or a chosen signal such as SIGUSR1 (sbatch's signal option) before
     they kill a job. The handler only sets a flag; at the end of the step in progress the ranks agree (one
     all-reduce), save a checkpoint, stop, and the run exits 0 with the line that resumes it.
 """
@@ -120,16 +120,28 @@ def clear_staging(output_dir: str | os.PathLike) -> None:
 
 
 def check_writable(output_dir: str | os.PathLike) -> None:
-    """--output_dir exists (created if needed) and accepts a file; VlftError otherwise, before anything loads."""
-    out = Path(output_dir)
+    """--output_dir accepts a file (tried by writing and removing one); VlftError otherwise, before anything
+    loads. Folders created for the try are removed again: a run that fails at start-up leaves nothing behind."""
+    out = Path(output_dir).absolute()
+    created = []
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
     probe = out / f".vlft-write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise VlftError(f"--output_dir {out} is not writable ({err.strerror}); choose a directory you can write "
-                        "to, with room for the checkpoints") from None
+        raise VlftError(f"--output_dir {output_dir} is not writable ({err.strerror}); choose a directory you can "
+                        "write to, with room for the checkpoints") from None
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 # --- publishing a staged save ----------------------------------------------------------------------------------
