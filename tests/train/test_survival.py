@@ -196,7 +196,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir, t
     assert f"the previous checkpoint {out / 'checkpoint-2'} is intact" in message
     assert "--resume_from_checkpoint latest" in message
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
-    assert not (out / STAGING_DIR / "checkpoint-4").exists()
+    assert not (out / STAGING_DIR).exists()  # the partial checkpoint-4 was removed
 
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", save)  # space freed: the run goes on
     summary, _ = run(argv + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
@@ -229,3 +229,64 @@ def test_a_resume_that_is_not_the_same_run_says_what_differs(tiny_model_dir, tmp
     assert "is not the run that wrote it" in message
     assert "--data_path" in message and "data file contents differ" in message and "training items: 10" in message
     assert "fully trained weights" in message  # the merger trained then and is frozen now
+
+
+def test_nan_gradient_with_a_finite_loss_is_caught_before_the_optimizer_step(tiny_model_dir, tmp_path, monkeypatch):
+    from vlft.train.trainer import SFTTrainer
+
+    step_fn = SFTTrainer.training_step
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = step_fn(self, model, inputs, *args, **kwargs)
+        if self.state.global_step == 1:  # step 2: a finite loss, one poisoned gradient
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(SFTTrainer, "training_step", training_step)
+    out = tmp_path / "run"
+    with pytest.raises(VlftError, match=r"^step 2: the gradient norm \((inf|nan)\) is not finite") as err:
+        run(common_args(tiny_model_dir) + ["--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "1"])
+    assert "no checkpoint had been written" not in str(err.value)
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1"]
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint-1" / "model.safetensors")).values())
+
+
+def test_sigusr1_and_sigterm_request_a_save_and_a_stop_at_the_step_end():
+    import signal
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from vlft.train.checkpoints import PreemptionCallback
+
+    for name in ("SIGUSR1", "SIGTERM"):
+        callback, control = PreemptionCallback(), TrainerControl()
+        callback.install()
+        try:
+            os.kill(os.getpid(), getattr(signal, name))
+        finally:
+            callback.uninstall()
+        assert signal.getsignal(getattr(signal, name)) is not callback._handle  # the previous handler is back
+        state = TrainerState()
+        state.global_step = 7
+        callback.on_step_end(TrainingArguments(output_dir="unused", use_cpu=True), state, control)
+        assert (control.should_save, control.should_training_stop) == (True, True)
+        assert (callback.stopped_by, callback.stopped_at) == (name, 7)
+
+
+def test_a_final_save_that_cannot_be_written_keeps_the_checkpoints(tiny_model_dir, tmp_path, monkeypatch):
+    from vlft.train.trainer import SFTTrainer
+
+    save_model = SFTTrainer.save_model
+
+    def no_room_for_the_final_save(self, output_dir=None, _internal_call=False):
+        if output_dir and Path(output_dir).name == "final":
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", output_dir)
+        return save_model(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(SFTTrainer, "save_model", no_room_for_the_final_save)
+    out = tmp_path / "run"
+    with pytest.raises(VlftError, match="could not write the final model: Disk quota exceeded"):
+        run(common_args(tiny_model_dir) + ["--output_dir", str(out), "--max_steps", "2", "--save_strategy", "steps",
+                                           "--save_steps", "2"])
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / STAGING_DIR).exists() and not (out / "model.safetensors").exists()

@@ -218,7 +218,7 @@ class VlftTrainerMixin:
         rank has finished; then the rotation of --save_total_limit (train/checkpoints.py says why)."""
         from transformers.trainer_utils import rotate_checkpoints
 
-        from vlft.train.checkpoints import STAGING_DIR, any_rank, barrier, publish_checkpoint, save_failed
+        from vlft.train.checkpoints import STAGING_DIR, any_rank, barrier, publish_checkpoint, remove_if_empty, save_failed
 
         run_dir = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
@@ -235,6 +235,7 @@ class VlftTrainerMixin:
         if any_rank(failure is not None, self.args.device):
             if self.args.should_save:
                 shutil_rmtree(staging / name)
+                remove_if_empty(staging)
             raise save_failed(failure or OSError("another process could not write its part"), name, run_dir)
         barrier()
         if self.args.should_save:
@@ -249,7 +250,7 @@ class VlftTrainerMixin:
 
     def save_final(self, output_dir: str) -> None:
         """The end-of-run save, staged and then moved into `output_dir` (see train/checkpoints.py)."""
-        from vlft.train.checkpoints import STAGING_DIR, any_rank, barrier, publish_final, save_failed
+        from vlft.train.checkpoints import STAGING_DIR, any_rank, barrier, publish_final, remove_if_empty, save_failed
 
         self._check_finite_weights("the final model")
         out = Path(output_dir)
@@ -265,6 +266,7 @@ class VlftTrainerMixin:
         if any_rank(failure is not None, self.args.device):
             if self.args.should_save:
                 shutil_rmtree(staged)
+                remove_if_empty(staged.parent)
             raise save_failed(failure or OSError("another process could not write its part"), "the final model", out)
         barrier()
         if self.args.should_save:
