@@ -41,8 +41,10 @@ LATEST = "latest"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 # Resolved arguments that must be equal for a resumed run to be the same run (when both runs have them).
+# Paths are not compared (a resume may spell them differently, or the model may have moved): the data files' contents
+# and the model's configuration are.
 IDENTITY_ARGS = (
-    "model_id", "data_path", "image_folder", "image_min_pixels", "image_max_pixels", "video_min_pixels",
+    "image_min_pixels", "image_max_pixels", "video_min_pixels",
     "video_max_pixels", "video_max_total_pixels", "fps", "nframes", "video_min_frames", "video_max_frames",
     "frames_fps", "max_seq_length", "max_length", "max_prompt_length", "truncation_mode", "packing",
     "group_by_length", "seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -206,9 +208,26 @@ def file_digest(path: str | os.PathLike, _cache: dict = {}) -> str:  # noqa: B00
     return _cache[key]
 
 
-def run_identity(vlft_args: dict, *, records: int, trained: dict, world_size: int) -> dict:
-    """What a resume must find unchanged: the identity arguments, the data files' contents, the number of training
-    items (records, pairs or packed rows after the start-up check), what trains and the number of processes."""
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "use_cache", "attn_implementation"}
+
+
+def config_digest(config) -> str:
+    """sha256 of a model configuration without what does not change the model (its path, the library version,
+    the dtype it was loaded in, cache and attention settings): two copies of one model give the same digest."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()
+                    if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+        return value
+
+    text = json.dumps(clean(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_identity(vlft_args: dict, *, records: int, trained: dict, world_size: int, model_config=None) -> dict:
+    """What a resume must find unchanged: the identity arguments, the data files' contents, the model's
+    configuration, the number of training items (records, pairs or packed rows after the start-up check), what
+    trains and the number of processes."""
     data = {}
     for path in str(vlft_args.get("data_path") or "").split(","):
         path = path.strip()
@@ -216,7 +235,9 @@ def run_identity(vlft_args: dict, *, records: int, trained: dict, world_size: in
             data[os.path.basename(path)] = file_digest(path)
     return {
         "args": {k: vlft_args[k] for k in IDENTITY_ARGS if k in vlft_args},
+        "model_id": vlft_args.get("model_id"),
         "data_sha256": data,
+        "model_config_sha256": config_digest(model_config) if model_config is not None else None,
         "train_items": records,
         "trained": trained,
         "world_size": world_size,
@@ -237,6 +258,9 @@ def identity_differences(saved: dict, now: dict) -> list[str]:
     if saved.get("data_sha256") != now.get("data_sha256"):
         out.append(f"the data file contents differ (sha256 {saved.get('data_sha256')} in the checkpoint, "
                    f"{now.get('data_sha256')} now)")
+    if saved.get("model_config_sha256") != now.get("model_config_sha256"):
+        out.append(f"the model differs (its configuration; --model_id {saved.get('model_id')!r} in the checkpoint, "
+                   f"{now.get('model_id')!r} now)")
     if saved.get("train_items") != now.get("train_items"):
         out.append(f"training items: {saved.get('train_items')} in the checkpoint, {now.get('train_items')} now")
     if saved.get("world_size") != now.get("world_size"):

@@ -278,9 +278,10 @@ class VlftTrainerMixin:
         from vlft.run_dir import trained_record
         from vlft.train.checkpoints import run_identity
 
+        model = self.accelerator.unwrap_model(self.model)
         return run_identity(self.vlft_args, records=len(self.train_dataset) if self.train_dataset is not None else 0,
-                            trained=trained_record(self.accelerator.unwrap_model(self.model)),
-                            world_size=self.args.world_size)
+                            trained=trained_record(model), world_size=self.args.world_size,
+                            model_config=getattr(model, "config", None))
 
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(inputs)
