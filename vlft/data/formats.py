@@ -95,7 +95,8 @@ def _is_container(value: object) -> bool:
     """A lone JSONL line that is not a record but a wrapper such as {"data": [...]}, or not an object at all."""
     if not isinstance(value, dict):
         return True
-    return "conversations" not in value and any(
-        isinstance(v, list) and v and all(isinstance(r, dict) and "conversations" in r for r in v)
+    keys = ("conversations", "messages")  # LLaVA/ShareGPT, OpenAI messages (data/convert.py)
+    return not any(k in value for k in keys) and any(
+        isinstance(v, list) and v and all(isinstance(r, dict) and any(k in r for k in keys) for r in v)
         for v in value.values()
     )

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from vlft.data.convert import load_llava_records
 from vlft.data.encoding import ChatEncoder, VisionSpec
-from vlft.data.formats import load_records
 from vlft.data.llava import Sample, parse_record
 from vlft.data.media import MediaError, image_grid, load_image, resolve_media_path
 from vlft.data.preference import PreferenceSample, parse_preference_record
@@ -204,7 +204,8 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
                  media: MediaSettings, max_seq_length: int, reject_overlong: bool = False,
                  skip_bad_samples: bool = False, workers: int = 4,
                  length_flag: str = "--max_seq_length") -> PreparedData:
-    """Parse, resolve, probe and measure every record of `data_path` (JSON list or JSONL).
+    """Parse, resolve, probe and measure every record of `data_path` (JSON list or JSONL in LLaVA or another
+    chat format, parquet, arrow or a save_to_disk folder: data/convert.py turns each record into LLaVA first).
 
     Raises DataError listing every problem (file, record index, id, field, what to do) unless
     `skip_bad_samples`; records with a sequence over `max_seq_length` tokens are dropped and counted, or
@@ -212,10 +213,13 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
     `length_flag` is the flag that set `max_seq_length`, as messages name it (GRPO: --max_prompt_length; TRL's
     --max_length when given: `length_flag_of`). What the error tells the user to do follows the flags passed."""
     file = str(data_path)
-    records = load_records(data_path)
-    problems: list[Problem] = []
+    loaded = load_llava_records(data_path)  # any supported format, as LLaVA records (data/convert.py)
+    records = loaded.records
+    problems: list[Problem] = list(loaded.problems)
     parsed = []
     for index, record in enumerate(records):
+        if record is None:  # not convertible: its problems are in loaded.problems
+            continue
         sample, found = record_format.parse(record, index, file)
         problems += found
         if sample is not None:
@@ -267,7 +271,9 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
         out.image_specs.append(specs["image"])
         out.video_specs.append(specs["video"])
 
-    problems.sort(key=lambda p: (p.index if p.index is not None else -1))
+    # named by the fields the user wrote (messages[1].content, images[0]), not by their LLaVA equivalents
+    problems = sorted((loaded.source(p) for p in problems), key=lambda p: (p.index if p.index is not None else -1))
+    overlong = [loaded.source(p) for p in overlong]
     invalid, too_long = bool(problems) and not skip_bad_samples, bool(overlong) and reject_overlong
     if invalid or too_long:
         listed = sorted((problems if invalid else []) + (overlong if too_long else []),
