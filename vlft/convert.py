@@ -1,0 +1,110 @@
+"""`vlft convert`: write any data file vlft reads (LLaVA, ShareGPT, OpenAI messages, parquet, arrow, a save_to_disk
+folder: data/convert.py) as vlft's LLaVA JSONL, one record per line.
+
+    vlft convert --data_path train.parquet --output train.jsonl [--image_folder images/] [--overwrite true]
+
+Training reads these formats directly; converting is for looking at the records, editing them, or handing them to
+a tool that reads LLaVA. Media paths are written so that the JSONL works from where it is, with no --image_folder:
+relative to the output's folder when the file lies under it, else absolute. Embedded images (bytes in a parquet
+or dataset folder) are written next to the output, into `<output stem>_media/` (--media_dir), named by content hash.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlft.errors import DataError, VlftError
+from vlft.utils import log
+
+
+@dataclass
+class ConvertArguments:
+    data_path: str | None = field(default=None, metadata={"help": "The file (or save_to_disk folder) to convert."})
+    output: str | None = field(default=None, metadata={"help": "The LLaVA JSONL file to write."})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder that relative media paths resolve against (default: the data file's "
+                                        "folder)."})
+    media_dir: str | None = field(
+        default=None, metadata={"help": "Where embedded media are written (default: <output stem>_media/ beside it)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace --output if it exists."})
+    skip_bad_samples: bool = field(
+        default=False, metadata={"help": "Leave out records that cannot be converted (counted and listed) instead of "
+                                         "stopping."})
+
+
+def _written_path(raw: str, image_folder: str | None, data_file: str, out_dir: Path) -> str:
+    from vlft.data.media import resolve_media_path
+
+    path = Path(os.path.abspath(resolve_media_path(raw, image_folder, data_file)))
+    try:
+        return path.relative_to(out_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def convert(args: ConvertArguments) -> dict:
+    """Convert; returns the counts (records read, written, skipped; media written)."""
+    from vlft.data.convert import FORMAT_NAMES, load_llava_records
+    from vlft.data.llava import parse_record
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise VlftError(f"--output {out} exists; pass --overwrite true to replace it, or choose another name")
+    if not out.parent.is_dir():
+        raise VlftError(f"--output {out}: the folder {out.parent} does not exist")
+    if args.image_folder and not Path(args.image_folder).is_dir():
+        raise VlftError(f"--image_folder {args.image_folder}: no such directory")
+    out_dir = Path(os.path.abspath(out.parent))
+    media_dir = Path(args.media_dir) if args.media_dir else out_dir / f"{out.stem}_media"
+    file = str(args.data_path)
+    loaded = load_llava_records(file, media_dir=media_dir)
+    problems = list(loaded.problems)
+    rows = []
+    for index, record in enumerate(loaded.records):
+        if record is None:
+            continue
+        # the LLaVA rules a converted record must meet; whether it ends with an answer is the stage's business
+        _, found = parse_record(record, index, file, require_answer=False)
+        if found:
+            problems += [loaded.source(p) for p in found]
+            continue
+        row = dict(record)
+        for kind in ("image", "video"):
+            if kind in row:
+                value = row[kind] if isinstance(row[kind], list) else [row[kind]]
+                row[kind] = [[_written_path(f, args.image_folder, file, out_dir) for f in v] if isinstance(v, list)
+                             else _written_path(v, args.image_folder, file, out_dir) for v in value]
+        rows.append(row)
+    skipped = sorted({p.index for p in problems})
+    if problems and not args.skip_bad_samples:
+        raise DataError(sorted(problems, key=lambda p: p.index if p.index is not None else -1),
+                        header=f"{len(problems)} problem(s) in {file}; nothing was written:",
+                        advice="Fix the records above, or pass --skip_bad_samples true to convert the others.")
+    if not rows:
+        raise VlftError(f"no record of {file} could be converted; nothing was written")
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    counts = {"records": len(loaded.records), "written": len(rows), "skipped": len(skipped),
+              "format": FORMAT_NAMES[loaded.format], "media_written": loaded.media_written,
+              "output": str(out)}
+    for p in problems[:10]:
+        log(f"skipped: {p}")
+    media = f"; {loaded.media_written} embedded media file(s) written to {media_dir}" if loaded.media_written else ""
+    log(f"{file} ({counts['format']}): {len(rows)} of {len(loaded.records)} records written to {out}"
+        f"{f', {len(skipped)} skipped' if skipped else ''}{media}")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vlft.config import parse_args
+
+    (args,) = parse_args((ConvertArguments,), list(argv or []), prog="vlft convert")
+    if not args.data_path or not args.output:
+        raise VlftError("vlft convert needs --data_path and --output")
+    convert(args)
+    return 0
