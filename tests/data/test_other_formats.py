@@ -67,13 +67,18 @@ def test_parquet_with_embedded_images(processor, tmp_path, media_cache):
     assert_same_as_llava(items, processor, tmp_path)
 
 
-def test_parquet_with_image_paths(processor, tmp_path):
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_hf_file_with_image_paths(suffix, processor, tmp_path):
     records = [{"id": i, "images": LLAVA[i]["image"] if isinstance(LLAVA[i]["image"], list) else [LLAVA[i]["image"]],
                 "messages": [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]),
                               "content": t["value"]} for t in LLAVA[i]["conversations"]]}
                for i in ("single_image", "multi_image", "images_in_two_turns")]
-    path = tmp_path / "paths.parquet"
-    pq.write_table(pa.Table.from_pylist(records), path)
+    path, table = tmp_path / f"paths{suffix}", pa.Table.from_pylist(records)
+    if suffix == ".parquet":
+        pq.write_table(table, path)
+    else:  # the IPC stream format, as datasets writes its .arrow files
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
     assert_same_as_llava(encoded(path, processor), processor, tmp_path)
 
 
