@@ -224,19 +224,29 @@ def config_digest(config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def data_digest(data_path: str) -> dict:
+    """{name: sha256} of the data a --data_path names: a file (comma-separated files), or every file of a folder
+    (a Hugging Face `save_to_disk` dataset)."""
+    data = {}
+    for path in data_path.split(","):
+        path = path.strip()
+        if path and os.path.isfile(path):
+            data[os.path.basename(path)] = file_digest(path)
+        elif path and os.path.isdir(path):
+            for file in sorted(Path(path).rglob("*")):
+                if file.is_file():
+                    data[str(file.relative_to(Path(path).parent))] = file_digest(file)
+    return data
+
+
 def run_identity(vlft_args: dict, *, records: int, trained: dict, world_size: int, model_config=None) -> dict:
     """What a resume must find unchanged: the identity arguments, the data files' contents, the model's
     configuration, the number of training items (records, pairs or packed rows after the start-up check), what
     trains and the number of processes."""
-    data = {}
-    for path in str(vlft_args.get("data_path") or "").split(","):
-        path = path.strip()
-        if path and os.path.isfile(path):
-            data[os.path.basename(path)] = file_digest(path)
     return {
         "args": {k: vlft_args[k] for k in IDENTITY_ARGS if k in vlft_args},
         "model_id": vlft_args.get("model_id"),
-        "data_sha256": data,
+        "data_sha256": data_digest(str(vlft_args.get("data_path") or "")),
         "model_config_sha256": config_digest(model_config) if model_config is not None else None,
         "train_items": records,
         "trained": trained,

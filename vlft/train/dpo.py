@@ -21,6 +21,7 @@ from vlft.data.packing import length_grouped_order
 from vlft.data.prepare import length_flag_of, prepare_data
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
+from vlft.train.checkpoints import data_digest
 from vlft.train.launch import check_output_dir, run_stage, train_and_save
 from vlft.train.reference import freezing_flags, trained_next_to_lora
 from vlft.train.setup import zero_stage
@@ -35,7 +36,7 @@ def reference_cache_key(*, data_path: str, data, model_id: str, media, model_arg
     files = (sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.iterdir() if p.is_file())
              if model.is_dir() else model_id)
     parts = {
-        "data": hashlib.sha256(Path(data_path).read_bytes()).hexdigest(),
+        "data": data_digest(data_path),  # a file, or every file of a dataset folder
         "records": [s.index for s in data.samples],
         "model": files,
         "dtype": "bf16" if train_args.bf16 else "fp32",
