@@ -1,0 +1,631 @@
+"""`vlft plan`: will a training run fit? Estimated peak memory per GPU, part by part, before renting GPUs.
+
+    vlft plan --family qwen2_5_vl --size 7B --zero zero2 --num_gpus 8 --gpu_memory_gb 80 \
+        --per_device_train_batch_size 4 --max_seq_length 4096 --image_tokens 1024 --bf16 --gradient_checkpointing
+
+The model is read from a local checkpoint directory or a config.json (`--model_id`), or from the table of the
+released sizes below (`--family` + `--size`; a hub id such as Qwen/Qwen2-VL-7B-Instruct finds its row too). It is
+built on PyTorch's meta device (no memory, no download), so every parameter count is exact for that config.
+
+What the estimate adds up (bytes per GPU; Psi = parameters, T = trainable ones, N = --num_gpus, w = 2 bytes per
+value under --bf16, else 4):
+
+- weights: w * Psi (ZeRO-3: / N, plus the gathered working set of 2 x the largest module: one in use, one being
+  prefetched; zero3_offload: the working set only). --bits 4: the language model's linear weights take 0.5
+  byte/param plus bitsandbytes' quantisation constants (one fp32 absmax per block of 64, or with double
+  quantisation one 8-bit absmax per 64 plus one fp32 per 256 blocks); --bits 8: 1 byte/param plus one fp32
+  scale per output row. LoRA adapters: fp32 without DeepSpeed (PEFT upcasts adapters of bf16 models).
+- gradients: w * T (one per trainable parameter, in its dtype); ZeRO-2/3: / N. DDP (several GPUs, no ZeRO) adds
+  its gradient buckets, another w * T (PyTorch DDP without gradient_as_bucket_view).
+- optimizer states: AdamW. Without DeepSpeed vlft keeps the weights in their dtype and torch's AdamW keeps m and v
+  in it: 2 * w * T. Under DeepSpeed (any stage) the ZeRO paper's mixed-precision Adam: fp32 master weights, m
+  and v, K = 12 bytes/param (Rajbhandari et al., arXiv 1910.02054, section 3.1: 2 + 2 + 12 bytes/param), / N
+  from ZeRO-1 on; optimizer offload keeps them on the CPU (0 on the GPU).
+- activations of the language model, per token and decoder layer, counted as Korthikanti et al. (arXiv
+  2205.05198, section 4.1) count a transformer layer's (every tensor the backward pass keeps) but for Qwen's
+  layer: RMSNorm (input and output kept, 2h per norm), grouped-query attention run by SDPA / flash attention
+  (q after RoPE, k, v, the attention output and its re-laid-out copy: 3 q_dim + 2 kv_dim; no s x s scores), a
+  SwiGLU MLP (gate, up, silu(gate), their product: 4 I) and no dropout: 4h + 3 q_dim + 2 kv_dim + 4 I values.
+  Liger keeps only the norm inputs and gate/up (2h + 3 q_dim + 2 kv_dim + 2 I). LoRA adds, per layer and
+  token, its dropout outputs and masks (6h + q_dim + I values and as many bytes) and the rank-r projections (7r).
+  --gradient_checkpointing keeps only each layer's input (h) plus one layer's full set while it recomputes.
+  Plus the embeddings and the final norm (4h).
+- logits: without Liger, B L V values in w (the head's output), their fp32 copy (transformers' loss upcasts;
+  none when w is already 4), the fp32 log-softmax and its fp32 gradient: B L V (w + 4 + 4 [+ 4]). With Liger's
+  fused linear cross-entropy only one fp32 chunk of logits and its gradient: 2 * 4 * C * V with
+  C = next power of 2 of ceil(B L / ceil(V / h)) (liger_kernel's chunking), plus the input gradient B L h w.
+- vision tower activations, per patch (B x --image_tokens x merge**2 patches), when gradients flow through the
+  tower (it trains, fully or with --vision_lora): per block 9 w_v (norms 4, q k v 3, attention output and copy
+  2) plus the MLP's (SwiGLU: 4 I_v; Qwen2-VL's quick GELU: 3 I_v; GELU: 2 I_v); under checkpointing the
+  block inputs only plus one block. The merger(s) (when they train or the tower does): 4 w_v per patch each.
+  A frozen tower runs without a graph in vlft: nothing kept.
+- overhead: a fixed --overhead_gb (default 2.0 GB on a GPU: CUDA context ~0.5 GB, cuBLAS workspaces, NCCL
+  buffers, allocator fragmentation), plus ZeRO's communication buckets from the DeepSpeed config (reduce bucket,
+  and ZeRO-3's prefetch bucket; "auto" is h*h and 0.9*h*h values, as transformers fills them) in w bytes.
+
+The sum is a worst case: every sample is --max_seq_length long, and gradients are counted alongside the full
+activations (true under gradient accumulation, where the gradients live through the next forward; in a single
+step's backward the gradients grow while activations are freed, so the real peak is lower by up to
+min(gradients, activations)). Not modelled: attention score matrices of eager attention, DeepSpeed's allgather
+bucket and pinned CPU buffers, fragmentation beyond the fixed overhead, the reference model of DPO/GRPO.
+
+Checked against measurement on the CPU only (fp32, one process, `bench/plan_check.py`; tests/test_plan.py asserts
+the error bound); the GPU check (`python bench/plan_check.py --device cuda`) is pending.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from vlft.errors import VlftError
+
+GB = 1e9
+DEFAULT_OVERHEAD_GB = 2.0  # CUDA context, cuBLAS workspaces, NCCL buffers, fragmentation (see module docstring)
+LORA_MODULES_PER_LAYER = 7  # q, k, v, o, gate, up, down: what vlft's --lora_enable adapts in a decoder layer
+
+# --- the released sizes ---------------------------------------------------------------------------------------
+# Numbers of the published config.json files on the Hugging Face hub (Qwen/<name>-Instruct), written down from
+# memory of those files: they could not be downloaded here. Cross-checks: the parameter counts they give on the
+# meta device (Qwen2-VL-72B: 73.4B, Qwen2.5-VL-7B: 8.29B, Qwen3-VL-8B: 8.77B) match the published model sizes,
+# and the Qwen3-VL-4B vision config matched a copy found in public code. Where a value is uncertain the row says
+# so; a local config.json (--model_id) always wins over this table.
+_Q2_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, hidden_act="quick_gelu")
+_Q25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+                   temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+_Q3_VISION_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+                        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                        deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh")
+_Q3_VISION_LARGE = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                        deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh")
+
+
+def _text(hidden, inter, layers, heads, kv, vocab, head_dim=None):
+    out = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+               num_key_value_heads=kv, vocab_size=vocab)
+    if head_dim:
+        out["head_dim"] = head_dim
+    return out
+
+
+# family -> size -> (text config, vision config, tie_word_embeddings)
+PRESETS: dict[str, dict[str, tuple[dict, dict, bool]]] = {
+    "qwen2_vl": {
+        "2B": (_text(1536, 8960, 28, 12, 2, 151936), dict(_Q2_VISION, hidden_size=1536), True),
+        "7B": (_text(3584, 18944, 28, 28, 4, 152064), dict(_Q2_VISION, hidden_size=3584), False),
+        "72B": (_text(8192, 29568, 80, 64, 8, 152064), dict(_Q2_VISION, hidden_size=8192), False),
+    },
+    "qwen2_5_vl": {
+        "3B": (_text(2048, 11008, 36, 16, 2, 151936), dict(_Q25_VISION, out_hidden_size=2048), True),
+        "7B": (_text(3584, 18944, 28, 28, 4, 152064), dict(_Q25_VISION, out_hidden_size=3584), False),
+        "32B": (_text(5120, 27648, 64, 40, 8, 152064), dict(_Q25_VISION, out_hidden_size=5120), False),
+        "72B": (_text(8192, 29568, 80, 64, 8, 152064), dict(_Q25_VISION, out_hidden_size=8192), False),
+    },
+    "qwen3_vl": {
+        "2B": (_text(2048, 6144, 28, 16, 8, 151936, 128), dict(_Q3_VISION_SMALL, out_hidden_size=2048), True),
+        "4B": (_text(2560, 9728, 36, 32, 8, 151936, 128), dict(_Q3_VISION_SMALL, out_hidden_size=2560), True),
+        "8B": (_text(4096, 12288, 36, 32, 8, 151936, 128), dict(_Q3_VISION_LARGE, out_hidden_size=4096), False),
+        "32B": (_text(5120, 25600, 64, 64, 8, 151936, 128), dict(_Q3_VISION_LARGE, out_hidden_size=5120), False),
+    },
+}
+_PRESET_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+
+
+def preset_config(family: str, size: str):
+    """The transformers config of a released size (PRESETS); errors name --family / --size."""
+    import transformers
+
+    from vlft.models.registry import get_family
+
+    if family not in PRESETS:
+        raise VlftError(f"--family {family!r} has no size table; choose one of {', '.join(PRESETS)}")
+    sizes = PRESETS[family]
+    key = size.upper()
+    if key not in sizes:
+        raise VlftError(f"--size {size!r} is not a released {_PRESET_NAMES[family]} size; choose one of {', '.join(sizes)}")
+    text, vision, tie = sizes[key]
+    Model = getattr(transformers, get_family(family).model_class)
+    text = dict(text, rope_parameters=_mrope(text))
+    return Model.config_class(text_config=text, vision_config=dict(vision), tie_word_embeddings=tie)
+
+
+def _mrope(text: dict) -> dict:
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    third = head_dim // 6
+    return {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [head_dim // 2 - 2 * third, third, third]}
+
+
+def preset_from_model_id(model_id: str) -> tuple[str, str] | None:
+    """(family, size) when a hub id such as Qwen/Qwen2.5-VL-7B-Instruct names a row of PRESETS."""
+    name = model_id.rsplit("/", 1)[-1].lower()
+    for family, pretty in _PRESET_NAMES.items():
+        for size in PRESETS[family]:
+            if name.startswith(f"{pretty.lower()}-{size.lower()}"):
+                return family, size
+    return None
+
+
+# --- model shape ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of a model, counted on the meta device (`model_shape`)."""
+
+    family: str
+    params: dict[str, int]  # 'vision' (blocks, patch and position embeddings), 'merger', 'llm' (decoder layers,
+    # final norm), 'embed' (token embeddings), 'head' (lm_head; 0 when tied to the embeddings)
+    llm_linear_params: int  # weights of the decoder layers' nn.Linear (what --bits quantises)
+    llm_linear_rows: int  # their output rows, summed (8-bit keeps one scale per row)
+    llm_lora_dims: int  # sum of in + out features over the LLM linears LoRA adapts (a rank-r LoRA adds r x this)
+    vision_lora_dims: int  # the same over the vision blocks' linears (--vision_lora)
+    largest_module: int  # parameters of the largest module ZeRO-3 gathers at once (a layer, the embeddings, the head)
+    hidden: int
+    layers: int
+    q_dim: int  # attention heads x head_dim
+    kv_dim: int  # key-value heads x head_dim
+    intermediate: int
+    vocab: int
+    vision_depth: int
+    vision_width: int
+    vision_intermediate: int
+    vision_mlp_values: int  # values an MLP keeps per patch per intermediate unit: SwiGLU 4, quick GELU 3, GELU 2
+    merge_size: int
+    mergers: int  # 1 + deepstack mergers (Qwen3-VL)
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.params.values())
+
+
+def load_config(model_id: str):
+    """A transformers config from a model directory or a config.json path; errors name --model_id."""
+    from transformers import AutoConfig
+
+    path = Path(model_id).expanduser()
+    if path.is_file():
+        if path.name != "config.json":
+            raise VlftError(f"--model_id {model_id}: give a model directory or its config.json")
+        path = path.parent
+    if not path.is_dir():
+        raise VlftError(f"--model_id {model_id!r} is not a local directory or config.json, and the hub cannot be "
+                        f"reached from here; give a local checkpoint, or --family and --size for a released size")
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise VlftError(f"--model_id {model_id}: cannot read its config.json ({err})") from None
+
+
+def model_shape(config) -> ModelShape:
+    """Count `config`'s parameters per part, building the model on the meta device (no memory is allocated)."""
+    import torch
+    import transformers
+    from torch import nn
+
+    from vlft.models.registry import get_family
+
+    family = get_family(config.model_type)
+    Model = getattr(transformers, family.model_class)
+    with torch.device("meta"):
+        model = Model(config)
+    params = dict.fromkeys(("vision", "merger", "llm", "embed", "head"), 0)
+    for name, p in model.named_parameters():  # tied weights are listed once
+        part = family.part_of(name)
+        if name.startswith(family.embed_prefix):
+            part = "embed"
+        params[part if part in params else "llm"] += p.numel()
+    linear_params = linear_rows = llm_dims = vision_dims = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        part = family.part_of(name)
+        if part == "llm":
+            linear_params += module.weight.numel()
+            linear_rows += module.out_features
+            llm_dims += module.in_features + module.out_features
+        elif part == "vision" and not name.startswith(family.patch_embed_prefix):
+            vision_dims += module.in_features + module.out_features
+    layer = sum(p.numel() for n, p in model.named_parameters() if n.startswith(family.llm_layers_prefix + "0."))
+    text = config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    vc = config.vision_config
+    shape = family.vision_shape(vc)
+    v_inter = getattr(vc, "intermediate_size", None) or int(shape.width * getattr(vc, "mlp_ratio", 4))
+    act = getattr(vc, "hidden_act", "gelu")
+    mlp_values = 4 if family.model_type == "qwen2_5_vl" else 3 if act == "quick_gelu" else 2
+    return ModelShape(
+        family=family.model_type, params=params, llm_linear_params=linear_params, llm_linear_rows=linear_rows,
+        llm_lora_dims=llm_dims, vision_lora_dims=vision_dims,
+        largest_module=max(layer, params["embed"], params["head"]), hidden=text.hidden_size,
+        layers=text.num_hidden_layers, q_dim=text.num_attention_heads * head_dim,
+        kv_dim=text.num_key_value_heads * head_dim, intermediate=text.intermediate_size, vocab=text.vocab_size,
+        vision_depth=shape.depth, vision_width=shape.width, vision_intermediate=v_inter,
+        vision_mlp_values=mlp_values, merge_size=shape.merge_size,
+        mergers=1 + len(getattr(vc, "deepstack_visual_indexes", None) or []),
+    )
+
+
+# --- ZeRO settings --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Zero:
+    """The parts of a DeepSpeed config the estimate reads. stage 0: no DeepSpeed (plain DDP / one process)."""
+
+    name: str
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    reduce_bucket: float | None = None  # values; None: "auto" (h*h)
+    prefetch_bucket: float | None = None  # ZeRO-3 prefetch values; None: "auto" (0.9 h*h)
+
+    @classmethod
+    def from_deepspeed(cls, name: str, config: dict) -> Zero:
+        z = config.get("zero_optimization", {}) or {}
+
+        def number(key):
+            value = z.get(key, "auto")
+            return None if value == "auto" else float(value)
+
+        def offloads(key):
+            return (z.get(key) or {}).get("device", "none") in ("cpu", "nvme")
+
+        return cls(name, int(z.get("stage", 0)), offloads("offload_optimizer"), offloads("offload_param"),
+                   number("reduce_bucket_size"), number("stage3_prefetch_bucket_size"))
+
+
+BUILTIN_ZERO = {
+    "none": Zero("none"),
+    "zero1": Zero("zero1", 1),
+    "zero2": Zero("zero2", 2),
+    "zero3": Zero("zero3", 3),
+    "zero3_offload": Zero("zero3_offload", 3, offload_optimizer=True, offload_param=True),
+}
+
+
+def shipped_zero_configs() -> dict[str, Path]:
+    """name -> path of the DeepSpeed configs shipped in the checkout's zero_configs/ (empty when installed without it)."""
+    folder = Path(__file__).resolve().parents[1] / "zero_configs"
+    return {p.stem: p for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
+def resolve_zero(value: str) -> Zero:
+    """--zero: none, a shipped config's name (zero_configs/<name>.json, or the built-in stage when not shipped),
+    or a path to a DeepSpeed config."""
+    shipped = shipped_zero_configs()
+    if value == "none":
+        return BUILTIN_ZERO["none"]
+    if value in shipped:
+        return Zero.from_deepspeed(value, json.loads(shipped[value].read_text()))
+    if value in BUILTIN_ZERO:
+        return BUILTIN_ZERO[value]
+    path = Path(value).expanduser()
+    if not path.is_file():
+        names = sorted(set(BUILTIN_ZERO) | set(shipped))
+        raise VlftError(f"--zero {value!r} is neither one of {', '.join(names)} nor a DeepSpeed config file")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise VlftError(f"--zero {value}: not valid JSON ({err})") from None
+    return Zero.from_deepspeed(path.stem, config)
+
+
+# --- the estimate ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """A run's choices, with the flag names and defaults of `vlft sft` (freeze flags left None follow LoRA)."""
+
+    zero: Zero = BUILTIN_ZERO["none"]
+    num_gpus: int = 1
+    per_device_train_batch_size: int = 1
+    max_seq_length: int = 2048
+    image_tokens: int = 0
+    lora_enable: bool = False
+    vision_lora: bool = False
+    lora_rank: int = 64
+    lora_dropout: float = 0.05
+    freeze_vision_tower: bool | None = None
+    freeze_merger: bool = False
+    freeze_llm: bool | None = None
+    bits: int = 16
+    double_quant: bool = True
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    use_liger: bool = False
+    overhead_gb: float = DEFAULT_OVERHEAD_GB
+
+    def problems(self) -> list[str]:
+        errors = []
+        if self.num_gpus < 1:
+            errors.append("--num_gpus must be >= 1")
+        if self.per_device_train_batch_size < 1:
+            errors.append("--per_device_train_batch_size must be >= 1")
+        if self.max_seq_length < 1:
+            errors.append("--max_seq_length must be >= 1")
+        if not 0 <= self.image_tokens <= self.max_seq_length:
+            errors.append(f"--image_tokens {self.image_tokens} must be between 0 and --max_seq_length "
+                          f"{self.max_seq_length} (vision tokens count towards the sequence)")
+        if self.bits not in (4, 8, 16):
+            errors.append(f"--bits {self.bits}: choose 4, 8 or 16")
+        elif self.bits != 16 and not (self.lora_enable or self.vision_lora):
+            errors.append(f"--bits {self.bits} quantises frozen weights for QLoRA; add --lora_enable")
+        elif self.bits != 16 and self.freeze_llm is False:
+            errors.append(f"--bits {self.bits} with --freeze_llm false: quantised weights cannot train")
+        if (self.lora_enable or self.vision_lora) and self.lora_rank < 1:
+            errors.append("--lora_rank must be >= 1")
+        return errors
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated peak memory of one GPU, in bytes, part by part (see the module docstring for each formula)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float  # language model
+    logits: float  # full logits and their fp32 copies, or Liger's chunk
+    vision: float  # vision tower and merger activations
+    overhead: float  # fixed overhead and ZeRO buckets
+    trainable_params: int
+    total_params: int
+    cpu_offloaded: float = 0.0  # bytes held in CPU memory by ZeRO offload (per process), not in the total
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    PARTS = ("weights", "gradients", "optimizer", "activations", "logits", "vision", "overhead")
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, part) for part in self.PARTS)
+
+    def fits(self, gpu_memory_gb: float) -> bool:
+        return self.total <= gpu_memory_gb * GB
+
+
+def trainable_params(shape: ModelShape, s: Settings) -> dict[str, int]:
+    """{'full': base parameters that train, 'lora': adapter parameters, 'quantised': parameters stored in --bits}."""
+    any_lora = s.lora_enable or s.vision_lora
+    llm_frozen = s.freeze_llm if s.freeze_llm is not None else any_lora
+    vision_frozen = s.freeze_vision_tower if s.freeze_vision_tower is not None else s.vision_lora
+    p = shape.params
+    full = (0 if llm_frozen else p["llm"] + p["embed"] + p["head"]) + (0 if vision_frozen else p["vision"])
+    full += 0 if s.freeze_merger else p["merger"]
+    lora = s.lora_rank * ((shape.llm_lora_dims if s.lora_enable else 0) + (shape.vision_lora_dims if s.vision_lora else 0))
+    return {"full": full, "lora": lora, "quantised": shape.llm_linear_params if s.bits != 16 else 0,
+            "vision_grads": int(not vision_frozen or s.vision_lora), "merger_grads": int(not s.freeze_merger)}
+
+
+def quantised_bytes(params: int, rows: int, bits: int, double_quant: bool = True) -> float:
+    """Bytes of `params` linear weights (with `rows` output rows in all) stored by bitsandbytes in `bits`.
+    4-bit: 0.5 byte/param + absmax constants per block of 64 (fp32; double quantisation: 8-bit, plus one fp32 per
+    256 blocks; Dettmers et al., QLoRA, arXiv 2305.14314, section 3); 8-bit: 1 byte/param + one fp32 scale per row."""
+    if bits == 4:
+        constants = (1 / 64 + 4 / (64 * 256)) if double_quant else 4 / 64
+        return params * (0.5 + constants)
+    if bits == 8:
+        return params + 4 * rows
+    raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+
+def llm_layer_values(shape: ModelShape, s: Settings) -> float:
+    """Activation values one decoder layer keeps per token (module docstring), LoRA's extra values included."""
+    h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    values = (2 * h + 3 * q + 2 * kv + 2 * i) if s.use_liger else (4 * h + 3 * q + 2 * kv + 4 * i)
+    if s.lora_enable:
+        values += LORA_MODULES_PER_LAYER * s.lora_rank
+        if s.lora_dropout > 0:
+            values += 6 * h + q + i  # dropout outputs (q, k, v, gate, up read h; o reads q_dim; down reads I)
+    return values
+
+
+def lora_mask_bytes(shape: ModelShape, s: Settings) -> float:
+    """Bytes of LoRA's dropout masks (bool) per token and layer."""
+    if not s.lora_enable or s.lora_dropout <= 0:
+        return 0
+    return 6 * shape.hidden + shape.q_dim + shape.intermediate
+
+
+def liger_chunk(tokens: int, vocab: int, hidden: int) -> int:
+    """Rows of logits Liger's fused linear cross-entropy materialises at once (liger_kernel's chunk size)."""
+    chunks = max(1, math.ceil(vocab / hidden))
+    return 1 << max(0, math.ceil(math.log2(max(1, math.ceil(tokens / chunks)))))
+
+
+def estimate(shape: ModelShape, s: Settings) -> MemoryPlan:
+    """Peak memory per GPU of training `shape` with settings `s` (formulas and sources: module docstring)."""
+    problems = s.problems()
+    if problems:
+        raise VlftError("; ".join(problems))
+    z, n = s.zero, s.num_gpus
+    w = 2 if s.bf16 else 4
+    a = w  # activations are stored in the weights' dtype
+    counts = trainable_params(shape, s)
+    full, lora, quantised = counts["full"], counts["lora"], counts["quantised"]
+    total = shape.total_params
+    trainable = full + lora
+    notes = []
+
+    # weights
+    lora_weight_bytes = 4 if z.stage == 0 else w  # PEFT upcasts adapters to fp32; DeepSpeed casts the module to w
+    dense = (total - quantised) * w
+    if quantised:
+        dense += quantised_bytes(quantised, shape.llm_linear_rows, s.bits, s.double_quant)
+    weights = dense + lora * lora_weight_bytes
+    working_set = 2 * shape.largest_module * w
+    if z.stage == 3:
+        weights = working_set if z.offload_param else weights / n + working_set
+        if z.offload_param:
+            notes.append("weights offloaded to the CPU: the GPU holds the gathered working set only")
+
+    # gradients and optimizer states
+    grad_bytes = full * w + lora * lora_weight_bytes
+    cpu = 0.0
+    if z.stage == 0:
+        gradients = grad_bytes * (2 if n > 1 else 1)  # DDP's buckets copy the gradients
+        optimizer = 2 * (full * w + lora * 4)  # AdamW's m and v in each parameter's dtype
+    else:
+        gradients = grad_bytes / n if z.stage >= 2 else grad_bytes
+        optimizer = 12 * trainable / n
+        if z.offload_optimizer:
+            cpu = optimizer + 4 * trainable / n  # fp32 master, m, v and fp32 gradients on the CPU
+            optimizer = 0.0
+
+    # language-model activations
+    b, seq = s.per_device_train_batch_size, s.max_seq_length
+    tokens = b * seq
+    layer = llm_layer_values(shape, s) * a + lora_mask_bytes(shape, s)
+    if s.gradient_checkpointing:
+        activations = tokens * (shape.layers * shape.hidden * a + layer)
+    else:
+        activations = tokens * shape.layers * layer
+    activations += tokens * 4 * shape.hidden * a  # embeddings (and their vision-merged copy), final norm
+
+    # logits
+    if s.use_liger:
+        chunk = liger_chunk(tokens, shape.vocab, shape.hidden)
+        logits = 2 * 4 * chunk * shape.vocab + tokens * shape.hidden * a
+    else:
+        logits = tokens * shape.vocab * (a + (4 if a < 4 else 0) + 4 + 4)
+
+    # vision tower
+    patches = b * s.image_tokens * shape.merge_size**2
+    vw = shape.vision_width
+    vision = 0.0
+    if patches and counts["vision_grads"]:
+        block = 9 * vw + shape.vision_mlp_values * shape.vision_intermediate
+        if s.gradient_checkpointing:
+            vision = patches * (shape.vision_depth * vw + block) * a
+        else:
+            vision = patches * shape.vision_depth * block * a
+    if patches and (counts["vision_grads"] or counts["merger_grads"]):
+        vision += patches * shape.mergers * 4 * vw * a
+
+    # overhead
+    overhead = s.overhead_gb * GB
+    if z.stage:
+        hh = shape.hidden**2
+        overhead += w * (z.reduce_bucket if z.reduce_bucket is not None else hh)
+        if z.stage == 3:
+            overhead += w * (z.prefetch_bucket if z.prefetch_bucket is not None else 0.9 * hh)
+    return MemoryPlan(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
+                      logits=logits, vision=vision, overhead=overhead, trainable_params=trainable, total_params=total,
+                      cpu_offloaded=cpu, notes=tuple(notes))
+
+
+# --- printing ---------------------------------------------------------------------------------------------------
+def _gb(value: float) -> str:
+    return f"{value / GB:,.2f}"
+
+
+def breakdown_table(plan: MemoryPlan, gpu_memory_gb: float, s: Settings) -> str:
+    labels = {
+        "weights": "weights", "gradients": "gradients", "optimizer": "optimizer states (AdamW)",
+        "activations": "activations, language model", "vision": "activations, vision tower + merger",
+        "logits": "logits (Liger chunk)" if s.use_liger else "logits (+ fp32 copies)",
+        "overhead": f"overhead (fixed {s.overhead_gb:g} GB" + (" + ZeRO buckets)" if s.zero.stage else ")"),
+    }
+    rows = [f"{'part':<38} {'GB':>10}"]
+    rows += [f"{labels[part]:<38} {_gb(getattr(plan, part)):>10}" for part in MemoryPlan.PARTS]
+    rows.append(f"{'total (peak per GPU)':<38} {_gb(plan.total):>10}")
+    verdict = "fits" if plan.fits(gpu_memory_gb) else "does NOT fit"
+    rows.append(f"-> {verdict} in {gpu_memory_gb:g} GB ({plan.total / (gpu_memory_gb * GB):.0%} of it)")
+    if plan.cpu_offloaded:
+        rows.append(f"   plus {_gb(plan.cpu_offloaded)} GB of CPU memory per process for the offloaded optimizer")
+    rows += [f"   note: {note}" for note in plan.notes]
+    return "\n".join(rows)
+
+
+def zero_table(shape: ModelShape, s: Settings, gpu_memory_gb: float) -> str:
+    """The same estimate under no ZeRO, every shipped config (and the built-in stages not shipped)."""
+    from dataclasses import replace
+
+    names = ["none"] + sorted((set(shipped_zero_configs()) | set(BUILTIN_ZERO)) - {"none"})
+    head = f"{'zero':<16} {'weights':>9} {'grads':>9} {'optim':>9} {'activ':>9} {'logits':>9} {'vision':>9} {'total GB':>9}  fits"
+    rows = [head]
+    for name in names:
+        plan = estimate(shape, replace(s, zero=resolve_zero(name)))
+        cells = " ".join(f"{_gb(getattr(plan, p)):>9}" for p in MemoryPlan.PARTS if p != "overhead")
+        rows.append(f"{name:<16} {cells} {_gb(plan.total):>9}  {'yes' if plan.fits(gpu_memory_gb) else 'no'}")
+    return "\n".join(rows)
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlft plan", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model (one of)")
+    model.add_argument("--model_id", help="a local model directory or config.json (or a hub id naming a released size)")
+    model.add_argument("--family", choices=sorted(PRESETS), help="with --size: a released model from the built-in table")
+    model.add_argument("--size", help="e.g. 2B, 7B, 72B (see the table in vlft/plan.py)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--zero", default="none",
+                     help="none, zero1, zero2, zero3, zero3_offload (zero_configs/<name>.json), or a DeepSpeed config path")
+    run.add_argument("--num_gpus", type=int, default=1, help="GPUs in the job (ZeRO partitions across all of them)")
+    run.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory of one GPU, GB (1e9 bytes)")
+    run.add_argument("--per_device_train_batch_size", type=int, default=1)
+    run.add_argument("--max_seq_length", type=int, default=2048, help="tokens per sample, vision tokens included")
+    run.add_argument("--image_tokens", type=int, default=0, help="vision tokens per sample (LLM tokens, after merging)")
+    run.add_argument("--overhead_gb", type=float, default=DEFAULT_OVERHEAD_GB,
+                     help="fixed per-GPU overhead: CUDA context, workspaces, NCCL, fragmentation")
+    tune = parser.add_argument_group("what trains (flags as in vlft sft)")
+    for flag in ("lora_enable", "vision_lora", "freeze_merger", "gradient_checkpointing", "bf16", "use_liger",
+                 "double_quant"):
+        default = flag == "double_quant"
+        tune.add_argument(f"--{flag}", type=_bool, nargs="?", const=True, default=default)
+    for flag in ("freeze_vision_tower", "freeze_llm"):
+        tune.add_argument(f"--{flag}", type=_bool, nargs="?", const=True, default=None, help="default: follows LoRA")
+    tune.add_argument("--lora_rank", type=int, default=64)
+    tune.add_argument("--lora_dropout", type=float, default=0.05)
+    tune.add_argument("--bits", type=int, default=16, choices=[4, 8, 16])
+    return parser
+
+
+def shape_from_args(args) -> tuple[ModelShape, str]:
+    """(shape, description) from --model_id or --family/--size."""
+    if args.model_id and (args.family or args.size):
+        raise VlftError("give either --model_id or --family with --size, not both")
+    if args.model_id:
+        path = Path(args.model_id).expanduser()
+        preset = None if path.exists() else preset_from_model_id(args.model_id)
+        if preset:
+            family, size = preset
+            return model_shape(preset_config(family, size)), f"{_PRESET_NAMES[family]}-{size} (built-in table)"
+        return model_shape(load_config(args.model_id)), args.model_id
+    if args.family and args.size:
+        return model_shape(preset_config(args.family, args.size)), f"{_PRESET_NAMES[args.family]}-{args.size} (built-in table)"
+    raise VlftError("name the model: --model_id DIR (or its config.json), or --family F --size S "
+                    f"(sizes: {'; '.join(f'{f}: ' + ', '.join(PRESETS[f]) for f in PRESETS)})")
+
+
+def settings_from_args(args) -> Settings:
+    names = {f.name for f in fields(Settings)} - {"zero"}
+    return Settings(zero=resolve_zero(args.zero), **{k: getattr(args, k) for k in names})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.gpu_memory_gb <= 0:
+        raise VlftError("--gpu_memory_gb must be > 0")
+    shape, described = shape_from_args(args)
+    s = settings_from_args(args)
+    plan = estimate(shape, s)
+    trains = f"{plan.trainable_params:,} of {plan.total_params:,} parameters train"
+    print(f"model: {described} ({shape.family}), {trains}")
+    print(f"run: {s.num_gpus} GPU(s), zero {s.zero.name}, batch {s.per_device_train_batch_size} x {s.max_seq_length} "
+          f"tokens ({s.image_tokens} vision tokens per sample), {'bf16' if s.bf16 else 'fp32'}"
+          + (", gradient checkpointing" if s.gradient_checkpointing else "") + (", Liger" if s.use_liger else ""))
+    print()
+    print(breakdown_table(plan, args.gpu_memory_gb, s))
+    print()
+    print(f"the same run under each ZeRO config (GB per GPU, {s.num_gpus} GPU(s)):")
+    print(zero_table(shape, s, args.gpu_memory_gb))
+    print("\nEstimates (vlft/plan.py docstring for the formulas); checked on the CPU, GPU validation pending.")
+    return 0
