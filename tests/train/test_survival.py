@@ -306,3 +306,18 @@ def test_the_same_model_under_another_path_resumes_and_another_model_does_not(ti
     with pytest.raises(VlftError, match="the model differs"):
         run(common_args(tiny_model_factory("qwen3_vl")) + argv + ["--max_steps", "3", "--resume_from_checkpoint",
                                                                   "latest"])
+
+
+def test_latest_restarts_a_run_killed_before_its_first_checkpoint_and_refuses_foreign_files(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "ref_log_probs").mkdir(parents=True)  # what a DPO run writes before its first checkpoint
+    (out / "completions.jsonl").write_text("{}\n")  # and a GRPO run
+    summary, _ = run(common_args(tiny_model_dir) + ["--output_dir", str(out), "--max_steps", "1",
+                                                    "--resume_from_checkpoint", "latest"])
+    assert summary["steps"] == 1
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("the user's")
+    with pytest.raises(VlftError, match=r"holds no complete checkpoint-N folder \(it holds todo.txt\)"):
+        run(common_args(tiny_model_dir) + ["--output_dir", str(mine), "--resume_from_checkpoint", "latest"])
+    assert (mine / "todo.txt").read_text() == "the user's"

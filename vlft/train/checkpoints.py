@@ -74,10 +74,16 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+# What a run writes into --output_dir before its first checkpoint: the staging area of a killed save, DPO's cached
+# reference log-probs, GRPO's completions log, TensorBoard's event folders. A run killed before its first checkpoint
+# leaves only these, and `latest` then starts it again from step 0.
+RUN_LEFTOVERS = {STAGING_DIR, "ref_log_probs", "completions.jsonl", "runs"}
+
+
 def user_files(output_dir: str | os.PathLike) -> list[str]:
-    """What a directory holds besides vlft's staging area (leftovers of a killed save are not the user's)."""
+    """What a directory holds besides what a run writes before its first checkpoint (RUN_LEFTOVERS)."""
     root = Path(output_dir)
-    return sorted(p.name for p in root.iterdir() if p.name != STAGING_DIR) if root.is_dir() else []
+    return sorted(p.name for p in root.iterdir() if p.name not in RUN_LEFTOVERS) if root.is_dir() else []
 
 
 def resolve_resume(train_args) -> str | None:
