@@ -12,6 +12,7 @@ COMMANDS = {
     "grpo": ("vlft.train.grpo", "GRPO (RL with reward functions) on prompts, full or LoRA"),
     "merge": ("vlft.merge", "merge a LoRA run into a plain Hugging Face checkpoint"),
     "predict": ("vlft.predict", "generate answers for LLaVA records with a run, a merged or a base model"),
+    "plot": ("vlft.plot", "draw a run's training curves (loss, lr, grad norm, tokens/s, eval, rewards) to a PNG"),
     "check-data": ("vlft.check", "validate a data file against a model's processor, without training"),
     "tiny-model": ("vlft.models.tiny", "build the tiny offline Qwen-VL used by the demo and tests"),
 }

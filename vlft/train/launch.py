@@ -123,6 +123,8 @@ def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
                 "train_seconds": elapsed, "output_dir": os.path.abspath(args.output_dir), "lora": lora}, trainer
     trainer.save_final(args.output_dir)
     trainer.save_state()
+    from vlft.plot import plot_finished_run
+    plot_finished_run(trainer)  # training_curves.png; a failure is a warning, the run stays finished
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     rates = trainer.throughput.summary or {}
