@@ -28,7 +28,7 @@ from vlft.models.freezing import is_lora_param
 from vlft.run_dir import bare_name, read_non_lora, write_run_files
 from vlft.train.model_inputs import model_inputs
 from vlft.train.optim import build_param_groups, groups_table
-from vlft.train.throughput import ThroughputCallback
+from vlft.train.throughput import ThroughputCallback, use_tokens_progress_bar
 from vlft.utils import log
 
 
@@ -93,6 +93,7 @@ class VlftTrainerMixin:
             vision_tokens=lambda: int(c.patches), vision_pairs=lambda: int(c.pairs))
         # right after DefaultFlowCallback: the figures it adds to a log line reach the reporters and the printer
         self.callback_handler.callbacks.insert(1, self.throughput)
+        use_tokens_progress_bar(self)  # tokens/s in the progress bar's postfix, next to HF's time left
         from vlft.train.callbacks import ReleaseSharedMemoryCallback
 
         self.add_callback(ReleaseSharedMemoryCallback())
