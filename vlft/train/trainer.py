@@ -320,6 +320,19 @@ class VlftTrainerMixin:
             for name, tensor in saved.items():
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
+    def _load_best_model(self) -> None:
+        """--load_best_model_at_end: load the best checkpoint the way a resume does (`_load_from_checkpoint`).
+        HF's own path loads a PEFT model's adapter only, so the weights trained fully next to it (merger, unfrozen
+        blocks: non_lora_trainables.safetensors) would stay those of the last step and the final save would mix
+        two steps; and it loads a full fine-tuning checkpoint with strict=False, which matches none of the hub
+        layout's keys (`_load_full_weights` says why). Under DeepSpeed (the engine restores the whole module from
+        its own checkpoint) and FSDP, HF's path stands."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        log(f"loading the best checkpoint, {best} ({self.args.metric_for_best_model} {self.state.best_metric:.6g})")
+        self._load_from_checkpoint(best)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
