@@ -96,6 +96,12 @@ default_liger() {
   if [ "$(default_bf16)" = true ] && "$PYTHON" -c "import liger_kernel" >/dev/null 2>&1; then echo true; else echo false; fi
 }
 
+# TensorBoard when this Python has it (event files in OUTPUT_DIR/runs: tensorboard --logdir OUTPUT_DIR), else none,
+# so the demo runs where it is not installed. REPORT_TO=wandb (pip install wandb; wandb login) or none overrides.
+default_report_to() {
+  if "$PYTHON" -c "import tensorboard" >/dev/null 2>&1; then echo tensorboard; else echo none; fi
+}
+
 # optional_flag NAME VALUE: prints "--NAME VALUE" only when VALUE is set, for flags whose absence means "default".
 optional_flag() {
   if [ -n "$2" ]; then printf '%s\n' "--$1" "$2"; fi
@@ -147,7 +153,9 @@ shared_settings() {
   NUM_WORKERS="${NUM_WORKERS:-4}"
   SAVE_STEPS="${SAVE_STEPS:-500}"
   LOGGING_STEPS="${LOGGING_STEPS:-1}"
-  REPORT_TO="${REPORT_TO:-none}"
+  REPORT_TO="${REPORT_TO:-$(default_report_to)}"       # tensorboard when installed, else none; or wandb
+  EVAL_DATA="${EVAL_DATA:-}"                           # held-out records (DATA's format): eval_loss every EVAL_STEPS
+  EVAL_STEPS="${EVAL_STEPS:-$SAVE_STEPS}"              # steps between evaluations (SFT only)
   PACKING="${PACKING:-false}"                          # 1/true: pack records into MAX_SEQ_LENGTH rows
   GROUP_BY_LENGTH="${GROUP_BY_LENGTH:-false}"          # padded batches of similar lengths (not with PACKING)
   RESUME="${RESUME:-}"                                 # latest (newest complete checkpoint in OUTPUT_DIR) or a path
@@ -156,8 +164,8 @@ shared_settings() {
 
 # training_flags [EXTRA...]: the training flags every finetune script passes, from its settings (EPOCHS, LR,
 # VISION_LR, MERGER_LR, BATCH_SIZE, GRAD_ACCUM and those of shared_settings), one per line; EXTRA follow the
-# learning rates. Settings whose empty value means "vlft's default" (VISION_LR, MERGER_LR, IMAGE_*_PIXELS) give
-# no flag when empty.
+# learning rates. Settings whose empty value means "vlft's default" (VISION_LR, MERGER_LR, IMAGE_*_PIXELS, RESUME,
+# EVAL_DATA) give no flag when empty.
 training_flags() {
   local packing=false
   case "$PACKING" in 1|true|True) packing=true ;; esac
@@ -167,6 +175,10 @@ training_flags() {
   optional_flag image_min_pixels "$IMAGE_MIN_PIXELS"
   optional_flag image_max_pixels "$IMAGE_MAX_PIXELS"
   optional_flag resume_from_checkpoint "$RESUME"
+  if [ -n "$EVAL_DATA" ]; then
+    printf '%s\n' --eval_data_path "$EVAL_DATA" --eval_strategy steps --eval_steps "$EVAL_STEPS" \
+      --per_device_eval_batch_size "$BATCH_SIZE"
+  fi
   printf '%s\n' "$@" \
     --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM" \
     --max_seq_length "$MAX_SEQ_LENGTH" --packing "$packing" --group_by_length "$GROUP_BY_LENGTH" \

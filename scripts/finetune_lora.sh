@@ -8,7 +8,7 @@
 #   NUM_GPUS=8 ZERO_CONFIG=zero_configs/zero3.json bash scripts/finetune_lora.sh
 # Settings shared by every finetune script (MAX_SEQ_LENGTH, IMAGE_MIN/MAX_PIXELS, BF16, USE_LIGER, ATTN,
 # GRADIENT_CHECKPOINTING, NUM_WORKERS, SAVE_STEPS, LOGGING_STEPS, REPORT_TO, PACKING, GROUP_BY_LENGTH) and their
-# defaults: shared_settings in scripts/_common.sh.
+# defaults: shared_settings in scripts/_common.sh. EVAL_DATA (held-out records) and EVAL_STEPS: eval_loss during training.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 

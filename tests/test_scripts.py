@@ -4,6 +4,7 @@ merge_lora.sh)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -105,9 +106,11 @@ def launched_argv(tmp: Path, script: str, *extra: str, **settings: str) -> dict[
     """Run a script with PYTHON pointed at a shim that records its arguments instead of running vlft;
     returns {vlft command: its arguments}."""
     shim = tmp / "python-shim"
-    shim.write_text('#!/bin/sh\ncmd="$3"; shift 3\nprintf \'%s\\0\' "$@" > "$ARGV_DIR/$cmd.argv"\n')
+    # `python -c CODE` (the scripts' checks of what is installed: tensorboard) runs in the real Python
+    shim.write_text('#!/bin/sh\nif [ "$1" = -c ]; then exec "$REAL_PYTHON" "$@"; fi\n'
+                    'cmd="$3"; shift 3\nprintf \'%s\\0\' "$@" > "$ARGV_DIR/$cmd.argv"\n')
     shim.chmod(0o755)
-    env = script_env(tmp, PYTHON=str(shim), ARGV_DIR=str(tmp), **settings)
+    env = script_env(tmp, PYTHON=str(shim), ARGV_DIR=str(tmp), REAL_PYTHON=sys.executable, **settings)
     proc = subprocess.run(["bash", str(SCRIPTS / script), *extra], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return {p.stem: p.read_text().split("\0")[:-1] for p in tmp.glob("*.argv")}
@@ -197,6 +200,40 @@ def test_resume_setting_reaches_vlft(tmp_path, script):
     resumed = launched_argv(tmp_path / "a", script, RESUME="latest")[command]
     assert resumed[resumed.index("--resume_from_checkpoint") + 1] == "latest"
     assert "--resume_from_checkpoint" not in launched_argv(tmp_path / "b", script)[command]  # unset: no flag
+
+
+@pytest.mark.parametrize("script", ["finetune_lora.sh", "finetune_dpo.sh"])
+def test_report_to_defaults_to_tensorboard_when_installed(tmp_path, script):
+    """REPORT_TO unset: tensorboard where this Python imports it, none where it does not (the demo must run on a
+    machine without it); REPORT_TO=wandb reaches vlft as it is."""
+    command = "dpo" if "dpo" in script else "sft"
+
+    def report_to(name: str, **settings: str) -> str:
+        (tmp_path / name).mkdir()
+        argv = launched_argv(tmp_path / name, script, **settings)[command]
+        return argv[len(argv) - 1 - argv[::-1].index("--report_to") + 1]
+
+    has_tensorboard = importlib.util.find_spec("tensorboard") is not None
+    assert report_to("default") == ("tensorboard" if has_tensorboard else "none")
+    hidden = tmp_path / "no-tensorboard"  # a module named tensorboard that fails to import, first on the path
+    hidden.mkdir()
+    (hidden / "tensorboard.py").write_text("raise ImportError('not installed here')\n")
+    assert report_to("without", PYTHONPATH=str(hidden)) == "none"
+    assert report_to("wandb", REPORT_TO="wandb") == "wandb"
+    assert report_to("none", REPORT_TO="none") == "none"
+
+
+def test_eval_settings_reach_vlft(tmp_path):
+    held_out = tmp_path / "held_out.json"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    calls = launched_argv(tmp_path / "a", "finetune_lora.sh", EVAL_DATA=str(held_out), EVAL_STEPS="25")
+    values = flat(parse_args(SFT_GROUPS, calls["sft"]))
+    assert values["eval_data_path"] == str(held_out)
+    assert (values["eval_strategy"], values["eval_steps"]) == ("steps", 25)
+    assert values["per_device_eval_batch_size"] == values["per_device_train_batch_size"] == 2
+    unset = launched_argv(tmp_path / "b", "finetune_lora.sh")["sft"]  # unset: no evaluation flag at all
+    assert not {"--eval_data_path", "--eval_strategy", "--eval_steps"} & set(unset)
 
 
 # --- real runs on the tiny model ---

@@ -12,6 +12,7 @@ COMMANDS = {
     "grpo": ("vlft.train.grpo", "GRPO (RL with reward functions) on prompts, full or LoRA"),
     "merge": ("vlft.merge", "merge a LoRA run into a plain Hugging Face checkpoint"),
     "predict": ("vlft.predict", "generate answers for LLaVA records with a run, a merged or a base model"),
+    "plot": ("vlft.plot", "draw a run's training curves (loss, lr, grad norm, tokens/s, eval, rewards) to a PNG"),
     "check-data": ("vlft.check", "validate a data file against a model's processor, without training"),
     "convert": ("vlft.convert", "write ShareGPT, OpenAI messages, parquet or HF dataset data as LLaVA JSONL"),
     "plan": ("vlft.plan", "estimate peak GPU memory per part and whether a run fits, before launching it"),

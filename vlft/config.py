@@ -33,6 +33,12 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str | None = field(default=None, metadata={"help": "LLaVA-format JSON list or JSONL file."})
+    eval_data_path: str | None = field(
+        default=None,
+        metadata={"help": "Held-out records in --data_path's format, checked at start-up like it (same --image_folder "
+                          "and media settings); their loss is logged as eval_loss every --eval_steps (default: "
+                          "--logging_steps). SFT only."},
+    )
     image_folder: str | None = field(
         default=None,
         metadata={"help": "Folder that relative image and video paths resolve against (default: the data file's folder)."},
@@ -224,6 +230,10 @@ class VlftArgumentsMixin:
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: vlft's collator builds the batch."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    prediction_loss_only: bool = field(
+        default=True, metadata={"help": "Evaluation keeps the loss only: vlft computes no metric from the logits, and "
+                                        "gathering them (vocabulary x tokens per record) would fill the memory."}
+    )
     skip_nonfinite_steps: int = field(
         default=0, metadata={"help": "Steps with a non-finite loss or gradient norm to skip (the optimizer leaves the "
                                      "weights as they were) before the run stops; 0: stop at the first, naming the "

@@ -1,6 +1,6 @@
 """Distributed training on CPU (2 processes, gloo), through the launcher the scripts use
 (scripts/_common.sh: torchrun for DDP, the DeepSpeed launcher for ZeRO): the same global batch gives the
-same loss curve on 1 process, DDP, ZeRO-2 and ZeRO-3; ZeRO-3 checkpoints equal single-process ones key by
+same loss curve on 1 process, DDP, ZeRO-1, ZeRO-2 and ZeRO-3; ZeRO-3 checkpoints equal single-process ones key by
 key; ranks with and without visual inputs in one step do not hang; the data is split across ranks."""
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def single(tiny_model_dir, four_records, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("backend", ["ddp", "zero1", "zero2", "zero3"])
 def test_same_loss_curve_as_one_process(backend, mode, single, tiny_model_dir, four_records, tmp_path):
     out = tmp_path / "out"
     launch(common(tiny_model_dir, four_records, out, 2) + MODES[mode], zero=None if backend == "ddp" else backend)

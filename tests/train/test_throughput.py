@@ -292,3 +292,46 @@ def test_a_real_sft_run_counts_the_vision_tower(tiny_model_dir, tmp_path):
              + 2 * 2 * vision.embed_dim * vision.depth * pairs)  # full attention in every block
     assert summary["flops"] == pytest.approx(text_only + tower, rel=1e-9)
     assert tower > 0.01 * text_only
+
+
+# --- the progress bar ---
+
+
+def test_progress_bar_postfix_shows_tokens_per_second(capsys):
+    """HF's bar already shows elapsed < time left; TokensProgressCallback adds the latest tokens/s and loss to its
+    postfix, and an evaluation line (no tokens/s) keeps the last tokens/s shown."""
+    from vlft.train.throughput import TokensProgressCallback
+
+    args, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerControl()
+    state = TrainerState(max_steps=10, is_world_process_zero=True)
+    bar = TokensProgressCallback()
+    bar.on_train_begin(args, state, control)
+    state.global_step = 3
+    bar.on_step_end(args, state, control)
+    bar.on_log(args, state, control, logs={"loss": 1.23456, "tokens_per_second": 4210.4, "learning_rate": 1e-4})
+    assert bar.training_bar.postfix == "tokens/s=4,210, loss=1.235"
+    bar.on_log(args, state, control, logs={"eval_loss": 2.5, "eval_runtime": 0.5})
+    assert bar.training_bar.postfix == "tokens/s=4,210, loss=1.235, eval_loss=2.5"
+    line = str(bar.training_bar)
+    assert "3/10" in line and "<" in line and "tokens/s=4,210" in line  # steps, elapsed<remaining, tokens/s
+    bar.on_train_end(args, state, control)
+    assert "'tokens_per_second': '4210'" in capsys.readouterr().out  # HF's log line above the bar is kept
+
+
+def test_the_trainer_progress_bar_is_replaced_once():
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback
+
+    from vlft.train.throughput import TokensProgressCallback, use_tokens_progress_bar
+
+    def trainer(*callbacks):
+        handler = CallbackHandler(list(callbacks), None, None, None, None)
+        return SimpleNamespace(callback_handler=handler, pop_callback=handler.pop_callback,
+                               add_callback=handler.add_callback)
+
+    with_bar = trainer(DefaultFlowCallback, ProgressCallback)
+    use_tokens_progress_bar(with_bar)
+    kinds = [type(c) for c in with_bar.callback_handler.callbacks]
+    assert kinds == [DefaultFlowCallback, TokensProgressCallback]
+    printer = trainer(DefaultFlowCallback, PrinterCallback)  # --disable_tqdm: no bar, nothing to replace
+    use_tokens_progress_bar(printer)
+    assert [type(c) for c in printer.callback_handler.callbacks] == [DefaultFlowCallback, PrinterCallback]

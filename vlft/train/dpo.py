@@ -22,7 +22,7 @@ from vlft.data.prepare import length_flag_of, prepare_data
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
 from vlft.train.checkpoints import data_digest
-from vlft.train.launch import check_output_dir, run_stage, train_and_save
+from vlft.train.launch import check_output_dir, check_training_flags, run_stage, train_and_save
 from vlft.train.reference import freezing_flags, trained_next_to_lora
 from vlft.train.setup import zero_stage
 from vlft.utils import log
@@ -58,6 +58,7 @@ def run(argv: list[str]):
 
     model_args, data_args, tune_args, train_args = parse_args(DPO_GROUPS, argv, prog="vlft dpo")
     validate(model_args, data_args, tune_args, train_args)
+    check_training_flags(data_args, train_args, stage="dpo")
     if data_args.packing:
         raise VlftError("--packing is not available for DPO: a pair's two rows share one prompt; drop --packing")
     trained = trained_next_to_lora(tune_args)

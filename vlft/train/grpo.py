@@ -19,7 +19,7 @@ from vlft.data.grpo import PROMPT, PromptDataset, first_items
 from vlft.data.prepare import length_flag_of, prepare_data
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
-from vlft.train.launch import check_output_dir, run_stage, train_and_save
+from vlft.train.launch import check_output_dir, check_training_flags, run_stage, train_and_save
 from vlft.train.reference import freezing_flags, trained_next_to_lora
 from vlft.train.setup import zero_stage
 from vlft.utils import log
@@ -57,6 +57,7 @@ def run(argv: list[str]):
 
     model_args, data_args, tune_args, train_args = parse_args(GRPO_GROUPS, argv, prog="vlft grpo")
     validate(model_args, data_args, tune_args, train_args)
+    check_training_flags(data_args, train_args, stage="grpo")
     if data_args.packing:
         raise VlftError("--packing is not available for GRPO (rollouts are generated per prompt); drop --packing")
     trained = trained_next_to_lora(tune_args)

@@ -94,6 +94,47 @@ def check_output_dir(train_args) -> None:
         clear_staging(out)
 
 
+# --report_to name -> the package it needs (HF's Trainer finds a missing one only after the model has loaded)
+REPORTER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_training_flags(data_args, train_args, *, stage: str) -> None:
+    """The flags HF's Trainer would only reject after the model load, checked before anything loads:
+
+    - --report_to: each reporter's package is installed (tensorboard, wandb);
+    - evaluation, SFT: --eval_data_path turns on --eval_strategy steps when that was left at "no" (every
+      --eval_steps, which the Trainer defaults to --logging_steps); --eval_strategy or --load_best_model_at_end
+      without --eval_data_path is an error. Other stages do not evaluate yet: any of these flags is an error."""
+    import importlib.util
+
+    from transformers.trainer_utils import IntervalStrategy
+
+    for name in train_args.report_to or []:
+        packages = REPORTER_PACKAGES.get(name, ())
+        if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
+            raise VlftError(f"--report_to {name} needs the {packages[0]} package, which this Python lacks: "
+                            f"pip install {packages[0]}, or choose another --report_to (none, tensorboard, wandb)")
+
+    evaluating = train_args.eval_strategy != IntervalStrategy.NO
+    asked = [flag for flag, on in (("--eval_data_path", bool(data_args.eval_data_path)),
+                                   (f"--eval_strategy {train_args.eval_strategy.value}", evaluating),
+                                   ("--load_best_model_at_end", train_args.load_best_model_at_end)) if on]
+    if stage != "sft":
+        if asked:
+            raise VlftError(f"{', '.join(asked)}: vlft {stage} does not evaluate during training yet (only vlft sft "
+                            "does); drop the flag(s)")
+        return
+    if data_args.eval_data_path:
+        if not evaluating:
+            train_args.eval_strategy = IntervalStrategy.STEPS
+            train_args.eval_steps = train_args.eval_steps or train_args.logging_steps
+            train_args.do_eval = True
+        return
+    if asked:
+        raise VlftError(f"{', '.join(asked)} needs held-out records to evaluate on: add --eval_data_path FILE (a file "
+                        "in --data_path's format), or drop the flag(s)")
+
+
 def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
     """Train (resuming when --resume_from_checkpoint is set, after checking the checkpoint belongs to this run),
     save the final model and state, and log one end-of-run summary. Returns (summary, trainer); the summary's
@@ -123,6 +164,8 @@ def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
                 "train_seconds": elapsed, "output_dir": os.path.abspath(args.output_dir), "lora": lora}, trainer
     trainer.save_final(args.output_dir)
     trainer.save_state()
+    from vlft.plot import plot_finished_run
+    plot_finished_run(trainer)  # training_curves.png; a failure is a warning, the run stays finished
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     rates = trainer.throughput.summary or {}

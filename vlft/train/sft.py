@@ -5,7 +5,8 @@
 
 The order matters: arguments are checked and the data is prepared before the model is loaded (a bad record
 costs seconds, not a model load); the model set-up applies LoRA before the freeze flags, because PEFT freezes
-the whole base model and the merger or tower may still need to train next to it (train/setup.py).
+the whole base model and the merger or tower may still need to train next to it (train/setup.py). Held-out
+records (--eval_data_path) go through the same start-up check, before the model loads too.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from vlft.data.packing import length_grouped_order, plan_packs
 from vlft.data.prepare import length_flag_of, prepare_sft_data
 from vlft.data.sft import PackedDataset, SFTDataset
 from vlft.models.processor_media import apply_media_settings
-from vlft.train.launch import check_output_dir, run_stage, train_and_save
+from vlft.train.launch import check_output_dir, check_training_flags, run_stage, train_and_save
 from vlft.utils import log
 
 
@@ -27,22 +28,36 @@ def run(argv: list[str]):
 
     model_args, data_args, tune_args, train_args = parse_args(SFT_GROUPS, argv, prog="vlft sft")
     validate(model_args, data_args, tune_args, train_args)
+    check_training_flags(data_args, train_args, stage="sft")
     check_output_dir(train_args)
 
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
     apply_media_settings(processor, media)  # saved with every checkpoint: servers resize as training did
-    data = prepare_sft_data(
-        data_args.data_path, processor=processor, image_folder=data_args.image_folder, media=media,
-        max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
-        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
-        length_flag=length_flag_of(data_args))
+
+    def prepare(path):  # the training and the eval records: the same checks, media settings and length limit
+        return prepare_sft_data(
+            path, processor=processor, image_folder=data_args.image_folder, media=media,
+            max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
+            skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
+            length_flag=length_flag_of(data_args))
+
+    data = prepare(data_args.data_path)
     log(f"data: {data.summary()}")
+    eval_data = prepare(data_args.eval_data_path) if data_args.eval_data_path else None
+    if eval_data is not None:
+        when = (f"every {train_args.eval_steps:g} steps (--eval_steps)" if train_args.eval_strategy == "steps"
+                else f"every {train_args.eval_strategy.value}")
+        log(f"eval data: {eval_data.summary()}; eval_loss {when}")
 
     prepared = prepare_model(model_args, tune_args, train_args)  # load, Liger, LoRA, freeze
 
-    dataset = SFTDataset(data.samples, data.image_paths, processor, media=media, video_sources=data.video_sources,
-                         raw_pixels=True)
+    def sft_dataset(prepared_data):
+        return SFTDataset(prepared_data.samples, prepared_data.image_paths, processor, media=media,
+                          video_sources=prepared_data.video_sources, raw_pixels=True)
+
+    dataset = sft_dataset(data)
+    eval_dataset = sft_dataset(eval_data) if eval_data is not None else None
     pixel_norms = (dataset.image_norm, dataset.video_norm)  # uint8 pixels are normalised on the device
     collator = SFTCollator.for_model(processor, prepared.base_model, family=prepared.family,
                                      distributed=train_args.world_size > 1)
@@ -52,15 +67,17 @@ def run(argv: list[str]):
         log(f"packing: {len(data.lengths)} records into {len(packs)} rows of up to {data_args.max_seq_length} "
             f"tokens ({sum(data.lengths) / (len(packs) * data_args.max_seq_length):.3f} filled)")
         dataset, collator = PackedDataset(dataset, packs), PackingCollator(collator)
+        if eval_dataset is not None:  # the collator packs: eval batches are packed rows too
+            eval_dataset = PackedDataset(eval_dataset, plan_packs(eval_data.lengths, data_args.max_seq_length))
     elif data_args.group_by_length:
         batch = train_args.per_device_train_batch_size * train_args.world_size
         order = lambda epoch: length_grouped_order(data.lengths, batch, train_args.seed + epoch)  # noqa: E731
 
     trainer = SFTTrainer(
-        model=prepared.model, args=train_args, train_dataset=dataset, processing_class=processor,
-        data_collator=collator, callbacks=prepared.callbacks, vlft_args=resolved_args(model_args, data_args,
-        tune_args, train_args), family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
-        train_order=order, pixel_norms=pixel_norms)
+        model=prepared.model, args=train_args, train_dataset=dataset, eval_dataset=eval_dataset,
+        processing_class=processor, data_collator=collator, callbacks=prepared.callbacks,
+        vlft_args=resolved_args(model_args, data_args, tune_args, train_args), family=prepared.family,
+        vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr, train_order=order, pixel_norms=pixel_norms)
     return train_and_save(trainer, lora=tune_args.any_lora)
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from vlft.utils import log
 
@@ -253,3 +254,39 @@ class ThroughputCallback(TrainerCallback):
             line += f", MFU {rates['mfu']:.1%} of {self.peak_flops / 1e12:.0f} TFLOP/s bf16"
         line += f", {rates['flops']:.3e} model FLOPs on this process"
         log(line + " (mean over the run, warm-up included)")
+
+
+class TokensProgressCallback(ProgressCallback):
+    """HF's progress bar (steps done / total, elapsed < time left, steps/s; each log line printed above it) with
+    the latest figures in its postfix: `tokens/s` (this module's `tokens_per_second`, whole job), `loss` and,
+    once evaluated, `eval_loss`:
+
+        37%|####      | 37/100 [01:02<01:46,  1.69s/it, tokens/s=4,210, loss=1.234]
+
+    A figure stays until a newer log line replaces it (an evaluation line does not erase tokens/s). Installed by
+    `use_tokens_progress_bar` in place of the Trainer's ProgressCallback; it must come after ThroughputCallback,
+    which adds `tokens_per_second` to the log line."""
+
+    POSTFIX = (("tokens_per_second", "tokens/s", "{:,.0f}"), ("loss", "loss", "{:.4g}"), ("eval_loss", "eval_loss", "{:.4g}"))
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.postfix: dict[str, str] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        for key, label, fmt in self.POSTFIX:
+            value = logs.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.postfix[label] = fmt.format(value)
+        if self.postfix:
+            self.training_bar.set_postfix(self.postfix)
+
+
+def use_tokens_progress_bar(trainer) -> None:
+    """Replace `trainer`'s ProgressCallback (present unless --disable_tqdm) by TokensProgressCallback, last in
+    the callback list, so that it sees the figures the other callbacks add to a log line."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(TokensProgressCallback())

@@ -28,7 +28,7 @@ from vlft.models.freezing import is_lora_param
 from vlft.run_dir import bare_name, read_non_lora, write_run_files
 from vlft.train.model_inputs import model_inputs
 from vlft.train.optim import build_param_groups, groups_table
-from vlft.train.throughput import ThroughputCallback
+from vlft.train.throughput import ThroughputCallback, use_tokens_progress_bar
 from vlft.utils import log
 
 
@@ -93,6 +93,7 @@ class VlftTrainerMixin:
             vision_tokens=lambda: int(c.patches), vision_pairs=lambda: int(c.pairs))
         # right after DefaultFlowCallback: the figures it adds to a log line reach the reporters and the printer
         self.callback_handler.callbacks.insert(1, self.throughput)
+        use_tokens_progress_bar(self)  # tokens/s in the progress bar's postfix, next to HF's time left
         from vlft.train.callbacks import ReleaseSharedMemoryCallback
 
         self.add_callback(ReleaseSharedMemoryCallback())
@@ -318,6 +319,19 @@ class VlftTrainerMixin:
         with torch.no_grad():
             for name, tensor in saved.items():
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+    def _load_best_model(self) -> None:
+        """--load_best_model_at_end: load the best checkpoint the way a resume does (`_load_from_checkpoint`).
+        HF's own path loads a PEFT model's adapter only, so the weights trained fully next to it (merger, unfrozen
+        blocks: non_lora_trainables.safetensors) would stay those of the last step and the final save would mix
+        two steps; and it loads a full fine-tuning checkpoint with strict=False, which matches none of the hub
+        layout's keys (`_load_full_weights` says why). Under DeepSpeed (the engine restores the whole module from
+        its own checkpoint) and FSDP, HF's path stands."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        log(f"loading the best checkpoint, {best} ({self.args.metric_for_best_model} {self.state.best_metric:.6g})")
+        self._load_from_checkpoint(best)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
