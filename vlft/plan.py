@@ -50,7 +50,7 @@ min(gradients, activations)). Not modelled: attention score matrices of eager at
 bucket and pinned CPU buffers, fragmentation beyond the fixed overhead, the reference model of DPO/GRPO.
 
 Checked against measurement on the CPU only (fp32, one process, `bench/plan_check.py`; tests/test_plan.py asserts
-the error bound); the GPU check (`python bench/plan_check.py --device cuda`) is pending.
+the error bound); the GPU check (bench/plan_check.py, on a CUDA device) is pending.
 """
 from __future__ import annotations
 
