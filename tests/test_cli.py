@@ -23,7 +23,8 @@ def test_help_lists_the_commands():
     proc = vlft("--help")
     assert proc.returncode == 0
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")]
-    assert listed == ["sft", "dpo", "grpo", "merge", "predict", "plot", "check-data", "convert", "plan", "tiny-model"]
+    assert listed == ["sft", "dpo", "grpo", "merge", "predict", "plot", "preview", "check-data", "convert", "plan",
+                      "tiny-model"]
 
 
 def test_no_command_prints_usage_and_fails(capsys):

@@ -14,6 +14,7 @@ COMMANDS = {
     "predict": ("vlft.predict", "generate answers for LLaVA records with a run, a merged or a base model"),
     "plot": ("vlft.plot", "draw a run's training curves (loss, lr, grad norm, tokens/s, eval, rewards) to a PNG"),
     "check-data": ("vlft.check", "validate a data file against a model's processor, without training"),
+    "preview": ("vlft.preview", "write an HTML page showing records as training sees them: media, tokens, masks"),
     "convert": ("vlft.convert", "write ShareGPT, OpenAI messages, parquet or HF dataset data as LLaVA JSONL"),
     "plan": ("vlft.plan", "estimate peak GPU memory per part and whether a run fits, before launching it"),
     "tiny-model": ("vlft.models.tiny", "build the tiny offline Qwen-VL used by the demo and tests"),

@@ -1,0 +1,298 @@
+"""`vlft preview`: the page shows what trains (trained-token counts equal the dataset's labels, one block per vision
+span, the media grids), lists the start-up check's problems, escapes record text, reads a run directory's settings;
+and, in headless Chromium, the SFT, DPO and GRPO demo pages load without console errors with every record and
+every image decoded.
+
+The browser tests need Debian's chromium and chromium-driver (`apt-get install chromium chromium-driver`, which
+.ci/run does) and selenium (the dev extras); they skip only where no browser is installed. To refresh the README's
+screenshot: VLFT_PREVIEW_SCREENSHOT=docs/preview.png python -m pytest tests/test_preview.py -k screenshot
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from vlft.constants import IGNORE_INDEX
+from vlft.errors import VlftError
+from vlft.preview import main
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "data_examples"
+DEMO_IMAGES = EXAMPLES / "images"
+SFT_RECORDS = json.loads((EXAMPLES / "llava_demo.json").read_text())
+MISSING = {"id": "missing_image", "image": "no_such_picture.png",
+           "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Nothing."}]}
+HOSTILE = {"id": "<b>html</b>", "conversations": [
+    {"from": "human", "value": "What does <script>document.title='pwned'</script> & <img src=x> do?"},
+    {"from": "gpt", "value": "It is shown as text: <i>not italic</i>."}]}
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> Path:
+    """The SFT demo with a record whose image is missing (index 2) and one full of HTML (index 11)."""
+    path = tmp_path_factory.mktemp("preview") / "sft.json"
+    path.write_text(json.dumps([*SFT_RECORDS[:2], MISSING, *SFT_RECORDS[2:], HOSTILE]))
+    return path
+
+
+def preview(tmp_path: Path, model, data, *flags: str, name: str = "page.html") -> str:
+    out = tmp_path / name
+    assert main(["--model_id", str(model), "--data_path", str(data), "--output", str(out), *flags]) == 0
+    return out.read_text()
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory, tiny_model_dir, sft_data) -> dict[str, Path]:
+    """stage -> the written page of its demo (SFT: with the two extra records)."""
+    out = tmp_path_factory.mktemp("pages")
+    preview(out, tiny_model_dir, sft_data, "--image_folder", str(DEMO_IMAGES), name="sft.html")
+    for stage in ("dpo", "grpo"):
+        preview(out, tiny_model_dir, EXAMPLES / f"{stage}_demo.json", "--stage", stage, name=f"{stage}.html")
+    return {stage: out / f"{stage}.html" for stage in ("sft", "dpo", "grpo")}
+
+
+def sections(page: str) -> dict[str, str]:
+    """record id (as written in the page) -> the HTML of its section."""
+    found = re.findall(r'<section class="record[^"]*" id="record-\d+" data-index="\d+" data-id="([^"]*)">(.*?)</section>',
+                       page, re.S)
+    return dict(found)
+
+
+def trained_spans(section: str) -> int:
+    return len(re.findall(r'class="tok trained', section))
+
+
+# --- what the page shows is what trains ------------------------------------------------------------------------
+
+
+def test_trained_tokens_shown_equal_the_sft_labels(pages, processor, sft_data):
+    from conftest import DEMO_MEDIA
+
+    from vlft.data.prepare import prepare_sft_data
+    from vlft.data.sft import SFTDataset
+
+    prepared = prepare_sft_data(str(sft_data), processor=processor, image_folder=str(DEMO_IMAGES), media=DEMO_MEDIA,
+                                max_seq_length=8192, skip_bad_samples=True, workers=2)
+    dataset = SFTDataset(prepared.samples, prepared.image_paths, processor, media=DEMO_MEDIA)
+    shown = sections(pages["sft"].read_text())
+    assert len(shown) == len(SFT_RECORDS) + 2
+    for i, sample in enumerate(prepared.samples):
+        item = dataset[i]
+        section = shown[html.escape(sample.id)]
+        expected = int((item["labels"] != IGNORE_INDEX).sum())
+        assert trained_spans(section) == expected > 0, sample.id
+        assert f'<b class="trained-count">{expected}</b>' in section
+        assert f"<b>{len(item['input_ids'])}</b> tokens" in section
+        grids = item.get("image_grid_thw")
+        n_images = 0 if grids is None else len(grids)
+        # one block per image, naming its pad count, never the pads themselves
+        pads = [int(p) for p in re.findall(r'class="vision vision-image" data-tokens="\d+" data-pads="(\d+)"', section)]
+        assert pads == ([] if grids is None else [int(g.prod()) // 4 for g in grids])
+        assert len(re.findall(r'<img class="media-image"', section)) == n_images
+    assert "&lt;|image_pad|&gt;</span>" not in pages["sft"].read_text()
+
+
+def test_trained_tokens_shown_equal_the_dpo_masks(pages, processor):
+    from vlft.data.dpo import PreferenceDataset, PreferenceFormat
+    from vlft.data.prepare import MediaSettings, prepare_data
+
+    media = MediaSettings(3136, 12845056, 100352, 602112, 6422528)  # the page's: Qwen2-VL's family defaults
+    prepared = prepare_data(str(EXAMPLES / "dpo_demo.json"), PreferenceFormat(8192).record_format(),
+                            processor=processor, image_folder=None, media=media, max_seq_length=8192, workers=2)
+    dataset = PreferenceDataset(prepared.samples, prepared.image_paths, processor, media=media,
+                                video_sources=prepared.video_sources, max_length=8192)
+    shown = sections(pages["dpo"].read_text())
+    assert len(shown) == len(prepared.samples) == 5
+    for i, sample in enumerate(prepared.samples):
+        item = dataset[i]
+        section = shown[sample.id]
+        for side in ("chosen", "rejected"):
+            part = re.search(rf'<div class="tokens part-{side}" data-trained="(\d+)">(.*?)</div>', section, re.S)
+            assert int(part.group(1)) == trained_spans(part.group(2)) == int(item[f"{side}_mask"].sum()) > 0
+        prompt = re.search(r'<div class="tokens part-prompt" data-trained="0">(.*?)</div>', section, re.S).group(1)
+        assert trained_spans(prompt) == 0
+        assert trained_spans(section) == int(item["chosen_mask"].sum() + item["rejected_mask"].sum())
+
+
+def test_grpo_page_shows_prompts_and_their_columns(pages):
+    page = pages["grpo"].read_text()
+    shown = sections(page)
+    assert len(shown) == 7
+    assert sum(map(trained_spans, shown.values())) == 0  # a prompt trains nothing
+    assert re.search(r'<th>solution</th><td>&quot;3&quot;</td>', shown["count_3"])
+    assert len(re.findall(r'class="vision vision-video"', shown["video"])) == 1
+
+
+def test_bad_record_is_listed_with_its_problem(pages):
+    page = pages["sft"].read_text()
+    top = re.search(r'<section class="problems" id="problems">(.*?)</section>', page, re.S).group(1)
+    assert "1 problem(s)" in top
+    assert "record 2 (id &#x27;missing_image&#x27;), field &#x27;image[0]&#x27;" in top
+    assert "no_such_picture.png does not exist" in top
+    bad = sections(page)["missing_image"]
+    assert "left out of training by the start-up check" in bad and "does not exist" in bad
+    assert "tok trained" not in bad  # not encoded: it does not train
+    assert page.count('class="record bad"') == 1
+
+
+def test_record_text_is_escaped_and_the_page_is_self_contained(pages):
+    page = pages["sft"].read_text()
+    assert "<script" not in page.lower() and "<i>not italic</i>" not in page and "<img src=x>" not in page
+    assert "&lt;script&gt;" in page or "&lt;" in page
+    assert 'data-id="&lt;b&gt;html&lt;/b&gt;"' in page
+    for stage, path in pages.items():
+        text = path.read_text()
+        assert not re.findall(r'(?:src|href)="(?!data:)', text), stage  # every picture embedded, nothing linked
+        assert "http://" not in text and "https://" not in text, stage
+
+
+def test_run_directory_brings_its_model_and_media_settings(tmp_path, tiny_model_dir, processor):
+    from PIL import Image
+
+    from vlft.data.media import image_token_count
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # a run trained at a quarter of the tiny model's default image tokens, from the tiny model; no processor in it
+    (run / "vlft_args.json").write_text(json.dumps({"model_id": str(tiny_model_dir), "image_min_pixels": 256,
+                                                    "image_max_pixels": 1024, "max_seq_length": 4096}))
+    page = preview(tmp_path, run, EXAMPLES / "llava_demo.json", "--image_folder", str(DEMO_IMAGES),
+                   "--ids", "single_image,multi_image")
+    assert list(sections(page)) == ["single_image", "multi_image"]
+    sizes = [Image.open(DEMO_IMAGES / name).size for name in ("red_square.png", "red_square.png", "green_circle.png")]
+    ip = processor.image_processor
+    expected = [image_token_count(h, w, patch_size=ip.patch_size, merge_size=ip.merge_size, min_pixels=256,
+                                  max_pixels=1024) for w, h in sizes]
+    assert [int(n) for n in re.findall(r'data-pads="(\d+)"', page)] == expected and max(expected) < 16
+    assert "image_max_pixels 1024" in page and "--max_seq_length 4096" in page
+    # a flag given here wins over the run's record (the run's --image_min_pixels still holds)
+    page = preview(tmp_path, run, EXAMPLES / "llava_demo.json", "--image_folder", str(DEMO_IMAGES),
+                   "--ids", "single_image", "--image_max_pixels", "12845056")
+    w, h = sizes[0]
+    assert re.findall(r'data-pads="(\d+)"', page) == [str(image_token_count(
+        h, w, patch_size=ip.patch_size, merge_size=ip.merge_size, min_pixels=256, max_pixels=12845056))]
+    assert "image_max_pixels 12845056" in page
+
+
+def test_record_choice(tmp_path, tiny_model_dir, sft_data):
+    page = preview(tmp_path, tiny_model_dir, sft_data, "--image_folder", str(DEMO_IMAGES), "--num_records", "2")
+    assert list(sections(page)) == ["single_image", "tag_after_text_rgba"]
+    assert 'class="problems"' not in page
+    # only bad records chosen: the page still lists them
+    page = preview(tmp_path, tiny_model_dir, sft_data, "--image_folder", str(DEMO_IMAGES), "--ids", "missing_image")
+    assert list(sections(page)) == ["missing_image"] and "does not exist" in page
+    # over the length limit: dropped by the check, so listed, with the flag that set the limit
+    page = preview(tmp_path, tiny_model_dir, sft_data, "--image_folder", str(DEMO_IMAGES), "--num_records", "1",
+                   "--max_seq_length", "50")
+    assert list(sections(page)) == ["single_image"] and "60 tokens (vision tokens included) &gt; --max_seq_length 50" in page
+    with pytest.raises(VlftError, match="--ids: no record with id 'nope'"):
+        preview(tmp_path, tiny_model_dir, sft_data, "--image_folder", str(DEMO_IMAGES), "--ids", "single_image,nope")
+    with pytest.raises(VlftError, match="--ids and --num_records"):
+        preview(tmp_path, tiny_model_dir, sft_data, "--ids", "a", "--num_records", "3")
+    with pytest.raises(VlftError, match="--output .* is the data file"):
+        main(["--model_id", str(tiny_model_dir), "--data_path", str(sft_data), "--output", str(sft_data)])
+
+
+def test_token_text_keeps_characters_split_over_tokens(processor):
+    from vlft.preview import TokenText, token_html
+
+    ids = processor.tokenizer("héllo ✓ wörld", add_special_tokens=False)["input_ids"]
+    spans, counts = token_html(ids, [IGNORE_INDEX, *ids[1:]], TokenText(processor.tokenizer))
+    shown = "".join(re.findall(r'<span class="tok [^"]*" title="id \d+">(.*?)</span>', spans, re.S))
+    assert shown == "héllo ✓ wörld"
+    assert counts == {"tokens": len(ids), "trained": len(ids) - 1, "vision": 0}
+
+
+# --- in a real browser ------------------------------------------------------------------------------------------
+
+
+def _browser_paths() -> tuple[str | None, str | None]:
+    return (shutil.which("chromium") or shutil.which("chromium-browser")), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, chromedriver = _browser_paths()
+    if not (chromium and chromedriver):
+        pytest.skip("no headless browser installed (apt-get install chromium chromium-driver): the page is not "
+                    "checked in a browser here")
+    from selenium import webdriver  # the dev extras
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    profile = tempfile.mkdtemp(prefix="vlft-chromium-")
+    # no background connection of any kind: this machine's closed network refuses them, and the page needs none
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,1400"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def load(browser, path: Path) -> list[dict]:
+    """Open the page; the browser console's messages while it loaded."""
+    browser.get_log("browser")  # drop what an earlier page left
+    browser.get(path.resolve().as_uri())
+    assert browser.title.startswith("vlft preview")
+    return browser.get_log("browser")
+
+
+def images_decoded(browser, css: str) -> list[int]:
+    return [int(img.get_property("naturalWidth")) for img in browser.find_elements("css selector", css)]
+
+
+@pytest.mark.parametrize("stage, records, images, videos", [
+    ("sft", len(SFT_RECORDS) + 2, sum(len(r["image"]) if isinstance(r["image"], list) else 1
+                                      for r in SFT_RECORDS if "image" in r), 0),
+    ("dpo", 5, 4, 1),
+    ("grpo", 7, 6, 1),
+])
+def test_page_in_browser(browser, pages, stage, records, images, videos):
+    console = load(browser, pages[stage])
+    assert not [m for m in console if m["level"] in ("SEVERE", "WARNING")], console
+    find = lambda css: browser.find_elements("css selector", css)  # noqa: E731
+    assert len(find("section.record")) == records
+    widths = images_decoded(browser, "img.media-image")
+    assert len(widths) == images and all(w > 0 for w in widths)
+    assert len(find("figure.thumb-video")) == videos
+    frames = images_decoded(browser, "img.media-frame")
+    assert (videos == 0) == (not frames) and all(w > 0 for w in frames) and len(frames) <= 4 * videos
+    assert bool(find("section.record span.tok.trained")) == (stage != "grpo")
+    assert all(block.is_displayed() for block in find("span.vision"))
+    if stage == "sft":  # the bad record, shown in the top box and on its own section
+        assert len(find("#problems li.problem")) == 1
+        bad = find("section.record.bad")
+        assert len(bad) == 1 and "missing_image" in bad[0].text and "does not exist" in bad[0].text
+        assert browser.title == "vlft preview: sft.json"  # the record's <script> did not run
+
+
+@pytest.mark.skipif(not os.environ.get("VLFT_PREVIEW_SCREENSHOT"), reason="set VLFT_PREVIEW_SCREENSHOT=docs/preview.png "
+                                                                          "to refresh the README's screenshot")
+def test_screenshot_of_the_sft_demo(browser, tmp_path, tiny_model_dir, monkeypatch):
+    target = Path(os.environ["VLFT_PREVIEW_SCREENSHOT"]).resolve()
+    # the page names the model and the data as the README's command does
+    (tmp_path / ".cache" / "vlft").mkdir(parents=True)
+    (tmp_path / ".cache" / "vlft" / "tiny-qwen2_vl").symlink_to(tiny_model_dir)
+    (tmp_path / "data_examples").symlink_to(EXAMPLES)
+    monkeypatch.chdir(tmp_path)
+    page = tmp_path / "preview.html"
+    preview(tmp_path, ".cache/vlft/tiny-qwen2_vl", "data_examples/llava_demo.json", "--image_folder",
+            "data_examples/images", name=page.name)
+    browser.set_window_size(1100, 1000)
+    load(browser, page)
+    assert browser.save_screenshot(str(target))
+    assert target.stat().st_size < 300_000
