@@ -23,7 +23,7 @@ def test_help_lists_the_commands():
     proc = vlft("--help")
     assert proc.returncode == 0
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")]
-    assert listed == ["sft", "dpo", "grpo", "merge", "predict", "plot", "preview", "check-data", "convert", "plan",
+    assert listed == ["sft", "dpo", "grpo", "merge", "predict", "plot", "check-data", "preview", "convert", "plan",
                       "tiny-model"]
 
 
