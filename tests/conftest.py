@@ -93,3 +93,15 @@ def final_weights(out: Path) -> dict:
 def max_weight_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((x.float() - b[k].float()).abs().max().item() for k, x in a.items())
+
+
+def assert_same_run(straight: Path, resumed: Path, label: str) -> None:
+    """A resumed run logged the straight run's losses and saved its weights (fp32: within 1e-6); prints the
+    figures as one row of the resume-equality table."""
+    want, got = logged_losses(straight), logged_losses(resumed)
+    assert len(want) == len(got) and abs(want[-1] - want[0]) > 1e-3  # the run moves: equality means something
+    loss_diff = max(abs(a - b) for a, b in zip(want, got))
+    weight_diff = max_weight_difference(final_weights(straight), final_weights(resumed))
+    print(f"\nresume equality | {label} | max loss diff {loss_diff:.3g} | max weight diff {weight_diff:.3g}")
+    assert loss_diff <= 1e-6, (want, got)
+    assert weight_diff <= 1e-6
