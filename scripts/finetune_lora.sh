@@ -40,6 +40,7 @@ shared_settings
 
 mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
+mapfile -t LORA_OPTIONS < <(lora_option_flags)      # USE_RSLORA, INIT_LORA_WEIGHTS, LORAPLUS_LR_RATIO if set
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
@@ -51,6 +52,7 @@ vlft_launch sft \
   --lora_dropout "$LORA_DROPOUT" \
   --use_dora "$USE_DORA" \
   --bits "$BITS" \
+  "${LORA_OPTIONS[@]}" \
   --freeze_vision_tower "$FREEZE_VISION_TOWER" \
   --freeze_merger "$FREEZE_MERGER" \
   "${TRAINING[@]}" \

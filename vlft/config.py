@@ -181,6 +181,17 @@ class TuneArguments:
         default="none", metadata={"help": "Which biases train with LoRA.", "choices": ["none", "all", "lora_only"]}
     )
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA) instead of plain LoRA."})
+    use_rslora: bool = field(
+        default=False, metadata={"help": "Rank-stabilised LoRA: scale by lora_alpha / sqrt(r) instead of lora_alpha / r."}
+    )
+    init_lora_weights: str = field(
+        default="true",
+        metadata={"help": "PEFT's LoRA initialisation: true (B = 0), false, gaussian, orthogonal, pissa, pissa_niter_N, "
+                          "olora. PiSSA / OLoRA move the principal part of each adapted weight into the adapter."},
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None, metadata={"help": "LoRA+: the B matrices learn at this multiple of their part's learning rate."}
+    )
     vision_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the vision tower (its LoRA included); default: --learning_rate."}
     )
@@ -555,9 +566,14 @@ def _tune_errors(tune_args: TuneArguments) -> list[str]:
         errors.append("--lora_rank must be >= 1")
     if not t.any_lora:
         for flag, value, default in (("--use_dora", t.use_dora, False), ("--lora_namespan_exclude", t.lora_namespan_exclude, []),
-                                     ("--num_lora_modules", t.num_lora_modules, -1), ("--lora_bias", t.lora_bias, "none")):
+                                     ("--num_lora_modules", t.num_lora_modules, -1), ("--lora_bias", t.lora_bias, "none"),
+                                     ("--use_rslora", t.use_rslora, False), ("--init_lora_weights", t.init_lora_weights, "true"),
+                                     ("--loraplus_lr_ratio", t.loraplus_lr_ratio, None)):
             if value != default:
                 errors.append(f"{flag} has no effect without --lora_enable or --vision_lora")
+    errors += _lora_init_errors(t)
+    if t.loraplus_lr_ratio is not None and not t.loraplus_lr_ratio > 0:
+        errors.append(f"--loraplus_lr_ratio must be > 0 (LoRA+ recommends >= 1), got {t.loraplus_lr_ratio}")
     if t.num_lora_modules == 0 or t.num_lora_modules < -1:
         errors.append(f"--num_lora_modules must be -1 (all) or a positive count, got {t.num_lora_modules}")
     if t.num_lora_modules > 0 and not t.lora_enable:
@@ -590,6 +606,20 @@ def _tune_errors(tune_args: TuneArguments) -> list[str]:
         errors.append("the freeze flags leave nothing to train (--freeze_vision_tower, --freeze_merger, --freeze_llm); "
                       "unfreeze a part or add LoRA")
     return errors
+
+
+def _lora_init_errors(t: TuneArguments) -> list[str]:
+    """--init_lora_weights: one of the initialisations PEFT's LoraConfig runs without extra data or configs."""
+    from vlft.models.lora import lora_init_value, mutates_base
+
+    try:
+        value = lora_init_value(t.init_lora_weights)
+    except ValueError as e:
+        return [str(e)]
+    if mutates_base(value) and t.bits != 16:
+        return [f"--init_lora_weights {t.init_lora_weights} with --bits {t.bits}: PiSSA / OLoRA on quantised weights "
+                "need PEFT's residual-model route, which vlft does not run; use --bits 16 or --init_lora_weights true"]
+    return []
 
 
 def resolved_args(*groups) -> dict:
