@@ -53,11 +53,16 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
 
     from vlft.models.loading import DTYPES, load_model
     from vlft.models.lora import mutates_base, wrap_peft
+    from vlft.models.virtual_tokens import is_virtual_token_run
 
     run_dir = Path(run_dir)
     if not is_adapter_run(run_dir):
         raise VlftError(f"{run_dir} holds no adapter (adapter_config.json); full fine-tuning runs are already "
                         "plain checkpoints: load them directly")
+    if is_virtual_token_run(run_dir):
+        raise VlftError(f"{run_dir} trained virtual tokens (P-Tuning / prompt tuning): they are extra inputs placed "
+                        "before every sequence, not a change of weights, so they cannot be merged into a checkpoint. "
+                        "vlft predict --model on the run loads them; PeftModel.from_pretrained loads the adapter too")
     base = base_model_of(run_dir, base_model)
     model, family = load_model(base, dtype=dtype if dtype != "auto" else "fp32")
 

@@ -66,7 +66,8 @@ def trained_record(model) -> dict:
         if not param.requires_grad:
             continue
         if is_lora_param(name):
-            adapted.add(bare_name(name).split(".lora_", 1)[0])
+            if ".lora_" in name:  # (virtual tokens adapt no module)
+                adapted.add(bare_name(name).split(".lora_", 1)[0])
         else:
             non_lora.append(bare_name(name))
     return {"non_lora": sorted(non_lora), "lora_modules": sorted(adapted)}

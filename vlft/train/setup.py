@@ -50,7 +50,14 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
         apply_liger(model)
     topk = topk_layers(model, family, unfreeze_topk_llm=t.unfreeze_topk_llm, unfreeze_topk_vision=t.unfreeze_topk_vision)
     peft_trainable: set[str] = set()
-    if t.any_lora:
+    if t.virtual_tokens:
+        from vlft.models.virtual_tokens import apply_virtual_tokens, virtual_token_config
+
+        model = apply_virtual_tokens(model, virtual_token_config(
+            t.peft_type, t.num_virtual_tokens, encoder_hidden_size=t.encoder_hidden_size,
+            encoder_reparameterization_type=t.encoder_reparameterization_type))
+        peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    elif t.any_lora:
         targets = lora_targets(model, family, llm=t.lora_enable, vision=t.vision_lora, exclude=t.lora_namespan_exclude,
                                num_llm_modules=t.num_lora_modules, skip_layers=topk)
         model = apply_lora(model, targets=targets, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
@@ -64,7 +71,7 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
                                           for k, v in get_peft_model_state_dict(model).items()}
         # what PEFT chose to train (adapters, and biases under --lora_bias) stays trainable
         peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    apply_freeze(model, family, freeze_vision_tower=t.vision_frozen, freeze_merger=t.freeze_merger,
+    apply_freeze(model, family, freeze_vision_tower=t.vision_frozen, freeze_merger=t.merger_frozen,
                  freeze_llm=t.llm_frozen, unfreeze_topk_llm=t.unfreeze_topk_llm,
                  unfreeze_topk_vision=t.unfreeze_topk_vision, always_train=peft_trainable)
     callbacks = []
@@ -80,6 +87,8 @@ def refuse_base_mutating_init(tune_args, stage: str) -> None:
     that is the residual weights, not the starting model, so those initialisations are refused there."""
     from vlft.models.lora import lora_init_value, mutates_base
 
+    if tune_args.virtual_tokens:
+        raise VlftError(f"{stage} with --peft_type {tune_args.peft_type}: virtual tokens are proven for vlft sft only")
     if tune_args.any_lora and mutates_base(lora_init_value(tune_args.init_lora_weights)):
         raise VlftError(f"{stage} with --init_lora_weights {tune_args.init_lora_weights}: the reference model is the "
                         "model with its adapter switched off, which PiSSA / OLoRA leave without the part they moved "

@@ -62,7 +62,7 @@ def run(argv: list[str]):
         tune_args, train_args), family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
         loraplus_lr_ratio=tune_args.loraplus_lr_ratio,
         train_order=order, pixel_norms=pixel_norms)
-    return train_and_save(trainer, lora=tune_args.any_lora)
+    return train_and_save(trainer, lora=tune_args.any_lora or tune_args.virtual_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
