@@ -118,14 +118,25 @@ list_flag() {
   fi
 }
 
-# lora_flags: the LoRA flags from LORA_ENABLE, LORA_RANK, LORA_ALPHA, LORA_DROPOUT, BITS, one per line (nothing
-# unless LORA_ENABLE=true), for the scripts where LoRA is a setting (finetune_dpo.sh, finetune_grpo.sh).
+# lora_flags: the LoRA flags from LORA_ENABLE, LORA_RANK, LORA_ALPHA, LORA_DROPOUT, BITS and those of
+# lora_option_flags, one per line (nothing unless LORA_ENABLE=true), for the scripts where LoRA is a setting
+# (finetune_dpo.sh, finetune_grpo.sh).
 lora_flags() {
   if [ "${LORA_ENABLE:-false}" = true ]; then
     printf '%s
 ' --lora_enable true --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT" \
       --bits "$BITS"
+    lora_option_flags
   fi
+}
+
+# lora_option_flags: PEFT's LoRA options from USE_RSLORA (true: scale by alpha/sqrt(r)), INIT_LORA_WEIGHTS (pissa,
+# olora, gaussian, ...) and LORAPLUS_LR_RATIO (LoRA+: B learns at ratio x the rate), one per line, each only when
+# set (unset: PEFT's default).
+lora_option_flags() {
+  optional_flag use_rslora "${USE_RSLORA:-}"
+  optional_flag init_lora_weights "${INIT_LORA_WEIGHTS:-}"
+  optional_flag loraplus_lr_ratio "${LORAPLUS_LR_RATIO:-}"
 }
 
 # ---- settings every finetune script shares; each script sets its own first, at its top ----

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # LoRA on the language model's linear layers; merger trained fully; vision tower frozen
+# (PEFT_TYPE=p_tuning or prompt_tuning with NUM_VIRTUAL_TOKENS: only virtual tokens train, instead of LoRA)
 # (FREEZE_VISION_TOWER=false trains it fully too: 2U1's default LoRA recipe, with VISION_LR).
 # With no settings it runs the offline demo (tiny model + data_examples/) on whatever this machine has.
 # Every setting is an environment variable; extra vlft flags can follow on the command line:
@@ -36,21 +37,25 @@ BATCH_SIZE="${BATCH_SIZE:-4}"                        # per device
 GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-64}"         # over all processes; accumulation follows
 FREEZE_VISION_TOWER="${FREEZE_VISION_TOWER:-true}"
 FREEZE_MERGER="${FREEZE_MERGER:-false}"
+PEFT_TYPE="${PEFT_TYPE:-lora}"                       # lora, or virtual tokens only: p_tuning / prompt_tuning
+NUM_VIRTUAL_TOKENS="${NUM_VIRTUAL_TOKENS:-20}"       # with p_tuning / prompt_tuning
 shared_settings
 
 mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
+mapfile -t LORA_OPTIONS < <(lora_option_flags)      # USE_RSLORA, INIT_LORA_WEIGHTS, LORAPLUS_LR_RATIO if set
+if [ "$PEFT_TYPE" = lora ]; then
+  METHOD=(--lora_enable true --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
+          --use_dora "$USE_DORA" --bits "$BITS" "${LORA_OPTIONS[@]}")
+else                                                 # only the virtual tokens train
+  METHOD=(--peft_type "$PEFT_TYPE" --num_virtual_tokens "$NUM_VIRTUAL_TOKENS")
+fi
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
   "${MEDIA_FOLDER[@]}" \
   --output_dir "$OUTPUT_DIR" \
-  --lora_enable true \
-  --lora_rank "$LORA_RANK" \
-  --lora_alpha "$LORA_ALPHA" \
-  --lora_dropout "$LORA_DROPOUT" \
-  --use_dora "$USE_DORA" \
-  --bits "$BITS" \
+  "${METHOD[@]}" \
   --freeze_vision_tower "$FREEZE_VISION_TOWER" \
   --freeze_merger "$FREEZE_MERGER" \
   "${TRAINING[@]}" \

@@ -36,6 +36,7 @@ shared_settings
 
 mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
+mapfile -t LORA_OPTIONS < <(lora_option_flags)      # USE_RSLORA, INIT_LORA_WEIGHTS, LORAPLUS_LR_RATIO if set
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
@@ -45,6 +46,7 @@ vlft_launch sft \
   --vision_lora true \
   --use_dora "$USE_DORA" \
   --bits "$BITS" \
+  "${LORA_OPTIONS[@]}" \
   --lora_rank "$LORA_RANK" \
   --lora_alpha "$LORA_ALPHA" \
   --lora_dropout "$LORA_DROPOUT" \

@@ -187,6 +187,32 @@ class TuneArguments:
         default="none", metadata={"help": "Which biases train with LoRA.", "choices": ["none", "all", "lora_only"]}
     )
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA) instead of plain LoRA."})
+    use_rslora: bool = field(
+        default=False, metadata={"help": "Rank-stabilised LoRA: scale by lora_alpha / sqrt(r) instead of lora_alpha / r."}
+    )
+    init_lora_weights: str = field(
+        default="true",
+        metadata={"help": "PEFT's LoRA initialisation: true (B = 0), false, gaussian, orthogonal, pissa, pissa_niter_N, "
+                          "olora. PiSSA / OLoRA move the principal part of each adapted weight into the adapter."},
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None, metadata={"help": "LoRA+: the B matrices learn at this multiple of their part's learning rate."}
+    )
+    peft_type: str = field(
+        default="lora",
+        metadata={"help": "lora (the LoRA flags above), or a virtual-token method: p_tuning (P-Tuning's prompt encoder) or "
+                          "prompt_tuning (trained prompt embeddings); these train only --num_virtual_tokens embeddings "
+                          "placed before every sequence.", "choices": ["lora", "p_tuning", "prompt_tuning"]},
+    )
+    num_virtual_tokens: int | None = field(
+        default=None, metadata={"help": "Virtual tokens of --peft_type p_tuning / prompt_tuning (required there)."}
+    )
+    encoder_hidden_size: int | None = field(
+        default=None, metadata={"help": "P-Tuning: hidden size of the prompt encoder (default: the model's hidden size)."}
+    )
+    encoder_reparameterization_type: str | None = field(
+        default=None, metadata={"help": "P-Tuning: the prompt encoder, MLP (default) or LSTM.", "choices": ["MLP", "LSTM"]}
+    )
     vision_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the vision tower (its LoRA included); default: --learning_rate."}
     )
@@ -208,12 +234,21 @@ class TuneArguments:
         return self.lora_enable or self.vision_lora
 
     @property
+    def virtual_tokens(self) -> bool:
+        """A virtual-token method (P-Tuning, prompt tuning): only the virtual tokens train, every part is frozen."""
+        return self.peft_type != "lora"
+
+    @property
     def llm_frozen(self) -> bool:
-        return self.freeze_llm if self.freeze_llm is not None else self.any_lora
+        return self.freeze_llm if self.freeze_llm is not None else (self.any_lora or self.virtual_tokens)
 
     @property
     def vision_frozen(self) -> bool:
-        return self.freeze_vision_tower if self.freeze_vision_tower is not None else self.vision_lora
+        return self.freeze_vision_tower if self.freeze_vision_tower is not None else (self.vision_lora or self.virtual_tokens)
+
+    @property
+    def merger_frozen(self) -> bool:
+        return self.freeze_merger or self.virtual_tokens
 
 
 @dataclass
@@ -529,6 +564,15 @@ def validate(*groups) -> None:
             errors += _data_errors(group)
         elif isinstance(group, TuneArguments):
             errors += _tune_errors(group)
+            data = next((g for g in groups if isinstance(g, DataArguments)), None)
+            if group.virtual_tokens and data is not None and getattr(data, "packing", False):
+                errors.append(f"--packing with --peft_type {group.peft_type}: the virtual tokens go before each row, "
+                              "not before each packed record, so records after the first would not see them; "
+                              "train without --packing")
+            train = next((g for g in groups if isinstance(g, TrainingArguments)), None)
+            if group.peft_type == "p_tuning" and train is not None and train.resume_from_checkpoint:
+                errors.append("--resume_from_checkpoint with --peft_type p_tuning: PEFT saves the prompt encoder's "
+                              "output, not the encoder, so training cannot continue from a checkpoint; start again")
         elif isinstance(group, TrainingArguments):
             if not group.output_dir:
                 errors.append("--output_dir is required")
@@ -565,9 +609,14 @@ def _tune_errors(tune_args: TuneArguments) -> list[str]:
         errors.append("--lora_rank must be >= 1")
     if not t.any_lora:
         for flag, value, default in (("--use_dora", t.use_dora, False), ("--lora_namespan_exclude", t.lora_namespan_exclude, []),
-                                     ("--num_lora_modules", t.num_lora_modules, -1), ("--lora_bias", t.lora_bias, "none")):
+                                     ("--num_lora_modules", t.num_lora_modules, -1), ("--lora_bias", t.lora_bias, "none"),
+                                     ("--use_rslora", t.use_rslora, False), ("--init_lora_weights", t.init_lora_weights, "true"),
+                                     ("--loraplus_lr_ratio", t.loraplus_lr_ratio, None)):
             if value != default:
                 errors.append(f"{flag} has no effect without --lora_enable or --vision_lora")
+    errors += _lora_init_errors(t) + _virtual_token_errors(t)
+    if t.loraplus_lr_ratio is not None and not t.loraplus_lr_ratio > 0:
+        errors.append(f"--loraplus_lr_ratio must be > 0 (LoRA+ recommends >= 1), got {t.loraplus_lr_ratio}")
     if t.num_lora_modules == 0 or t.num_lora_modules < -1:
         errors.append(f"--num_lora_modules must be -1 (all) or a positive count, got {t.num_lora_modules}")
     if t.num_lora_modules > 0 and not t.lora_enable:
@@ -596,10 +645,52 @@ def _tune_errors(tune_args: TuneArguments) -> list[str]:
     if t.merger_lr is not None and t.freeze_merger:
         errors.append("--merger_lr is set but --freeze_merger true freezes the merger")
     llm_trains = not t.llm_frozen or t.lora_enable or t.unfreeze_topk_llm > 0
-    if not (vision_trains or llm_trains or not t.freeze_merger):
+    if not (vision_trains or llm_trains or not t.freeze_merger or t.virtual_tokens):
         errors.append("the freeze flags leave nothing to train (--freeze_vision_tower, --freeze_merger, --freeze_llm); "
                       "unfreeze a part or add LoRA")
     return errors
+
+
+def _virtual_token_errors(t: TuneArguments) -> list[str]:
+    """--peft_type p_tuning / prompt_tuning: only the virtual tokens train, and only in the combinations proven to
+    keep Qwen-VL's positions right (models/virtual_tokens.py); everything else is refused by name."""
+    if not t.virtual_tokens:
+        extra = [f for f, v in (("--num_virtual_tokens", t.num_virtual_tokens), ("--encoder_hidden_size", t.encoder_hidden_size),
+                                ("--encoder_reparameterization_type", t.encoder_reparameterization_type)) if v is not None]
+        return [f"{f} belongs to --peft_type p_tuning / prompt_tuning" for f in extra]
+    errors = []
+    kind = f"--peft_type {t.peft_type}"
+    if t.num_virtual_tokens is None or t.num_virtual_tokens < 1:
+        errors.append(f"{kind} needs --num_virtual_tokens >= 1")
+    if t.peft_type != "p_tuning":
+        errors += [f"{f} is a P-Tuning setting; it needs --peft_type p_tuning" for f, v in (
+            ("--encoder_hidden_size", t.encoder_hidden_size),
+            ("--encoder_reparameterization_type", t.encoder_reparameterization_type)) if v is not None]
+    if t.any_lora:
+        errors.append(f"{kind} trains virtual tokens instead of LoRA adapters; drop --lora_enable / --vision_lora")
+    for flag, value in (("--freeze_llm false", t.freeze_llm is False),
+                        ("--freeze_vision_tower false", t.freeze_vision_tower is False),
+                        ("--unfreeze_topk_llm", t.unfreeze_topk_llm > 0), ("--unfreeze_topk_vision", t.unfreeze_topk_vision > 0),
+                        ("--vision_lr", t.vision_lr is not None), ("--merger_lr", t.merger_lr is not None),
+                        ("--bits", t.bits != 16), ("--use_liger", t.use_liger)):
+        if value:
+            errors.append(f"{kind} trains only the virtual tokens on a frozen model in full precision; {flag} is not "
+                          "supported with it")
+    return errors
+
+
+def _lora_init_errors(t: TuneArguments) -> list[str]:
+    """--init_lora_weights: one of the initialisations PEFT's LoraConfig runs without extra data or configs."""
+    from vlft.models.lora import lora_init_value, mutates_base
+
+    try:
+        value = lora_init_value(t.init_lora_weights)
+    except ValueError as e:
+        return [str(e)]
+    if mutates_base(value) and t.bits != 16:
+        return [f"--init_lora_weights {t.init_lora_weights} with --bits {t.bits}: PiSSA / OLoRA on quantised weights "
+                "need PEFT's residual-model route, which vlft does not run; use --bits 16 or --init_lora_weights true"]
+    return []
 
 
 def resolved_args(*groups) -> dict:

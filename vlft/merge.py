@@ -18,7 +18,9 @@ from pathlib import Path
 
 from vlft.errors import VlftError
 from vlft.run_dir import (
+    ADAPTER_WEIGHTS,
     ARGS_FILE,
+    INITIAL_ADAPTER,
     NON_LORA_FILE,
     TRAINED_FILE,
     base_model_of,
@@ -50,12 +52,17 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
     from peft import LoraConfig, set_peft_model_state_dict
 
     from vlft.models.loading import DTYPES, load_model
-    from vlft.models.lora import wrap_peft
+    from vlft.models.lora import mutates_base, wrap_peft
+    from vlft.models.virtual_tokens import is_virtual_token_run
 
     run_dir = Path(run_dir)
     if not is_adapter_run(run_dir):
         raise VlftError(f"{run_dir} holds no adapter (adapter_config.json); full fine-tuning runs are already "
                         "plain checkpoints: load them directly")
+    if is_virtual_token_run(run_dir):
+        raise VlftError(f"{run_dir} trained virtual tokens (P-Tuning / prompt tuning): they are extra inputs placed "
+                        "before every sequence, not a change of weights, so they cannot be merged into a checkpoint. "
+                        "vlft predict --model on the run loads them; PeftModel.from_pretrained loads the adapter too")
     base = base_model_of(run_dir, base_model)
     model, family = load_model(base, dtype=dtype if dtype != "auto" else "fp32")
 
@@ -82,8 +89,10 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
 
     config = LoraConfig.from_pretrained(str(run_dir))
     config.inference_mode = True
-    peft_model = wrap_peft(model, config)
     adapter = read_adapter(run_dir)
+    if mutates_base(config.init_lora_weights):
+        config, adapter = plain_lora_of(model, run_dir, config, adapter)
+    peft_model = wrap_peft(model, config)
     result = set_peft_model_state_dict(peft_model, adapter)
     if result.unexpected_keys:
         raise VlftError(f"{run_dir}/adapter_model.safetensors holds keys the model has no place for: "
@@ -94,6 +103,47 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
     if dtype not in ("auto", "fp32"):
         peft_model.to(DTYPES[dtype])
     return peft_model.eval(), family, base
+
+
+def plain_lora_of(model, run_dir: Path, config, adapter: dict):
+    """A PiSSA / OLoRA run's adapter as a plain LoRA adapter of the *original* weights: (config, tensors).
+
+    Training ran on residual weights W_res = W - s B0 A0 with the adapter started at (A0, B0), so the trained model is
+    W_res + s B A = W + s (B A - B0 A0): a LoRA update of rank 2r, A' = [A; A0], B' = [B, -B0] (PEFT's
+    `subtract_mutated_init`). PEFT computes it in `save_pretrained(path_initial_model_for_weight_conversion=...)`
+    from the initial adapter the run saved (INITIAL_ADAPTER); this does that in a scratch directory (PEFT writes a
+    config into the initial adapter's folder, and the run is never written to), on `model` wrapped with plain LoRA
+    (the conversion reads only adapter tensors), then takes the wrapping off again. `model` is left as it came."""
+    import copy
+
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from vlft.models.lora import wrap_peft
+
+    initial = run_dir / INITIAL_ADAPTER
+    if not (initial / ADAPTER_WEIGHTS).is_file():
+        raise VlftError(f"cannot merge {run_dir}: it trained with --init_lora_weights {config.init_lora_weights}, which "
+                        f"changes the base weights, and its {INITIAL_ADAPTER}/ (the adapter as created, needed to undo "
+                        "that change) is missing; its adapter only fits the residual weights of that run")
+    scratch_config = copy.deepcopy(config)
+    scratch_config.init_lora_weights = True  # the original weights stay untouched
+    with tempfile.TemporaryDirectory(prefix="vlft-convert-") as tmp:
+        shutil.copytree(initial, Path(tmp) / INITIAL_ADAPTER)
+        scratch = wrap_peft(model, scratch_config)
+        result = set_peft_model_state_dict(scratch, adapter)
+        if result.unexpected_keys:
+            raise VlftError(f"{run_dir}/{ADAPTER_WEIGHTS} holds keys the model has no place for: "
+                            f"{', '.join(sorted(result.unexpected_keys)[:8])}")
+        scratch.save_pretrained(str(Path(tmp) / "converted"),
+                                path_initial_model_for_weight_conversion=str(Path(tmp) / INITIAL_ADAPTER))
+        scratch.unload()
+        converted = Path(tmp) / "converted"
+        plain = LoraConfig.from_pretrained(str(converted))
+        tensors = load_file(str(converted / ADAPTER_WEIGHTS))
+    plain.inference_mode = True
+    log(f"{run_dir}: {config.init_lora_weights} adapter converted to plain LoRA of rank {plain.r} on the original weights")
+    return plain, tensors
 
 
 def save_processor(run_dir: Path, out: Path, family) -> None:

@@ -39,9 +39,14 @@ class PredictArguments:
 def load_for_inference(model_path: str, *, base_model: str | None, dtype: str):
     from vlft.merge import load_adapted_model
     from vlft.models.loading import load_model, set_use_cache
-    from vlft.run_dir import is_adapter_run
+    from vlft.models.virtual_tokens import is_virtual_token_run, load_virtual_tokens
+    from vlft.run_dir import base_model_of, is_adapter_run
 
     path = Path(model_path)
+    if path.is_dir() and is_virtual_token_run(path):  # not mergeable: the virtual tokens stay an adapter
+        base, family = load_model(base_model_of(path, base_model), dtype=dtype)
+        set_use_cache(base, True)
+        return load_virtual_tokens(base, path), family
     if path.is_dir() and is_adapter_run(path):
         peft_model, family, _ = load_adapted_model(path, base_model=base_model, dtype=dtype)
         model = peft_model.merge_and_unload()
@@ -109,7 +114,8 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
 
     set_seed(pred_args.seed)
     model, _ = load_for_inference(pred_args.model, base_model=pred_args.base_model, dtype=pred_args.dtype)
-    collate = SFTCollator.for_model(processor, model, padding_side="left")
+    bare = model.get_base_model() if hasattr(model, "get_base_model") else model  # (virtual tokens: a PeftModel)
+    collate = SFTCollator.for_model(processor, bare, padding_side="left")
     tok = processor.tokenizer
     eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     generation = dict(max_new_tokens=pred_args.max_new_tokens, do_sample=pred_args.do_sample, eos_token_id=eos,

@@ -8,6 +8,8 @@ file names of their own.
       non_lora_trainables.safetensors                   LoRA runs: the weights trained fully next to the adapter
       vlft_trained.json                                 what trained: the names above, the adapted modules
       vlft_args.json                                    the resolved arguments (reusable as --config)
+      initial_adapter/                                  PiSSA / OLoRA runs: the adapter as created (PEFT's format,
+                                                        init_lora_weights true), for merge's conversion to plain LoRA
       processor / tokenizer files, chat_template.jinja  written by the Trainer
 
 Why `vlft_trained.json`: merge must check the saved weights against what *did* train, not against a
@@ -26,6 +28,7 @@ NON_LORA_FILE = "non_lora_trainables.safetensors"
 TRAINED_FILE = "vlft_trained.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+INITIAL_ADAPTER = "initial_adapter"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -63,7 +66,8 @@ def trained_record(model) -> dict:
         if not param.requires_grad:
             continue
         if is_lora_param(name):
-            adapted.add(bare_name(name).split(".lora_", 1)[0])
+            if ".lora_" in name:  # (virtual tokens adapt no module)
+                adapted.add(bare_name(name).split(".lora_", 1)[0])
         else:
             non_lora.append(bare_name(name))
     return {"non_lora": sorted(non_lora), "lora_modules": sorted(adapted)}
@@ -72,17 +76,35 @@ def trained_record(model) -> dict:
 def write_run_files(model, output_dir: str | os.PathLike, args: dict, *, is_peft: bool,
                     state_dict: dict | None = None) -> None:
     """vlft's files next to the weights the Trainer wrote: the fully trained non-LoRA weights of a LoRA run
-    (safetensors), what trained, and the resolved arguments."""
+    (safetensors), what trained, the resolved arguments, and a PiSSA / OLoRA run's initial adapter."""
     from safetensors.torch import save_file
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    initial = getattr(model, "vlft_initial_adapter", None)
+    if is_peft and initial is not None:
+        write_initial_adapter(model, out / INITIAL_ADAPTER, initial)
     if is_peft:
         tensors = non_lora_trainables(model, state_dict)
         if tensors:
             save_file(tensors, str(out / NON_LORA_FILE), metadata={"format": "pt"})
     (out / TRAINED_FILE).write_text(json.dumps(trained_record(model), indent=1))
     (out / ARGS_FILE).write_text(json.dumps(args, indent=2, sort_keys=True, default=str))
+
+
+def write_initial_adapter(model, path: Path, tensors: dict) -> None:
+    """The adapter of a PiSSA / OLoRA run as it was created (`tensors`: PEFT's adapter state dict, taken before the
+    first step), in PEFT's format and with `init_lora_weights` true, which is what PEFT's
+    `save_pretrained(path_initial_model_for_weight_conversion=...)` expects of it (PEFT's PiSSA / OLoRA docs)."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.peft_config["default"])
+    config.init_lora_weights = True
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(path))
+    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 def read_run_args(run_dir: str | os.PathLike) -> dict:

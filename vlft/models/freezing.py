@@ -8,8 +8,9 @@ PARTS = ("vision", "merger", "llm", "head", "other")
 
 
 def is_lora_param(name: str) -> bool:
-    # PEFT names its adapter tensors lora_A / lora_B / lora_embedding_* / lora_magnitude_vector (DoRA)
-    return ".lora_" in name
+    # PEFT's adapter tensors: lora_A / lora_B / lora_embedding_* / lora_magnitude_vector (DoRA), and the virtual
+    # tokens' prompt encoder of P-Tuning / prompt tuning (models/virtual_tokens.py), saved in the adapter file too
+    return ".lora_" in name or name.startswith("prompt_encoder.")
 
 
 def count_layers(model, family: Family) -> dict[str, int]:

@@ -6,6 +6,7 @@ patch embedding (a Conv3d) and the merger never get LoRA: the merger trains full
 """
 from __future__ import annotations
 
+import re
 import warnings
 
 from torch import nn
@@ -60,13 +61,44 @@ def _left_out_by(exclude: list[str], skipped: set[int] | None, topk_flag: str) -
     return (" after " + " and ".join(reasons) + "; exclude less") if reasons else ""
 
 
+# --init_lora_weights values PEFT's LoraConfig runs on its own (no data pass, no extra config). The others it
+# accepts (eva, corda, lora_ga: a pass over training data; loftq: a LoftQConfig and a quantised base; mica) need
+# set-up vlft does not do, so they are refused by name rather than half-run.
+_INIT_NAMED = ("gaussian", "orthogonal", "pissa", "olora")
+_INIT_NEEDS_SETUP = ("eva", "corda", "lora_ga", "loftq", "mica")
+
+
+def lora_init_value(text: str) -> bool | str:
+    """The `init_lora_weights` of PEFT's LoraConfig for the flag's text: True / False, or PEFT's name of the method
+    ('gaussian', 'orthogonal', 'pissa', 'pissa_niter_N' (N subspace iterations of the fast SVD), 'olora').
+    Raises ValueError naming the accepted values."""
+    low = str(text).strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in _INIT_NAMED or re.fullmatch(r"pissa_niter_\d+", low):
+        return low
+    if low in _INIT_NEEDS_SETUP:
+        raise ValueError(f"--init_lora_weights {text}: PEFT's {low} initialisation needs set-up of its own (training data "
+                         "passes or an extra config) that vlft does not run")
+    raise ValueError(f"--init_lora_weights must be true, false, {', '.join(_INIT_NAMED)} or pissa_niter_N, got {text!r}")
+
+
+def mutates_base(init) -> bool:
+    """True for initialisations that move part of each adapted base weight into the adapter (PiSSA: its top-r
+    singular values and vectors, arXiv 2404.02948; OLoRA: the QR decomposition's first r columns, arXiv 2406.01775):
+    the trained model is then residual base + adapter, not base + adapter."""
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+
+
 def apply_lora(model, *, targets: list[str], rank: int, alpha: int, dropout: float, bias: str = "none",
-               use_dora: bool = False):
+               use_dora: bool = False, use_rslora: bool = False, init_lora_weights: bool | str = True):
+    """PEFT's LoRA on `targets`. `use_rslora` scales the update by alpha / sqrt(r) (rsLoRA, arXiv 2312.03732) instead
+    of alpha / r; `init_lora_weights` is PEFT's (see `lora_init_value`)."""
     from peft import LoraConfig
 
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, bias=bias, use_dora=use_dora, task_type="CAUSAL_LM",
-        target_modules=targets,
+        target_modules=targets, use_rslora=use_rslora, init_lora_weights=init_lora_weights,
     )
     return wrap_peft(model, config)
 

@@ -54,11 +54,12 @@ def run(argv: list[str]):
     from vlft.models.loading import load_family, load_processor
     from vlft.train.dpo_trainer import DPOTrainer, ReferenceCache
     from vlft.train.reference import make_reference
-    from vlft.train.setup import disable_dropout, load_model_copy, prepare_model
+    from vlft.train.setup import disable_dropout, load_model_copy, prepare_model, refuse_base_mutating_init
 
     model_args, data_args, tune_args, train_args = parse_args(DPO_GROUPS, argv, prog="vlft dpo")
     validate(model_args, data_args, tune_args, train_args)
     check_training_flags(data_args, train_args, stage="dpo")
+    refuse_base_mutating_init(tune_args, "vlft dpo")
     if data_args.packing:
         raise VlftError("--packing is not available for DPO: a pair's two rows share one prompt; drop --packing")
     trained = trained_next_to_lora(tune_args)
@@ -107,6 +108,7 @@ def run(argv: list[str]):
         model=prepared.model, args=train_args, train_dataset=dataset, processing_class=processor,
         data_collator=collator, callbacks=prepared.callbacks, vlft_args=resolved_args(model_args, data_args,
         tune_args, train_args), family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
+        loraplus_lr_ratio=tune_args.loraplus_lr_ratio,
         train_order=order, pixel_norms=(dataset.image_norm, dataset.video_norm), reference=reference,
         ref_cache=ref_cache)
     return train_and_save(trainer, lora=tune_args.any_lora)

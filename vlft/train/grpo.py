@@ -53,11 +53,12 @@ def run(argv: list[str]):
     from vlft.train.grpo_trainer import GRPOTrainer
     from vlft.train.reference import make_reference
     from vlft.train.rewards import check_rewards, load_reward_funcs
-    from vlft.train.setup import disable_dropout, load_model_copy, prepare_model
+    from vlft.train.setup import disable_dropout, load_model_copy, prepare_model, refuse_base_mutating_init
 
     model_args, data_args, tune_args, train_args = parse_args(GRPO_GROUPS, argv, prog="vlft grpo")
     validate(model_args, data_args, tune_args, train_args)
     check_training_flags(data_args, train_args, stage="grpo")
+    refuse_base_mutating_init(tune_args, "vlft grpo")
     if data_args.packing:
         raise VlftError("--packing is not available for GRPO (rollouts are generated per prompt); drop --packing")
     trained = trained_next_to_lora(tune_args)
@@ -111,6 +112,7 @@ def run(argv: list[str]):
         model=prepared.model, args=train_args, train_dataset=dataset, processing_class=processor,
         data_collator=first_items, callbacks=prepared.callbacks, vlft_args=resolved_args(model_args, data_args,
         tune_args, train_args), family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
+        loraplus_lr_ratio=tune_args.loraplus_lr_ratio,
         pixel_norms=(dataset.image_norm, dataset.video_norm), reward_funcs=reward_funcs,
         reward_weights=train_args.reward_weights, samples=data.samples, generation_collator=generation_collator,
         training_collator=training_collator, encoder=encoder, reference=reference)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vlft.errors import VlftError
 from vlft.utils import log
 
 
@@ -28,12 +29,16 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
 
     from vlft.models.freezing import apply_freeze, parameter_table, topk_layers
     from vlft.models.loading import load_model
-    from vlft.models.lora import apply_lora, lora_targets
+    from vlft.models.lora import apply_lora, lora_init_value, lora_targets, mutates_base
     from vlft.models.patches import skip_frozen_vision_graph, vision_input_require_grads
     from vlft.train.callbacks import FrozenVisionCallback
 
     set_seed(train_args.seed)  # LoRA initialisation is random too
     t = tune_args
+    init = lora_init_value(t.init_lora_weights) if t.any_lora else True
+    if mutates_base(init) and zero_stage(train_args) == 3:
+        raise VlftError(f"--init_lora_weights {t.init_lora_weights} decomposes every adapted weight when the adapter is "
+                        "created, which ZeRO-3's partitioned weights do not allow; use ZeRO-2 or --init_lora_weights true")
     model, family = load_model(
         model_args.model_id, dtype=weights_dtype(train_args), attn_implementation=model_args.attn_implementation,
         bits=t.bits, quant_type=t.quant_type, double_quant=t.double_quant,
@@ -45,14 +50,28 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
         apply_liger(model)
     topk = topk_layers(model, family, unfreeze_topk_llm=t.unfreeze_topk_llm, unfreeze_topk_vision=t.unfreeze_topk_vision)
     peft_trainable: set[str] = set()
-    if t.any_lora:
+    if t.virtual_tokens:
+        from vlft.models.virtual_tokens import apply_virtual_tokens, virtual_token_config
+
+        model = apply_virtual_tokens(model, virtual_token_config(
+            t.peft_type, t.num_virtual_tokens, encoder_hidden_size=t.encoder_hidden_size,
+            encoder_reparameterization_type=t.encoder_reparameterization_type))
+        peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    elif t.any_lora:
         targets = lora_targets(model, family, llm=t.lora_enable, vision=t.vision_lora, exclude=t.lora_namespan_exclude,
                                num_llm_modules=t.num_lora_modules, skip_layers=topk)
         model = apply_lora(model, targets=targets, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
-                           bias=t.lora_bias, use_dora=t.use_dora)
+                           bias=t.lora_bias, use_dora=t.use_dora, use_rslora=t.use_rslora, init_lora_weights=init)
+        if mutates_base(init):
+            # PiSSA / OLoRA moved part of each adapted weight into the adapter; merge needs the adapter as it was
+            # created to express the training as a plain LoRA update of the original weights (run_dir.py)
+            from peft import get_peft_model_state_dict
+
+            model.vlft_initial_adapter = {k: v.detach().to("cpu", copy=True)
+                                          for k, v in get_peft_model_state_dict(model).items()}
         # what PEFT chose to train (adapters, and biases under --lora_bias) stays trainable
         peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    apply_freeze(model, family, freeze_vision_tower=t.vision_frozen, freeze_merger=t.freeze_merger,
+    apply_freeze(model, family, freeze_vision_tower=t.vision_frozen, freeze_merger=t.merger_frozen,
                  freeze_llm=t.llm_frozen, unfreeze_topk_llm=t.unfreeze_topk_llm,
                  unfreeze_topk_vision=t.unfreeze_topk_vision, always_train=peft_trainable)
     callbacks = []
@@ -61,6 +80,19 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
         callbacks.append(FrozenVisionCallback())
     log(f"model: {family.model_type} from {model_args.model_id}\n{parameter_table(model, family)}")
     return PreparedModel(model, base_model, family, callbacks)
+
+
+def refuse_base_mutating_init(tune_args, stage: str) -> None:
+    """Preference stages take their reference from the model with its adapter switched off: after PiSSA / OLoRA
+    that is the residual weights, not the starting model, so those initialisations are refused there."""
+    from vlft.models.lora import lora_init_value, mutates_base
+
+    if tune_args.virtual_tokens:
+        raise VlftError(f"{stage} with --peft_type {tune_args.peft_type}: virtual tokens are proven for vlft sft only")
+    if tune_args.any_lora and mutates_base(lora_init_value(tune_args.init_lora_weights)):
+        raise VlftError(f"{stage} with --init_lora_weights {tune_args.init_lora_weights}: the reference model is the "
+                        "model with its adapter switched off, which PiSSA / OLoRA leave without the part they moved "
+                        "into the adapter; use --init_lora_weights true")
 
 
 def zero_stage(train_args) -> int:

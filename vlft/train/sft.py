@@ -77,8 +77,9 @@ def run(argv: list[str]):
         model=prepared.model, args=train_args, train_dataset=dataset, eval_dataset=eval_dataset,
         processing_class=processor, data_collator=collator, callbacks=prepared.callbacks,
         vlft_args=resolved_args(model_args, data_args, tune_args, train_args), family=prepared.family,
-        vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr, train_order=order, pixel_norms=pixel_norms)
-    return train_and_save(trainer, lora=tune_args.any_lora)
+        vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr, loraplus_lr_ratio=tune_args.loraplus_lr_ratio,
+        train_order=order, pixel_norms=pixel_norms)
+    return train_and_save(trainer, lora=tune_args.any_lora or tune_args.virtual_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,16 +67,19 @@ class VlftTrainerMixin:
     vlft_args: the resolved arguments, saved as vlft_args.json with every checkpoint.
     family: the model's registry entry (models/registry.py), for the parameter groups and the FLOPs estimate.
     vision_lr, merger_lr: learning rates of the vision tower and the merger(s) (None: the main one).
+    loraplus_lr_ratio: LoRA+ (train/optim.py): LoRA B matrices learn at this multiple of their part's rate.
     train_order: epoch -> list of dataset indices (length grouping), or None for the Trainer's sampler.
     pixel_norms: (image, video) callables mapping uint8 patch rows to the processor's float values
         (data/pixels.py: PixelNorm); None when the dataset sends float pixels."""
 
     def __init__(self, *args, vlft_args: dict | None = None, family=None, vision_lr: float | None = None,
-                 merger_lr: float | None = None, train_order=None, pixel_norms=None, **kwargs):
+                 merger_lr: float | None = None, loraplus_lr_ratio: float | None = None, train_order=None,
+                 pixel_norms=None, **kwargs):
         self.vlft_args = vlft_args or {}
         self.family = family
         self.vision_lr = vision_lr
         self.merger_lr = merger_lr
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.train_order = train_order
         self.pixel_norms = pixel_norms
         self.counts = TrainCounts()
@@ -106,7 +109,7 @@ class VlftTrainerMixin:
         opt_model = self.model if model is None else model
         groups = build_param_groups(opt_model, self.family, lr=self.args.learning_rate,
                                     weight_decay=self.args.weight_decay, vision_lr=self.vision_lr,
-                                    merger_lr=self.merger_lr)
+                                    merger_lr=self.merger_lr, loraplus_lr_ratio=self.loraplus_lr_ratio)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         if self._offloads_optimizer():
             # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam, same update rule
