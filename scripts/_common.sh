@@ -23,9 +23,8 @@ new_output_dir() {
   echo "$REPO/output/$1/$(date +%Y%m%d-%H%M%S)"
 }
 
-mark_latest() {  # mark_latest OUTPUT_DIR: update the sibling `latest` link after a finished run
-  [ -f "$1/trainer_state.json" ] || return 0  # stopped by a signal (a checkpoint, no final model): not finished
-  ln -sfn "$(basename "$1")" "$(dirname "$1")/latest"
+link_latest() {  # link_latest OUTPUT_DIR: vlft points the sibling `latest` link at OUTPUT_DIR once the run has finished
+  export VLFT_LATEST_LINK="$(dirname "$1")/latest"  # (not for a run stopped by a signal: it has a checkpoint, no model)
 }
 
 # ---- launching: one process, torchrun (DDP) or the DeepSpeed launcher, from these settings ----
@@ -57,6 +56,9 @@ grad_accum() {
   echo $(( $1 / per_step ))
 }
 
+# The launch is the script's last act and replaces its shell (exec): a scheduler's SIGTERM / SIGUSR1 to the job
+# reaches vlft (which saves a checkpoint and exits 0) instead of killing the shell, and the script's exit status is
+# vlft's. The `latest` link is set by vlft itself at the end of a finished run (link_latest).
 vlft_launch() {
   local nproc="${NUM_GPUS:-$(gpu_count)}" nnodes="${NNODES:-1}" node_rank="${NODE_RANK:-0}"
   local addr="${MASTER_ADDR:-127.0.0.1}" port="${MASTER_PORT:-29500}"
@@ -82,12 +84,12 @@ vlft_launch() {
     elif [ "$nnodes" -gt 1 ]; then
       nodes+=(--no_ssh --node_rank "$node_rank")
     fi
-    "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" "${nodes[@]}" --no_local_rank --module vlft "$@" "${extra[@]}"
+    exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" "${nodes[@]}" --no_local_rank --module vlft "$@" "${extra[@]}"
   elif [ $(( nproc * nnodes )) -gt 1 ]; then
-    "$PYTHON" -m torch.distributed.run --nproc_per_node "$nproc" --nnodes "$nnodes" --node_rank "$node_rank" \
+    exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$nproc" --nnodes "$nnodes" --node_rank "$node_rank" \
       --master_addr "$addr" --master_port "$port" -m vlft "$@" "${extra[@]}"
   else
-    "$PYTHON" -m vlft "$@" "${extra[@]}"
+    exec "$PYTHON" -m vlft "$@" "${extra[@]}"
   fi
 }
 

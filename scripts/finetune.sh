@@ -34,6 +34,7 @@ shared_settings
 [ "$FREEZE_VISION_TOWER" = true ] && VISION_LR=""   # nothing in the tower trains
 mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
+link_latest "$OUTPUT_DIR"
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
@@ -44,4 +45,3 @@ vlft_launch sft \
   --freeze_llm "$FREEZE_LLM" \
   "${TRAINING[@]}" \
   "$@"
-mark_latest "$OUTPUT_DIR"

@@ -45,6 +45,7 @@ mapfile -t LORA < <(lora_flags)
 mapfile -t WEIGHTS < <(list_flag loss_weights "$LOSS_WEIGHTS")
 mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
+link_latest "$OUTPUT_DIR"
 vlft_launch dpo \
   --model_id "$MODEL" \
   --data_path "$DATA" \
@@ -61,4 +62,3 @@ vlft_launch dpo \
   --truncation_mode "$TRUNCATION_MODE" \
   "${TRAINING[@]}" \
   "$@"
-mark_latest "$OUTPUT_DIR"

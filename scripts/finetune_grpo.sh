@@ -49,6 +49,7 @@ mapfile -t FUNCS < <(list_flag reward_funcs "$REWARD_FUNCS")
 mapfile -t WEIGHTS < <(list_flag reward_weights "$REWARD_WEIGHTS")
 mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
+link_latest "$OUTPUT_DIR"
 vlft_launch grpo \
   --model_id "$MODEL" \
   --data_path "$DATA" \
@@ -66,4 +67,3 @@ vlft_launch grpo \
   "${WEIGHTS[@]}" \
   "${TRAINING[@]}" \
   "$@"
-mark_latest "$OUTPUT_DIR"

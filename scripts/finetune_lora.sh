@@ -50,6 +50,7 @@ if [ "$PEFT_TYPE" = lora ]; then
 else                                                 # only the virtual tokens train
   METHOD=(--peft_type "$PEFT_TYPE" --num_virtual_tokens "$NUM_VIRTUAL_TOKENS")
 fi
+link_latest "$OUTPUT_DIR"
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
@@ -60,4 +61,3 @@ vlft_launch sft \
   --freeze_merger "$FREEZE_MERGER" \
   "${TRAINING[@]}" \
   "$@"
-mark_latest "$OUTPUT_DIR"

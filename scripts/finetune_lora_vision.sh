@@ -37,6 +37,7 @@ shared_settings
 mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
 mapfile -t LORA_OPTIONS < <(lora_option_flags)      # USE_RSLORA, INIT_LORA_WEIGHTS, LORAPLUS_LR_RATIO if set
+link_latest "$OUTPUT_DIR"
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
@@ -53,4 +54,3 @@ vlft_launch sft \
   --freeze_merger "$FREEZE_MERGER" \
   "${TRAINING[@]}" \
   "$@"
-mark_latest "$OUTPUT_DIR"

@@ -56,6 +56,7 @@ mapfile -t VIDEO < <(optional_flag fps "$FPS"; optional_flag nframes "$NFRAMES"
                      optional_flag video_max_total_pixels "$VIDEO_MAX_TOTAL_PIXELS")
 mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
+link_latest "$OUTPUT_DIR"
 vlft_launch sft \
   --model_id "$MODEL" \
   --data_path "$DATA" \
@@ -67,4 +68,3 @@ vlft_launch sft \
   --video_max_frames "$VIDEO_MAX_FRAMES" \
   "${VIDEO[@]}" \
   "$@"
-mark_latest "$OUTPUT_DIR"

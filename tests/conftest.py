@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny offline models (built once per session) and their processors."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLFT_PLOT", "0")  # runs skip training_curves.png (~1 s each); tests of the plot use plotting()
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data_examples" / "llava_demo.json"
@@ -105,3 +107,17 @@ def assert_same_run(straight: Path, resumed: Path, label: str) -> None:
     print(f"\nresume equality | {label} | max loss diff {loss_diff:.3g} | max weight diff {weight_diff:.3g}")
     assert loss_diff <= 1e-6, (want, got)
     assert weight_diff <= 1e-6
+
+
+@contextlib.contextmanager
+def plotting():
+    """Runs inside draw training_curves.png (the suite turns drawing off: VLFT_PLOT=0 above)."""
+    before = os.environ.get("VLFT_PLOT")
+    os.environ["VLFT_PLOT"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["VLFT_PLOT"]
+        else:
+            os.environ["VLFT_PLOT"] = before

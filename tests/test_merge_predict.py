@@ -77,6 +77,20 @@ def test_checkpoint_dirs_merge_too(trained, tmp_path):
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_merged_model_is_readable_by_a_server_running_as_another_user(trained, tmp_path):
+    import os
+    import stat
+
+    _, _, run_dir = trained
+    umask = os.umask(0o022)
+    try:
+        out = merge(str(run_dir), str(tmp_path / "served"), dtype="fp32")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not mkdtemp's 0700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()} == {0o644}
+
+
 def test_strict_keys(trained, tmp_path):
     import shutil
 

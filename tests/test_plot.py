@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import DEMO_DATA, DEMO_IMAGES, REPO
+from conftest import DEMO_DATA, DEMO_IMAGES, REPO, plotting
 from PIL import Image
 
 from vlft import plot
@@ -42,7 +42,8 @@ def assert_valid_png(path) -> None:
 @pytest.fixture(scope="module")
 def sft_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "sft"
-    summary, _ = run(["--model_id", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "3", *SFT])
+    with plotting():
+        summary, _ = run(["--model_id", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "3", *SFT])
     assert summary["steps"] == 3
     return out
 
@@ -86,6 +87,7 @@ def test_a_plot_failure_leaves_the_run_finished(tiny_model_dir, tmp_path, monkey
         raise RuntimeError("no fonts today")
 
     monkeypatch.setattr(plot, "plot_history", broken)
+    monkeypatch.setenv("VLFT_PLOT", "1")
     out = tmp_path / "run"
     summary, _ = run(["--model_id", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "1", *SFT])
     assert summary["steps"] == 1 and math.isfinite(summary["last_loss"])
@@ -97,8 +99,10 @@ def test_a_plot_failure_leaves_the_run_finished(tiny_model_dir, tmp_path, monkey
     assert "done: 1 steps" in err  # the end-of-run summary still comes
 
 
-def test_dpo_run_plots_margins_and_accuracies(tiny_model_dir, tmp_path):
+def test_dpo_run_plots_margins_and_accuracies(tiny_model_dir, tmp_path, monkeypatch):
     from vlft.train.dpo import run as dpo
+
+    monkeypatch.setenv("VLFT_PLOT", "1")
 
     out = tmp_path / "dpo"
     dpo(["--model_id", str(tiny_model_dir), "--data_path", str(REPO / "data_examples" / "dpo_demo.json"),

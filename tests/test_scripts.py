@@ -598,3 +598,29 @@ def merge_with_script_and_generate(tmp_path, cache, run_dir, image: str, questio
     assert ids.shape == (1, inputs["input_ids"].shape[1] + 4)
     assert isinstance(processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:])[0], str)
     return base, new
+
+
+@pytest.mark.slow  # a real training run stopped by a signal: in `make test-distributed`
+def test_sigterm_to_the_whole_job_saves_a_checkpoint_and_the_script_exits_0(tmp_path, cache):
+    """What Slurm and Kubernetes do: SIGTERM to every process of the job (the script's shell included). The script
+    execs its launch, so the signal reaches vlft, which finishes the step, saves and exits 0; the `latest` link stays
+    where it was (the run is not finished)."""
+    import signal
+    import time
+
+    out = tmp_path / "runs" / "preempted"
+    env = script_env(tmp_path, PYTHON=sys.executable, EPOCHS="100", SAVE_STEPS="100000", OUTPUT_DIR=str(out),
+                     VLFT_CACHE=str(cache))
+    log = tmp_path / "log.txt"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(["bash", str(SCRIPTS / "finetune_lora.sh")], env=env, stdout=sink, stderr=sink,
+                                start_new_session=True)
+        deadline = time.time() + 300
+        while "'loss'" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "stopped by SIGTERM" in text and "RESUME=latest" in text
+    assert list(out.glob("checkpoint-*")) and not (out.parent / "latest").exists()

@@ -194,14 +194,28 @@ def merge(adapter: str, output: str, *, base_model: str | None = None, dtype: st
     try:
         merged.save_pretrained(tmp, max_shard_size="5GB")
         save_processor(run_dir, tmp, family)
+        readable_by_all(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"merged {run_dir} into {base} -> {out} ({family.model_type}, {str(target).removeprefix('torch.')})")
+    log(f"merged {run_dir} with its base model {base} (left unchanged) -> {out} ({family.model_type}, "
+        f"{str(target).removeprefix('torch.')})")
     return out
+
+
+def readable_by_all(folder: Path) -> None:
+    """Give a merged model the permissions of a normal folder (the umask's, usually 755 / 644): mkdtemp creates it
+    0700 and transformers writes its weight files 0600, so a server running as another user could not read it."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def main(argv: list[str] | None = None) -> int:

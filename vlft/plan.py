@@ -567,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--size", help="e.g. 2B, 7B, 72B (see the table in vlft/plan.py)")
     run = parser.add_argument_group("run")
     run.add_argument("--zero", default="none",
-                     help="none, zero1, zero2, zero3, zero3_offload (zero_configs/<name>.json), or a DeepSpeed config path")
+                     help="none, zero1, zero2, zero2_offload, zero3, zero3_offload (zero_configs/<name>.json), or a DeepSpeed "
+                          "config path")
     run.add_argument("--num_gpus", type=int, default=1, help="GPUs in the job (ZeRO partitions across all of them)")
     run.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory of one GPU, GB (1e9 bytes)")
     run.add_argument("--per_device_train_batch_size", type=int, default=1)

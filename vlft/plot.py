@@ -31,6 +31,7 @@ import argparse
 import fnmatch
 import json
 import math
+import os
 from pathlib import Path
 
 from vlft.errors import VlftError
@@ -174,8 +175,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
 def plot_finished_run(trainer) -> Path | None:
     """The end of every run (train/launch.py): draw the curves into the run directory on the main process.
     A finished run never fails here: any error is logged as a warning with the command that draws it later."""
-    if not trainer.is_world_process_zero():
-        return None
+    if not trainer.is_world_process_zero() or os.environ.get("VLFT_PLOT", "1") == "0":
+        return None  # VLFT_PLOT=0: no drawing (the test suite's runs; about 1 s each)
     out = trainer.args.output_dir
     try:
         return plot_run(out)

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEMO_DATA, DEMO_IMAGES, final_weights
+from conftest import DEMO_DATA, DEMO_IMAGES, final_weights, plotting
 
 from vlft.config import SFT_GROUPS, parse_args
 from vlft.errors import DataError, VlftError
@@ -37,15 +37,16 @@ def best_run(tiny_model_dir, eval_file, tmp_path_factory):
     lowers the eval loss step by step, so the best checkpoint is an early one, never the last, whatever the exact
     curve (the test checks that premise); the loading path under test is the same for either direction."""
     out = tmp_path_factory.mktemp("runs") / "best"
-    _, trainer = run([
-        "--model_id", str(tiny_model_dir), "--data_path", str(DEMO_DATA), "--image_folder", str(DEMO_IMAGES),
-        "--eval_data_path", str(eval_file), "--output_dir", str(out), "--max_steps", "3",
-        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
-        "--lora_enable", "true", "--lora_rank", "8", "--lora_alpha", "16", "--freeze_merger", "false",
-        "--freeze_vision_tower", "true", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
-        "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
-        "--load_best_model_at_end", "true", "--metric_for_best_model", "eval_loss", "--greater_is_better", "true",
-        *QUIET])
+    with plotting():
+        _, trainer = run([
+            "--model_id", str(tiny_model_dir), "--data_path", str(DEMO_DATA), "--image_folder", str(DEMO_IMAGES),
+            "--eval_data_path", str(eval_file), "--output_dir", str(out), "--max_steps", "3",
+            "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
+            "--lora_enable", "true", "--lora_rank", "8", "--lora_alpha", "16", "--freeze_merger", "false",
+            "--freeze_vision_tower", "true", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+            "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+            "--load_best_model_at_end", "true", "--metric_for_best_model", "eval_loss", "--greater_is_better", "true",
+            *QUIET])
     return out, trainer
 
 

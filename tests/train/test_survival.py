@@ -215,12 +215,15 @@ def test_a_resume_that_is_not_the_same_run_says_what_differs(tiny_model_dir, tmp
     fewer.write_text(json.dumps(json.loads(DEMO_DATA.read_text())[:-1]))
     with pytest.raises(VlftError) as err:
         run(common_args(tiny_model_dir, fewer) + SETTINGS["lora_merger"]
-            + ["--output_dir", str(out), "--resume_from_checkpoint", "latest", "--freeze_merger", "true"])
+            + ["--output_dir", str(out), "--resume_from_checkpoint", "latest", "--freeze_merger", "true",
+               "--learning_rate", "1e-3"])
     message = str(err.value)
     assert "is not the run that wrote it" in message
     assert "data file contents differ" in message and "training items: 10" in message
     assert "the model differs" not in message  # the same model, even under another path
     assert "fully trained weights" in message  # the merger trained then and is frozen now
+    # the scheduler and optimizer states would restore the old rate while the start-up table shows the new one
+    assert "--learning_rate: 0.005 in the checkpoint, 0.001 now" in message
 
 
 def test_nan_gradient_with_a_finite_loss_is_caught_before_the_optimizer_step(tiny_model_dir, tmp_path, monkeypatch):

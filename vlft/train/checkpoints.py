@@ -49,6 +49,10 @@ IDENTITY_ARGS = (
     "frames_fps", "max_seq_length", "max_length", "max_prompt_length", "truncation_mode", "packing",
     "group_by_length", "seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps",
     "lora_rank", "lora_alpha", "use_dora", "bits", "num_generations",
+    # restored from the checkpoint's optimizer and scheduler states, so a new value would be shown at start-up and
+    # then silently not used: refused instead
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "optim", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "vision_lr", "merger_lr", "loraplus_lr_ratio",
 )
 
 

@@ -159,11 +159,13 @@ def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
     if preemption.stopped_at is not None:
         saved = latest_checkpoint(args.output_dir)
         log(f"stopped by {preemption.stopped_by} after step {preemption.stopped_at}; checkpoint saved: {saved}\n"
-            f"       resume: run the same command with --resume_from_checkpoint latest")
+            f"       resume: run the same command with --resume_from_checkpoint latest (the scripts: RESUME=latest)")
         return {"preempted": preemption.stopped_by, "steps": result.global_step, "checkpoint": str(saved),
                 "train_seconds": elapsed, "output_dir": os.path.abspath(args.output_dir), "lora": lora}, trainer
     trainer.save_final(args.output_dir)
     trainer.save_state()
+    if args.should_save:
+        link_latest(args.output_dir)
     from vlft.plot import plot_finished_run
     plot_finished_run(trainer)  # training_curves.png; a failure is a warning, the run stays finished
 
@@ -185,6 +187,22 @@ def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
         f"       {'adapter' if lora else 'model'}, processor and {ARGS_FILE} in {summary['output_dir']}"
     )
     return summary, trainer
+
+
+def link_latest(output_dir: str) -> None:
+    """Point the link the scripts name in VLFT_LATEST_LINK (scripts/_common.sh: `<name>/latest`) at a finished run's
+    directory, atomically (a new link renamed over the old one). Nothing without the variable."""
+    link = os.environ.get("VLFT_LATEST_LINK")
+    if not link:
+        return
+    out = os.path.abspath(output_dir)
+    target = os.path.basename(out) if os.path.dirname(out) == os.path.dirname(os.path.abspath(link)) else out
+    tmp = f"{link}.tmp-{os.getpid()}"
+    try:
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    except OSError as err:
+        log(f"could not point {link} at {out}: {err.strerror}")
 
 
 def run_stage(run: Callable[[list[str]], object], argv: list[str] | None) -> int:
