@@ -21,6 +21,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_PREBUILT: set = set()
+
+
+def prebuild_deepspeed_comm(env: dict) -> None:
+    """Compile DeepSpeed's CPU shared-memory all-reduce op once, in one process, before the first ZeRO launch:
+    otherwise both ranks of that launch build it at the same moment in the same folder, a race that made a
+    first ZeRO test fail now and then on a fresh clone. Best effort: a failure here leaves the launch to build it."""
+    key = env.get("TORCH_EXTENSIONS_DIR", "")
+    if key in _PREBUILT:
+        return
+    _PREBUILT.add(key)
+    try:
+        subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                       env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, timeout=TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+
 def launch(command: str, argv: list[str], *, zero: str | None, nproc: int = 2, port: int | None = None,
            expect_success: bool = True) -> subprocess.CompletedProcess:
     """`vlft <command> argv` on `nproc` processes (ZeRO config `zero_configs/<zero>.json`, or DDP when None).
@@ -32,6 +50,7 @@ def launch(command: str, argv: list[str], *, zero: str | None, nproc: int = 2, p
     env.pop("ZERO_CONFIG", None)
     if zero:
         env["ZERO_CONFIG"] = str(REPO / "zero_configs" / f"{zero}.json")
+        prebuild_deepspeed_comm(env)
     cmd = f'source "{REPO}/scripts/_common.sh"; vlft_launch {command} "$@"'
     # its own session, so that a hang kills the launcher's whole process tree (the ranks hold the pipes open)
     with subprocess.Popen(["bash", "-c", cmd, "launch", *argv], env=env, stdout=subprocess.PIPE,
