@@ -87,7 +87,9 @@ RUN_LEFTOVERS = {STAGING_DIR, "ref_log_probs", "completions.jsonl", "runs"}
 def user_files(output_dir: str | os.PathLike) -> list[str]:
     """What a directory holds besides what a run writes before its first checkpoint (RUN_LEFTOVERS)."""
     root = Path(output_dir)
-    return sorted(p.name for p in root.iterdir() if p.name not in RUN_LEFTOVERS) if root.is_dir() else []
+    # `.vlft-write-test-*`: rank 0's writability probe (check_writable), which another rank may see for a moment
+    return sorted(p.name for p in root.iterdir()
+                  if p.name not in RUN_LEFTOVERS and not p.name.startswith(".vlft-write-test-")) if root.is_dir() else []
 
 
 def resolve_resume(train_args) -> str | None:
