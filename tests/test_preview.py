@@ -107,9 +107,10 @@ def test_trained_tokens_shown_equal_the_dpo_masks(pages, processor):
     prepared = prepare_data(str(EXAMPLES / "dpo_demo.json"), PreferenceFormat(8192).record_format(),
                             processor=processor, image_folder=None, media=media, max_seq_length=8192, workers=2)
     dataset = PreferenceDataset(prepared.samples, prepared.image_paths, processor, media=media,
-                                video_sources=prepared.video_sources, max_length=8192)
+                                video_sources=prepared.video_sources, max_length=8192,
+                                rejected_media=prepared.rejected_media)
     shown = sections(pages["dpo"].read_text())
-    assert len(shown) == len(prepared.samples) == 5
+    assert len(shown) == len(prepared.samples) == 6
     for i, sample in enumerate(prepared.samples):
         item = dataset[i]
         section = shown[sample.id]
@@ -119,6 +120,16 @@ def test_trained_tokens_shown_equal_the_dpo_masks(pages, processor):
         prompt = re.search(r'<div class="tokens part-prompt" data-trained="0">(.*?)</div>', section, re.S).group(1)
         assert trained_spans(prompt) == 0
         assert trained_spans(section) == int(item["chosen_mask"].sum() + item["rejected_mask"].sum())
+        # an image-side pair: the rejected sequence's own prompt (its picture's pads) and its picture are shown
+        other = re.search(r'<div class="tokens part-rejected-prompt" data-trained="0">(.*?)</div>', section, re.S)
+        assert (other is not None) == ("rejected_prompt_ids" in item)
+        images = re.findall(r'<img class="media-image"', section)
+        assert len(images) == len(item.get("image_grid_thw", [])) + len(item.get("rejected_media", {}).get(
+            "image_grid_thw", []))
+        if other is not None:
+            pads = re.findall(r'class="vision vision-image" data-tokens="\d+" data-pads="(\d+)"', other.group(1))
+            assert [int(n) for n in pads] == [int(g.prod()) // 4 for g in item["rejected_media"]["image_grid_thw"]]
+            assert "rejected sequence only" in section
 
 
 def test_grpo_page_shows_prompts_and_their_columns(pages):
@@ -258,7 +269,7 @@ def images_decoded(browser, css: str) -> list[int]:
 @pytest.mark.parametrize("stage, records, images, videos", [
     ("sft", len(SFT_RECORDS) + 2, sum(len(r["image"]) if isinstance(r["image"], list) else 1
                                       for r in SFT_RECORDS if "image" in r), 0),
-    ("dpo", 5, 4, 1),
+    ("dpo", 6, 6, 1),  # the image-side pair shows its rejected picture too
     ("grpo", 7, 6, 1),
 ])
 def test_page_in_browser(browser, pages, stage, records, images, videos):

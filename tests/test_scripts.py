@@ -463,22 +463,22 @@ def test_dpo_script_arguments_parse(tmp_path, demo):
 
 
 def test_dpo_demo_trains_and_merges_into_a_loadable_model(tmp_path, cache):
-    """`bash scripts/finetune_dpo.sh` with only OUTPUT_DIR: the offline demo (5 pairs: images, two images, a video,
-    history, text) trains LoRA + merger; merge_lora.sh folds it into a model plain transformers loads and runs."""
+    """`bash scripts/finetune_dpo.sh` with only OUTPUT_DIR: the offline demo (6 pairs: images, two images, a video,
+    history, text, an image-side pair) trains LoRA + merger; merge_lora.sh folds it into a model plain transformers loads and runs."""
     out = tmp_path / "runs" / "dpo"
     env = script_env(tmp_path, PYTHON=sys.executable, VLFT_CACHE=str(cache), OUTPUT_DIR=str(out))
     proc = subprocess.run(["bash", str(SCRIPTS / "finetune_dpo.sh")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert "5 of 5 records usable" in proc.stderr
+    assert "6 of 6 records usable" in proc.stderr
     for name in ["adapter_model.safetensors", "adapter_config.json", "non_lora_trainables.safetensors", ARGS_FILE,
                  "tokenizer.json", "chat_template.jinja"]:
         assert (out / name).is_file(), name
     assert (out.parent / "latest").resolve() == out.resolve()
     match = DONE.search(proc.stderr)
     assert match, proc.stderr[-3000:]
-    assert int(match.group(1)) == 18  # 5 pairs, 2 per step on one process: 3 steps per epoch, 6 epochs
+    assert int(match.group(1)) == 18  # 6 pairs, 2 per step on one process: 3 steps per epoch, 6 epochs
     assert float(match.group(2)) == pytest.approx(0.6931, abs=1e-4)  # step 1: policy = reference, loss = ln 2
     assert float(match.group(3)) < 0.2  # the demo visibly learns to rank its pairs
     args = json.loads((out / ARGS_FILE).read_text())

@@ -183,7 +183,8 @@ def _dataset(stage: str, prepared, processor, media, max_length: int | None):
         from vlft.data.dpo import PreferenceDataset
 
         return PreferenceDataset(prepared.samples, prepared.image_paths, processor, media=media,
-                                 video_sources=prepared.video_sources, max_length=max_length)
+                                 video_sources=prepared.video_sources, max_length=max_length,
+                                 rejected_media=prepared.rejected_media)
     if stage == "grpo":
         from vlft.data.grpo import PromptDataset
 
@@ -203,6 +204,9 @@ def _parts(stage: str, item: dict) -> list[Part]:
     parts = [Part("prompt", prompt, [IGNORE_INDEX] * len(prompt))]
     if stage == "dpo":
         for side in ("chosen", "rejected"):
+            if side == "rejected" and "rejected_prompt_ids" in item:  # image-side pair: its own pictures
+                other = item["rejected_prompt_ids"].tolist()
+                parts.append(Part("rejected-prompt", other, [IGNORE_INDEX] * len(other)))
             ids, mask = item[f"{side}_ids"].tolist(), item[f"{side}_mask"].tolist()
             parts.append(Part(side, ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]))
     return parts
@@ -217,7 +221,7 @@ def _data_uri(image, quality: int = 85) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _image_media(path: str, grid, encoder, media, cache: dict) -> Media:
+def _image_media(path: str, grid, encoder, media, cache: dict, rejected: bool = False) -> Media:
     """The image as training sizes it (data/media.py fit_image: the same resize the dataset does)."""
     from PIL import Image
 
@@ -232,14 +236,15 @@ def _image_media(path: str, grid, encoder, media, cache: dict) -> Media:
         cache[path] = (_data_uri(Image.fromarray(fitted.permute(1, 2, 0).numpy())), note)
     uri, note = cache[path]
     tokens = grid[0] * grid[1] * grid[2] // encoder.merge_size**2
-    return Media("image", tuple(grid), tokens, [(uri, f"{_grid_text(grid)} grid")], note)
+    return Media("image", tuple(grid), tokens, [(uri, f"{_grid_text(grid)} grid")],
+                 ("rejected sequence only: " if rejected else "") + note)
 
 
 def _grid_text(grid) -> str:
     return " x ".join(str(int(g)) for g in grid)
 
 
-def _video_media(source, grid, encoder, media, frames_per_video: int) -> Media:
+def _video_media(source, grid, encoder, media, frames_per_video: int, rejected: bool = False) -> Media:
     """A few of the frames vlft samples from the video (data/video.py load_video, as the dataset calls it)."""
     import numpy as np
     from PIL import Image
@@ -255,7 +260,7 @@ def _video_media(source, grid, encoder, media, frames_per_video: int) -> Media:
     note = (f"{name}: {len(clip.frames)} frames sampled at {clip.fps:.2f} fps of {clip.duration:.2f} s, "
             f"{clip.frames.shape[2]}x{clip.frames.shape[1]} px each" + (f", {clip.padded} padded" if clip.padded else ""))
     tokens = grid[0] * grid[1] * grid[2] // encoder.merge_size**2
-    return Media("video", tuple(grid), tokens, thumbs, note)
+    return Media("video", tuple(grid), tokens, thumbs, ("rejected sequence only: " if rejected else "") + note)
 
 
 def build_preview(args: PreviewArguments, model_args, data_args, *, processor_path: str, family) -> Preview:
@@ -292,11 +297,19 @@ def build_preview(args: PreviewArguments, model_args, data_args, *, processor_pa
             view = RecordView(sample.index, sample.id, parts=_parts(args.stage, item), raw=raw.get(sample.index))
             view.lengths = prepared.sequence_lengths[i]
             if args.stage == "dpo":  # after any keep_start cut: what trains
-                view.lengths = tuple(len(item["prompt_ids"]) + len(item[f"{s}_ids"]) for s in ("chosen", "rejected"))
+                view.lengths = tuple(len(item.get(f"{s}_prompt_ids", item["prompt_ids"])) + len(item[f"{s}_ids"])
+                                     for s in ("chosen", "rejected"))
             for path, grid in zip(prepared.image_paths[i], item.get("image_grid_thw", [])):
                 view.media.append(_image_media(path, grid.tolist(), encoder, media, cache))
             for source, grid in zip(prepared.video_sources[i], item.get("video_grid_thw", [])):
                 view.media.append(_video_media(source, grid.tolist(), encoder, media, args.frames_per_video))
+            if "rejected_media" in item:  # image-side pair: the pictures only the rejected sequence shows
+                other = item["rejected_media"]
+                for path, grid in zip(prepared.rejected_media[i][0], other.get("image_grid_thw", [])):
+                    view.media.append(_image_media(path, grid.tolist(), encoder, media, cache, rejected=True))
+                for source, grid in zip(prepared.rejected_media[i][1], other.get("video_grid_thw", [])):
+                    view.media.append(_video_media(source, grid.tolist(), encoder, media, args.frames_per_video,
+                                                   rejected=True))
             view.columns = dict(getattr(sample, "columns", {}))
             views[sample.index] = view
     for p in problems:

@@ -32,7 +32,8 @@ def prepare(path, processor, max_length=8192, mode="keep_start"):
 
 def dataset(data, processor, max_length=None, raw_pixels=True):
     return PreferenceDataset(data.samples, data.image_paths, processor, media=DEMO_MEDIA,
-                             video_sources=data.video_sources, max_length=max_length, raw_pixels=raw_pixels)
+                             video_sources=data.video_sources, max_length=max_length, raw_pixels=raw_pixels,
+                             rejected_media=data.rejected_media)
 
 
 def test_batch_is_chosen_rows_then_rejected_rows(processor, tiny_model_dir):
@@ -59,6 +60,40 @@ def test_batch_is_chosen_rows_then_rejected_rows(processor, tiny_model_dir):
     # the image pair's pixels appear once per row that shows it: chosen row 0 and rejected row 2
     assert torch.equal(batch["image_grid_thw"], torch.cat([items[0]["image_grid_thw"]] * 2))
     assert torch.equal(batch["pixel_values"], torch.cat([items[0]["pixel_values"]] * 2))
+
+
+def test_an_image_side_pair_shows_the_rejected_row_its_own_picture(processor, tiny_model_dir):
+    from vlft.models.loading import load_model
+
+    data, _ = prepare(DPO_DEMO, processor)
+    ds = dataset(data, processor)
+    ids = [s.id for s in data.samples]
+    model, _ = load_model(str(tiny_model_dir))
+    collate = PreferenceCollator(SFTCollator.for_model(processor, model))
+    plain, side = ds[ids.index("image")], ds[ids.index("image_side")]
+    assert "rejected_media" not in plain and set(side["rejected_media"]) == {"pixel_values", "image_grid_thw"}
+    batch = collate([plain, side])  # rows: chosen image, chosen image_side, rejected image, rejected image_side
+    grids = [plain["image_grid_thw"][0], side["image_grid_thw"][0], plain["image_grid_thw"][0],
+             side["rejected_media"]["image_grid_thw"][0]]
+    assert batch["image_grid_thw"].tolist() == [g.tolist() for g in grids]
+    assert batch["pixel_values"].shape[0] == sum(int(g.prod()) for g in grids)
+    assert torch.equal(batch["pixel_values"][-int(grids[3].prod()):], side["rejected_media"]["pixel_values"])
+    # the plain pair's rejected row repeats its chosen row's picture; the image-side pair's shows its own
+    assert batch["image_copy_of"].tolist() == [0, 1, 0, 3]
+    for row, (prompt, answer) in enumerate([(plain["prompt_ids"], plain["chosen_ids"]),
+                                            (side["prompt_ids"], side["chosen_ids"]),
+                                            (plain["prompt_ids"], plain["rejected_ids"]),
+                                            (side["rejected_prompt_ids"], side["rejected_ids"])]):
+        n = len(prompt) + len(answer)
+        assert batch["input_ids"][row, :n].tolist() == prompt.tolist() + answer.tolist()
+    # each prompt holds as many image pads as its picture has vision tokens
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for prompt, grid in ((side["prompt_ids"], grids[1]), (side["rejected_prompt_ids"], grids[3])):
+        assert int((prompt == pad).sum()) == int(grid.prod()) // 4
+    # no 'rejected' in the record: the rejected sequence repeats the chosen answer with the other picture
+    assert torch.equal(side["chosen_ids"], side["rejected_ids"])
+    text = processor.tokenizer.decode(batch["labels"][3][batch["labels"][3] != IGNORE_INDEX])
+    assert text == "A green circle.<|im_end|>"
 
 
 def test_keep_start_cuts_answers_and_drop_drops(processor, tmp_path):
@@ -115,7 +150,7 @@ def test_log_probs_equal_independent_forwards_in_one_mixed_batch(family, tiny_mo
     data, _ = prepare(DPO_DEMO, processor)
     ds = dataset(data, processor)
     kinds = {s.id: i for i, s in enumerate(data.samples)}
-    assert set(kinds) == {"image", "multi_image", "video", "history", "text_only_2u1_flat"}
+    assert set(kinds) == {"image", "multi_image", "video", "history", "text_only_2u1_flat", "image_side"}
     collate = PreferenceCollator(SFTCollator.for_model(processor, model))
     batch = model_inputs(collate([ds[i] for i in range(len(ds))]), model, image_norm=ds.image_norm,
                          video_norm=ds.video_norm)
@@ -124,8 +159,10 @@ def test_log_probs_equal_independent_forwards_in_one_mixed_batch(family, tiny_mo
     chosen, rejected = sequence_logps(per_token, mask).chunk(2)
     for i, sample in enumerate(data.samples):
         for side, got in (("chosen", chosen[i]), ("rejected", rejected[i])):
-            want = reference_sum(model, processor, sample, getattr(sample, side), data.image_paths[i],
-                                 data.video_sources[i])
+            # an image-side pair's rejected sequence: the same text with its own picture
+            images, videos = ((data.image_paths[i], data.video_sources[i]) if side == "chosen"
+                              or data.rejected_media[i] is None else data.rejected_media[i])
+            want = reference_sum(model, processor, sample, getattr(sample, side), images, videos)
             assert math.isclose(got.item(), want, rel_tol=0, abs_tol=1e-5), (sample.id, side, got.item(), want)
 
     # the loss of the mixed batch is the mean of the pairs' own losses, each computed from a batch of its own

@@ -10,7 +10,7 @@ from conftest import REPO
 from vlft.data.encoding import ChatEncoder
 from vlft.data.llava import parse_record
 from vlft.data.preference import parse_preference_record
-from vlft.data.prepare import PREFERENCE, prepare_data
+from vlft.data.prepare import PREFERENCE, prepare_data, probe_image
 from vlft.errors import DataError
 
 DPO_DEMO = REPO / "data_examples" / "dpo_demo.json"
@@ -42,7 +42,11 @@ def test_llava_and_flat_layouts_give_the_same_sample():
     ({"chosen": {"from": "human", "value": "A cat."}}, "chosen.from", "speaker is 'human'"),
     ({"chosen": "A <image> cat."}, "chosen", "<image> in a gpt turn"),
     ({"image": ["a.png", "b.png"]}, "image", "1 <image> tag(s) in the human turns but 2 image path(s)"),
-    ({"rejected_image": "b.png"}, "rejected_image", "not supported yet"),
+    ({"rejected_image": ["b.png", "c.png"]}, "rejected_image", "2 rejected_image path(s) for the prompt's 1 <image>"),
+    ({"rejected_image": 7}, "rejected_image", "'rejected_image' is a int"),
+    ({"rejected_image": "a.png", "rejected": None}, "rejected_image", "is the prompt's own media"),
+    ({"rejected_video": "v.mp4"}, "rejected_video", "1 rejected_video path(s) for the prompt's 0 <video> tag(s)"),
+    ({"rejected_video": [["f1.png", ""]]}, "rejected_video[0]", "expected a non-empty list of frame paths"),
     ({"conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Hello."}]},
      "conversations[1]", "the prompt ends with a gpt turn"),
 ])
@@ -51,6 +55,24 @@ def test_each_defect_names_its_field(change, field, words):
     assert field in found, found
     assert words in found[field]
     assert found[field].startswith("prefs.json: record 3 (id 'g'), field ")
+
+
+def test_image_side_pairs_repeat_the_chosen_answer_unless_rejected_is_given():
+    sample, found = parse_preference_record({**GOOD, "rejected": None, "rejected_image": "b.png"}, 0, "f")
+    assert not found
+    assert (sample.chosen, sample.rejected) == ("A cat.", "A cat.")  # the same answer with the other picture
+    assert sample.rejected_media == (["b.png"], []) and sample.images == ["a.png"]
+    sample, found = parse_preference_record({**GOOD, "rejected_image": ["b.png"]}, 0, "f")
+    assert not found and sample.rejected == "A dog." and sample.rejected_media == (["b.png"], [])
+    # the prompt's own picture again is no image-side pair: an ordinary pair, and the same answers teach nothing
+    sample, found = parse_preference_record({**GOOD, "rejected_image": "a.png"}, 0, "f")
+    assert not found and sample.rejected_media is None
+    assert "teaches nothing" in problems({**GOOD, "rejected": "A cat.", "rejected_image": "a.png"})["rejected_image"]
+    # a video record replaces its video and keeps its image
+    both = {"image": "a.png", "video": "v.mp4", "rejected_video": "w.mp4", "chosen": "Yes.",
+            "conversations": [{"from": "human", "value": "<image><video>\nSame scene?"}]}
+    sample, found = parse_preference_record(both, 0, "f")
+    assert not found and sample.rejected_media == (["a.png"], ["w.mp4"]) and sample.rejected == "Yes."
 
 
 def test_flat_layout_problems_name_the_prompt():
@@ -70,16 +92,23 @@ def test_demo_prepares_and_each_length_is_the_sft_encoding(processor):
                             max_seq_length=8192)
     records = json.loads(DPO_DEMO.read_text())
     assert [s.id for s in prepared.samples] == [r["id"] for r in records]
-    assert [len(s.images) for s in prepared.samples] == [1, 2, 0, 1, 0]
-    assert [len(s.videos) for s in prepared.samples] == [0, 0, 1, 0, 0]
+    assert [len(s.images) for s in prepared.samples] == [1, 2, 0, 1, 0, 1]
+    assert [len(s.videos) for s in prepared.samples] == [0, 0, 1, 0, 0, 0]
+    assert [m is not None for m in prepared.rejected_media] == [False] * 5 + [True]
     encoder = ChatEncoder(processor)
-    for sample, lengths, images, videos in zip(prepared.samples, prepared.sequence_lengths, prepared.image_specs,
-                                               prepared.video_specs):
-        # independent: the whole conversation (prompt + that answer) encoded the SFT way
+    for sample, lengths, images, videos, other in zip(prepared.samples, prepared.sequence_lengths,
+                                                      prepared.image_specs, prepared.video_specs,
+                                                      prepared.rejected_media):
+        # independent: the whole conversation (prompt + that answer) encoded the SFT way, with the pictures that
+        # sequence shows (an image-side pair's rejected sequence: its own image, measured here from the file)
+        shown = {"chosen": images, "rejected": images if other is None else
+                 [probe_image(path, encoder, DEMO_MEDIA) for path in other[0]]}
         expected = tuple(len(encoder.encode_conversation(sample.messages + [{"role": "assistant", "content": answer}],
-                                                         images, videos).input_ids)
-                         for answer in (sample.chosen, sample.rejected))
+                                                         shown[side], videos).input_ids)
+                         for side, answer in (("chosen", sample.chosen), ("rejected", sample.rejected)))
         assert lengths == expected
+        if other is not None:  # the demo's two pictures differ in size: each sequence has its own vision tokens
+            assert shown["chosen"][0].grid != shown["rejected"][0].grid and lengths[0] != lengths[1]
     assert prepared.lengths == [max(n) for n in prepared.sequence_lengths]
 
 
@@ -108,4 +137,18 @@ def test_check_data_cli_reads_the_dpo_demo(tiny_model_dir, capsys):
     from vlft.cli import main
 
     assert main(["check-data", "--stage", "dpo", "--model_id", str(tiny_model_dir), "--data_path", str(DPO_DEMO)]) == 0
-    assert "dpo data: 5 of 5 records usable" in capsys.readouterr().err
+    assert "dpo data: 6 of 6 records usable" in capsys.readouterr().err
+
+
+def test_a_missing_rejected_image_is_named_by_its_field(processor, tmp_path):
+    from conftest import DEMO_MEDIA
+
+    record = [r for r in json.loads(DPO_DEMO.read_text()) if r["id"] == "image_side"][0]
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps([{**record, "rejected_image": "images/nowhere.png"}]))
+    with pytest.raises(DataError) as err:
+        prepare_data(str(path), PREFERENCE, processor=processor, image_folder=str(DPO_DEMO.parent), media=DEMO_MEDIA,
+                     max_seq_length=8192)
+    (problem,) = err.value.problems
+    assert (problem.index, problem.field) == (0, "rejected_image[0]") and "nowhere.png" in str(problem)
+    assert "--image_folder" in problem.hint

@@ -31,7 +31,7 @@ def subset(tmp_path_factory, ids) -> str:
     for record in json.loads(DPO_DEMO.read_text()):
         if record["id"] not in ids:
             continue
-        for key in ("image", "video"):
+        for key in ("image", "video", "rejected_image", "rejected_video"):
             if key in record:
                 value = record[key]
                 record[key] = [str(base / v) for v in value] if isinstance(value, list) else str(base / value)
@@ -54,8 +54,8 @@ def dpo(model_dir, out, *flags, data=DPO_DEMO):
 # ------------------------------------------------------------------ 1. step 0: policy == reference
 @pytest.fixture(scope="module")
 def step0_runs(tiny_model_dir, tmp_path_factory):
-    """name -> trainer of one optimizer step on all five demo pairs (image, two images, video, history, text) in
-    one batch; built on first use."""
+    """name -> trainer of one optimizer step on all six demo pairs (image, two images, video, history, text, an
+    image-side pair) in one batch; built on first use."""
     flags = {
         "sigmoid": [*LORA, "--loss_type", "sigmoid"],
         "hinge": [*LORA, "--dpo_loss", "hinge"],  # 2U1's spelling
@@ -70,7 +70,7 @@ def step0_runs(tiny_model_dir, tmp_path_factory):
         if name not in runs:
             out = tmp_path_factory.mktemp("runs") / f"step0-{name}"
             _, runs[name] = dpo(tiny_model_dir, out, *flags[name], "--max_steps", "1", "--save_strategy", "no",
-                                "--per_device_train_batch_size", "5", *COMMON)
+                                "--per_device_train_batch_size", "6", *COMMON)
         return runs[name]
 
     return get
@@ -145,7 +145,7 @@ def test_packing_is_refused(tiny_model_dir, tmp_path):
 # ------------------------------------------------------------------ 2. the LoRA reference is the starting model
 @pytest.fixture(scope="module")
 def online_run(tiny_model_dir, tmp_path_factory):
-    """Five steps on the five demo pairs, two a step, online reference (adapters off + the merger's starting
+    """Five steps on the six demo pairs, two a step, online reference (adapters off + the merger's starting
     values)."""
     out = tmp_path_factory.mktemp("runs") / "online"
     _, trainer = dpo(tiny_model_dir, out, *REFERENCE_RUN, "--max_steps", "5", "--save_strategy", "no")
@@ -210,7 +210,7 @@ def test_precomputed_reference_gives_the_online_loss_curve(online_run, precomput
     out, pre = precomputed_run
     assert pre.ref_cache.source == "computed"
     assert list((out / "ref_log_probs").iterdir()) == [pre.ref_cache.path]
-    assert pre.ref_cache.values.shape == (5, 2) and torch.isfinite(pre.ref_cache.values).all()
+    assert pre.ref_cache.values.shape == (6, 2) and torch.isfinite(pre.ref_cache.values).all()
     assert online.ref_cache is None and not (online_out / "ref_log_probs").exists()
     online_losses = [h["loss"] for h in step_logs(online)]
     pre_losses = [h["loss"] for h in step_logs(pre)]

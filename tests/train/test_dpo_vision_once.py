@@ -43,10 +43,12 @@ def test_vision_once_equals_plain_loss_and_gradients(family, distributed, tiny_m
     data = prepare_data(str(DPO_DEMO), fmt.record_format(), processor=processor, image_folder=None,
                         media=DEMO_MEDIA, max_seq_length=8192)
     ds = PreferenceDataset(data.samples, data.image_paths, processor, media=DEMO_MEDIA,
-                           video_sources=data.video_sources, raw_pixels=True)
+                           video_sources=data.video_sources, raw_pixels=True, rejected_media=data.rejected_media)
     collate = PreferenceCollator(SFTCollator.for_model(processor, model, family=fam, distributed=distributed))
     ids = [s.id for s in data.samples]
-    batches = [list(range(len(ds)))]  # everything: images, multi-image, video, history, text
+    batches = [list(range(len(ds))),  # everything: images, multi-image, video, history, text, an image-side pair
+               [ids.index("image_side")]]  # nothing to share: the plain path
+    assert data.rejected_media[ids.index("image_side")] is not None
     if distributed:  # a text-only batch gets one dummy image and one dummy video, which stay single
         batches.append([ids.index("text_only_2u1_flat")])
         batches.append([ids.index("image"), ids.index("text_only_2u1_flat")])  # images, a dummy video
@@ -70,13 +72,15 @@ def test_vision_once_equals_plain_loss_and_gradients(family, distributed, tiny_m
                 # the two uses' gradients before (once) or after (plain) that part differs at float32 rounding
                 scale = plain[name].abs().max().item()
                 assert torch.allclose(once[name], plain[name], rtol=0, atol=1e-6 * scale + 1e-12), (indices, name)
-            # the tower saw each shared picture once: the pixel rows of the chosen side (+ dummies)
-            shared = sum(int(batch[g][:int(batch[k])].prod(-1).sum()) for g, k in
-                         (("image_grid_thw", "image_pairs"), ("video_grid_thw", "video_pairs")) if g in batch)
-            dummies = plain_rows - 2 * shared
-            assert once_rows == shared + dummies
-            if shared:
-                assert once_rows < plain_rows
+            # the tower saw each distinct picture once: the pixel rows of the pictures no other one repeats
+            repeated = 0
+            for grid_key, copies_key in (("image_grid_thw", "image_copy_of"), ("video_grid_thw", "video_copy_of")):
+                if copies_key in batch:
+                    copy_of = batch[copies_key].tolist()
+                    repeated += sum(int(batch[grid_key][j].prod()) for j, k in enumerate(copy_of) if k != j)
+            assert once_rows == plain_rows - repeated
+            # what repeats is exactly the rejected rows showing the prompt's pictures: every pair but image_side
+            assert (repeated > 0) == any(ids[i] not in ("image_side", "text_only_2u1_flat") for i in indices)
     finally:
         hook.remove()
 

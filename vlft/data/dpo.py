@@ -22,12 +22,13 @@ from vlft.data.collator import SFTCollator
 from vlft.data.encoding import ChatEncoder
 from vlft.data.media import MediaError
 from vlft.data.preference import PreferenceSample, parse_preference_record
-from vlft.data.prepare import RecordFormat
+from vlft.data.prepare import RecordFormat, preference_parts
 from vlft.data.sft import SFTDataset
 from vlft.errors import VlftError
 
 TRUNCATION_MODES = ("keep_start", "drop")
 MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+IMAGE_KEYS, VIDEO_KEYS = MEDIA_KEYS[:2], MEDIA_KEYS[2:]
 
 
 @dataclass
@@ -44,11 +45,11 @@ class PreferenceFormat:
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"--truncation_mode {self.truncation_mode!r}: choose one of {', '.join(TRUNCATION_MODES)}")
 
-    def lengths(self, encoder: ChatEncoder, sample: PreferenceSample, images, videos) -> tuple[int, ...]:
-        pair = encoder.encode_preference(sample.messages, sample.completions, images, videos)
-        full = tuple(len(pair.prompt_ids) + len(ids) for ids in pair.completion_ids)
+    def lengths(self, encoder: ChatEncoder, sample: PreferenceSample, images, videos, rejected=None) -> tuple[int, ...]:
+        parts = preference_parts(encoder, sample, images, videos, rejected)
+        full = tuple(p + c for p, c in parts)
         if (self.truncation_mode == "keep_start" and max(full) > self.max_length
-                and len(pair.prompt_ids) < self.max_length):
+                and max(p for p, _ in parts) < self.max_length):
             self.truncated.append(sample.index)
             return tuple(min(n, self.max_length) for n in full)
         return full
@@ -64,16 +65,21 @@ class PreferenceDataset(SFTDataset):
         masks are 1 on the answer and its <|im_end|>), pair_index (int: the position in the dataset, the key of
         precomputed reference log-probs), and the prompt's media as the SFT dataset gives them (`pixel_values`,
         `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`, `second_per_grid_ts`).
+        Image-side pairs (`rejected_media[i]` not None) also hold `rejected_prompt_ids` [P'] (the prompt with the
+        rejected sequence's pictures: its own vision spans) and `rejected_media`: the media tensors of the kinds
+        the record replaces (`image_grid_thw` present: its images; `video_grid_thw`: its videos); the other kind
+        is the prompt's.
 
     Media loading, sizing and patchifying are the SFT dataset's (one code path); `max_length` cuts answers
     from their end so that prompt + answer <= max_length (None: no cut; data preparation has dropped what
-    cannot fit)."""
+    cannot fit). `rejected_media`: data preparation's `PreparedData.rejected_media` (None: no image-side pairs)."""
 
     def __init__(self, samples: list[PreferenceSample], image_paths, processor, *, media, video_sources=None,
-                 max_length: int | None = None, raw_pixels: bool = False):
+                 max_length: int | None = None, raw_pixels: bool = False, rejected_media=None):
         super().__init__(samples, image_paths, processor, media=media, video_sources=video_sources,
                          raw_pixels=raw_pixels)
         self.max_length = max_length
+        self.rejected_media = rejected_media or [None] * len(samples)
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
@@ -83,36 +89,78 @@ class PreferenceDataset(SFTDataset):
             video_specs = self._videos(self.video_sources[i], item)
         except MediaError as err:  # the file changed after the start-up check
             raise VlftError(f"record {sample.index} (id {sample.id!r}): {err}") from None
-        pair = self.encoder.encode_preference(sample.messages, sample.completions, image_specs, video_specs)
-        room = None if self.max_length is None else self.max_length - len(pair.prompt_ids)
-        item["prompt_ids"] = torch.tensor(pair.prompt_ids, dtype=torch.long)
-        for name, ids, mask in zip(("chosen", "rejected"), pair.completion_ids, pair.completion_masks):
+        other = self.rejected_media[i]
+        if other is None:
+            pair = self.encoder.encode_preference(sample.messages, sample.completions, image_specs, video_specs)
+            sides = [(pair.prompt_ids, ids, mask) for ids, mask in zip(pair.completion_ids, pair.completion_masks)]
+        else:  # image-side pair: the rejected sequence's prompt shows its own pictures
+            rejected: dict = {}
+            try:
+                other_images = (self._images(other[0], rejected) if sample.rejected_images is not None
+                                else image_specs)
+                other_videos = (self._videos(other[1], rejected) if sample.rejected_videos is not None
+                                else video_specs)
+            except MediaError as err:
+                raise VlftError(f"record {sample.index} (id {sample.id!r}): {err}") from None
+            item["rejected_media"] = rejected
+            sides = []
+            for answer, specs in ((sample.chosen, (image_specs, video_specs)), (sample.rejected, (other_images, other_videos))):
+                pair = self.encoder.encode_preference(sample.messages, (answer,), *specs)
+                sides.append((pair.prompt_ids, pair.completion_ids[0], pair.completion_masks[0]))
+            item["rejected_prompt_ids"] = torch.tensor(sides[1][0], dtype=torch.long)
+        item["prompt_ids"] = torch.tensor(sides[0][0], dtype=torch.long)
+        for name, (prompt_ids, ids, mask) in zip(("chosen", "rejected"), sides):
+            room = None if self.max_length is None else self.max_length - len(prompt_ids)
             item[f"{name}_ids"] = torch.tensor(ids[:room], dtype=torch.long)
             item[f"{name}_mask"] = torch.tensor(mask[:room], dtype=torch.long)
         return item
 
 
 class PreferenceCollator:
-    """Pairs -> one padded batch of 2B rows, [chosen; rejected] (see the module docstring), plus `pair_index`
-    [B] and `image_pairs` / `video_pairs` (scalars): the number n of images (videos) of the chosen rows. The media
-    tensors hold those n, the rejected rows' n identical copies, then any dummy media of a distributed batch
-    (data/collator.py: DummyMedia), so the trainer can encode each picture once (train/dpo_trainer.py).
+    """Pairs -> one padded batch of 2B rows, [chosen; rejected] (see the module docstring), plus `pair_index` [B]
+    and `image_copy_of` / `video_copy_of` [n] (long; present when the chosen rows show pictures of that kind): for
+    each of the n images (videos) of the 2B rows, in the order of the media tensors, the index of the picture whose
+    features it may reuse, itself when it must be encoded. A rejected row showing the prompt's pictures points at
+    the chosen row's copies; an image-side pair's rejected pictures (`rejected_media`) point at themselves; any
+    dummy media of a distributed batch (data/collator.py: DummyMedia) come after the n. With these the trainer
+    encodes each distinct picture once (train/logprobs.py: encode_vision_once).
     `base` is the stage's SFTCollator (SFTCollator.for_model), which does the padding and the media."""
 
     def __init__(self, base: SFTCollator):
         self.base = base
 
+    @staticmethod
+    def _replaces(pair: dict, grid_key: str) -> bool:
+        """Whether the pair's rejected sequence shows its own pictures of the kind `grid_key` counts."""
+        return grid_key in pair.get("rejected_media", {})
+
     def __call__(self, pairs: list[dict]) -> dict:
         rows = []
         for side in ("chosen", "rejected"):
             for pair in pairs:
-                ids = torch.cat([pair["prompt_ids"], pair[f"{side}_ids"]])
-                labels = torch.cat([torch.full_like(pair["prompt_ids"], IGNORE_INDEX),
+                prompt = pair["rejected_prompt_ids"] if side == "rejected" and "rejected_prompt_ids" in pair \
+                    else pair["prompt_ids"]
+                ids = torch.cat([prompt, pair[f"{side}_ids"]])
+                labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX),
                                     pair[f"{side}_ids"].masked_fill(pair[f"{side}_mask"] == 0, IGNORE_INDEX)])
-                rows.append({"input_ids": ids, "labels": labels, **{k: pair[k] for k in MEDIA_KEYS if k in pair}})
+                media = {k: pair[k] for k in MEDIA_KEYS if k in pair}
+                if side == "rejected":
+                    for keys in (IMAGE_KEYS, VIDEO_KEYS):
+                        if self._replaces(pair, keys[1]):
+                            media.update({k: pair["rejected_media"][k] for k in keys if k in pair["rejected_media"]})
+                rows.append({"input_ids": ids, "labels": labels, **media})
         batch = self.base(rows)
         batch["pair_index"] = torch.tensor([pair["pair_index"] for pair in pairs], dtype=torch.long)
-        # images (videos) of the chosen rows; the rejected rows repeat them, in the same order, right after
-        for key, grid in (("image_pairs", "image_grid_thw"), ("video_pairs", "video_grid_thw")):
-            batch[key] = torch.tensor(sum(len(pair.get(grid, ())) for pair in pairs), dtype=torch.long)
+        for key, grid in (("image_copy_of", "image_grid_thw"), ("video_copy_of", "video_grid_thw")):
+            counts = [len(pair.get(grid, ())) for pair in pairs]
+            n_chosen = sum(counts)
+            if not n_chosen:
+                continue
+            copy_of = list(range(n_chosen))
+            start = 0
+            for pair, n in zip(pairs, counts):
+                own = self._replaces(pair, grid)
+                copy_of += [len(copy_of) + k if own else start + k for k in range(n)]
+                start += n
+            batch[key] = torch.tensor(copy_of, dtype=torch.long)
         return batch

@@ -37,7 +37,7 @@ def parse_record(record: object, index: int, file: str, *, require_answer: bool 
     def report(field: str, message: str, hint: str) -> None:
         problems.append(Problem(file, index, field, message, hint, record_id))
 
-    media = {key: _check_media(record.get(key), key, report) for key in TAGS}
+    media = {key: check_media(record.get(key), key, report) for key in TAGS}
     turns = _check_turns(record.get("conversations"), report)
     if turns is not None:
         _check_order([role for role, _ in turns], report, require_answer)
@@ -58,14 +58,16 @@ def parse_record(record: object, index: int, file: str, *, require_answer: bool 
     return Sample(index=index, id=record_id, messages=messages, images=media["image"], videos=media["video"]), []
 
 
-def _check_media(value: object, key: str, report: Report) -> list | None:
-    """The image paths (key 'image') or videos (key 'video': a file or frame folder, or a list of frame
-    paths), or None when the field is unusable (already reported)."""
-    if key == "image":
-        hint = "give one path as a string or several as a list of strings, or leave 'image' out"
+def check_media(value: object, key: str, report: Report, kind: str | None = None) -> list | None:
+    """The image paths (kind 'image') or videos (kind 'video': a file or frame folder, or a list of frame
+    paths) of the record's field `key` (kind defaults to the key), or None when the field is unusable (already
+    reported)."""
+    kind = kind or key
+    if kind == "image":
+        hint = f"give one path as a string or several as a list of strings, or leave '{key}' out"
     else:
         hint = ("give one video (a file or a folder of frames) as a string, several as a list, and a video given "
-                "as frame images as a list of paths inside that list; or leave 'video' out")
+                f"as frame images as a list of paths inside that list; or leave '{key}' out")
     if value is None:
         return []
     if isinstance(value, str):
@@ -81,7 +83,7 @@ def _check_media(value: object, key: str, report: Report) -> list | None:
         return None
     ok = True
     for k, path in enumerate(value):
-        frames = key == "video" and isinstance(path, list)
+        frames = kind == "video" and isinstance(path, list)
         if frames and path and all(isinstance(f, str) and f.strip() for f in path):
             continue
         if not frames and isinstance(path, str) and path.strip():

@@ -12,16 +12,25 @@ Two layouts are read:
 
 Media keys are SFT's (`image`, `video`: one or a list), with one tag per item in the human turns; the chosen and
 rejected answers share the prompt's media. Every problem names the record's field as the user wrote it.
+
+Image-side pairs: `rejected_image` / `rejected_video` (one per `<image>` / `<video>` tag, in tag order) give the
+rejected sequence other pictures in the same prompt text, e.g. a corrupted or unrelated image; what the record does
+not replace stays the prompt's. `rejected` may then be left out: the rejected sequence repeats the chosen answer,
+so the pair teaches which picture the answer belongs to (mDPO's conditional preference, arXiv 2406.11839):
+
+    {"image": "cat.png", "rejected_image": "cat_cropped.png",
+     "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}], "chosen": "A cat."}
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from vlft.data.llava import Report, check_text, parse_record
+from vlft.data.llava import TAGS, Report, check_media, check_text, parse_record
 from vlft.errors import Problem
 
 ANSWER_KEYS = ("chosen", "rejected")
+REJECTED_MEDIA = {"rejected_image": "image", "rejected_video": "video"}  # record key -> the prompt media it replaces
 _ANSWER_HINT = 'give the answer as a string, or as {"from": "gpt", "value": "..."}'
 
 
@@ -32,8 +41,18 @@ class PreferenceSample:
     messages: list[dict]  # the prompt as chat-template messages, ending with a user turn
     chosen: str
     rejected: str
-    images: list[str]  # image paths as written, in tag order (shared by both answers)
-    videos: list = field(default_factory=list)
+    images: list[str]  # image paths as written, in tag order (the chosen sequence's; the rejected one's too unless
+    videos: list = field(default_factory=list)  # rejected_images / rejected_videos replace them)
+    rejected_images: list[str] | None = None  # image-side pairs: the rejected sequence's images, else None
+    rejected_videos: list | None = None
+
+    @property
+    def rejected_media(self) -> tuple[list, list] | None:
+        """(images, videos) of the rejected sequence as written, or None when it shows the prompt's media."""
+        if self.rejected_images is None and self.rejected_videos is None:
+            return None
+        return (self.images if self.rejected_images is None else self.rejected_images,
+                self.videos if self.rejected_videos is None else self.rejected_videos)
 
     @property
     def completions(self) -> tuple[str, str]:
@@ -79,14 +98,36 @@ def parse_preference_record(record: object, index: int, file: str) -> tuple[Pref
     def report(where: str, message: str, hint: str) -> None:
         problems.append(Problem(file, index, where, message, hint, record_id))
 
-    answers = {key: _answer(record.get(key), key, report) for key in ANSWER_KEYS}
-    if answers["chosen"] is not None and answers["chosen"] == answers["rejected"]:
-        report("rejected", "the rejected answer is the same as the chosen one, so the pair teaches nothing",
-               "give two different answers, or drop the record")
-    for key in ("rejected_image", "rejected_video"):
-        if key in record:
-            report(key, f"'{key}' (a different picture for the rejected answer) is not supported yet",
-                   "give both answers the prompt's media, or drop the record")
+    given = [key for key in REJECTED_MEDIA if key in record]
+    rejected_media = {}  # kind -> the rejected sequence's paths, where they differ from the prompt's
+    media_reported = sample is None
+    for key in given:
+        kind = REJECTED_MEDIA[key]
+        value = check_media(record[key], key, report, kind=kind)
+        if value is None or sample is None:
+            media_reported = True
+            continue
+        prompt_media = sample.images if kind == "image" else sample.videos
+        if len(value) != len(prompt_media):
+            report(key, f"{len(value)} {key} path(s) for the prompt's {len(prompt_media)} {TAGS[kind]} tag(s)",
+                   f"give one {kind} per {TAGS[kind]} tag, in tag order: the rejected sequence shows it in that "
+                   "tag's place")
+            media_reported = True
+        elif value != prompt_media:
+            rejected_media[kind] = value
+    # without 'rejected', an image-side pair repeats the chosen answer with the other picture
+    same_answer = bool(given) and record.get("rejected") is None
+    answers = {key: _answer(record.get(key), key, report) for key in (("chosen",) if same_answer else ANSWER_KEYS)}
+    if same_answer:
+        answers["rejected"] = answers["chosen"]
+    if (answers["chosen"] is not None and answers["chosen"] == answers["rejected"] and not rejected_media
+            and not (given and media_reported)):
+        if given:
+            report(given[0], f"'{given[0]}' is the prompt's own media and the rejected answer is the chosen one, so "
+                   "the pair teaches nothing", "give the rejected sequence another picture, or a different answer")
+        else:
+            report("rejected", "the rejected answer is the same as the chosen one, so the pair teaches nothing",
+                   "give two different answers, or drop the record")
     if sample is not None and sample.messages[-1]["role"] != "user":
         last = "prompt" if flat else f"conversations[{len(sample.messages) - 1}]"
         report(last, "the prompt ends with a gpt turn", "end the prompt with the human turn the answers reply to; "
@@ -94,4 +135,4 @@ def parse_preference_record(record: object, index: int, file: str) -> tuple[Pref
     if problems or sample is None:
         return None, problems
     return PreferenceSample(index, sample.id, sample.messages, answers["chosen"], answers["rejected"], sample.images,
-                            sample.videos), []
+                            sample.videos, rejected_media.get("image"), rejected_media.get("video")), []

@@ -13,7 +13,7 @@ resolution, media probing and decoding (each file once, in threads), tokenisatio
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,8 +54,10 @@ class MediaSettings:
 
 # (record, index, file) -> (sample or None, problems); the sample has .index, .id, .images, .videos
 RecordParser = Callable[[object, int, str], tuple[object | None, list[Problem]]]
-# (encoder, sample, image specs, video specs) -> token count of each sequence the stage builds from the record
-SequenceLengths = Callable[[ChatEncoder, object, Sequence[VisionSpec], Sequence[VisionSpec]], tuple[int, ...]]
+# (encoder, sample, image specs, video specs) -> token count of each sequence the stage builds from the record; a
+# sample with other media for its rejected sequence (image-side preference pairs) also gets `rejected=(image specs,
+# video specs)` of that sequence
+SequenceLengths = Callable[..., tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,22 @@ def _conversation_lengths(encoder: ChatEncoder, sample: Sample, images, videos) 
     return (len(encoder.encode_conversation(sample.messages, images, videos).input_ids),)
 
 
-def _preference_lengths(encoder: ChatEncoder, sample: PreferenceSample, images, videos) -> tuple[int, ...]:
-    pair = encoder.encode_preference(sample.messages, sample.completions, images, videos)
-    return tuple(len(pair.prompt_ids) + len(ids) for ids in pair.completion_ids)
+def _preference_lengths(encoder: ChatEncoder, sample: PreferenceSample, images, videos, rejected=None) -> tuple[int, ...]:
+    return tuple(p + c for p, c in preference_parts(encoder, sample, images, videos, rejected))
+
+
+def preference_parts(encoder: ChatEncoder, sample: PreferenceSample, images, videos,
+                     rejected=None) -> list[tuple[int, int]]:
+    """(prompt tokens, answer tokens) of the chosen and the rejected sequence; `rejected` = (image specs, video
+    specs) of the rejected sequence when its media differ from the prompt's (its prompt then has its own length)."""
+    if rejected is None:
+        pair = encoder.encode_preference(sample.messages, sample.completions, images, videos)
+        return [(len(pair.prompt_ids), len(ids)) for ids in pair.completion_ids]
+    parts = []
+    for answer, (side_images, side_videos) in zip(sample.completions, ((images, videos), rejected)):
+        pair = encoder.encode_preference(sample.messages, (answer,), side_images, side_videos)
+        parts.append((len(pair.prompt_ids), len(pair.completion_ids[0])))
+    return parts
 
 
 def _parse_conversation_or_prompt(record: object, index: int, file: str):
@@ -106,6 +121,8 @@ class PreparedData:
     video_sources: list[list] = field(default_factory=list)  # resolved videos, parallel to samples
     image_specs: list[list[VisionSpec]] = field(default_factory=list)  # grid of each image, parallel to samples
     video_specs: list[list[VisionSpec]] = field(default_factory=list)  # grid and timing of each video
+    # image-side preference pairs: the rejected sequence's resolved (images, videos), else None; parallel to samples
+    rejected_media: list[tuple[list, list] | None] = field(default_factory=list)
 
     @property
     def lengths(self) -> list[int]:
@@ -227,11 +244,18 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
 
     images = {s.index: [str(resolve_media_path(p, image_folder, file)) for p in s.images] for s in parsed}
     videos = {s.index: [_resolve_video(v, image_folder, file) for v in s.videos] for s in parsed}
+    # image-side preference pairs: what the rejected sequence shows instead (only the kinds the record replaces)
+    other_images = {s.index: [str(resolve_media_path(p, image_folder, file)) for p in s.rejected_images]
+                    for s in parsed if getattr(s, "rejected_images", None) is not None}
+    other_videos = {s.index: [_resolve_video(v, image_folder, file) for v in s.rejected_videos]
+                    for s in parsed if getattr(s, "rejected_videos", None) is not None}
     # the media written as relative paths: the only ones --image_folder decides where to find
-    relative = {resolved for s in parsed for resolved, raw in zip([*images[s.index], *videos[s.index]],
-                                                                  [*s.images, *s.videos]) if _relative(raw)}
-    unique_images = sorted({p for paths in images.values() for p in paths})
-    unique_videos = sorted({v for sources in videos.values() for v in sources}, key=str)
+    relative = {resolved for s in parsed for resolved, raw in zip(
+        [*images[s.index], *videos[s.index], *other_images.get(s.index, []), *other_videos.get(s.index, [])],
+        [*s.images, *s.videos, *(getattr(s, "rejected_images", None) or []), *(getattr(s, "rejected_videos", None) or [])])
+        if _relative(raw)}
+    unique_images = sorted({p for paths in [*images.values(), *other_images.values()] for p in paths})
+    unique_videos = sorted({v for sources in [*videos.values(), *other_videos.values()] for v in sources}, key=str)
     encoder = ChatEncoder(processor)
     if unique_videos and getattr(processor, "video_processor", None) is None:
         raise VlftError(f"{file} has video records but the processor of this model has no video processor")
@@ -242,22 +266,32 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
     out = PreparedData([], [], [], len(records), length_flag=length_flag)
     overlong: list[Problem] = []
     for sample in parsed:
-        specs: dict[str, list[VisionSpec]] = {"image": [], "video": []}
+        specs: dict[str, list[VisionSpec]] = {"image": [], "video": [], "rejected_image": [], "rejected_video": []}
         bad = False
-        for kind, sources, written in (("image", images[sample.index], sample.images),
-                                       ("video", videos[sample.index], sample.videos)):
+        for key, kind, sources, written in (
+                ("image", "image", images[sample.index], sample.images),
+                ("video", "video", videos[sample.index], sample.videos),
+                ("rejected_image", "image", other_images.get(sample.index, []), getattr(sample, "rejected_images", None)),
+                ("rejected_video", "video", other_videos.get(sample.index, []), getattr(sample, "rejected_videos", None))):
             for j, source in enumerate(sources):
                 result = probed[source]
                 if isinstance(result, MediaError):
                     bad = True
                     hint = (_missing_hint(kind, written[j], image_folder, file) if _missing(source)
                             else f"replace the {kind} or remove the record")
-                    problems.append(Problem(file, sample.index, f"{kind}[{j}]", str(result), hint, sample.id))
+                    problems.append(Problem(file, sample.index, f"{key}[{j}]", str(result), hint, sample.id))
                 else:
-                    specs[kind].append(result)
+                    specs[key].append(result)
         if bad:
             continue
-        lengths = tuple(record_format.sequence_lengths(encoder, sample, specs["image"], specs["video"]))
+        other = None
+        if sample.index in other_images or sample.index in other_videos:
+            other = (specs["rejected_image"] if sample.index in other_images else specs["image"],
+                     specs["rejected_video"] if sample.index in other_videos else specs["video"])
+            lengths = tuple(record_format.sequence_lengths(encoder, sample, specs["image"], specs["video"],
+                                                           rejected=other))
+        else:
+            lengths = tuple(record_format.sequence_lengths(encoder, sample, specs["image"], specs["video"]))
         if max(lengths) > max_seq_length:
             overlong.append(Problem(
                 file, sample.index, "", f"{max(lengths)} tokens (vision tokens included) > {length_flag} "
@@ -270,6 +304,9 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
         out.sequence_lengths.append(lengths)
         out.image_specs.append(specs["image"])
         out.video_specs.append(specs["video"])
+        out.rejected_media.append(None if other is None else (
+            other_images.get(sample.index, images[sample.index]),
+            [list(v) if isinstance(v, tuple) else v for v in other_videos.get(sample.index, videos[sample.index])]))
 
     # named by the fields the user wrote (messages[1].content, images[0]), not by their LLaVA equivalents
     problems = sorted((loaded.source(p) for p in problems), key=lambda p: (p.index if p.index is not None else -1))

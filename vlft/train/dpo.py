@@ -91,7 +91,8 @@ def run(argv: list[str]):
     log(reference.describe() if reference is not None else "reference: precomputed before the first step")
 
     dataset = PreferenceDataset(data.samples, data.image_paths, processor, media=media,
-                                video_sources=data.video_sources, max_length=max_length, raw_pixels=True)
+                                video_sources=data.video_sources, max_length=max_length, raw_pixels=True,
+                                rejected_media=data.rejected_media)
     collator = PreferenceCollator(SFTCollator.for_model(processor, prepared.base_model, family=prepared.family,
                                                         distributed=train_args.world_size > 1))
     order = None

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback
 
 from vlft.errors import VlftError
 from vlft.train.dpo_loss import preference_loss, reward_metrics, sequence_logps
-from vlft.train.logprobs import MEDIA_PAIRS, completion_log_probs, encode_vision_once  # noqa: F401 (re-exported)
+from vlft.train.logprobs import MEDIA_COPIES, completion_log_probs, encode_vision_once  # noqa: F401 (re-exported)
 from vlft.train.reference import AdaptersOff, FrozenCopy
 from vlft.train.trainer import VlftTrainerMixin
 from vlft.utils import log
@@ -87,11 +87,12 @@ class DPOTrainer(VlftTrainerMixin, Trainer):
     def count_batch(self, inputs: dict) -> None:
         if not self.args.encode_vision_once:
             return super().count_batch(inputs)
-        counted = dict(inputs)  # the tower sees each pair's pictures once: count their patches once
-        for _, _, grid_key, pairs_key in MEDIA_PAIRS:
-            if counted.get(grid_key) is not None and pairs_key in counted:
-                n = int(counted[pairs_key])
-                counted[grid_key] = torch.cat([counted[grid_key][:n], counted[grid_key][2 * n:]])
+        counted = dict(inputs)  # the tower sees each distinct picture once: count its patches once
+        for _, _, grid_key, copies_key in MEDIA_COPIES:
+            if counted.get(grid_key) is not None and copies_key in counted:
+                copy_of = counted[copies_key].tolist()
+                own = [j for j in range(counted[grid_key].shape[0]) if j >= len(copy_of) or copy_of[j] == j]
+                counted[grid_key] = counted[grid_key][own]
         self.counts.add(counted)
 
     # ------------------------------------------------------------------ reference

@@ -7,56 +7,59 @@ import torch
 from vlft.constants import IGNORE_INDEX
 
 # batch keys of vlft's stages that are not model arguments
-NON_MODEL_KEYS = ("labels", "pair_index", "image_pairs", "video_pairs", "advantages", "ref_per_token_logps", "record")
-MEDIA_PAIRS = (("image", "pixel_values", "image_grid_thw", "image_pairs"),
-          ("video", "pixel_values_videos", "video_grid_thw", "video_pairs"))
+NON_MODEL_KEYS = ("labels", "pair_index", "image_copy_of", "video_copy_of", "advantages", "ref_per_token_logps",
+                  "record")
+# (kind, pixels key, grid key, the preference collator's key saying which pictures repeat which: data/dpo.py)
+MEDIA_COPIES = (("image", "pixel_values", "image_grid_thw", "image_copy_of"),
+                ("video", "pixel_values_videos", "video_grid_thw", "video_copy_of"))
 
 
 def encode_vision_once(model, inputs: dict) -> dict:
-    """The batch with each pair's pictures encoded once: the vision tower runs on the chosen rows' images and
-    videos (plus any dummy media), and its outputs are given to the model's forward twice, once for the chosen
-    rows and once for the rejected rows, through the library's public `mm_encoder_outputs` argument
-    (transformers >= 5.2x; Qwen3-VL's deepstack features included). The grids stay complete (2n + dummies), so
-    mRoPE positions and Qwen2.5-VL's `second_per_grid_ts` are those of the plain batch.
+    """The batch with each distinct picture encoded once: the vision tower runs on the pictures that
+    `image_copy_of` / `video_copy_of` (data/dpo.py: PreferenceCollator) mark as their own (the chosen rows', an
+    image-side pair's rejected ones, any dummy media), and each repeated picture (a rejected row showing the
+    prompt's pictures) gets the features of the one it repeats, all given to the model's forward through the
+    library's public `mm_encoder_outputs` argument (transformers >= 5.2x; Qwen3-VL's deepstack features included).
+    The grids stay complete, so mRoPE positions and Qwen2.5-VL's `second_per_grid_ts` are those of the plain batch.
 
     Exact: the tower encodes every image (video) on its own (attention within one picture), so the features of
     a picture do not depend on what else is in the batch; the gradient of a feature used twice is the sum of
     both uses, which is what the plain path accumulates over its two encodings (tests/train/
-    test_dpo_vision_once.py compares loss and gradients). Returns a new dict; batches without media pass."""
+    test_dpo_vision_once.py compares loss and gradients). Returns a new dict, or `inputs` itself when no picture
+    repeats another (then there is nothing to save)."""
+    sources = {}  # kind -> for each picture, the one whose features it takes (itself: encoded)
+    for kind, pixels_key, grid_key, copies_key in MEDIA_COPIES:
+        if inputs.get(pixels_key) is not None:
+            copy_of = inputs[copies_key].tolist() if copies_key in inputs else []
+            sources[kind] = copy_of + list(range(len(copy_of), inputs[grid_key].shape[0]))  # dummies: their own
+    if not any(s != j for source in sources.values() for j, s in enumerate(source)):
+        return inputs  # nothing repeats: the plain batch
+    from vlft.models.patches import unwrap_model
+
+    bare = model
+    while hasattr(bare, "module"):  # DDP / DeepSpeed engine around the model
+        bare = bare.module
+    inner = unwrap_model(bare).model
     inputs = dict(inputs)
-    inner = None
     encoded = {}
-    for kind, pixels_key, grid_key, pairs_key in MEDIA_PAIRS:
-        pixels, grid = inputs.get(pixels_key), inputs.get(grid_key)
-        if pixels is None or pairs_key not in inputs:
+    for kind, pixels_key, grid_key, _ in MEDIA_COPIES:
+        if kind not in sources:
             continue
-        n = int(inputs[pairs_key])
-        if inner is None:
-            from vlft.models.patches import unwrap_model
-
-            bare = model
-            while hasattr(bare, "module"):  # DDP / DeepSpeed engine around the model
-                bare = bare.module
-            inner = unwrap_model(bare).model
-        rows = grid.prod(-1)
-        first, second = int(rows[:n].sum()), int(rows[:2 * n].sum())
-        unique_pixels = torch.cat([pixels[:first], pixels[second:]])
-        unique_grid = torch.cat([grid[:n], grid[2 * n:]])
+        # every kind goes through mm_encoder_outputs once one does (the forward takes pixels or features, not both)
+        pixels, grid, source = inputs.pop(pixels_key), inputs[grid_key], sources[kind]
+        unique = [j for j, s in enumerate(source) if s == j]
+        ends = grid.prod(-1).cumsum(0).tolist()
+        unique_pixels = torch.cat([pixels[(ends[j - 1] if j else 0):ends[j]] for j in unique])
         encode = inner.get_image_features if kind == "image" else inner.get_video_features
-        out = encode(unique_pixels, unique_grid, return_dict=True)
-        out.pooler_output = _twice(out.pooler_output, n)
+        out = encode(unique_pixels, grid[unique], return_dict=True)
+        slot = {j: k for k, j in enumerate(unique)}
+        order = [slot[s] for s in source]  # each picture's features: those of the picture it repeats
+        out.pooler_output = tuple(out.pooler_output[k] for k in order)
         if getattr(out, "deepstack_features", None) is not None:
-            out.deepstack_features = [_twice(level, n) for level in out.deepstack_features]
+            out.deepstack_features = [tuple(level[k] for k in order) for level in out.deepstack_features]
         encoded[kind] = out
-        del inputs[pixels_key]
-    if encoded:
-        inputs["mm_encoder_outputs"] = encoded
+    inputs["mm_encoder_outputs"] = encoded
     return inputs
-
-
-def _twice(parts, n: int) -> tuple:
-    """Per-picture outputs [the n shared ones, extras] -> [the n, the n again, extras]."""
-    return tuple(parts[:n]) * 2 + tuple(parts[n:])
 
 
 def completion_log_probs(model, inputs: dict, *, vision_once: bool = False,
@@ -65,7 +68,7 @@ def completion_log_probs(model, inputs: dict, *, vision_once: bool = False,
 
     inputs: the model's keyword arguments plus `labels` [N, L] (token ids on the completion tokens,
         IGNORE_INDEX elsewhere; `pair_index` is ignored).
-    vision_once: encode each pair's pictures once (`encode_vision_once`; needs the collator's `image_pairs`).
+    vision_once: encode each distinct picture once (`encode_vision_once`; reads the collator's `image_copy_of`).
     temperature: the logits are divided by it first (GRPO: the log-probs of the sampling distribution, as TRL).
     Returns (log_probs [N, M], mask [N, M]): nats in float32 (or the logits' dtype if wider), and 0/1; aligned:
     column m is the log-prob of the token at column `kept[m] + 1` given everything before it, where `kept` are
