@@ -464,7 +464,8 @@ def test_dpo_script_arguments_parse(tmp_path, demo):
 
 def test_dpo_demo_trains_and_merges_into_a_loadable_model(tmp_path, cache):
     """`bash scripts/finetune_dpo.sh` with only OUTPUT_DIR: the offline demo (6 pairs: images, two images, a video,
-    history, text, an image-side pair) trains LoRA + merger; merge_lora.sh folds it into a model plain transformers loads and runs."""
+    history, text, an image-side pair) trains LoRA + merger; merge_lora.sh folds it into a model plain transformers
+    loads and runs."""
     out = tmp_path / "runs" / "dpo"
     env = script_env(tmp_path, PYTHON=sys.executable, VLFT_CACHE=str(cache), OUTPUT_DIR=str(out))
     proc = subprocess.run(["bash", str(SCRIPTS / "finetune_dpo.sh")], env=env, capture_output=True, text=True,

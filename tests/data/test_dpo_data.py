@@ -175,3 +175,39 @@ def test_log_probs_equal_independent_forwards_in_one_mixed_batch(family, tiny_mo
             c, r = sequence_logps(*completion_log_probs(model, single)).chunk(2)
         alone.append(preference_loss(c, r, ref_c[i:i + 1], ref_r[i:i + 1], beta=0.5).loss)
     assert torch.allclose(whole, torch.stack(alone).mean(), atol=1e-6, rtol=0)
+
+
+def test_a_rejected_video_pair_equals_independent_forwards_with_the_video_timing(tiny_model_factory, tmp_path):
+    """An image + video prompt whose rejected sequence replaces the video (and keeps the image): on Qwen2.5-VL,
+    whose mRoPE reads each video's `second_per_grid_ts`, both sequences' log-probs equal independent forwards, and
+    vision-once encodes the shared image once and both videos."""
+    from vlft.models.loading import load_model, load_processor
+
+    model_dir = str(tiny_model_factory("qwen2_5_vl"))
+    processor = load_processor(model_dir)
+    model, _ = load_model(model_dir)
+    model.double().eval()
+    base = DPO_DEMO.parent
+    record = {"id": "video_side", "image": str(base / "images/red_square.png"),
+              "video": str(base / "videos/ball_left_right.mp4"), "rejected_video": str(base / "videos/color_cycle.mp4"),
+              "conversations": [{"from": "human", "value": "<image>\n<video>\nDoes the clip show this shape?"}],
+              "chosen": "Yes.", "rejected": "No."}
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([record]))
+    data, _ = prepare(path, processor)
+    ds = dataset(data, processor)
+    item = ds[0]
+    assert set(item["rejected_media"]) == {"pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}
+    batch = model_inputs(PreferenceCollator(SFTCollator.for_model(processor, model))([item]), model,
+                         image_norm=ds.image_norm, video_norm=ds.video_norm)
+    assert batch["image_copy_of"].tolist() == [0, 0] and batch["video_copy_of"].tolist() == [0, 1]
+    assert batch["video_grid_thw"].shape[0] == 2 and len(batch["second_per_grid_ts"]) == 2
+    with torch.no_grad():
+        plain = sequence_logps(*completion_log_probs(model, batch))
+        once = sequence_logps(*completion_log_probs(model, batch, vision_once=True))
+    assert torch.allclose(plain, once, rtol=0, atol=1e-9)
+    sample = data.samples[0]
+    for row, side in enumerate(("chosen", "rejected")):
+        images, videos = (data.image_paths[0], data.video_sources[0]) if side == "chosen" else data.rejected_media[0]
+        want = reference_sum(model, processor, sample, getattr(sample, side), images, videos)
+        assert math.isclose(plain[row].item(), want, rel_tol=0, abs_tol=1e-5), (side, plain[row].item(), want)
