@@ -6,6 +6,9 @@
 # With no settings it runs the offline demo (tiny model + data_examples/grpo_demo.json) on whatever this machine has.
 #   MODEL=output/merged/sft DATA=prompts.json IMAGE_FOLDER=images/ REWARD_FUNCS="format accuracy" bash scripts/finetune_grpo.sh
 #   REWARD_FUNCS="format my_rewards.py:box_reward" REWARD_WEIGHTS="0.5 1.0" NUM_GENERATIONS=8 bash scripts/finetune_grpo.sh
+# USE_VLLM=true generates with vLLM (pip install vllm; image and text prompts, not video): VLLM_MODE=colocate (the
+# default, an engine inside every training process) or VLLM_MODE=server with a `trl vllm-serve` already running
+# (VLLM_SERVER_BASE_URL, default http://0.0.0.0:8000).
 # Launchers (NUM_GPUS, ZERO_CONFIG, ...) and the shared settings as in the SFT scripts (scripts/_common.sh).
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
@@ -42,6 +45,9 @@ BATCH_SIZE="${BATCH_SIZE:-8}"                        # completions per device (a
 GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-64}"
 FREEZE_VISION_TOWER="${FREEZE_VISION_TOWER:-true}"
 FREEZE_MERGER="${FREEZE_MERGER:-false}"
+USE_VLLM="${USE_VLLM:-false}"                        # true: vLLM generates the completions
+VLLM_MODE="${VLLM_MODE:-}"                           # colocate (empty = TRL's default) or server
+VLLM_SERVER_BASE_URL="${VLLM_SERVER_BASE_URL:-}"     # server mode: the server's URL
 shared_settings
 
 mapfile -t LORA < <(lora_flags)
@@ -49,6 +55,7 @@ mapfile -t FUNCS < <(list_flag reward_funcs "$REWARD_FUNCS")
 mapfile -t WEIGHTS < <(list_flag reward_weights "$REWARD_WEIGHTS")
 mapfile -t MEDIA_FOLDER < <(optional_flag image_folder "$IMAGE_FOLDER")
 mapfile -t TRAINING < <(training_flags)
+mapfile -t VLLM < <(optional_flag vllm_mode "$VLLM_MODE"; optional_flag vllm_server_base_url "$VLLM_SERVER_BASE_URL")
 link_latest "$OUTPUT_DIR"
 vlft_launch grpo \
   --model_id "$MODEL" \
@@ -63,6 +70,8 @@ vlft_launch grpo \
   --temperature "$TEMPERATURE" \
   --beta "$BETA" \
   --loss_type "$LOSS_TYPE" \
+  --use_vllm "$USE_VLLM" \
+  "${VLLM[@]}" \
   "${FUNCS[@]}" \
   "${WEIGHTS[@]}" \
   "${TRAINING[@]}" \

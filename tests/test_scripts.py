@@ -533,6 +533,18 @@ def test_grpo_script_arguments_parse(tmp_path, demo):
     assert {k: values[k] for k in expected} == expected
 
 
+def test_grpo_script_use_vllm_settings_reach_vlft(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    default = flat(parse_args(GRPO_GROUPS, launched_argv(tmp_path / "a", "finetune_grpo.sh")["grpo"]))
+    assert (default["use_vllm"], default["vllm_mode"], default["vllm_server_base_url"]) == (False, "colocate", None)
+    calls = launched_argv(tmp_path / "b", "finetune_grpo.sh", USE_VLLM="true", VLLM_MODE="server",
+                          VLLM_SERVER_BASE_URL="http://vllm-host:8000")
+    values = flat(parse_args(GRPO_GROUPS, calls["grpo"]))
+    assert (values["use_vllm"], values["vllm_mode"], values["vllm_server_base_url"]) == (
+        True, "server", "http://vllm-host:8000")
+
+
 def test_grpo_demo_writes_completions_and_merges(tmp_path, cache):
     """`bash scripts/finetune_grpo.sh` with only OUTPUT_DIR: the offline demo (7 prompts: images, two images, a
     video, a text prompt; 4 completions each) runs one epoch and logs every completion with its record, media and

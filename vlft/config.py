@@ -427,7 +427,39 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward (default 1)."})
     log_completions: bool = field(
         default=True, metadata={"help": "Write every step's completions and rewards to <output_dir>/completions.jsonl."})
-    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (not available in this version)."})
+    # vLLM generation (train/vllm_rollout.py): TRL's GRPOConfig names and defaults, except where noted
+    use_vllm: bool = field(
+        default=False, metadata={"help": "Generate the completions with vLLM (pip install vllm; images and text prompts, "
+                                         "not video) instead of transformers' generate."})
+    vllm_mode: str = field(
+        default="colocate", metadata={"help": "server: a separate `trl vllm-serve` process; colocate: a vLLM engine "
+                                              "inside every training process, sharing its GPU.",
+                                      "choices": ["server", "colocate"]})
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "Server mode: the server's base URL (then --vllm_server_host / --vllm_server_port "
+                                        "are not used)."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: the server's host."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: the server's port."})
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "Server mode: seconds to wait for the server to come up."})
+    vllm_group_port: int = field(
+        default=51216, metadata={"help": "Server mode: port of the weight-update process group."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Colocate mode: share of the GPU memory vLLM may take."})
+    vllm_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "Colocate mode: processes that share one vLLM engine (must divide the process "
+                                     "count)."})
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "Colocate mode: vLLM's context length (default: the model's)."})
+    vllm_enable_sleep_mode: bool = field(
+        default=False, metadata={"help": "Colocate mode: offload vLLM's weights and cache between rollouts."})
+    vllm_model_impl: str = field(
+        default="vllm", metadata={"help": "Colocate mode: vLLM's own model code (vllm) or transformers'.",
+                                  "choices": ["vllm", "transformers"]})
+    vllm_structured_outputs_regex: str | None = field(
+        default=None, metadata={"help": "Constrain the completions to this regex (vLLM structured outputs)."})
+    vllm_importance_sampling_correction: bool = field(
+        default=False, metadata={"help": "Not implemented yet (TRL's default is true): true is refused."})
     disable_dropout: bool = field(default=False, metadata={"help": "Turn dropout off in the policy."})
 
     def __post_init__(self):
@@ -444,8 +476,9 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
         if self.num_iterations != 1:
             errors.append(f"--num_iterations {self.num_iterations}: vlft runs one optimisation pass per generated batch "
                           "for now; use 1 (the default)")
-        if self.use_vllm:
-            errors.append("--use_vllm is not available yet in vlft; generation runs with transformers")
+        from vlft.train.vllm_rollout import flag_problems
+
+        errors += flag_problems(self, {f.name: f.default for f in dataclasses.fields(self)})
         if self.max_completion_length < 1:
             errors.append("--max_completion_length must be >= 1")
         if not self.reward_funcs:

@@ -22,6 +22,7 @@ from vlft.models.processor_media import apply_media_settings
 from vlft.train.launch import check_output_dir, check_training_flags, run_stage, train_and_save
 from vlft.train.reference import freezing_flags, trained_next_to_lora
 from vlft.train.setup import zero_stage
+from vlft.train.vllm_rollout import check_vllm_data, check_vllm_flags, check_vllm_length
 from vlft.utils import log
 
 
@@ -58,6 +59,7 @@ def run(argv: list[str]):
     model_args, data_args, tune_args, train_args = parse_args(GRPO_GROUPS, argv, prog="vlft grpo")
     validate(model_args, data_args, tune_args, train_args)
     check_training_flags(data_args, train_args, stage="grpo")
+    check_vllm_flags(tune_args, train_args)
     refuse_base_mutating_init(tune_args, "vlft grpo")
     if data_args.packing:
         raise VlftError("--packing is not available for GRPO (rollouts are generated per prompt); drop --packing")
@@ -78,6 +80,7 @@ def run(argv: list[str]):
                             f"--max_completion_length {train_args.max_completion_length} (without --max_prompt_length, "
                             f"prompts get the difference, {max_prompt}); raise {seq_flag}, lower "
                             "--max_completion_length, or set --max_prompt_length")
+    check_vllm_length(train_args, max_prompt)
     check_output_dir(train_args)
 
     processor = load_processor(model_args.model_id)
@@ -88,6 +91,8 @@ def run(argv: list[str]):
         max_seq_length=max_prompt, reject_overlong=data_args.reject_overlong,
         skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers, length_flag="--max_prompt_length")
     log(f"data: {data.summary()} (prompts; --max_prompt_length {max_prompt})")
+    if train_args.use_vllm:
+        check_vllm_data(data.samples, data_args.data_path)
     encoder = ChatEncoder(processor)
     reward_funcs = load_reward_funcs(train_args.reward_funcs)
     samples = sample_completions(data, encoder, max_completion_length=train_args.max_completion_length)

@@ -76,6 +76,11 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         self.completions_path = Path(a.output_dir) / "completions.jsonl"
         self.keep_generation_logits = False  # tests: keep the sampling logits of the last rollout
         self.last_rollout: dict | None = None
+        self.vllm = None  # --use_vllm: train/vllm_rollout.py's VllmRollout generates instead of model.generate
+        if a.use_vllm:
+            from vlft.train.vllm_rollout import VllmRollout
+
+            self.vllm = VllmRollout(self)
 
     # ------------------------------------------------------------------ rollout
     def count_batch(self, inputs) -> None:
@@ -90,7 +95,9 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
     def generate(self, items: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool], torch.Tensor]:
         """Sample `num_generations` completions per prompt item. Returns per row (prompt-major): completion ids
         (cut after the first end-of-turn token), the completion mask, whether it was truncated, and the batch the
-        model generated from (for tests)."""
+        model generated from (for tests; under --use_vllm: what vLLM was given and returned)."""
+        if self.vllm is not None:
+            return self.vllm.generate(items, self.state.global_step)
         from trl.models.utils import unwrap_model_for_generation
 
         a = self.args
