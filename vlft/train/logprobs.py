@@ -7,7 +7,8 @@ import torch
 from vlft.constants import IGNORE_INDEX
 
 # batch keys of vlft's stages that are not model arguments
-NON_MODEL_KEYS = ("labels", "pair_index", "image_pairs", "video_pairs", "advantages", "ref_per_token_logps", "record")
+NON_MODEL_KEYS = ("labels", "pair_index", "image_pairs", "video_pairs", "advantages", "ref_per_token_logps",
+                  "old_per_token_logps", "record")
 MEDIA_PAIRS = (("image", "pixel_values", "image_grid_thw", "image_pairs"),
           ("video", "pixel_values_videos", "video_grid_thw", "video_pairs"))
 
