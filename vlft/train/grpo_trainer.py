@@ -149,12 +149,15 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
             return batch
         start, held = step - step % n, self.rollouts
         if held is None or held["step"] != start or index >= len(held["batches"]) or held["records"][index] != records:
-            where = (f"the checkpoint {self._resumed_from} holds no "
-                     f"{ROLLOUTS_FILE.format(rank=self.args.process_index)}" if held is None and self._resumed_from
-                     else "this process holds other rollouts")
+            if held is None:
+                where = (f"the checkpoint {self._resumed_from} holds no "
+                         f"{ROLLOUTS_FILE.format(rank=self.args.process_index)}" if self._resumed_from
+                         else "no rollouts are kept")
+            else:
+                where = "its prompts are not those the kept rollouts were generated from"
             raise VlftError(f"step {step + 1} should train again on the rollouts of step {start + 1} (--num_iterations "
                             f"{n}), micro-batch {index + 1}, but {where}; resume from a checkpoint written at a "
-                            f"multiple of {n} steps")
+                            f"multiple of {n} steps, without --ignore_data_skip")
         batch = held["batches"][index]
         if "old_per_token_logps" not in batch:
             raise VlftError(f"step {step + 1}: the kept rollouts of step {start + 1} lack the old policy's log-probs")
