@@ -35,6 +35,7 @@ LORA_ALPHA="${LORA_ALPHA:-64}"
 LORA_DROPOUT="${LORA_DROPOUT:-0.0}"
 BITS="${BITS:-16}"                                   # 4 or 8 = QLoRA
 NUM_GENERATIONS="${NUM_GENERATIONS:-8}"
+NUM_ITERATIONS="${NUM_ITERATIONS:-1}"                # optimizer steps per rollout (TRL's mu); > 1: clipping acts
 MAX_COMPLETION_LENGTH="${MAX_COMPLETION_LENGTH:-512}"
 TEMPERATURE="${TEMPERATURE:-1.0}"
 BETA="${BETA:-0.0}"                                  # > 0: KL to the starting model (a reference is kept)
@@ -66,6 +67,7 @@ vlft_launch grpo \
   --freeze_vision_tower "$FREEZE_VISION_TOWER" \
   --freeze_merger "$FREEZE_MERGER" \
   --num_generations "$NUM_GENERATIONS" \
+  --num_iterations "$NUM_ITERATIONS" \
   --max_completion_length "$MAX_COMPLETION_LENGTH" \
   --temperature "$TEMPERATURE" \
   --beta "$BETA" \

@@ -147,3 +147,13 @@ def test_the_arguments_mixin_goes_on_trls_configs(config_name, tmp_path):
     plain = base(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     own = {"beta", "loss_type"} if config_name == "DPOConfig" else {"num_generations", "beta", "loss_type"}
     assert all(getattr(args, name) == getattr(plain, name) for name in own)
+
+
+def test_grpo_num_iterations_above_one_passes_and_below_one_is_named():
+    from vlft.config import GRPO_GROUPS
+
+    groups = parse_args(GRPO_GROUPS, [*BASE, "--num_iterations", "3", "--use_cpu", "true"])
+    validate(*groups)
+    assert groups[-1].num_iterations == 3
+    with pytest.raises(VlftError, match=r"--num_iterations 0: must be >= 1"):
+        validate(*parse_args(GRPO_GROUPS, [*BASE, "--num_iterations", "0", "--use_cpu", "true"]))

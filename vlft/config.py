@@ -419,7 +419,10 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
                                            "or not (none).", "choices": ["group", "batch", "none"]})
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "Leave completions that hit --max_completion_length out of the loss."})
-    num_iterations: int = field(default=1, metadata={"help": "Optimisation passes per generated batch (vlft: 1)."})
+    num_iterations: int = field(
+        default=1, metadata={"help": "Optimizer steps per generated batch (TRL's mu): each step's rollouts are trained on "
+                                     "this many times, the importance ratio taken against the policy that generated them "
+                                     "(clipped by --epsilon); an epoch then uses every prompt this many times."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
         metadata={"help": "Rewards: built-in names (format, accuracy, count, choice, iou, overlong, repetition), "
@@ -473,9 +476,9 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
         elif self.per_device_train_batch_size % self.num_generations:
             errors.append(f"--per_device_train_batch_size {self.per_device_train_batch_size} counts completions and "
                           f"must be a multiple of --num_generations {self.num_generations}")
-        if self.num_iterations != 1:
-            errors.append(f"--num_iterations {self.num_iterations}: vlft runs one optimisation pass per generated batch "
-                          "for now; use 1 (the default)")
+        if self.num_iterations < 1:
+            errors.append(f"--num_iterations {self.num_iterations}: must be >= 1 (optimizer steps per generated batch; "
+                          "use 1, the default, for one)")
         from vlft.train.vllm_rollout import flag_problems
 
         errors += flag_problems(self, {f.name: f.default for f in dataclasses.fields(self)})

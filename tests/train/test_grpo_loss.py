@@ -1,8 +1,9 @@
 """vlft/train/grpo_loss.py against its oracle, TRL 1.16's own `GRPOTrainer._compute_loss`: on the same fixed per-token
 log-probs, every loss type at both importance-sampling levels, with and without KL, on- and off-policy with clipping
 active, gives the same loss, gradient and logged metrics. Plus closed forms at ratio 1, the gradient against an
-independent plain formula, zero gradient on clipped tokens, zero KL at the reference, and hand-computed advantages
-and reward statistics."""
+independent plain formula, zero gradient on clipped tokens, the first pass of a kept rollout (--num_iterations > 1)
+equal to the pass against its own log-probs, zero KL at the reference, and hand-computed advantages and reward
+statistics."""
 from __future__ import annotations
 
 import math
@@ -308,6 +309,27 @@ def test_clipped_tokens_get_no_gradient(loss_type):
     assert out.clip_metrics["clip_ratio/low_mean"] == pytest.approx(1 / 8)
     assert out.clip_metrics["clip_ratio/region_mean"] == pytest.approx(2 / 8)
     assert out.clip_metrics["clip_ratio/low_min"] == 0 and out.clip_metrics["clip_ratio/high_max"] == pytest.approx(1 / 4)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_the_first_pass_of_a_kept_rollout_is_the_pass_against_its_own_log_probs(loss_type, level):
+    """--num_iterations > 1 as the trainer runs it: the first pass over a rollout passes old=None and its detached
+    log-probs become old_per_token_logps of the later passes. That first pass is the pass with old = those very
+    log-probs (loss, gradient, metrics bit for bit); the later passes, old != current, are the plain clipped formula
+    (test_gradient_matches_plain_formula) and TRL's (test_matches_trl, off-policy)."""
+    logps, _, adv, mask, ref = _batch(False, 0.1)
+    kwargs = dict(loss_type=loss_type, importance_sampling_level=level, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
+                  beta=0.1, ref_per_token_logps=ref, max_completion_length=MAX_COMPLETION_LENGTH,
+                  gradient_accumulation_steps=1, steps_per_generation=1)  # the trainer's per-micro-batch call
+    first_in, explicit_in = logps.clone().requires_grad_(), logps.clone().requires_grad_()
+    first = grpo_loss(first_in, None, adv, mask, **kwargs)
+    explicit = grpo_loss(explicit_in, first_in.detach().clone(), adv, mask, **kwargs)
+    assert first.loss.item() == explicit.loss.item() and first.kl_mean.item() == explicit.kl_mean.item()
+    assert first.clip_metrics == explicit.clip_metrics
+    first.loss.backward()
+    explicit.loss.backward()
+    assert torch.equal(first_in.grad, explicit_in.grad) and first_in.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])

@@ -49,6 +49,7 @@ IDENTITY_ARGS = (
     "frames_fps", "max_seq_length", "max_length", "max_prompt_length", "truncation_mode", "packing",
     "group_by_length", "seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps",
     "lora_rank", "lora_alpha", "use_dora", "bits", "num_generations",
+    "num_iterations",  # GRPO: the sampler's order and which steps generate
     # restored from the checkpoint's optimizer and scheduler states, so a new value would be shown at start-up and
     # then silently not used: refused instead
     "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "optim", "adam_beta1",

@@ -14,9 +14,19 @@ so media would not go through vlft's preparation. Here each step, for the B prom
    labels on the completion tokens, and the reference's per-token log-probs when --beta > 0;
 4. the loss (train/grpo_loss.py, TRL's formulas) on the policy's log-probs from one forward of those rows.
 
+With --num_iterations N > 1 (TRL's mu) a cycle is N optimizer steps: its first step generates (steps 1-4 above, one
+rollout per micro-batch) and keeps each micro-batch's training batch (advantages and reference log-probs included);
+the next N - 1 steps train on those batches again, in the same order, against the log-probs of the policy that
+generated them (`old_per_token_logps`: the first pass's own log-probs, detached; no optimizer step falls between a
+micro-batch's rollout and its first loss, so they are that policy's exactly, without a second forward). The sampler
+(RolloutReuseSampler) yields each step's prompts N times in a row, so an epoch uses every prompt N times and
+--max_steps, epochs and the progress bar count optimizer steps as in TRL. A checkpoint inside a cycle holds each
+process's kept batches (vlft_rollouts_rank<r>.pt), so a resumed run replays what the straight run would have.
+
 All G completions of a prompt are generated on the process that holds the prompt, so the group statistics need no
 communication. Logged: TRL's metric names (reward, reward_std, rewards/<f>/mean|std, frac_reward_zero_std,
-completions/mean_length, completions/clipped_ratio, clip_ratio/*, kl) and `completions.jsonl` in the run directory.
+completions/mean_length, completions/clipped_ratio, clip_ratio/*, kl) and `completions.jsonl` in the run directory;
+the reward and completion metrics and completions.jsonl once per rollout (replayed steps log the loss metrics only).
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ import copy
 import json
 import math
 from collections import defaultdict
+from os import PathLike
 from pathlib import Path
 
 import torch
@@ -35,6 +46,8 @@ from vlft.train.grpo_loss import group_advantages, grpo_loss, reward_stats, weig
 from vlft.train.logprobs import completion_log_probs
 from vlft.train.reference import FrozenCopy
 from vlft.train.trainer import VlftTrainerMixin
+
+ROLLOUTS_FILE = "vlft_rollouts_rank{rank}.pt"  # a checkpoint inside a --num_iterations cycle: one per process
 
 
 class GRPOTrainer(VlftTrainerMixin, Trainer):
@@ -81,6 +94,36 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
             from vlft.train.vllm_rollout import VllmRollout
 
             self.vllm = VllmRollout(self)
+        # --num_iterations > 1: the cycle's kept training batches {"step": the global_step that generated them,
+        # "records": dataset indices per micro-batch, "batches": the built batches}, and (global_step, index of its
+        # last micro-batch) to tell where in a step a micro-batch falls
+        self.rollouts: dict | None = None
+        self._micro = (-1, -1)
+        self._resumed_from: str | None = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        a = self.args
+        if a.num_iterations == 1:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        block = self._train_batch_size * a.gradient_accumulation_steps * a.world_size  # prompts of one optimizer step
+        seed = a.data_seed if a.data_seed is not None else a.seed
+        return RolloutReuseSampler(len(dataset), block, a.num_iterations, seed, self)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self.rollouts, self._micro, self._resumed_from = None, (-1, -1), None
+        if self.args.num_iterations > 1 and isinstance(resume_from_checkpoint, (str, PathLike)):
+            self._resumed_from = str(resume_from_checkpoint)
+            path = Path(resume_from_checkpoint) / ROLLOUTS_FILE.format(rank=self.args.process_index)
+            if path.is_file():  # written only by a checkpoint inside a cycle
+                self.rollouts = torch.load(path, map_location=self.args.device, weights_only=True)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_process_state(self, checkpoint: Path) -> None:
+        n = self.args.num_iterations
+        if n > 1 and self.state.global_step % n and self.rollouts is not None:  # the next step replays
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            torch.save(self.rollouts, checkpoint / ROLLOUTS_FILE.format(rank=self.args.process_index))
 
     # ------------------------------------------------------------------ rollout
     def count_batch(self, inputs) -> None:
@@ -89,7 +132,42 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
     def _prepare_inputs(self, inputs):
         if isinstance(inputs, dict):  # an already-built batch
             return super()._prepare_inputs(inputs)
-        return self.rollout(inputs)
+        if self.args.num_iterations == 1 or not self.model.training:
+            return self.rollout(inputs)
+        return self.cycle_batch(inputs)
+
+    def cycle_batch(self, items: list[dict]) -> dict:
+        """--num_iterations N > 1: the training batch of this micro-batch. The first step of a cycle (global_step
+        % N == 0) generates and keeps it; the other steps return the kept batch of the same micro-batch position,
+        whose prompts the sampler repeats (checked: a mismatch would train on the wrong rollouts)."""
+        n, step = self.args.num_iterations, self.state.global_step
+        last_step, last_index = self._micro
+        index = last_index + 1 if last_step == step else 0
+        self._micro = (step, index)
+        records = [int(item["record"]) for item in items]
+        if step % n == 0:
+            if index == 0:
+                self.rollouts = {"step": step, "records": [], "batches": []}
+            batch = self.rollout(items)
+            self.rollouts["records"].append(records)
+            self.rollouts["batches"].append(batch)
+            return batch
+        start, held = step - step % n, self.rollouts
+        if held is None or held["step"] != start or index >= len(held["batches"]) or held["records"][index] != records:
+            if held is None:
+                where = (f"the checkpoint {self._resumed_from} holds no "
+                         f"{ROLLOUTS_FILE.format(rank=self.args.process_index)}" if self._resumed_from
+                         else "no rollouts are kept")
+            else:
+                where = "its prompts are not those the kept rollouts were generated from"
+            raise VlftError(f"step {step + 1} should train again on the rollouts of step {start + 1} (--num_iterations "
+                            f"{n}), micro-batch {index + 1}, but {where}; resume from a checkpoint written at a "
+                            f"multiple of {n} steps, without --ignore_data_skip")
+        batch = held["batches"][index]
+        if "old_per_token_logps" not in batch:
+            raise VlftError(f"step {step + 1}: the kept rollouts of step {start + 1} lack the old policy's log-probs")
+        self.counts.add(batch)  # trained on again: counted again (throughput is of training tokens)
+        return batch
 
     @torch.no_grad()
     def generate(self, items: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool], torch.Tensor]:
@@ -218,7 +296,8 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         a = self.args
         per_token, mask = completion_log_probs(model, inputs, temperature=a.temperature)
-        out = grpo_loss(per_token, None, inputs["advantages"], mask, loss_type=a.loss_type,
+        old = inputs.get("old_per_token_logps")  # None on the first pass over a rollout: ratio 1 (TRL's detach)
+        out = grpo_loss(per_token, old, inputs["advantages"], mask, loss_type=a.loss_type,
                         epsilon_low=a.epsilon, epsilon_high=a.epsilon_high if a.epsilon_high is not None else a.epsilon,
                         beta=a.beta, ref_per_token_logps=inputs.get("ref_per_token_logps"),
                         importance_sampling_level=a.importance_sampling_level,
@@ -227,6 +306,10 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
                         # is off); dapo normalises by this micro-batch's tokens (TRL: the generation batch's, which
                         # is the same when the accumulated micro-batches hold equal token counts)
                         gradient_accumulation_steps=1, steps_per_generation=1)
+        if old is None and a.num_iterations > 1 and model.training:
+            # the first pass over a kept batch: no optimizer step since its rollout, so these are the log-probs of
+            # the policy that sampled it; the later passes of the cycle take their importance ratio against them
+            inputs["old_per_token_logps"] = per_token.detach()
         gather = self.accelerator.gather_for_metrics
         metrics = dict(out.clip_metrics)
         if out.kl_mean is not None:
@@ -246,3 +329,32 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
 
 def _finite(value: float) -> float | None:
     return None if math.isnan(value) else value
+
+
+class RolloutReuseSampler(torch.utils.data.Sampler):
+    """--num_iterations N > 1: the epoch's shuffled prompts in blocks of one optimizer step's prompts on all
+    processes (prompts per micro-batch x accumulation steps x processes), each block yielded N times in a row, so
+    every process gets the same prompts, micro-batch by micro-batch, on the N steps of a cycle (TRL's RepeatSampler).
+    An epoch is then N times as many steps and uses each prompt N times, as in TRL. A last, incomplete block is
+    filled with prompts from the epoch's start (TRL drops it): no prompt is left out of an epoch. The order of
+    epoch e depends on (seed + e) alone, the same on every process and in a resumed run."""
+
+    def __init__(self, size: int, block: int, repeats: int, seed: int, trainer):
+        self.size, self.block, self.repeats, self.seed = size, block, repeats, seed
+        self.trainer = trainer
+
+    def _blocks(self) -> int:
+        return max(1, math.ceil(self.size / self.block))
+
+    def __len__(self) -> int:
+        return self._blocks() * self.block * self.repeats
+
+    def __iter__(self):
+        epoch = int(self.trainer.state.epoch or 0)
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        total = self._blocks() * self.block
+        order = (order * math.ceil(total / self.size))[:total]
+        for start in range(0, total, self.block):
+            block = order[start:start + self.block]
+            for _ in range(self.repeats):
+                yield from block

@@ -8,7 +8,7 @@ from vlft.constants import IGNORE_INDEX
 
 # batch keys of vlft's stages that are not model arguments
 NON_MODEL_KEYS = ("labels", "pair_index", "image_copy_of", "video_copy_of", "advantages", "ref_per_token_logps",
-                  "record")
+                  "old_per_token_logps", "record")
 # (kind, pixels key, grid key, the preference collator's key saying which pictures repeat which: data/dpo.py)
 MEDIA_COPIES = (("image", "pixel_values", "image_grid_thw", "image_copy_of"),
                 ("video", "pixel_values_videos", "video_grid_thw", "video_copy_of"))

@@ -232,6 +232,7 @@ class VlftTrainerMixin:
         failure = None
         try:
             super()._save_checkpoint(model, trial)
+            self.save_process_state(staging / name)
         except OSError as err:
             failure = err
         finally:
@@ -251,6 +252,10 @@ class VlftTrainerMixin:
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         barrier()
+
+    def save_process_state(self, checkpoint: Path) -> None:
+        """Write what this process alone holds and a resume needs (a stage with such state overrides; every rank
+        calls it, into the staged checkpoint folder, so the file is published with the checkpoint or not at all)."""
 
     def save_final(self, output_dir: str) -> None:
         """The end-of-run save, staged and then moved into `output_dir` (see train/checkpoints.py)."""
