@@ -462,7 +462,17 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
     vllm_structured_outputs_regex: str | None = field(
         default=None, metadata={"help": "Constrain the completions to this regex (vLLM structured outputs)."})
     vllm_importance_sampling_correction: bool = field(
-        default=False, metadata={"help": "Not implemented yet (TRL's default is true): true is refused."})
+        default=True, metadata={"help": "Weight each token's loss by the policy / vLLM sampler probability ratio, "
+                                        "truncated or masked (TRL's correction for their numerical mismatch)."})
+    vllm_importance_sampling_mode: str = field(
+        default="sequence_mask", metadata={"help": "token_* one ratio per token, sequence_* one per completion; "
+                                                   "*_truncate clamps it to the bounds, *_mask zeroes it outside them.",
+                                           "choices": ["token_truncate", "token_mask", "sequence_truncate",
+                                                       "sequence_mask"]})
+    vllm_importance_sampling_clip_min: float | None = field(
+        default=None, metadata={"help": "Lower bound of the correction ratio (default: none)."})
+    vllm_importance_sampling_clip_max: float | None = field(
+        default=3.0, metadata={"help": "Upper bound of the correction ratio."})
     disable_dropout: bool = field(default=False, metadata={"help": "Turn dropout off in the policy."})
 
     def __post_init__(self):

@@ -54,7 +54,8 @@ def _batch(off_policy: bool, beta: float):
     return logps, old, torch.tensor(ADVANTAGES, dtype=torch.float64), mask, ref
 
 
-def _trl(logps, old, advantages, mask, ref, *, loss_type, level, beta, accum, delta=None, bias_correction=True):
+def _trl(logps, old, advantages, mask, ref, *, loss_type, level, beta, accum, delta=None, bias_correction=True,
+         sampling_ratio=None):
     """TRL's loss and logged metrics from a GRPOTrainer built bare with only what `_compute_loss` reads; the model's
     forward is replaced by a stub of `_get_per_token_logps_and_entropies` returning the fixed log-probs."""
     ga, procs, spg, n_items = accum
@@ -75,7 +76,7 @@ def _trl(logps, old, advantages, mask, ref, *, loss_type, level, beta, accum, de
     trainer.epsilon_low, trainer.epsilon_high = EPS_LOW, EPS_HIGH
     trainer.max_completion_length, trainer.current_gradient_accumulation_steps = MAX_COMPLETION_LENGTH, ga
     trainer.top_entropy_quantile, trainer.off_policy_mask_threshold = 1.0, None
-    trainer.use_vllm, trainer.vllm_importance_sampling_correction = False, False
+    trainer.use_vllm = trainer.vllm_importance_sampling_correction = sampling_ratio is not None
     trainer.aux_loss_enabled, trainer._entropy_bonus_enabled = False, False
     trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
@@ -86,18 +87,21 @@ def _trl(logps, old, advantages, mask, ref, *, loss_type, level, beta, accum, de
         inputs["old_per_token_logps"] = old
     if ref is not None:
         inputs["ref_per_token_logps"] = ref
+    if sampling_ratio is not None:
+        inputs["importance_sampling_ratio"] = sampling_ratio
     loss = trainer._compute_loss(trainer.model, inputs)
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k != "entropy"}
     return loss, metrics
 
 
-def _ours(logps, old, advantages, mask, ref, *, loss_type, level, beta, accum, delta=None, bias_correction=True):
+def _ours(logps, old, advantages, mask, ref, *, loss_type, level, beta, accum, delta=None, bias_correction=True,
+          sampling_ratio=None):
     ga, procs, spg, n_items = accum
     return grpo_loss(logps, old, advantages, mask, loss_type=loss_type, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
                      delta=delta, beta=beta, ref_per_token_logps=ref, kl_bias_correction=bias_correction,
                      importance_sampling_level=level, max_completion_length=MAX_COMPLETION_LENGTH,
                      num_items_in_batch=n_items, num_processes=procs, gradient_accumulation_steps=ga,
-                     steps_per_generation=spg)
+                     steps_per_generation=spg, sampling_ratio=sampling_ratio)
 
 
 def _compare(loss_type, level, beta, off_policy, accum, **kwargs):
@@ -180,6 +184,41 @@ def test_vespo_matches_trl_far_off_policy(shift):
     """Row log-ratio sums beyond VESPO's clamps (log 1e-8 below, 20 above)."""
     ours, metrics = _compare("vespo", "token", 0.0, True, "single", old_shift=shift)
     assert metrics["vespo/phi_seq_mean"] >= 0
+
+
+SAMPLING = [(t, level, shape) for t in LOSS_TYPES for level in ("token", "sequence") for shape in ("token", "sequence")
+            if not (t == "vespo" and shape == "sequence")]  # TRL's VESPO takes per-token ratios only
+
+
+@pytest.mark.parametrize("loss_type,level,shape", SAMPLING, ids=[f"{t}-{lv}-{sh}" for t, lv, sh in SAMPLING])
+def test_sampling_correction_in_the_loss_matches_trl(loss_type, level, shape):
+    """vLLM's importance-sampling weights ([B, T] per token or [B, 1] per row) enter each loss as in TRL."""
+    weights = torch.rand(B, T if shape == "token" else 1, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(5)) * 2
+    _compare(loss_type, level, 0.1, True, "accum", sampling_ratio=weights)
+
+
+def test_sampling_correction_closed_forms():
+    from vlft.train.grpo_loss import sampling_correction
+
+    old = torch.tensor([[-1.0, -2.0, -3.0, -4.0]], dtype=torch.float64)
+    sampler = torch.tensor([[-1.5, -2.0, float("nan"), -3.0]], dtype=torch.float64)  # NaN: a token vLLM did not emit
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.float64)  # the last token is not a loss token
+    e = math.exp(0.5)
+    token = {"token_truncate": [min(e, 1.5), 1.0, 1.0, 1.0], "token_mask": [0.0, 1.0, 1.0, 1.0]}
+    for mode, want in token.items():
+        got = sampling_correction(old, sampler, mask, mode=mode, clip_max=1.5)
+        assert got[0].tolist() == pytest.approx(want)
+    assert sampling_correction(old, sampler, mask, mode="sequence_truncate", clip_max=1.5).tolist() == [[1.5]]
+    assert sampling_correction(old, sampler, mask, mode="sequence_mask", clip_max=1.5).tolist() == [[0.0]]
+    assert sampling_correction(old, sampler, mask, mode="sequence_mask", clip_max=None).tolist() == [[pytest.approx(e)]]
+    # a lower bound: truncation raises the ratio to it, masking zeroes it
+    low = sampling_correction(-old, -sampler, mask, mode="token_truncate", clip_min=0.9, clip_max=None)
+    assert low[0].tolist() == pytest.approx([0.9, 1.0, 1.0, 1.0])
+    low = sampling_correction(-old, -sampler, mask, mode="token_mask", clip_min=0.9, clip_max=None)
+    assert low[0].tolist() == pytest.approx([0.0, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sampling_correction(old, sampler, mask, mode="tokens")
 
 
 def test_dapo_is_trls_default_and_the_default_here():

@@ -92,7 +92,14 @@ class FakeVLLM:
                 completions.append((self.answer_ids * MAX_NEW)[:MAX_NEW])
             else:
                 completions.append(self.answer_ids[:1 + r % len(self.answer_ids)] + [self.im_end])
-        return returned, completions, [[[-0.5]] * len(c) for c in completions], None
+        # the sampler's log-prob of each token: distinct per position, so a shifted alignment shows
+        return returned, completions, [[[sampler_logp(t)] for t in range(len(c))] for c in completions], None
+
+
+def sampler_logp(t: int) -> float:
+    """The fake sampler's log-prob of completion token t: far above the tiny random model's (about -log(vocab) =
+    -11.9) on even tokens, below it on odd ones, so ratios fall on both sides of 1."""
+    return -0.25 * (t + 1) if t % 2 == 0 else -20.0
 
 
 @pytest.fixture
@@ -187,6 +194,46 @@ def test_vllm_rollout_inputs_completions_and_syncs(tiny_model_dir, tmp_path, fak
     assert len(logs) == 2 and 0 < logs[0]["completions/clipped_ratio"] < 1
 
 
+@pytest.mark.parametrize("mode, clip_max", [("sequence_truncate", "1e30"), ("token_mask", "1.0")])
+def test_importance_sampling_correction_weights_the_loss(tiny_model_dir, tmp_path, fake, monkeypatch, mode, clip_max):
+    """TRL's vLLM correction: the sampler's per-token log-probs reach the loss at their tokens' positions, and the
+    ratio handed to grpo_loss is the closed form from the trainer's own log-probs of those tokens."""
+    captured = []
+    original = grpo_trainer.grpo_loss
+
+    def spy(per_token, old, advantages, mask, **kwargs):
+        captured.append((per_token.detach().clone(), mask.clone(), kwargs["sampling_ratio"]))
+        return original(per_token, old, advantages, mask, **kwargs)
+
+    monkeypatch.setattr(grpo_trainer, "grpo_loss", spy)
+    data = demo_file(tmp_path, ["count_1", "text_only"])
+    _, trainer = grpo(tiny_model_dir, tmp_path / "run", data, "--use_vllm", "--max_steps", "1",
+                      "--per_device_train_batch_size", str(2 * G), "--num_generations", str(G),
+                      "--max_completion_length", str(MAX_NEW), "--reward_funcs", "count",
+                      "--vllm_importance_sampling_mode", mode, "--vllm_importance_sampling_clip_max", str(clip_max))
+    (gen,) = FakeVLLM.instances
+    (per_token, mask, ratio) = captured[0]
+    # the sampler's log-prob of completion token t is sampler_logp(t): row by row, in token order
+    sampler = torch.full_like(per_token, float("nan"))
+    for r in range(per_token.shape[0]):
+        n = int(mask[r].sum())
+        sampler[r, mask[r].bool()] = torch.tensor([sampler_logp(t) for t in range(n)], dtype=per_token.dtype)
+    gap = ((per_token - sampler) * mask).nan_to_num(0.0)
+    if mode == "sequence_truncate":  # one ratio per completion: exp of the summed gap (the bound is not reached)
+        want = torch.exp(gap.sum(-1, keepdim=True))
+        assert ratio.shape == (per_token.shape[0], 1)
+    else:  # one per token, zeroed above 1: the odd tokens, which the sampler found less likely than the trainer
+        want = torch.exp(gap).masked_fill(torch.exp(gap) > 1.0, 0.0)
+        assert ratio.shape == per_token.shape
+        kept = ratio[mask.bool()]
+        assert (kept == 0).any() and (kept > 0).any() and (kept < 1).all()
+    assert torch.allclose(ratio, want, rtol=1e-5, atol=0)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    gaps = (per_token - sampler).abs()[mask.bool()]
+    assert logs[0]["sampling/sampling_logp_difference/max"] == pytest.approx(gaps.max().item(), rel=1e-5)
+    assert logs[0]["sampling/sampling_logp_difference/mean"] == pytest.approx(gaps.mean().item(), rel=1e-5)
+
+
 def test_default_path_does_not_touch_vllm(tiny_model_dir, tmp_path, fake):
     data = demo_file(tmp_path, ["count_1", "text_only"])
     _, trainer = grpo(tiny_model_dir, tmp_path / "run", data, "--max_steps", "1", "--per_device_train_batch_size",
@@ -224,12 +271,21 @@ def test_unpatchify_inverts_patchify():
 
 def test_completion_rows():
     end, vision = [7, 8], {99}
-    ids, masks, cut = vllm_rollout.completion_rows(
-        [[1, 2, 7, 5], [1, 2, 3], [1, 2], [1, 99, 7], [4, 8]], end_ids=end, vision_ids=vision,
-        max_completion_length=3, mask_truncated=True)
+    rows = [[1, 2, 7, 5], [1, 2, 3], [1, 2], [1, 99, 7], [4, 8]]
+    logprobs = [[[-0.1 * (k + 1) - t] for t in range(len(row))] for k, row in enumerate(rows)]
+    ids, masks, cut, sampling = vllm_rollout.completion_rows(rows, end_ids=end, vision_ids=vision,
+                                                             max_completion_length=3, mask_truncated=True,
+                                                             logprobs=logprobs)
     assert [i.tolist() for i in ids] == [[1, 2, 7], [1, 2, 3], [1, 2, 7], [1], [4, 8]]
     assert cut == [False, True, False, True, False]
     assert [m.tolist() for m in masks] == [[1, 1, 1], [0, 0, 0], [1, 1, 1], [0], [1, 1]]
+    # the sampler's log-probs follow the kept tokens; the <|im_end|> vlft appended has none (NaN)
+    assert [len(x) for x in sampling] == [len(i) for i in ids]
+    assert torch.allclose(sampling[0], torch.tensor([-0.1, -1.1, -2.1])) and sampling[3].tolist() == [
+        pytest.approx(-0.4)]
+    assert sampling[2][:2].tolist() == pytest.approx([-0.3, -1.3]) and torch.isnan(sampling[2][2])
+    assert vllm_rollout.completion_rows(rows, end_ids=end, vision_ids=vision, max_completion_length=3,
+                                        mask_truncated=True)[3] is None
 
 
 # ------------------------------------------------------------------ refusals
@@ -242,8 +298,9 @@ def refusal(tmp_path, *flags) -> str:
     return str(info.value)
 
 
-def test_use_vllm_without_vllm_installed(tmp_path):
-    assert vllm_rollout.generator_factory is vllm_rollout.trl_generator and not vllm_rollout.vllm_installed()
+def test_use_vllm_without_vllm_installed(tmp_path, monkeypatch):
+    monkeypatch.setattr(vllm_rollout, "vllm_installed", lambda: False)  # also where vllm is installed (a GPU box)
+    assert vllm_rollout.generator_factory is vllm_rollout.trl_generator
     message = refusal(tmp_path, "--use_vllm")
     assert "--use_vllm needs the vllm package" in message and "pip install vllm" in message
 
@@ -255,8 +312,8 @@ def test_use_vllm_without_vllm_installed(tmp_path):
     (["--use_vllm", "--vllm_mode", "server", "--vllm_gpu_memory_utilization", "0.5", "--vllm_enable_sleep_mode",
       "true"], "--vllm_gpu_memory_utilization, --vllm_enable_sleep_mode: colocate-mode setting(s), not used with "
                "--vllm_mode server"),
-    (["--use_vllm", "--vllm_importance_sampling_correction", "true"],
-     "--vllm_importance_sampling_correction true is not implemented"),
+    (["--use_vllm", "--loss_type", "vespo"], "--loss_type vespo with --vllm_importance_sampling_mode sequence_mask"),
+    (["--vllm_importance_sampling_mode", "token_mask"], "--vllm_importance_sampling_mode: only used with --use_vllm"),
     (["--use_vllm", "--vllm_gpu_memory_utilization", "1.5"], "--vllm_gpu_memory_utilization must be in (0, 1]"),
     (["--use_vllm", "--vllm_mode", "both"], "--vllm_mode"),
 ])

@@ -159,16 +159,52 @@ def reduce_metrics(terms: dict[str, Tensor], all_reduce_sum: Callable[[Tensor], 
     return out
 
 
+SAMPLING_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+@torch.no_grad()
+def sampling_correction(old_per_token_logps: Tensor, sampling_per_token_logps: Tensor, completion_mask: Tensor, *,
+                        mode: str = "sequence_mask", clip_min: float | None = None,
+                        clip_max: float | None = 3.0) -> Tensor:
+    """TRL 1.16's vLLM importance-sampling correction (`vllm_importance_sampling_correction`; truncated / masked
+    importance sampling, Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"):
+    the weight of each token (or row) for the gap between the sampler (vLLM) and the trainer's policy.
+
+    old_per_token_logps [B, T]: the trainer's log-probs of the completion tokens under the policy that sampled them
+        (nats); sampling_per_token_logps [B, T]: the sampler's, NaN where it gave none (a token it did not emit);
+        completion_mask [B, T]: 1 on loss tokens.
+    mode: token_* -> one ratio per token [B, T], exp(old - sampling); sequence_* -> one per row [B, 1], exp of the
+        summed difference over the row's loss tokens. *_truncate clamps the ratio to [clip_min, clip_max]; *_mask
+        sets ratios outside it to 0 (None: unbounded on that side). NaN differences count as 0 (ratio 1).
+    Returns the ratio, no gradient; the loss multiplies each token's loss by it (`grpo_loss`)."""
+    if mode not in SAMPLING_CORRECTION_MODES:
+        raise ValueError(f"mode must be one of {SAMPLING_CORRECTION_MODES}; got {mode!r}")
+    gap = ((old_per_token_logps - sampling_per_token_logps) * completion_mask).nan_to_num(nan=0.0)
+    if mode.startswith("sequence"):
+        gap = gap.sum(-1, keepdim=True)
+    ratio = torch.exp(gap)
+    if mode.endswith("truncate"):
+        if clip_min is not None or clip_max is not None:
+            ratio = torch.clamp(ratio, min=clip_min, max=clip_max)
+        return ratio
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
 @torch.no_grad()
 def vespo_weights(advantages: Tensor, log_ratio: Tensor, mask: Tensor, k_pos: float = 2.0, lambda_pos: float = 3.0,
-                  k_neg: float = 3.0, lambda_neg: float = 2.0) -> Tensor:
+                  k_neg: float = 3.0, lambda_neg: float = 2.0, sampling_ratio: Tensor | None = None) -> Tensor:
     """VESPO's sequence weight phi(w) = exp(lambda) * w^k * exp(-lambda * w) [B, 1], no gradient.
 
     w = exp(sum over the row's loss tokens of log(pi / pi_old)), the per-token log-ratio clamped to [-20, 20] and
     log w to [log 1e-8, 20]; (k, lambda) = (k_pos, lambda_pos) for advantage >= 0, else (k_neg, lambda_neg). phi(1) = 1.
-    advantages [B, 1], log_ratio and mask [B, T]. Computed in log space; NaN or inf become 0.
+    advantages [B, 1], log_ratio and mask [B, T]. Computed in log space; NaN or inf become 0. sampling_ratio [B, T]
+    (token modes of `sampling_correction`): log(pi_old / pi_sampler), clamped to [log 1e-8, 20], is added to log w.
     """
     log_w = torch.clamp(log_ratio, -20.0, 20.0).mul(mask).sum(dim=-1, keepdim=True)
+    if sampling_ratio is not None:
+        log_w = log_w + torch.clamp(torch.log(sampling_ratio), math.log(1e-8), 20.0).sum(dim=-1, keepdim=True)
     log_w = torch.clamp(log_w, math.log(1e-8), 20.0)
     non_negative = advantages >= 0
     k = torch.where(non_negative, k_pos, k_neg)
@@ -200,7 +236,7 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, advan
               gradient_accumulation_steps: int = 1, steps_per_generation: int | None = None,
               sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
               vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
-              vespo_lambda_neg: float = 2.0) -> GRPOLossOutput:
+              vespo_lambda_neg: float = 2.0, sampling_ratio: Tensor | None = None) -> GRPOLossOutput:
     """TRL 1.16's GRPO-family loss for one micro-batch of B completions.
 
     per_token_logps [B, T]: the policy's log-probs of the completion tokens (nats), carrying the gradient.
@@ -230,6 +266,8 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, advan
         current_gradient_accumulation_steps). For evaluation pass gradient_accumulation_steps=1 and
         steps_per_generation=1, as TRL does.
     sapo_temperature_*: SAPO's gate temperatures for advantage > 0 / <= 0. vespo_*: VESPO's gamma weight parameters.
+    sampling_ratio [B, T] or [B, 1] | None: `sampling_correction`'s weights (vLLM rollouts): each token's policy loss
+        (before the KL term) is multiplied by it; for vespo ([B, T] only) it enters the gamma weight instead (TRL).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss type {loss_type!r}; valid types: {', '.join(LOSS_TYPES)}")
@@ -282,9 +320,12 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, advan
         tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)  # float32, as in TRL
         per_token_loss = -(torch.sigmoid(tau * (ratio - 1)) * 4 / tau) * adv
     else:  # vespo
-        phi = vespo_weights(adv, log_ratio, mask, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+        phi = vespo_weights(adv, log_ratio, mask, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+                            sampling_ratio=sampling_ratio)
         per_token_loss = -phi * adv * per_token_logps
         terms["vespo/phi_seq_mean"] = _mean_term(phi, mask)
+    if sampling_ratio is not None and loss_type != "vespo":
+        per_token_loss = per_token_loss * sampling_ratio
 
     if beta != 0.0:
         per_token_loss = per_token_loss + beta * per_token_kl

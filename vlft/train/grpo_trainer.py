@@ -42,8 +42,8 @@ from transformers import GenerationConfig, Trainer
 
 from vlft.data.grpo import generation_rows, training_rows
 from vlft.errors import VlftError
-from vlft.train.grpo_loss import group_advantages, grpo_loss, reward_stats, weighted_rewards
-from vlft.train.logprobs import completion_log_probs
+from vlft.train.grpo_loss import group_advantages, grpo_loss, reward_stats, sampling_correction, weighted_rewards
+from vlft.train.logprobs import completion_columns, completion_log_probs
 from vlft.train.reference import FrozenCopy
 from vlft.train.trainer import VlftTrainerMixin
 
@@ -234,7 +234,7 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
 
     def rollout(self, items: list[dict]) -> dict:
         a = self.args
-        completions, masks, truncated, _ = self.generate(items)
+        completions, masks, truncated, generated = self.generate(items)
         per_func, texts, _ = self.score(items, completions)
         rewards = weighted_rewards(per_func, self.reward_weights)
         # every group lies on one process; --scale_rewards batch divides by the std of all processes' rewards (TRL's
@@ -242,10 +242,20 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         everyone = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
         start = self.accelerator.process_index * len(rewards)
         advantages = group_advantages(everyone, a.num_generations, a.scale_rewards)[0][start:start + len(rewards)]
-        batch = super()._prepare_inputs(self.training_collator(training_rows(items, a.num_generations, completions,
-                                                                              masks)))
+        rows = training_rows(items, a.num_generations, completions, masks)
+        batch = super()._prepare_inputs(self.training_collator(rows))
         self.counts.add(batch)
         batch["advantages"] = advantages.to(batch["input_ids"].device)
+        if self.vllm is not None and a.vllm_importance_sampling_correction:
+            # the sampler's log-prob of each completion token, at that token's position in the rows (NaN elsewhere)
+            if generated.get("sampling_logps") is None:
+                raise VlftError("vLLM returned no log-probs for the completions, which "
+                                "--vllm_importance_sampling_correction needs; pass it false, or update vllm / trl")
+            sampling = torch.full(batch["input_ids"].shape, math.nan, dtype=torch.float32)
+            for i, (row, logps) in enumerate(zip(rows, generated["sampling_logps"])):
+                start = len(row["input_ids"]) - len(logps)
+                sampling[i, start:start + len(logps)] = logps
+            batch["sampling_logps"] = sampling.to(batch["input_ids"].device)
         if a.beta > 0:
             batch["ref_per_token_logps"] = self.reference_log_probs(batch)
         self._log_rollout(items, per_func, rewards, completions, truncated, texts)
@@ -297,6 +307,15 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         a = self.args
         per_token, mask = completion_log_probs(model, inputs, temperature=a.temperature)
         old = inputs.get("old_per_token_logps")  # None on the first pass over a rollout: ratio 1 (TRL's detach)
+        sampling_ratio = None
+        if "sampling_logps" in inputs:  # vLLM rollouts: TRL's importance-sampling correction (train/grpo_loss.py)
+            sampling = inputs["sampling_logps"][:, completion_columns(inputs["labels"]) + 1].to(per_token.dtype)
+            behaviour = per_token.detach() if old is None else old  # the policy that sampled, as the trainer sees it
+            sampling_ratio = sampling_correction(
+                behaviour, sampling, mask, mode=a.vllm_importance_sampling_mode,
+                clip_min=a.vllm_importance_sampling_clip_min, clip_max=a.vllm_importance_sampling_clip_max)
+            if old is None:  # once per rollout
+                self._log_sampling_gap(behaviour, sampling, mask, sampling_ratio)
         out = grpo_loss(per_token, old, inputs["advantages"], mask, loss_type=a.loss_type,
                         epsilon_low=a.epsilon, epsilon_high=a.epsilon_high if a.epsilon_high is not None else a.epsilon,
                         beta=a.beta, ref_per_token_logps=inputs.get("ref_per_token_logps"),
@@ -305,7 +324,7 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
                         # per micro-batch: the Trainer divides by the accumulation steps (model_accepts_loss_kwargs
                         # is off); dapo normalises by this micro-batch's tokens (TRL: the generation batch's, which
                         # is the same when the accumulated micro-batches hold equal token counts)
-                        gradient_accumulation_steps=1, steps_per_generation=1)
+                        gradient_accumulation_steps=1, steps_per_generation=1, sampling_ratio=sampling_ratio)
         if old is None and a.num_iterations > 1 and model.training:
             # the first pass over a kept batch: no optimizer step since its rollout, so these are the log-probs of
             # the policy that sampled it; the later passes of the cycle take their importance ratio against them
@@ -317,6 +336,22 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         for key, value in metrics.items():
             self._metrics[key].append(gather(torch.as_tensor(value, device=per_token.device)).float().mean().item())
         return (out.loss, out) if return_outputs else out.loss
+
+    def _log_sampling_gap(self, behaviour, sampling, mask, ratio) -> None:
+        """TRL's sampling/* metrics: |trainer - vLLM| log-prob gap over the loss tokens vLLM scored, and the ratio."""
+        gather = self.accelerator.gather
+        scored = mask.bool() & ~torch.isnan(sampling)
+        gap = (behaviour - sampling).abs()[scored]
+        zero = torch.zeros((), device=mask.device)
+        shown = ratio.flatten() if ratio.shape[1] == 1 else ratio[mask.bool()]
+        for name, value, reduce in (
+                ("sampling/sampling_logp_difference/mean", gap.mean() if gap.numel() else zero, "mean"),
+                ("sampling/sampling_logp_difference/max", gap.max() if gap.numel() else zero, "max"),
+                ("sampling/importance_sampling_ratio/min", shown.min() if shown.numel() else zero, "min"),
+                ("sampling/importance_sampling_ratio/mean", shown.mean() if shown.numel() else zero, "mean"),
+                ("sampling/importance_sampling_ratio/max", shown.max() if shown.numel() else zero, "max")):
+            values = gather(value.float().reshape(1))
+            self._metrics[name].append(getattr(values, reduce)().item())
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:

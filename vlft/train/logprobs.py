@@ -8,7 +8,7 @@ from vlft.constants import IGNORE_INDEX
 
 # batch keys of vlft's stages that are not model arguments
 NON_MODEL_KEYS = ("labels", "pair_index", "image_copy_of", "video_copy_of", "advantages", "ref_per_token_logps",
-                  "old_per_token_logps", "record")
+                  "old_per_token_logps", "sampling_logps", "record")
 # (kind, pixels key, grid key, the preference collator's key saying which pictures repeat which: data/dpo.py)
 MEDIA_COPIES = (("image", "pixel_values", "image_grid_thw", "image_copy_of"),
                 ("video", "pixel_values_videos", "video_grid_thw", "video_copy_of"))
@@ -62,6 +62,17 @@ def encode_vision_once(model, inputs: dict) -> dict:
     return inputs
 
 
+def completion_columns(labels: torch.Tensor) -> torch.Tensor:
+    """The positions `kept` [M] (ascending) whose next token is a completion token (label != IGNORE_INDEX) in at
+    least one row of `labels` [N, L]: column m of `completion_log_probs` scores the token at `kept[m] + 1`, so a
+    per-position tensor X [N, L] aligned with the input ids lines up with its output as X[:, kept + 1]. A batch with
+    no completion token gets one column (its mask is 0 there): the forward still runs (collectives)."""
+    kept = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()[:, 0]
+    if kept.numel() == 0:  # nothing to learn in this batch (e.g. every GRPO completion masked)
+        kept = torch.tensor([labels.shape[1] - 2], device=labels.device)
+    return kept
+
+
 def completion_log_probs(model, inputs: dict, *, vision_once: bool = False,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the completion tokens of a preference batch, from one forward of `model`.
@@ -79,9 +90,7 @@ def completion_log_probs(model, inputs: dict, *, vision_once: bool = False,
     if vision_once:
         inputs = encode_vision_once(model, inputs)
     model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
-    kept = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()[:, 0]
-    if kept.numel() == 0:  # nothing to learn in this batch (e.g. every GRPO completion masked): the forward still
-        kept = torch.tensor([labels.shape[1] - 2], device=labels.device)  # runs (collectives), every mask is 0
+    kept = completion_columns(labels)
     logits = model(**model_kwargs, use_cache=False, logits_to_keep=kept).logits
     targets = labels[:, kept + 1]
     mask = targets != IGNORE_INDEX

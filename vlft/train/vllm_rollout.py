@@ -17,9 +17,10 @@ the record, both counts and the fix. Colocate mode reads vLLM's processed prompt
 server mode reads the placeholder lengths the server reports for the images it processed (the prompt ids it returns
 are an echo of ours, so they prove nothing there), before the request is sent.
 
-Video is not supported (VLLMGeneration has no video input): such records are refused at start-up. The importance
-sampling correction (TRL's --vllm_importance_sampling_correction) lives in the loss and is not implemented yet, so
-vlft's default for it is false and true is refused.
+Video is not supported (VLLMGeneration has no video input): such records are refused at start-up. The sampler's
+log-prob of every completion token is kept (`sampling_logps`, NaN for a token vLLM did not emit) for TRL's
+importance-sampling correction (--vllm_importance_sampling_correction, on by default as in TRL), which the loss
+applies (train/grpo_loss.py: sampling_correction).
 
 Injection point (tests, or another backend): `generator_factory`, a module attribute called once per trainer with
 VLLMGeneration's keyword arguments; it must return an object with `sync_weights()` and
@@ -47,6 +48,9 @@ FLAG_TO_KWARG = {
 SERVER_ONLY = ("vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_group_port")
 COLOCATE_ONLY = ("vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_length",
                  "vllm_enable_sleep_mode", "vllm_model_impl")
+# the importance-sampling correction's flags (the loss's, not VLLMGeneration's)
+CORRECTION_FLAGS = ("vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+                    "vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max")
 # -100 on the logits: a vision token in a completion would break the training forward (no pixels for it)
 SUPPRESS_BIAS = -100.0
 
@@ -72,10 +76,12 @@ def flag_problems(args, defaults: dict) -> list[str]:
     """GRPOConfig.problems' share: the vLLM flags on their own (no model, no data). `defaults`: {field: default},
     to tell a user's setting from a default."""
     errors = []
-    changed = [f for f in FLAG_TO_KWARG if getattr(args, f) != defaults[f]]
-    if args.vllm_importance_sampling_correction:
-        errors.append("--vllm_importance_sampling_correction true is not implemented in vlft yet (TRL's default is "
-                      "true; vlft's is false): leave it out or pass --vllm_importance_sampling_correction false")
+    changed = [f for f in (*FLAG_TO_KWARG, *CORRECTION_FLAGS) if getattr(args, f) != defaults[f]]
+    if args.use_vllm and args.vllm_importance_sampling_correction and args.loss_type == "vespo" and \
+            args.vllm_importance_sampling_mode.startswith("sequence"):
+        errors.append(f"--loss_type vespo with --vllm_importance_sampling_mode {args.vllm_importance_sampling_mode}: "
+                      "VESPO folds the correction into its per-token weights; use token_truncate or token_mask, or "
+                      "--vllm_importance_sampling_correction false")
     if not args.use_vllm:
         if changed:
             errors.append(f"{', '.join('--' + f for f in changed)}: only used with --use_vllm; add --use_vllm or "
@@ -187,14 +193,18 @@ def pad_runs(ids, pad_id: int) -> list[int]:
 
 
 # ------------------------------------------------------------------ completions
-def completion_rows(completion_ids, *, end_ids, vision_ids, max_completion_length: int, mask_truncated: bool):
+def completion_rows(completion_ids, *, end_ids, vision_ids, max_completion_length: int, mask_truncated: bool,
+                    logprobs=None):
     """vLLM's completion token lists -> (ids, mask, truncated) per completion, as the transformers path gives them:
     cut after the first end-of-turn token; truncated = no end-of-turn token within --max_completion_length (masked
     out with --mask_truncated_completions). A completion that stopped early without an end token in its ids (vLLM
     dropped the stop token) gets <|im_end|> appended: it did end its turn. A vision token (suppressed, but a bias is
-    not a guarantee) ends the completion before it, as truncated."""
-    completions, masks, truncated = [], [], []
-    for raw in completion_ids:
+    not a guarantee) ends the completion before it, as truncated.
+    logprobs: vLLM's per completion, per token [logprob, ...] (the sampled token's first), or None. Returns
+    (ids, masks, truncated, sampling): sampling holds per completion a float32 tensor of the kept tokens' sampler
+    log-probs (NaN for an appended <|im_end|>), or is None without logprobs."""
+    completions, masks, truncated, sampling = [], [], [], []
+    for k, raw in enumerate(completion_ids):
         row = list(raw)
         cut_at = next((k for k, t in enumerate(row) if t in vision_ids), None)
         if cut_at is not None:
@@ -211,7 +221,10 @@ def completion_rows(completion_ids, *, end_ids, vision_ids, max_completion_lengt
         completions.append(ids)
         masks.append(mask)
         truncated.append(cut)
-    return completions, masks, truncated
+        if logprobs is not None:
+            given = [float(t[0]) if isinstance(t, (list, tuple)) else float(t) for t in logprobs[k]][:len(row)]
+            sampling.append(torch.tensor(given + [float("nan")] * (len(row) - len(given)), dtype=torch.float32))
+    return completions, masks, truncated, (sampling if logprobs is not None else None)
 
 
 # ------------------------------------------------------------------ the rollout
@@ -319,9 +332,9 @@ class VllmRollout:
                 theirs = pad_runs(prompt_ids[row], self.image_pad_id)
                 if sum(theirs) != sum(ours):
                     raise VlftError(self._mismatch(labels[k], sum(ours), sum(theirs), ours, theirs, "vLLM"))
-        completions, masks, truncated = completion_rows(
+        completions, masks, truncated, sampling = completion_rows(
             completion_ids, end_ids=self.end_ids, vision_ids=self.vision_ids, max_completion_length=a.max_completion_length,
-            mask_truncated=a.mask_truncated_completions)
+            mask_truncated=a.mask_truncated_completions, logprobs=logprobs)
         self.last = {"prompts": prompts, "images": images, "prompt_ids": prompt_ids, "completion_ids": completion_ids,
-                     "logprobs": logprobs}
+                     "logprobs": logprobs, "sampling_logps": sampling}
         return completions, masks, truncated, self.last
