@@ -18,8 +18,19 @@ default_bf16() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo true; else echo false; fi
 }
 
-# A fresh run directory per call, so no earlier run is overwritten; <name>/latest points at the newest.
+# A fresh run directory per call, so no earlier run is overwritten; <name>/latest points at the newest finished one.
+# With RESUME=latest (and no OUTPUT_DIR) the newest run folder of this script is continued instead, finished or
+# not: a requeued job needs no path. vlft refuses the resume if that run's data, model or settings differ.
 new_output_dir() {
+  if [ "${RESUME:-}" = latest ]; then
+    local newest
+    newest="$(ls -1d "$REPO/output/$1"/[0-9]*/ 2>/dev/null | sort | tail -n 1)"
+    if [ -n "$newest" ]; then
+      echo "[vlft] RESUME=latest: continuing the newest run of $1, ${newest%/} (set OUTPUT_DIR to choose another)" >&2
+      echo "${newest%/}"
+      return
+    fi
+  fi
   echo "$REPO/output/$1/$(date +%Y%m%d-%H%M%S)"
 }
 

@@ -202,6 +202,39 @@ def test_resume_setting_reaches_vlft(tmp_path, script):
     assert "--resume_from_checkpoint" not in launched_argv(tmp_path / "b", script)[command]  # unset: no flag
 
 
+def test_resume_latest_without_output_dir_continues_the_newest_run(tmp_path):
+    """A requeued job with RESUME=latest and no OUTPUT_DIR continues the newest run folder of its script (the
+    scripts make a new timestamped one per call, so `latest` alone would otherwise start over in an empty one)."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(SCRIPTS, repo / "scripts")
+    runs = repo / "output" / "finetune_lora"
+    for name in ("20261101-120000", "20261130-080000", "20261102-000000"):
+        (runs / name).mkdir(parents=True)
+    (runs / "latest").symlink_to(runs / "20261101-120000")  # the newest *finished* run: not the one to continue
+
+    def output_dir(work, **settings):
+        work.mkdir()
+        shim = work / "python-shim"
+        shim.write_text('#!/bin/sh\nif [ "$1" = -c ]; then exec "$REAL_PYTHON" "$@"; fi\n'
+                        'cmd="$3"; shift 3\nprintf \'%s\\0\' "$@" > "$ARGV_DIR/$cmd.argv"\n')
+        shim.chmod(0o755)
+        env = script_env(work, PYTHON=str(shim), ARGV_DIR=str(work), REAL_PYTHON=sys.executable, OUTPUT_DIR="",
+                         **settings)
+        proc = subprocess.run(["bash", str(repo / "scripts" / "finetune_lora.sh")], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        argv = (work / "sft.argv").read_text().split("\0")[:-1]
+        return argv[argv.index("--output_dir") + 1], proc.stderr
+
+    resumed, err = output_dir(tmp_path / "a", RESUME="latest")
+    assert resumed == str(runs / "20261130-080000") and "continuing the newest run" in err
+    fresh, _ = output_dir(tmp_path / "b")  # no RESUME: a new folder, as always
+    assert Path(fresh).parent == runs and Path(fresh).name not in {"20261101-120000", "20261130-080000",
+                                                                   "20261102-000000"}
+
+
 @pytest.mark.parametrize("script", ["finetune_lora.sh", "finetune_dpo.sh"])
 def test_report_to_defaults_to_tensorboard_when_installed(tmp_path, script):
     """REPORT_TO unset: tensorboard where this Python imports it, none where it does not (the demo must run on a

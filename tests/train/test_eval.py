@@ -71,6 +71,10 @@ def test_the_final_weights_are_the_best_checkpoints(best_run):
     best_step = max(evals, key=lambda e: e[1])[0]
     best = out / f"checkpoint-{best_step}"
     assert trainer.state.best_model_checkpoint == str(best)
+    # and so says the state file a resume reads, in the best checkpoint itself and in every later one
+    for step in range(best_step, 4):
+        state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        assert state["best_model_checkpoint"] == str(best), step
     assert best_step != 3, evals  # the premise: the best step is not the last one
 
     final, at_best, at_last = final_weights(out), final_weights(best), final_weights(out / "checkpoint-3")

@@ -164,15 +164,21 @@ def check_writable(output_dir: str | os.PathLike) -> None:
 def publish_checkpoint(staged: Path, final: Path) -> None:
     """Move a completely written checkpoint into place. A folder of the same name from an earlier timeline (a
     resume from an older checkpoint reaches the same step again) is replaced."""
+    _replace_dir(staged, final)
+    remove_if_empty(staged.parent)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Rename `new` to `final`; an existing `final` is first renamed aside (next to `new`) and removed only once
+    the new one is in place, so a kill at any moment leaves one of the two complete under a known name."""
     if final.exists():
-        old = staged.parent / f"replaced-{final.name}"
+        old = new.parent / f"replaced-{final.name}"
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
-        os.rename(staged, final)
+        os.rename(new, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.rename(staged, final)
-    remove_if_empty(staged.parent)
+        os.rename(new, final)
 
 
 def remove_if_empty(path: Path) -> None:
@@ -187,9 +193,7 @@ def publish_final(staged: Path, output_dir: Path) -> None:
     for entry in sorted(staged.iterdir()):
         target = output_dir / entry.name
         if entry.is_dir():
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(entry, target)
+            _replace_dir(entry, target)
         else:
             os.replace(entry, target)
     shutil.rmtree(staged, ignore_errors=True)
@@ -327,6 +331,9 @@ class PreemptionCallback(TrainerCallback):
 
     def __init__(self):
         self.requested: str | None = None
+        # the ranks' agreement on `requested` for the step in progress, when the trainer already took it in its
+        # per-step collective (train/trainer.py: _get_grad_norm); None: take it here
+        self.agreed: bool | None = None
         self.stopped_by: str | None = None
         self.stopped_at: int | None = None
         self._previous: dict = {}
@@ -353,7 +360,8 @@ class PreemptionCallback(TrainerCallback):
         self.requested = name
 
     def on_step_end(self, args, state, control, **kwargs):
-        if any_rank(self.requested is not None, args.device):
+        agreed, self.agreed = self.agreed, None
+        if agreed if agreed is not None else any_rank(self.requested is not None, args.device):
             control.should_save = True
             control.should_training_stop = True
             self.stopped_by = self.requested or "a signal on another process"
@@ -361,16 +369,21 @@ class PreemptionCallback(TrainerCallback):
         return control
 
 
-def any_rank(flag: bool, device) -> bool:
+def any_rank(flag, device) -> bool:
     """True when `flag` is true on any process (one all-reduce when distributed; the flag itself otherwise)."""
+    return any_ranks([flag], device)[0]
+
+
+def any_ranks(flags, device) -> list[bool]:
+    """For each flag (a bool or a 0-d tensor on any device), whether it is true on any process: one all-reduce of
+    them all when distributed, and one device-to-host copy either way."""
     import torch
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return bool(flag)
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    values = torch.stack([torch.as_tensor(f, device=device).reshape(()).to(torch.int32) for f in flags])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def barrier() -> None:

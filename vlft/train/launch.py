@@ -159,7 +159,8 @@ def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
     if preemption.stopped_at is not None:
         saved = latest_checkpoint(args.output_dir)
         log(f"stopped by {preemption.stopped_by} after step {preemption.stopped_at}; checkpoint saved: {saved}\n"
-            f"       resume: run the same command with --resume_from_checkpoint latest (the scripts: RESUME=latest)")
+            f"       resume: run the same command with --resume_from_checkpoint latest (the scripts: "
+            f"OUTPUT_DIR={os.path.abspath(args.output_dir)} RESUME=latest)")
         return {"preempted": preemption.stopped_by, "steps": result.global_step, "checkpoint": str(saved),
                 "train_seconds": elapsed, "output_dir": os.path.abspath(args.output_dir), "lora": lora}, trainer
     trainer.save_final(args.output_dir)

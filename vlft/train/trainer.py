@@ -154,15 +154,30 @@ class VlftTrainerMixin:
         steps inside backward, right after it): the one place per step where the loss and the gradients of the
         whole step are known. A non-finite one stops the run here (or skips the step: see `_nonfinite_step`)."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        finite = self._step_finite if self._step_finite is not None else torch.tensor(True)
-        loss_finite = bool(finite)
-        norm_finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+        loss_finite = self._step_finite if self._step_finite is not None else torch.tensor(True)
+        norm_finite = torch.tensor(True) if grad_norm is None else torch.isfinite(torch.as_tensor(grad_norm)).all()
+        if self.args.fp16:  # an overflowing fp16 step is the loss scaler's to skip (and to lower its scale for)
+            norm_finite = torch.tensor(True)
         records, self._step_records, self._step_finite = self._step_records, [], None
-        from vlft.train.checkpoints import any_rank
+        from vlft.train.checkpoints import any_ranks
 
-        if any_rank(not (loss_finite and norm_finite), self.args.device):
-            self._nonfinite_step(model, records, loss_finite, grad_norm)
+        preemption = self.preemption
+        # one collective per step for both agreements: a non-finite step, and a stop signal (PreemptionCallback)
+        bad_loss, bad_norm, stop = any_ranks([~loss_finite, ~norm_finite,
+                                              preemption is not None and preemption.requested is not None],
+                                             self.args.device)
+        if preemption is not None:
+            preemption.agreed = stop
+        if bad_loss or bad_norm:
+            self._nonfinite_step(model, records, not bad_loss, grad_norm)
         return grad_norm
+
+    @property
+    def preemption(self):
+        """The run's PreemptionCallback (train/checkpoints.py), or None."""
+        from vlft.train.checkpoints import PreemptionCallback
+
+        return next((c for c in self.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
 
     def _nonfinite_step(self, model, records: list[int], loss_finite: bool, grad_norm) -> None:
         step = self.state.global_step + 1  # the step being taken, numbered as the logs number it
@@ -182,9 +197,11 @@ class VlftTrainerMixin:
         kept = f"the last checkpoint, {last}, holds finite weights" if last else "no checkpoint had been written"
         hint = ("" if allowed or self.is_deepspeed_enabled else
                 " To skip such steps instead, pass --skip_nonfinite_steps N.")
+        applied = ("DeepSpeed had already applied the step (its engine steps inside backward), the run stopped"
+                   if self.is_deepspeed_enabled else "the run stopped before the optimizer applied it")
         raise NonFiniteError(
             f"step {step}: {what} is not finite{' (again: ' + str(allowed) + ' such steps skipped already)' if allowed else ''}; "
-            f"the run stopped before the optimizer applied it and nothing was saved after it ({kept}). Records in "
+            f"{applied} and nothing was saved after it ({kept}). Records in "
             f"this step's batch: {labels}. Check those records, lower --learning_rate, or keep --max_grad_norm set; "
             f"resume with --resume_from_checkpoint latest.{hint}")
 
@@ -204,8 +221,10 @@ class VlftTrainerMixin:
 
     def _check_finite_weights(self, what: str) -> None:
         """Refuse to write non-finite weights (any rank's trainable parameters or their ZeRO-3 partitions)."""
-        bad = [n for n, p in self.model.named_parameters()
-               if p.requires_grad and not bool(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all())]
+        trained = [(n, getattr(p, "ds_tensor", p).detach()) for n, p in self.model.named_parameters() if p.requires_grad]
+        checks = [torch.isfinite(t).all().to(self.args.device) for _, t in trained]
+        finite = torch.stack(checks).tolist() if checks else []  # one device-to-host copy
+        bad = [n for (n, _), ok in zip(trained, finite) if not ok]
         from vlft.train.checkpoints import any_rank
 
         if any_rank(bool(bad), self.args.device):
@@ -232,6 +251,15 @@ class VlftTrainerMixin:
         failure = None
         try:
             super()._save_checkpoint(model, trial)
+            # HF names the best checkpoint under the folder it saved into (staging): name its final place, in
+            # memory and in this checkpoint's state file (a resume reads it from there)
+            best_step = self.state.best_global_step
+            best = run_dir / f"checkpoint-{best_step}" if best_step else None
+            if best is not None and (best.name == name or best.exists()) and \
+                    self.state.best_model_checkpoint != str(best):
+                self.state.best_model_checkpoint = str(best)
+                if self.args.should_save:
+                    self.state.save_to_json(str(staging / name / "trainer_state.json"))
             self.save_process_state(staging / name)
         except OSError as err:
             failure = err
@@ -245,10 +273,6 @@ class VlftTrainerMixin:
         barrier()
         if self.args.should_save:
             publish_checkpoint(staging / name, run_dir / name)
-            if self.state.best_global_step:
-                best = run_dir / f"checkpoint-{self.state.best_global_step}"
-                if best.exists():
-                    self.state.best_model_checkpoint = str(best)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         barrier()
