@@ -151,7 +151,15 @@ def test_a_run_stopped_inside_a_cycle_resumes_onto_the_straight_run(setup, tmp_p
              str(parts), "--max_steps", "6", "--save_strategy", "no", "--resume_from_checkpoint",
              str(parts / "checkpoint-3")])
 
+    # as if the first run had been killed after writing step 5's rows (past its last checkpoint), mid-line
+    with (parts / "completions.jsonl").open("a") as fh:
+        fh.write(json.dumps({"step": 5, "record": 0, "completion": "from the killed run"}) + "\n{\"step\": 5, \"rec")
     run([*flags, "--output_dir", str(parts), "--max_steps", "6", "--save_strategy", "no",
          "--resume_from_checkpoint", str(parts / "checkpoint-3")])
     assert len(logged_losses(parts)) == 6
     assert_same_run(straight, parts, "GRPO --num_iterations 2 | stopped after step 3 of 6")
+    # completions.jsonl holds each generated step once, as the straight run's does (the killed run's rows dropped)
+    rows = {name: [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+            for name, out in (("straight", straight), ("parts", parts))}
+    assert [r["step"] for r in rows["straight"]] == [1] * 4 + [3] * 4 + [5] * 4
+    assert rows["parts"] == rows["straight"]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from collections import defaultdict
 from os import PathLike
 from pathlib import Path
@@ -98,6 +99,7 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         # "records": dataset indices per micro-batch, "batches": the built batches}, and (global_step, index of its
         # last micro-batch) to tell where in a step a micro-batch falls
         self.rollouts: dict | None = None
+        self._completions_trimmed = False
         self._micro = (-1, -1)
         self._resumed_from: str | None = None
 
@@ -112,6 +114,7 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self.rollouts, self._micro, self._resumed_from = None, (-1, -1), None
+        self._completions_trimmed = False
         if self.args.num_iterations > 1 and isinstance(resume_from_checkpoint, (str, PathLike)):
             self._resumed_from = str(resume_from_checkpoint)
             path = Path(resume_from_checkpoint) / ROLLOUTS_FILE.format(rank=self.args.process_index)
@@ -261,6 +264,22 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         self._log_rollout(items, per_func, rewards, completions, truncated, texts)
         return batch
 
+    def _trim_completions(self) -> None:
+        """Before this run's first row: drop the rows of steps after the one it starts from, which a killed run
+        wrote past its last checkpoint (a resume trains those steps again and writes them anew; a restart from step
+        0 leaves nothing). The file is rewritten through a temporary one and renamed."""
+        self._completions_trimmed = True
+        path = self.completions_path
+        if not path.is_file():
+            return
+        start = self.state.global_step  # rows carry the step they were generated for, counted from 1
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _row_step(line) <= start]
+        if len(kept) != len(lines):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+
     @torch.no_grad()
     def reference_log_probs(self, batch: dict) -> torch.Tensor:
         ref = self.reference
@@ -298,6 +317,8 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
             rows = gather_object(rows)
             if self.accelerator.is_main_process:
                 self.completions_path.parent.mkdir(parents=True, exist_ok=True)
+                if not self._completions_trimmed:
+                    self._trim_completions()
                 with self.completions_path.open("a") as fh:
                     for row in rows:
                         fh.write(json.dumps(row) + "\n")
@@ -360,6 +381,14 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
                 if values:
                     logs[key] = sum(values) / len(values)
         super().log(logs, *args, **kwargs)
+
+
+def _row_step(line: str) -> float:
+    """The step of one completions.jsonl row (inf for a line that is not one: it goes with the dropped rows)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _finite(value: float) -> float | None:
