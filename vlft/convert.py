@@ -78,12 +78,15 @@ def convert(args: ConvertArguments) -> dict:
                              else _written_path(v, args.image_folder, file, out_dir) for v in value]
         rows.append(row)
     skipped = sorted({p.index for p in problems})
+    # the embedded media are extracted while the records are read: say so when the output itself is not written
+    unwritten = f"{out} was not written" + (f" ({loaded.media_written} embedded media file(s) were extracted to "
+                                            f"{loaded.media_dir}, reused by the next try)" if loaded.media_written else "")
     if problems and not args.skip_bad_samples:
         raise DataError(sorted(problems, key=lambda p: p.index if p.index is not None else -1),
-                        header=f"{len(problems)} problem(s) in {file}; nothing was written:",
+                        header=f"{len(problems)} problem(s) in {file}; {unwritten}:",
                         advice="Fix the records above, or pass --skip_bad_samples true to convert the others.")
     if not rows:
-        raise VlftError(f"no record of {file} could be converted; nothing was written")
+        raise VlftError(f"no record of {file} could be converted; {unwritten}")
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:

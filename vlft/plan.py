@@ -383,7 +383,9 @@ class MemoryPlan:
 
 
 def trainable_params(shape: ModelShape, s: Settings) -> dict[str, int]:
-    """{'full': base parameters that train, 'lora': adapter parameters, 'quantised': parameters stored in --bits}."""
+    """What trains, as counts of parameters: {'full': base parameters that train, 'lora': adapter parameters,
+    'quantised': parameters stored in --bits}, plus two 0/1 flags, not counts: 'vision_grads' (gradients flow
+    through the vision tower: it trains fully or has LoRA) and 'merger_grads' (the merger trains)."""
     any_lora = s.lora_enable or s.vision_lora
     llm_frozen = s.freeze_llm if s.freeze_llm is not None else any_lora
     vision_frozen = s.freeze_vision_tower if s.freeze_vision_tower is not None else s.vision_lora

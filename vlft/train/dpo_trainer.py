@@ -23,7 +23,12 @@ from transformers import Trainer, TrainerCallback
 
 from vlft.errors import VlftError
 from vlft.train.dpo_loss import preference_loss, reward_metrics, sequence_logps
-from vlft.train.logprobs import MEDIA_COPIES, completion_log_probs, encode_vision_once  # noqa: F401 (re-exported)
+from vlft.train.logprobs import (  # noqa: F401 (encode_vision_once re-exported)
+    MEDIA_COPIES,
+    completion_log_probs,
+    encode_vision_once,
+    picture_sources,
+)
 from vlft.train.reference import AdaptersOff, FrozenCopy
 from vlft.train.trainer import VlftTrainerMixin
 from vlft.utils import log
@@ -89,10 +94,9 @@ class DPOTrainer(VlftTrainerMixin, Trainer):
             return super().count_batch(inputs)
         counted = dict(inputs)  # the tower sees each distinct picture once: count its patches once
         for _, _, grid_key, copies_key in MEDIA_COPIES:
-            if counted.get(grid_key) is not None and copies_key in counted:
-                copy_of = counted[copies_key].tolist()
-                own = [j for j in range(counted[grid_key].shape[0]) if j >= len(copy_of) or copy_of[j] == j]
-                counted[grid_key] = counted[grid_key][own]
+            sources = picture_sources(counted, copies_key, grid_key)
+            if sources:
+                counted[grid_key] = counted[grid_key][[j for j, s in enumerate(sources) if s == j]]
         self.counts.add(counted)
 
     # ------------------------------------------------------------------ reference

@@ -14,6 +14,17 @@ MEDIA_COPIES = (("image", "pixel_values", "image_grid_thw", "image_copy_of"),
                 ("video", "pixel_values_videos", "video_grid_thw", "video_copy_of"))
 
 
+def picture_sources(inputs: dict, copies_key: str, grid_key: str) -> list[int]:
+    """For each picture of one kind in a preference batch (the rows of inputs[grid_key]), the index of the picture
+    whose features it takes: `copies_key` (data/dpo.py: PreferenceCollator) covers the pictures of the 2B rows, any
+    distributed dummy media after them are their own. [] when the batch has no picture of that kind."""
+    grid = inputs.get(grid_key)
+    if grid is None:
+        return []
+    copy_of = inputs[copies_key].tolist() if copies_key in inputs else []
+    return copy_of + list(range(len(copy_of), grid.shape[0]))
+
+
 def encode_vision_once(model, inputs: dict) -> dict:
     """The batch with each distinct picture encoded once: the vision tower runs on the pictures that
     `image_copy_of` / `video_copy_of` (data/dpo.py: PreferenceCollator) mark as their own (the chosen rows', an
@@ -27,11 +38,8 @@ def encode_vision_once(model, inputs: dict) -> dict:
     both uses, which is what the plain path accumulates over its two encodings (tests/train/
     test_dpo_vision_once.py compares loss and gradients). Returns a new dict, or `inputs` itself when no picture
     repeats another (then there is nothing to save)."""
-    sources = {}  # kind -> for each picture, the one whose features it takes (itself: encoded)
-    for kind, pixels_key, grid_key, copies_key in MEDIA_COPIES:
-        if inputs.get(pixels_key) is not None:
-            copy_of = inputs[copies_key].tolist() if copies_key in inputs else []
-            sources[kind] = copy_of + list(range(len(copy_of), inputs[grid_key].shape[0]))  # dummies: their own
+    sources = {kind: picture_sources(inputs, copies_key, grid_key)  # itself: encoded
+               for kind, pixels_key, grid_key, copies_key in MEDIA_COPIES if inputs.get(pixels_key) is not None}
     if not any(s != j for source in sources.values() for j, s in enumerate(source)):
         return inputs  # nothing repeats: the plain batch
     from vlft.models.patches import unwrap_model

@@ -329,15 +329,13 @@ class VlftTrainerMixin:
         from peft import PeftModel
 
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if self.is_fsdp_enabled or isinstance(target, PeftModel) or not hasattr(target, "config"):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-        else:
+        peft = isinstance(target, PeftModel)
+        if not self.is_fsdp_enabled and not peft and hasattr(target, "config"):  # full fine-tuning
             _load_full_weights(target, resume_from_checkpoint)
             return
-        if self.is_fsdp_enabled:  # sharded parameters: not vlft's path (DeepSpeed restores the whole module itself)
-            return
-        if not isinstance(target, PeftModel):
-            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.is_fsdp_enabled or not peft:  # sharded parameters (FSDP): not vlft's path; DeepSpeed restores the
+            return  # whole module itself
         expected = {bare_name(n) for n, p in target.named_parameters() if p.requires_grad and not is_lora_param(n)}
         if not expected:
             return

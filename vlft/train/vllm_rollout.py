@@ -330,7 +330,7 @@ class VllmRollout:
             ours = pad_runs(prompts[k * g], self.image_pad_id)
             for row in range(k * g, (k + 1) * g):
                 theirs = pad_runs(prompt_ids[row], self.image_pad_id)
-                if sum(theirs) != sum(ours):
+                if theirs != ours:  # per image, in order (as the server check)
                     raise VlftError(self._mismatch(labels[k], sum(ours), sum(theirs), ours, theirs, "vLLM"))
         completions, masks, truncated, sampling = completion_rows(
             completion_ids, end_ids=self.end_ids, vision_ids=self.vision_ids, max_completion_length=a.max_completion_length,
