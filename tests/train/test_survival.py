@@ -315,3 +315,35 @@ def test_latest_restarts_a_run_killed_before_its_first_checkpoint_and_refuses_fo
     with pytest.raises(VlftError, match=r"holds no complete checkpoint-N folder \(it holds todo.txt\)"):
         run(common_args(tiny_model_dir) + ["--output_dir", str(mine), "--resume_from_checkpoint", "latest"])
     assert (mine / "todo.txt").read_text() == "the user's"
+
+
+@pytest.mark.parametrize("fp16, loss, norm, stops", [
+    (True, 1.0, float("inf"), False),  # an fp16 overflow: the loss scaler skips the step and lowers its scale
+    (False, 1.0, float("inf"), True),  # fp32 / bf16: a non-finite gradient norm stops the run
+    (True, float("nan"), 1.0, True),  # a non-finite loss stops it under any precision
+    (False, 1.0, 2.5, False),
+])
+def test_which_nonfinite_steps_stop_the_run(fp16, loss, norm, stops):
+    """The rule of VlftTrainerMixin._get_grad_norm on its own (fp16 needs a GPU, so no run here exercises it)."""
+    from types import SimpleNamespace
+
+    from vlft.train.trainer import NonFiniteError, VlftTrainerMixin
+
+    class Base:
+        def _get_grad_norm(self, model, grad_norm=None):
+            return grad_norm
+
+    class Probe(VlftTrainerMixin, Base):
+        pass
+
+    trainer = object.__new__(Probe)
+    trainer.args = SimpleNamespace(fp16=fp16, device="cpu", skip_nonfinite_steps=0, output_dir="/nonexistent")
+    trainer.callback_handler = SimpleNamespace(callbacks=[])
+    trainer.state = SimpleNamespace(global_step=6)
+    trainer.train_dataset, trainer.nonfinite_skipped, trainer.is_deepspeed_enabled = [], 0, False
+    trainer._step_finite, trainer._step_records = torch.isfinite(torch.tensor(loss)), []
+    if stops:
+        with pytest.raises(NonFiniteError, match="step 7: the (loss|gradient norm)"):
+            trainer._get_grad_norm(None, torch.tensor(norm))
+    else:
+        assert trainer._get_grad_norm(None, torch.tensor(norm)).item() == norm
