@@ -36,12 +36,14 @@ def encode_vision_once(model, inputs: dict) -> dict:
     Exact: the tower encodes every image (video) on its own (attention within one picture), so the features of
     a picture do not depend on what else is in the batch; the gradient of a feature used twice is the sum of
     both uses, which is what the plain path accumulates over its two encodings (tests/train/
-    test_dpo_vision_once.py compares loss and gradients). Returns a new dict, or `inputs` itself when no picture
-    repeats another (then there is nothing to save)."""
+    test_dpo_vision_once.py compares loss and gradients). Returns a new dict, or `inputs` itself when the batch has
+    no pictures."""
     sources = {kind: picture_sources(inputs, copies_key, grid_key)  # itself: encoded
                for kind, pixels_key, grid_key, copies_key in MEDIA_COPIES if inputs.get(pixels_key) is not None}
-    if not any(s != j for source in sources.values() for j, s in enumerate(source)):
-        return inputs  # nothing repeats: the plain batch
+    if not sources:
+        return inputs  # no pictures
+    # even when nothing repeats, the pictures go through the same calls: under ZeRO-3 every process must run the
+    # same module calls in the same order (their parameter gathers are collectives), whatever its batch holds
     from vlft.models.patches import unwrap_model
 
     bare = model
