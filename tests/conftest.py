@@ -110,6 +110,24 @@ def assert_same_run(straight: Path, resumed: Path, label: str) -> None:
 
 
 @contextlib.contextmanager
+def demo_subset_file(demo: Path, ids, path: Path) -> str:
+    """The records of the demo file `demo` with these ids, in this order, their media paths (image, video,
+    rejected_image, rejected_video) made absolute, written to `path`; returns it as a string."""
+    import json
+
+    by_id = {r["id"]: r for r in json.loads(demo.read_text())}
+    records = []
+    for record_id in ids:
+        record = dict(by_id[record_id])
+        for key in ("image", "video", "rejected_image", "rejected_video"):
+            if key in record:
+                value = record[key]
+                record[key] = [str(demo.parent / v) for v in value] if isinstance(value, list) else str(demo.parent / value)
+        records.append(record)
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
 def plotting():
     """Runs inside draw training_curves.png (the suite turns drawing off: VLFT_PLOT=0 above)."""
     before = os.environ.get("VLFT_PLOT")

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, demo_subset_file
 
 from vlft.errors import VlftError
 from vlft.train.dpo import run
@@ -26,20 +26,7 @@ REFERENCE_RUN = [*LORA, "--freeze_merger", "false", "--freeze_vision_tower", "tr
 
 def subset(tmp_path_factory, ids) -> str:
     """The demo pairs with these ids, media paths made absolute, in a new file."""
-    base = DPO_DEMO.parent
-    records = []
-    for record in json.loads(DPO_DEMO.read_text()):
-        if record["id"] not in ids:
-            continue
-        for key in ("image", "video", "rejected_image", "rejected_video"):
-            if key in record:
-                value = record[key]
-                record[key] = [str(base / v) for v in value] if isinstance(value, list) else str(base / value)
-        records.append(record)
-    assert [r["id"] for r in records] == list(ids)
-    path = tmp_path_factory.mktemp("data") / "pairs.json"
-    path.write_text(json.dumps(records))
-    return str(path)
+    return demo_subset_file(DPO_DEMO, ids, tmp_path_factory.mktemp("data") / "pairs.json")
 
 
 def step_logs(trainer) -> list[dict]:

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, REPO
+from conftest import FAMILIES, REPO, demo_subset_file
 
 from vlft.data.grpo import training_rows
 from vlft.errors import VlftError
@@ -36,19 +36,7 @@ TEXT_PROMPTS = ["What is two plus two?", "Name a primary colour.", "What is the 
 
 def demo_subset(tmp_path_factory, ids) -> str:
     """The GRPO demo records with these ids, in this order, media paths made absolute, in a new file."""
-    base = GRPO_DEMO.parent
-    by_id = {r["id"]: r for r in json.loads(GRPO_DEMO.read_text())}
-    records = []
-    for record_id in ids:
-        record = dict(by_id[record_id])
-        for key in ("image", "video"):
-            if key in record:
-                value = record[key]
-                record[key] = [str(base / v) for v in value] if isinstance(value, list) else str(base / value)
-        records.append(record)
-    path = tmp_path_factory.mktemp("data") / "prompts.json"
-    path.write_text(json.dumps(records))
-    return str(path)
+    return demo_subset_file(GRPO_DEMO, ids, tmp_path_factory.mktemp("data") / "prompts.json")
 
 
 def write_json(path, records) -> str:

@@ -6,12 +6,10 @@ weight syncs per optimizer step, the completions reaching the training rows, the
 modes, and the start-up refusals by flag name."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, demo_subset_file
 
 import vlft.train.grpo_trainer as grpo_trainer
 import vlft.train.vllm_rollout as vllm_rollout
@@ -30,19 +28,7 @@ MAX_NEW = 6
 
 
 def demo_file(tmp_path, ids) -> str:
-    by_id = {r["id"]: r for r in json.loads(GRPO_DEMO.read_text())}
-    records = []
-    for record_id in ids:
-        record = dict(by_id[record_id])
-        for key in ("image", "video"):
-            if key in record:
-                value = record[key]
-                record[key] = ([str(GRPO_DEMO.parent / v) for v in value] if isinstance(value, list)
-                               else str(GRPO_DEMO.parent / value))
-        records.append(record)
-    path = tmp_path / "prompts.json"
-    path.write_text(json.dumps(records))
-    return str(path)
+    return demo_subset_file(GRPO_DEMO, ids, tmp_path / "prompts.json")
 
 
 class FakeVLLM:
