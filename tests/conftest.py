@@ -109,7 +109,6 @@ def assert_same_run(straight: Path, resumed: Path, label: str) -> None:
     assert weight_diff <= 1e-6
 
 
-@contextlib.contextmanager
 def demo_subset_file(demo: Path, ids, path: Path) -> str:
     """The records of the demo file `demo` with these ids, in this order, their media paths (image, video,
     rejected_image, rejected_video) made absolute, written to `path`; returns it as a string."""
@@ -128,6 +127,7 @@ def demo_subset_file(demo: Path, ids, path: Path) -> str:
     return str(path)
 
 
+@contextlib.contextmanager
 def plotting():
     """Runs inside draw training_curves.png (the suite turns drawing off: VLFT_PLOT=0 above)."""
     before = os.environ.get("VLFT_PLOT")
