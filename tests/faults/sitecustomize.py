@@ -5,6 +5,7 @@ vlft's trainer before the command runs:
 
   kill_step@k   rank 0 SIGKILLs its whole process group (the launcher and every rank) as step k+1 begins
   term_step@k   rank 0 sends itself SIGTERM as step k+1 begins (what a scheduler does; the run must stop cleanly)
+  int_step@k    the same with SIGINT (Ctrl-C)
   kill_save@k   rank 0 SIGKILLs the process group while checkpoint-k is being written (weights and optimizer
                 written, RNG state and trainer state not yet)
 
@@ -29,7 +30,7 @@ if _FAULT and _IS_RANK:
 
     import vlft.train.trainer as _trainer
 
-    if _mode in ("kill_step", "term_step"):
+    if _mode in ("kill_step", "term_step", "int_step"):
         _step_fn = _trainer.VlftTrainerMixin.training_step
         _sent = []
 
@@ -38,7 +39,7 @@ if _FAULT and _IS_RANK:
                 _sent.append(1)
                 if _mode == "kill_step":
                     _kill_everything()
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT if _mode == "int_step" else signal.SIGTERM)
             return _step_fn(self, *args, **kwargs)
 
         _trainer.VlftTrainerMixin.training_step = training_step

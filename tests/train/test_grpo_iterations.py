@@ -129,7 +129,7 @@ def test_with_accumulation_a_cycle_is_ga_times_n_micro_batches(setup, spy, tmp_p
             assert_replays(a, b)
 
 
-def test_a_run_stopped_inside_a_cycle_resumes_onto_the_straight_run(setup, tmp_path):
+def test_a_run_stopped_inside_a_cycle_resumes_onto_the_straight_run(setup, tmp_path, monkeypatch):
     flags = [*setup, "--num_iterations", "2", "--per_device_train_batch_size", str(2 * G)]
     straight, parts = tmp_path / "straight", tmp_path / "parts"
     run([*flags, "--output_dir", str(straight), "--max_steps", "6", "--save_strategy", "no"])
@@ -154,8 +154,15 @@ def test_a_run_stopped_inside_a_cycle_resumes_onto_the_straight_run(setup, tmp_p
     # as if the first run had been killed after writing step 5's rows (past its last checkpoint), mid-line
     with (parts / "completions.jsonl").open("a") as fh:
         fh.write(json.dumps({"step": 5, "record": 0, "completion": "from the killed run"}) + "\n{\"step\": 5, \"rec")
+    from transformers import trainer_utils
+
+    warnings = []  # HF's resume comparison of the flags with the checkpoint's state (warning_once: recorded here)
+    monkeypatch.setattr(trainer_utils.logger, "warning_once", warnings.append)
     run([*flags, "--output_dir", str(parts), "--max_steps", "6", "--save_strategy", "no",
          "--resume_from_checkpoint", str(parts / "checkpoint-3")])
+    # the same batch size: not reported as changed (the state counts prompts, the flag completions); save_steps,
+    # which this resume does change, is (so the comparison did run)
+    assert any("save_steps" in w for w in warnings) and not any("per_device_train_batch_size" in w for w in warnings)
     assert len(logged_losses(parts)) == 6
     assert_same_run(straight, parts, "GRPO --num_iterations 2 | stopped after step 3 of 6")
     # completions.jsonl holds each generated step once, as the straight run's does (the killed run's rows dropped)

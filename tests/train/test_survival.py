@@ -246,14 +246,14 @@ def test_nan_gradient_with_a_finite_loss_is_caught_before_the_optimizer_step(tin
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint-1" / "model.safetensors")).values())
 
 
-def test_sigusr1_and_sigterm_request_a_save_and_a_stop_at_the_step_end():
+def test_sigusr1_sigterm_and_ctrl_c_request_a_save_and_a_stop_at_the_step_end():
     import signal
 
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from vlft.train.checkpoints import PreemptionCallback
 
-    for name in ("SIGUSR1", "SIGTERM"):
+    for name in ("SIGUSR1", "SIGTERM", "SIGINT"):
         callback, control = PreemptionCallback(), TrainerControl()
         callback.install()
         try:
@@ -266,6 +266,32 @@ def test_sigusr1_and_sigterm_request_a_save_and_a_stop_at_the_step_end():
         callback.on_step_end(TrainingArguments(output_dir="unused", use_cpu=True), state, control)
         assert (control.should_save, control.should_training_stop) == (True, True)
         assert (callback.stopped_by, callback.stopped_at) == (name, 7)
+
+    # Ctrl-C twice: the second one stops at once, as Python's own handler would, and the handlers are restored
+    callback = PreemptionCallback()
+    callback.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert callback.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is not callback._handle
+    finally:
+        callback.uninstall()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes_onto_the_same_curve(tiny_model_dir, tmp_path):
+    argv = common_args(tiny_model_dir) + SETTINGS["lora_merger"] + ["--save_strategy", "no"]
+    straight = tmp_path / "straight"
+    run(argv + ["--output_dir", str(straight)])
+    out = tmp_path / "interrupted"
+    stopped = run_with_fault(tmp_path, "int_step@3", argv + ["--output_dir", str(out)])
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "SIGINT received" in stopped.stderr and "Ctrl-C again" in stopped.stderr
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-4"]
+    resumed = resume_latest(argv + ["--output_dir", str(out)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(straight, out, "LoRA + merger | Ctrl-C during step 4")
 
 
 def test_a_final_save_that_cannot_be_written_keeps_the_checkpoints(tiny_model_dir, tmp_path, monkeypatch):

@@ -320,7 +320,7 @@ def check_resume(checkpoint: str, identity: dict) -> None:
 
 # --- preemption ------------------------------------------------------------------------------------------------
 
-PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # SIGINT: Ctrl-C (a second one stops at once, unsaved)
 
 
 class PreemptionCallback(TrainerCallback):
@@ -355,8 +355,12 @@ class PreemptionCallback(TrainerCallback):
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.requested is not None:  # Ctrl-C twice: stop now, as Python would
+            self.uninstall()
+            raise KeyboardInterrupt
         if self.requested is None:
-            os.write(2, f"[vlft] {name} received: finishing this step, then saving a checkpoint\n".encode())
+            again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
+            os.write(2, f"[vlft] {name} received: finishing this step, then saving a checkpoint{again}\n".encode())
         self.requested = name
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -120,7 +120,22 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
             path = Path(resume_from_checkpoint) / ROLLOUTS_FILE.format(rank=self.args.process_index)
             if path.is_file():  # written only by a checkpoint inside a cycle
                 self.rollouts = torch.load(path, map_location=self.args.device, weights_only=True)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        # HF warns on resume when the state's batch size differs from --per_device_train_batch_size: the state
+        # counts prompts per step, the flag completions (TRL's convention); compare like with like
+        import transformers.trainer as hf_trainer
+
+        compare = hf_trainer.compare_trainer_and_checkpoint_args
+
+        def compare_in_completions(args, state):
+            counted = copy.copy(state)
+            counted.train_batch_size = state.train_batch_size * args.num_generations
+            compare(args, counted)
+
+        hf_trainer.compare_trainer_and_checkpoint_args = compare_in_completions
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            hf_trainer.compare_trainer_and_checkpoint_args = compare
 
     def save_process_state(self, checkpoint: Path) -> None:
         n = self.args.num_iterations
