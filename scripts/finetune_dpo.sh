@@ -19,7 +19,7 @@ IMAGE_FOLDER="${IMAGE_FOLDER:-}"                     # empty: media paths resolv
 OUTPUT_DIR="${OUTPUT_DIR:-$(new_output_dir finetune_dpo)}"
 if [ -z "$MODEL" ]; then
   demo_model qwen2_vl
-  # 6 passes over the 5 pairs: the margins grow from 0 to about 4 and every pair ends ranked right
+  # 6 passes over the 6 pairs: the margins grow from 0 and every pair ends ranked right
   EPOCHS="${EPOCHS:-6}"; LR="${LR:-5e-3}"; LORA_RANK="${LORA_RANK:-16}"; LORA_ALPHA="${LORA_ALPHA:-32}"
 fi
 EPOCHS="${EPOCHS:-1}"

@@ -47,6 +47,7 @@ def test_llava_and_flat_layouts_give_the_same_sample():
     ({"rejected_image": "a.png", "rejected": None}, "rejected_image", "is the prompt's own media"),
     ({"rejected_video": "v.mp4"}, "rejected_video", "1 rejected_video path(s) for the prompt's 0 <video> tag(s)"),
     ({"rejected_video": [["f1.png", ""]]}, "rejected_video[0]", "expected a non-empty list of frame paths"),
+    ({"rejected": None, "rejected_images": ["b.png"]}, "rejected_images", "did you mean 'rejected_image'"),
     ({"conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Hello."}]},
      "conversations[1]", "the prompt ends with a gpt turn"),
 ])
@@ -138,6 +139,26 @@ def test_check_data_cli_reads_the_dpo_demo(tiny_model_dir, capsys):
 
     assert main(["check-data", "--stage", "dpo", "--model_id", str(tiny_model_dir), "--data_path", str(DPO_DEMO)]) == 0
     assert "dpo data: 6 of 6 records usable" in capsys.readouterr().err
+
+
+def test_a_rejected_image_that_is_the_prompts_own_file_is_no_image_side_pair(processor, tmp_path):
+    """The parser compares paths as written; data preparation compares the files they resolve to."""
+    from conftest import DEMO_MEDIA
+
+    record = [r for r in json.loads(DPO_DEMO.read_text()) if r["id"] == "image_side"][0]
+    path = tmp_path / "prefs.json"
+    same_file = "./" + record["image"]
+    path.write_text(json.dumps([{**record, "rejected_image": same_file},  # the same answer too: teaches nothing
+                                {**record, "id": "answers_differ", "rejected_image": same_file, "rejected": "No."}]))
+    kwargs = dict(processor=processor, image_folder=str(DPO_DEMO.parent), media=DEMO_MEDIA, max_seq_length=8192)
+    with pytest.raises(DataError) as err:
+        prepare_data(str(path), PREFERENCE, **kwargs)
+    (problem,) = err.value.problems
+    assert (problem.index, problem.field) == (0, "rejected_image") and "teaches nothing" in str(problem)
+    prepared = prepare_data(str(path), PREFERENCE, skip_bad_samples=True, **kwargs)
+    # the other record is an ordinary pair: both sequences show the prompt's picture (and can share its encoding)
+    assert [s.id for s in prepared.samples] == ["answers_differ"] and prepared.rejected_media == [None]
+    assert prepared.samples[0].rejected_images is None
 
 
 def test_a_missing_rejected_image_is_named_by_its_field(processor, tmp_path):

@@ -24,6 +24,7 @@ so the pair teaches which picture the answer belongs to (mDPO's conditional pref
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 
 from vlft.data.llava import TAGS, Report, check_media, check_text, parse_record
@@ -67,7 +68,8 @@ def _answer(value: object, key: str, report: Report) -> str | None:
             return None
         value = value.get("value")
     if value is None:
-        report(key, f"'{key}' is missing", f"add the {key} answer; {_ANSWER_HINT}")
+        extra = " (or, for an image-side pair, rejected_image / rejected_video)" if key == "rejected" else ""
+        report(key, f"'{key}' is missing", f"add the {key} answer{extra}; {_ANSWER_HINT}")
         return None
     if not isinstance(value, str):
         report(key, f"'{key}' is a {type(value).__name__}", _ANSWER_HINT)
@@ -98,6 +100,11 @@ def parse_preference_record(record: object, index: int, file: str) -> tuple[Pref
     def report(where: str, message: str, hint: str) -> None:
         problems.append(Problem(file, index, where, message, hint, record_id))
 
+    for key in record:  # a misspelt rejected_* key would silently make an ordinary pair of an image-side one
+        if isinstance(key, str) and key.startswith("rejected") and key not in ("rejected", *REJECTED_MEDIA):
+            close = difflib.get_close_matches(key, ["rejected", *REJECTED_MEDIA], n=1, cutoff=0.6)
+            report(key, f"unknown key '{key}'", f"did you mean '{close[0]}'? vlft reads 'rejected', 'rejected_image' "
+                   "and 'rejected_video'" if close else "vlft reads 'rejected', 'rejected_image' and 'rejected_video'")
     given = [key for key in REJECTED_MEDIA if key in record]
     rejected_media = {}  # kind -> the rejected sequence's paths, where they differ from the prompt's
     media_reported = sample is None

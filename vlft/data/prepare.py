@@ -13,6 +13,7 @@ resolution, media probing and decoding (each file once, in threads), tokenisatio
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -190,7 +191,8 @@ def _missing_hint(kind: str, raw, image_folder: str | None, file: str) -> str:
     if not _relative(raw):
         return "fix the path in the record (it is absolute: --image_folder does not change it)"
     if image_folder:
-        return f"fix the path in the record, or --image_folder {image_folder}, which relative {kind} paths resolve against"
+        return (f"fix the path in the record (relative {kind} paths resolve against --image_folder {image_folder}), "
+                "or pass the --image_folder that holds it")
     return (f"fix the path in the record, or pass --image_folder: without it relative {kind} paths resolve against the "
             f"data file's folder, {Path(file).parent}")
 
@@ -249,6 +251,22 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
                     for s in parsed if getattr(s, "rejected_images", None) is not None}
     other_videos = {s.index: [_resolve_video(v, image_folder, file) for v in s.rejected_videos]
                     for s in parsed if getattr(s, "rejected_videos", None) is not None}
+    # a rejected picture that resolves to the prompt's own file is no replacement (the parser compared the strings)
+    for i, s in enumerate(parsed):
+        same = [kind for kind, other, own in (("image", other_images, images), ("video", other_videos, videos))
+                if s.index in other and other[s.index] == own[s.index]]
+        if not same:
+            continue
+        for kind in same:
+            del (other_images if kind == "image" else other_videos)[s.index]
+        parsed[i] = dataclasses.replace(s, **{f"rejected_{kind}s": None for kind in same})
+        if s.chosen == s.rejected and s.index not in other_images and s.index not in other_videos:
+            problems.append(Problem(file, s.index, f"rejected_{same[0]}", f"'rejected_{same[0]}' names the same file "
+                                    f"as '{same[0]}' and the rejected answer is the chosen one, so the pair teaches "
+                                    "nothing", "give the rejected sequence another picture, or a different answer",
+                                    s.id))
+            parsed[i] = None
+    parsed = [s for s in parsed if s is not None]
     # the media written as relative paths: the only ones --image_folder decides where to find
     relative = {resolved for s in parsed for resolved, raw in zip(
         [*images[s.index], *videos[s.index], *other_images.get(s.index, []), *other_videos.get(s.index, [])],

@@ -336,6 +336,7 @@ class PreemptionCallback(TrainerCallback):
         self.agreed: bool | None = None
         self.stopped_by: str | None = None
         self.stopped_at: int | None = None
+        self.started_at = 0  # the step training began from (a resume's checkpoint step)
         self._previous: dict = {}
 
     def install(self) -> None:
@@ -362,6 +363,9 @@ class PreemptionCallback(TrainerCallback):
             again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
             os.write(2, f"[vlft] {name} received: finishing this step, then saving a checkpoint{again}\n".encode())
         self.requested = name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started_at = state.global_step  # > 0 on a resume
 
     def on_step_end(self, args, state, control, **kwargs):
         agreed, self.agreed = self.agreed, None

@@ -184,7 +184,9 @@ def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
     }
     log(
         f"done: {summary['steps']} steps in {elapsed:.1f}s; loss {summary['first_loss']:.4f} -> "
-        f"{summary['last_loss']:.4f}; {summary['tokens_per_second']:.0f} tokens/s (non-pad, all processes)\n"
+        f"{summary['last_loss']:.4f}; {summary['tokens_per_second']:.0f} tokens/s (non-pad, all processes)"
+        + (f"; resumed at step {preemption.started_at}: {summary['steps'] - preemption.started_at} steps ran in "
+           "that time" if preemption.started_at else "") + "\n"
         f"       {'adapter' if lora else 'model'}, processor and {ARGS_FILE} in {summary['output_dir']}"
     )
     return summary, trainer
