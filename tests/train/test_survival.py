@@ -103,21 +103,25 @@ def test_kill_inside_a_checkpoint_save_leaves_the_previous_one_to_resume(tiny_mo
     assert_same_run(straight, out, "LoRA + merger | killed inside the save of checkpoint-4")
 
 
-def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_onto_the_same_curve(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("fault, name", [("term_step", "SIGTERM"), ("int_step", "SIGINT")])
+def test_a_stop_signal_saves_a_checkpoint_exits_0_and_resumes_onto_the_same_curve(tiny_model_dir, tmp_path, fault,
+                                                                                    name):
+    """A scheduler's SIGTERM, or Ctrl-C (SIGINT), during step 4: that step finishes, checkpoint-4 is saved, exit 0."""
     argv = common_args(tiny_model_dir) + SETTINGS["lora_merger"] + ["--save_strategy", "no"]
     straight = tmp_path / "straight"
     run(argv + ["--output_dir", str(straight)])
     out = tmp_path / "preempted"
-    term = run_with_fault(tmp_path, "term_step@3", argv + ["--output_dir", str(out)])
+    term = run_with_fault(tmp_path, f"{fault}@3", argv + ["--output_dir", str(out)])
     assert term.returncode == 0, term.stderr[-3000:]
     log = term.stderr + term.stdout
-    assert "SIGTERM received" in log and "--resume_from_checkpoint latest" in log
+    assert f"{name} received" in log and "--resume_from_checkpoint latest" in log
+    assert ("Ctrl-C again" in log) == (name == "SIGINT")
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-4"]  # the step in progress finished
     assert not (out / "adapter_model.safetensors").exists()  # no final save: the run is not finished
 
     resumed = resume_latest(argv + ["--output_dir", str(out)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(straight, out, "LoRA + merger | SIGTERM during step 4")
+    assert_same_run(straight, out, f"LoRA + merger | {name} during step 4")
 
 
 def nan_loss_at(monkeypatch, step: int, seen: dict | None = None):
@@ -279,19 +283,6 @@ def test_sigusr1_sigterm_and_ctrl_c_request_a_save_and_a_stop_at_the_step_end():
     finally:
         callback.uninstall()
 
-
-def test_ctrl_c_saves_a_checkpoint_and_resumes_onto_the_same_curve(tiny_model_dir, tmp_path):
-    argv = common_args(tiny_model_dir) + SETTINGS["lora_merger"] + ["--save_strategy", "no"]
-    straight = tmp_path / "straight"
-    run(argv + ["--output_dir", str(straight)])
-    out = tmp_path / "interrupted"
-    stopped = run_with_fault(tmp_path, "int_step@3", argv + ["--output_dir", str(out)])
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert "SIGINT received" in stopped.stderr and "Ctrl-C again" in stopped.stderr
-    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-4"]
-    resumed = resume_latest(argv + ["--output_dir", str(out)])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(straight, out, "LoRA + merger | Ctrl-C during step 4")
 
 
 def test_a_final_save_that_cannot_be_written_keeps_the_checkpoints(tiny_model_dir, tmp_path, monkeypatch):
