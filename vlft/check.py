@@ -24,7 +24,7 @@ class CheckArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlft.config import DataArguments, ModelArguments, parse_args, validate
+    from vlft.config import DataArguments, ModelArguments, family_for, parse_args, validate
     from vlft.data.prepare import RECORD_FORMATS, length_flag_of, prepare_data
     from vlft.models.loading import load_family, load_processor
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         raise VlftError("vlft check-data needs --model_id and --data_path")
     if not Path(data_args.data_path).exists():
         raise VlftError(f"--data_path {data_args.data_path}: file not found")
-    validate(model_args, data_args)
+    validate(model_args, data_args, family=family_for(model_args))
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
     record_format, truncated = RECORD_FORMATS.get(check_args.stage), None

@@ -590,9 +590,37 @@ def parse_args(groups: tuple[type, ...], argv: list[str], prog: str = "vlft") ->
     return parse_command(groups, argv, prog)[0]
 
 
-def validate(*groups) -> None:
+def family_for(model_args):
+    """The family descriptor of --model_id (read from its config.json), or None when no --model_id is given; for
+    `validate(..., family=...)`. Raises VlftError for a model vlft cannot read or does not support."""
+    if not getattr(model_args, "model_id", None):
+        return None
+    from vlft.models.loading import load_family
+
+    return load_family(model_args.model_id)
+
+
+# feature of a family's capabilities (Family.unsupported) -> (argument group, test that the run asks for it, flag)
+_FAMILY_FEATURES = (
+    ("packing", "DataArguments", lambda g: getattr(g, "packing", False), "--packing"),
+    ("liger", "TuneArguments", lambda g: getattr(g, "use_liger", False), "--use_liger"),
+)
+
+
+def family_problems(family, *groups) -> list[str]:
+    """What the run asks for that `family` cannot do, each with the family's reason (Family.unsupported)."""
+    problems = []
+    for feature, group_name, asks, flag in _FAMILY_FEATURES:
+        reason = family.refusal(feature)
+        if reason and any(type(g).__name__ == group_name and asks(g) for g in groups):
+            problems.append(f"{flag} is not available for {family.display_name} ({family.model_type}): {reason}")
+    return problems
+
+
+def validate(*groups, family=None) -> None:
     """Every cross-field rule, for whichever argument groups a command uses (each command calls this once);
-    one VlftError lists every broken rule, naming the flags involved."""
+    one VlftError lists every broken rule, naming the flags involved. With `family` (a descriptor: `family_for`),
+    a feature the family cannot do is refused with its reason too."""
     errors: list[str] = []
     tune = next((g for g in groups if isinstance(g, TuneArguments)), None)
     for group in groups:
@@ -623,6 +651,8 @@ def validate(*groups) -> None:
             if not group.output_dir:
                 errors.append("--output_dir is required")
             errors += group.problems() if hasattr(group, "problems") else []
+    if family is not None:
+        errors += family_problems(family, *groups)
     if errors:
         raise VlftError("invalid arguments:\n  - " + "\n  - ".join(errors))
 

@@ -67,69 +67,41 @@ DEFAULT_OVERHEAD_GB = 2.0  # CUDA context, cuBLAS workspaces, NCCL buffers, frag
 LORA_MODULES_PER_LAYER = 7  # q, k, v, o, gate, up, down: what vlft's --lora_enable adapts in a decoder layer
 
 # --- the released sizes ---------------------------------------------------------------------------------------
-# Numbers of the published config.json files on the Hugging Face hub (Qwen/<name>-Instruct), written down from
-# memory of those files: they could not be downloaded here. Cross-checks: the parameter counts they give on the
-# meta device (Qwen2-VL-72B: 73.4B, Qwen2.5-VL-7B: 8.29B, Qwen3-VL-8B: 8.77B) match the published model sizes,
-# and the Qwen3-VL-4B vision config matched a copy found in public code. Where a value is uncertain the row says
-# so; a local config.json (--model_id) always wins over this table.
-_Q2_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, hidden_act="quick_gelu")
-_Q25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-                   temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
-_Q3_VISION_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
-                        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                        deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh")
-_Q3_VISION_LARGE = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
-                        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                        deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh")
+# Each family's descriptor holds the released sizes (`Family.presets`, vlft/models/families/): numbers of the
+# published config.json files, written down from memory of those files (they could not be downloaded here) and
+# cross-checked by the parameter counts they give on the meta device. A local config.json (--model_id) always
+# wins over that table.
 
 
-def _text(hidden, inter, layers, heads, kv, vocab, head_dim=None):
-    out = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-               num_key_value_heads=kv, vocab_size=vocab)
-    if head_dim:
-        out["head_dim"] = head_dim
-    return out
+def _presets() -> dict:
+    from vlft.models.registry import FAMILIES
+
+    return {name: fam.presets for name, fam in FAMILIES.items() if fam.presets}
 
 
-# family -> size -> (text config, vision config, tie_word_embeddings)
-PRESETS: dict[str, dict[str, tuple[dict, dict, bool]]] = {
-    "qwen2_vl": {
-        "2B": (_text(1536, 8960, 28, 12, 2, 151936), dict(_Q2_VISION, hidden_size=1536), True),
-        "7B": (_text(3584, 18944, 28, 28, 4, 152064), dict(_Q2_VISION, hidden_size=3584), False),
-        "72B": (_text(8192, 29568, 80, 64, 8, 152064), dict(_Q2_VISION, hidden_size=8192), False),
-    },
-    "qwen2_5_vl": {
-        "3B": (_text(2048, 11008, 36, 16, 2, 151936), dict(_Q25_VISION, out_hidden_size=2048), True),
-        "7B": (_text(3584, 18944, 28, 28, 4, 152064), dict(_Q25_VISION, out_hidden_size=3584), False),
-        "32B": (_text(5120, 27648, 64, 40, 8, 152064), dict(_Q25_VISION, out_hidden_size=5120), False),
-        "72B": (_text(8192, 29568, 80, 64, 8, 152064), dict(_Q25_VISION, out_hidden_size=8192), False),
-    },
-    "qwen3_vl": {
-        "2B": (_text(2048, 6144, 28, 16, 8, 151936, 128), dict(_Q3_VISION_SMALL, out_hidden_size=2048), True),
-        "4B": (_text(2560, 9728, 36, 32, 8, 151936, 128), dict(_Q3_VISION_SMALL, out_hidden_size=2560), True),
-        "8B": (_text(4096, 12288, 36, 32, 8, 151936, 128), dict(_Q3_VISION_LARGE, out_hidden_size=4096), False),
-        "32B": (_text(5120, 25600, 64, 64, 8, 151936, 128), dict(_Q3_VISION_LARGE, out_hidden_size=5120), False),
-    },
-}
-_PRESET_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+def _pretty(family: str) -> str:
+    from vlft.models.registry import get_family
+
+    return get_family(family).display_name
 
 
 def preset_config(family: str, size: str):
-    """The transformers config of a released size (PRESETS); errors name --family / --size."""
+    """The transformers config of a released size (Family.presets); errors name --family / --size."""
     import transformers
 
     from vlft.models.registry import get_family
 
-    if family not in PRESETS:
-        raise VlftError(f"--family {family!r} has no size table; choose one of {', '.join(PRESETS)}")
-    sizes = PRESETS[family]
+    presets = _presets()
+    if family not in presets:
+        raise VlftError(f"--family {family!r} has no size table; choose one of {', '.join(presets)}")
+    sizes = presets[family]
     key = size.upper()
     if key not in sizes:
-        raise VlftError(f"--size {size!r} is not a released {_PRESET_NAMES[family]} size; choose one of {', '.join(sizes)}")
+        raise VlftError(f"--size {size!r} is not a released {_pretty(family)} size; choose one of {', '.join(sizes)}")
     text, vision, tie = sizes[key]
     Model = getattr(transformers, get_family(family).model_class)
-    text = dict(text, rope_parameters=_mrope(text))
+    text = dict(text)
+    text.setdefault("rope_parameters", _mrope(text))
     return Model.config_class(text_config=text, vision_config=dict(vision), tie_word_embeddings=tie)
 
 
@@ -140,11 +112,11 @@ def _mrope(text: dict) -> dict:
 
 
 def preset_from_model_id(model_id: str) -> tuple[str, str] | None:
-    """(family, size) when a hub id such as Qwen/Qwen2.5-VL-7B-Instruct names a row of PRESETS."""
+    """(family, size) when a hub id such as Qwen/Qwen2.5-VL-7B-Instruct names a released size of a family."""
     name = model_id.rsplit("/", 1)[-1].lower()
-    for family, pretty in _PRESET_NAMES.items():
-        for size in PRESETS[family]:
-            if name.startswith(f"{pretty.lower()}-{size.lower()}"):
+    for family, sizes in _presets().items():
+        for size in sizes:
+            if name.startswith(f"{_pretty(family).lower()}-{size.lower()}"):
                 return family, size
     return None
 
@@ -234,7 +206,7 @@ def model_shape(config) -> ModelShape:
     shape = family.vision_shape(vc)
     v_inter = getattr(vc, "intermediate_size", None) or int(shape.width * getattr(vc, "mlp_ratio", 4))
     act = getattr(vc, "hidden_act", "gelu")
-    mlp_values = 4 if family.model_type == "qwen2_5_vl" else 3 if act == "quick_gelu" else 2
+    mlp_values = family.vision_mlp_values or (3 if act == "quick_gelu" else 2)
     return ModelShape(
         family=family.model_type, params=params, llm_linear_params=linear_params, llm_linear_rows=linear_rows,
         llm_lora_dims=llm_dims, vision_lora_dims=vision_dims,
@@ -565,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model (one of)")
     model.add_argument("--model_id", help="a local model directory or config.json (or a hub id naming a released size)")
-    model.add_argument("--family", choices=sorted(PRESETS), help="with --size: a released model from the built-in table")
+    model.add_argument("--family", choices=sorted(_presets()), help="with --size: a released model from the built-in table")
     model.add_argument("--size", help="e.g. 2B, 7B, 72B (see the table in vlft/plan.py)")
     run = parser.add_argument_group("run")
     run.add_argument("--zero", default="none",
@@ -600,12 +572,12 @@ def shape_from_args(args) -> tuple[ModelShape, str]:
         preset = None if path.exists() else preset_from_model_id(args.model_id)
         if preset:
             family, size = preset
-            return model_shape(preset_config(family, size)), f"{_PRESET_NAMES[family]}-{size} (built-in table)"
+            return model_shape(preset_config(family, size)), f"{_pretty(family)}-{size} (built-in table)"
         return model_shape(load_config(args.model_id)), args.model_id
     if args.family and args.size:
-        return model_shape(preset_config(args.family, args.size)), f"{_PRESET_NAMES[args.family]}-{args.size} (built-in table)"
+        return model_shape(preset_config(args.family, args.size)), f"{_pretty(args.family)}-{args.size} (built-in table)"
     raise VlftError("name the model: --model_id DIR (or its config.json), or --family F --size S "
-                    f"(sizes: {'; '.join(f'{f}: ' + ', '.join(PRESETS[f]) for f in PRESETS)})")
+                    f"(sizes: {'; '.join(f'{f}: ' + ', '.join(sizes) for f, sizes in _presets().items())})")
 
 
 def settings_from_args(args) -> Settings:

@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     if output.resolve() == Path(data_args.data_path).resolve():
         raise VlftError(f"--output {output} is the data file; choose another file")
     processor_path, family, data_args = _model_and_settings(model_args, data_args, given)
-    validate(model_args, data_args)
+    validate(model_args, data_args, family=family)
     preview = build_preview(args, model_args, data_args, processor_path=processor_path, family=family)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(page_html(preview), encoding="utf-8")

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import FAMILIES  # Liger on the newer families is proven in its own tests
 from PIL import Image
 
 from vlft.errors import VlftError
@@ -26,7 +27,7 @@ from vlft.models.patches import (
     patched_parts,
     torch_linear_cross_entropy_sum,
 )
-from vlft.models.tiny import FAMILIES, build_model, build_processor, build_tokenizer
+from vlft.models.tiny import build_model, build_processor, build_tokenizer
 
 LAYERS = 2  # tiny.build_model's default
 

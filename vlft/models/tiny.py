@@ -13,8 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from vlft.constants import ENDOFTEXT, IM_END, IMAGE_PAD, QWEN_SPECIAL_TOKENS, VIDEO_PAD, VISION_END, VISION_START
@@ -28,40 +26,14 @@ MIN_PIXELS = (2 * PATCH * MERGE) ** 2
 MAX_PIXELS = (8 * PATCH * MERGE) ** 2
 
 
-def _qwen2_vl_vision(hidden: int, width: int, depth: int) -> dict:
-    # the tower's width is `embed_dim`; its `hidden_size` is the LLM's, which the merger projects to
-    return dict(embed_dim=width, hidden_size=hidden, mlp_ratio=2)
+def tiny_families() -> tuple[str, ...]:
+    """The model types `vlft tiny-model` can build: every family of the table (vlft/models/families/)."""
+    from vlft.models.registry import FAMILIES
+
+    return tuple(FAMILIES)
 
 
-def _qwen2_5_vl_vision(hidden: int, width: int, depth: int) -> dict:
-    # windowed attention (windows of 2x2 merged tokens) in every block but the last
-    return dict(hidden_size=width, intermediate_size=2 * width, out_hidden_size=hidden, window_size=PATCH * MERGE * 2,
-                fullatt_block_indexes=[depth - 1], tokens_per_second=2)
-
-
-def _qwen3_vl_vision(hidden: int, width: int, depth: int) -> dict:
-    # learned position embeddings (an 8x8 grid, interpolated) and one deepstack merger, after block 0
-    return dict(hidden_size=width, intermediate_size=2 * width, out_hidden_size=hidden, num_position_embeddings=64,
-                deepstack_visual_indexes=[0])
-
-
-@dataclass(frozen=True)
-class TinySpec:
-    """What the tiny build of one family chooses beyond the registry's class names (vlft.models.registry): the
-    chat template and the config fields only this family has. Patch, merge and temporal patch are the same for
-    every tiny family (PATCH, MERGE, TEMPORAL_PATCH), so its pixel factor is 16 whatever the family's real one."""
-
-    chat_template: str  # file under TRL's chat_templates/ (Qwen2-VL's and Qwen2.5-VL's templates are identical)
-    vision: Callable[[int, int, int], dict]  # (LLM width, vision width, vision depth) -> its own vision fields
-    qwen3_text: bool = False  # Qwen3 text config: explicit head_dim and interleaved mRoPE sections
-
-
-TINY: dict[str, TinySpec] = {
-    "qwen2_vl": TinySpec("qwen2_5_vl", _qwen2_vl_vision),
-    "qwen2_5_vl": TinySpec("qwen2_5_vl", _qwen2_5_vl_vision),
-    "qwen3_vl": TinySpec("qwen3_vl", _qwen3_vl_vision, qwen3_text=True),
-}
-FAMILIES = tuple(TINY)
+FAMILIES = tiny_families()
 
 # The BPE is trained on this text so that the demo data tokenises into few tokens.
 _CORPUS = """You are a helpful assistant. You are a careful visual assistant.
@@ -79,24 +51,36 @@ user assistant system image video picture frame left right top bottom small larg
 """
 
 
-def _spec(family: str) -> TinySpec:
-    try:
-        return TINY[family]
-    except KeyError:
-        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}") from None
+def _family(family: str):
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return get_family(family)
 
 
-def load_chat_template(family: str) -> str:
-    """The official Qwen-VL chat templates, as shipped in TRL's package data."""
-    name = _spec(family).chat_template
-    return importlib.resources.files("trl").joinpath(f"chat_templates/{name}.jinja").read_text()
+def chat_template_names() -> tuple[str, ...]:
+    """The Qwen chat templates TRL ships as package files (`--chat_template` of `vlft tiny-model`)."""
+    files = importlib.resources.files("trl").joinpath("chat_templates")
+    return tuple(sorted(f.name.removesuffix(".jinja") for f in files.iterdir()
+                        if f.name.startswith("qwen") and f.name.endswith(".jinja")))
 
 
-def build_tokenizer(family: str = "qwen2_vl", vocab_size: int = 640):
-    """Byte-level BPE trained on a small corpus, wrapped as transformers' Qwen2Tokenizer, with the
-    Qwen special tokens after the regular vocabulary (as in the real tokenizer)."""
+def load_chat_template(family: str, name: str | None = None) -> str:
+    """The official Qwen chat template `name` (default: the family's), as shipped in TRL's package data."""
+    name = name or _family(family).tiny.chat_template
+    path = importlib.resources.files("trl").joinpath(f"chat_templates/{name}.jinja")
+    if not path.is_file():
+        raise ValueError(f"TRL ships no chat template {name!r}; choose one of {', '.join(chat_template_names())}")
+    return path.read_text()
+
+
+def build_tokenizer(family: str = "qwen2_vl", vocab_size: int = 640, chat_template: str | None = None):
+    """Byte-level BPE trained on a small corpus, wrapped as the family's tokenizer class (Qwen2Tokenizer, or
+    Qwen3_5Tokenizer for Qwen3.5), with the Qwen special tokens after the regular vocabulary (as in the real
+    tokenizer) and the family's added tokens (`<think>`, `</think>`). `chat_template`: a TRL template name."""
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
+
+    fam = _family(family)
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -107,11 +91,14 @@ def build_tokenizer(family: str = "qwen2_vl", vocab_size: int = 640):
     bpe.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
-    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None)
+    Tokenizer = getattr(transformers, fam.tokenizer_class)
+    tok = Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None)
     tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    if fam.tiny.extra_tokens:
+        tok.add_tokens(list(fam.tiny.extra_tokens))
     tok.eos_token = IM_END
     tok.pad_token = ENDOFTEXT
-    tok.chat_template = load_chat_template(family)
+    tok.chat_template = load_chat_template(family, chat_template)
     tok.model_max_length = 32768
     return tok
 
@@ -126,8 +113,7 @@ def build_processor(family: str, tokenizer):
     )
     video_size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS * 4}
     common = dict(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH, size=video_size)
-    _spec(family)  # an unknown family fails here, naming the tiny ones
-    fam = get_family(family)
+    fam = _family(family)  # an unknown family fails here, naming the tiny ones
     Processor = getattr(transformers, fam.processor_class)
     VideoProcessor = getattr(transformers, fam.video_processor_class)
     return Processor(
@@ -138,11 +124,12 @@ def build_processor(family: str, tokenizer):
 
 def build_model(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, vision_depth: int = 2,
                 vision_hidden: int = 32, seed: int = 0, initializer_range: float = 0.2):
-    """A randomly initialised model of about 0.2M parameters whose config matches the tokenizer."""
+    """A randomly initialised model of about 0.2M parameters whose config matches the tokenizer; the family's
+    descriptor (`Family.tiny`) adds its own text and vision fields (mRoPE, layer kinds, experts, deepstack)."""
     import torch
     import transformers
 
-    spec = _spec(family)
+    fam = _family(family)
 
     ids = {
         "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_PAD),
@@ -155,20 +142,15 @@ def build_model(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, vi
     text = dict(
         vocab_size=((len(tokenizer) + 63) // 64) * 64, hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
-        # mRoPE sections (T, H, W) must sum to head_dim / 2
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                         "mrope_section": [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]},
         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids(IM_END), pad_token_id=tokenizer.pad_token_id,
         # Wider than the usual 0.02: with a frozen final norm and head (LoRA), a 64-wide model initialised at
         # 0.02 cannot reach logits sharp enough to memorise the demo, so its loss would stall near ln(vocab).
         initializer_range=initializer_range,
     )
-    if spec.qwen3_text:
-        text.update(head_dim=head_dim)
-        text["rope_parameters"]["mrope_interleaved"] = True
+    text.update(fam.tiny.text(hidden, layers, heads, head_dim))
     vision = dict(patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH,
-                  depth=vision_depth, num_heads=2, **spec.vision(hidden, vision_hidden, vision_depth))
-    Model = getattr(transformers, get_family(family).model_class)
+                  depth=vision_depth, num_heads=2, **fam.tiny.vision(hidden, vision_hidden, vision_depth))
+    Model = getattr(transformers, fam.model_class)
     Config = Model.config_class
     config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     torch.manual_seed(seed)
@@ -179,7 +161,7 @@ def build_model(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, vi
 
 
 def save_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_vl", *, seed: int = 0,
-                    exist_ok: bool = False) -> Path:
+                    exist_ok: bool = False, chat_template: str | None = None) -> Path:
     """Build and save model + processor to `out_dir`. Written to a temporary sibling first and renamed,
     so a crash or a concurrent caller never leaves a half-written directory."""
     out = Path(out_dir)
@@ -194,7 +176,7 @@ def save_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_vl", *, see
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tok = build_tokenizer(family)
+        tok = build_tokenizer(family, chat_template=chat_template)
         build_processor(family, tok).save_pretrained(tmp)
         build_model(family, tok, seed=seed).save_pretrained(tmp)
         try:
@@ -212,9 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="directory to create")
     parser.add_argument("--family", default="qwen2_vl", choices=FAMILIES)
+    parser.add_argument("--chat_template", default=None, choices=chat_template_names(),
+                        help="one of TRL's Qwen chat templates (default: the family's, e.g. qwen3_5_think for Qwen3.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exist_ok", action="store_true", help="reuse the directory if it already holds a model")
     args = parser.parse_args(argv)
-    out = save_tiny_model(args.out_dir, args.family, seed=args.seed, exist_ok=args.exist_ok)
+    out = save_tiny_model(args.out_dir, args.family, seed=args.seed, exist_ok=args.exist_ok,
+                          chat_template=args.chat_template)
     log(f"tiny {args.family} model in {out}")
     return 0

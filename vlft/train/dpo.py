@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from vlft.config import DPO_GROUPS, parse_args, resolved_args, validate
+from vlft.config import DPO_GROUPS, family_for, parse_args, resolved_args, validate
 from vlft.data.collator import SFTCollator
 from vlft.data.dpo import PreferenceCollator, PreferenceDataset, PreferenceFormat
 from vlft.data.packing import length_grouped_order
@@ -57,7 +57,7 @@ def run(argv: list[str]):
     from vlft.train.setup import disable_dropout, load_model_copy, prepare_model, refuse_base_mutating_init
 
     model_args, data_args, tune_args, train_args = parse_args(DPO_GROUPS, argv, prog="vlft dpo")
-    validate(model_args, data_args, tune_args, train_args)
+    validate(model_args, data_args, tune_args, train_args, family=family_for(model_args))
     check_training_flags(data_args, train_args, stage="dpo")
     refuse_base_mutating_init(tune_args, "vlft dpo")
     if data_args.packing:

@@ -12,7 +12,7 @@ shape, so `vlft merge` and `vlft predict` take it unchanged.
 """
 from __future__ import annotations
 
-from vlft.config import GRPO_GROUPS, parse_args, resolved_args, validate
+from vlft.config import GRPO_GROUPS, family_for, parse_args, resolved_args, validate
 from vlft.data.collator import SFTCollator
 from vlft.data.encoding import ChatEncoder
 from vlft.data.grpo import PROMPT, PromptDataset, first_items
@@ -57,7 +57,7 @@ def run(argv: list[str]):
     from vlft.train.setup import disable_dropout, load_model_copy, prepare_model, refuse_base_mutating_init
 
     model_args, data_args, tune_args, train_args = parse_args(GRPO_GROUPS, argv, prog="vlft grpo")
-    validate(model_args, data_args, tune_args, train_args)
+    validate(model_args, data_args, tune_args, train_args, family=family_for(model_args))
     check_training_flags(data_args, train_args, stage="grpo")
     check_vllm_flags(tune_args, train_args)
     refuse_base_mutating_init(tune_args, "vlft grpo")

@@ -10,7 +10,7 @@ records (--eval_data_path) go through the same start-up check, before the model 
 """
 from __future__ import annotations
 
-from vlft.config import SFT_GROUPS, parse_args, resolved_args, validate
+from vlft.config import SFT_GROUPS, family_for, parse_args, resolved_args, validate
 from vlft.data.collator import PackingCollator, SFTCollator
 from vlft.data.packing import length_grouped_order, plan_packs
 from vlft.data.prepare import length_flag_of, prepare_sft_data
@@ -27,7 +27,7 @@ def run(argv: list[str]):
     from vlft.train.trainer import SFTTrainer
 
     model_args, data_args, tune_args, train_args = parse_args(SFT_GROUPS, argv, prog="vlft sft")
-    validate(model_args, data_args, tune_args, train_args)
+    validate(model_args, data_args, tune_args, train_args, family=family_for(model_args))
     check_training_flags(data_args, train_args, stage="sft")
     check_output_dir(train_args)
 
