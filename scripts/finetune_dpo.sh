@@ -4,6 +4,8 @@
 # LoRA on the language model by default (LORA_ENABLE=false: full fine-tuning, with a frozen reference copy);
 # the merger trains fully next to it and the reference keeps its starting weights (train/reference.py).
 # With no settings it runs the offline demo (tiny model + data_examples/dpo_demo.json) on whatever this machine has.
+# MODEL: any Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense or MoE) or Qwen3.5 (dense or MoE) checkpoint, e.g. Qwen/Qwen3.5-9B;
+# the family comes from its config.json (README: the model table).
 #   MODEL=output/merged/sft DATA=pairs.json IMAGE_FOLDER=images/ BETA=0.1 bash scripts/finetune_dpo.sh
 #   LOSS_TYPE=sigmoid,sft LOSS_WEIGHTS="1.0 1.0" bash scripts/finetune_dpo.sh    # RPO
 #   PRECOMPUTE_REF=true bash scripts/finetune_dpo.sh    # one reference pass, cached in the run dir, no 2nd model

@@ -4,6 +4,8 @@
 # LoRA on the language model by default (LORA_ENABLE=false: full fine-tuning). REWARD_FUNCS takes built-in names
 # (format accuracy count choice iou overlong repetition) and path/to/file.py:function or module:function.
 # With no settings it runs the offline demo (tiny model + data_examples/grpo_demo.json) on whatever this machine has.
+# MODEL: any Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense or MoE) or Qwen3.5 (dense or MoE) checkpoint, e.g. Qwen/Qwen3.5-9B;
+# the family comes from its config.json (README: the model table).
 #   MODEL=output/merged/sft DATA=prompts.json IMAGE_FOLDER=images/ REWARD_FUNCS="format accuracy" bash scripts/finetune_grpo.sh
 #   REWARD_FUNCS="format my_rewards.py:box_reward" REWARD_WEIGHTS="0.5 1.0" NUM_GENERATIONS=8 bash scripts/finetune_grpo.sh
 # USE_VLLM=true generates with vLLM (pip install vllm; image and text prompts, not video): VLLM_MODE=colocate (the

@@ -3,6 +3,8 @@
 # (PEFT_TYPE=p_tuning or prompt_tuning with NUM_VIRTUAL_TOKENS: only virtual tokens train, instead of LoRA)
 # (FREEZE_VISION_TOWER=false trains it fully too: 2U1's default LoRA recipe, with VISION_LR).
 # With no settings it runs the offline demo (tiny model + data_examples/) on whatever this machine has.
+# MODEL: any Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense or MoE) or Qwen3.5 (dense or MoE) checkpoint, e.g. Qwen/Qwen3.5-9B;
+# the family comes from its config.json (README: the model table).
 # Every setting is an environment variable; extra vlft flags can follow on the command line:
 #   MODEL=Qwen/Qwen2-VL-2B-Instruct DATA=train.json IMAGE_FOLDER=images/ bash scripts/finetune_lora.sh --save_steps 200
 # Several GPUs or nodes: NUM_GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, HOSTFILE, ZERO_CONFIG (README):

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # LoRA on the language model AND on the vision blocks; merger trained fully.
 # With no settings it runs the offline demo (tiny model + data_examples/) on whatever this machine has.
+# MODEL: any Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense or MoE) or Qwen3.5 (dense or MoE) checkpoint, e.g. Qwen/Qwen3.5-9B;
+# the family comes from its config.json (README: the model table).
 # Every setting is an environment variable; extra vlft flags can follow on the command line:
 #   MODEL=Qwen/Qwen2.5-VL-3B-Instruct DATA=train.json IMAGE_FOLDER=images/ bash scripts/finetune_lora_vision.sh
 # Several GPUs or nodes: NUM_GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, HOSTFILE, ZERO_CONFIG (README).

@@ -2,6 +2,8 @@
 # Video (and mixed image/video/text) fine-tuning: everything trains by default, the vision tower at VISION_LR;
 # LORA=true switches to LoRA on the language model and the vision blocks.
 # With no settings it runs the offline demo (tiny model + data_examples/llava_video_demo.json).
+# MODEL: any Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense or MoE) or Qwen3.5 (dense or MoE) checkpoint, e.g. Qwen/Qwen3.5-9B;
+# the family comes from its config.json (README: the model table).
 # Every setting is an environment variable; extra vlft flags can follow on the command line:
 #   MODEL=Qwen/Qwen2.5-VL-3B-Instruct DATA=videos.json IMAGE_FOLDER=/data/media FPS=1 bash scripts/finetune_video.sh
 # Several GPUs or nodes: NUM_GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, HOSTFILE, ZERO_CONFIG (README).

@@ -155,3 +155,88 @@ def test_freeze_flags_select_parts(tiny, flags, trainable_parts):
     assert {part for part, (_, f) in counts.items() if f} == set(counts) - trainable_parts
     table = parameter_table(model, family)
     assert "trainable" in table and "total" in table
+
+
+# --- the descriptors of the newer families ---
+
+
+def test_text_shape_reads_layer_kinds_and_experts(tiny):
+    """The text shape the FLOPs model and plan count is the one transformers builds: a linear-attention layer has a
+    `linear_attn` module, a full-attention one `self_attn`, an MoE layer the descriptor's routed experts and router."""
+    family, model = tiny
+    shape = family.text_shape(model.config.text_config)
+    layers = model.model.language_model.layers
+    assert shape.layers == len(layers)
+    for i, layer in enumerate(layers):
+        assert hasattr(layer, "linear_attn" if shape.layer_kinds[i] == "linear_attention" else "self_attn"), i
+        moe = i in shape.moe_layers
+        assert (family.moe is not None and moe) == hasattr(layer.mlp, "experts"), i
+        if moe:
+            params = dict(layer.named_parameters())
+            for name in family.moe.experts:  # fused [experts, out, in] parameters
+                assert params[name].shape[0] == shape.experts
+            assert layer.get_submodule(family.moe.router).weight.shape == (shape.experts, shape.hidden)
+            if family.moe.shared_expert:
+                layer.get_submodule(family.moe.shared_expert)
+    assert shape.is_hybrid == (family.model_type in ("qwen3_5", "qwen3_5_moe"))
+    assert shape.is_moe == (family.moe is not None)
+
+
+def test_tiny_rotary_sections_cover_the_rotary_part(tiny):
+    """mRoPE sections (T, H, W) sum to half the rotary dimensions: head_dim x partial_rotary_factor for Qwen3.5."""
+    family, model = tiny
+    text = model.config.text_config
+    rope = text.rope_parameters
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    rotary = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    assert sum(rope["mrope_section"]) == rotary // 2
+    assert min(rope["mrope_section"]) > 0
+
+
+def test_saved_tiny_model_loads_with_the_family_tokenizer(tiny_model_factory):
+    """AutoTokenizer builds the family's tokenizer class from a saved tiny model, with the think tokens Qwen3.5 has."""
+    from transformers import AutoTokenizer
+
+    for name in ("qwen3_5", "qwen3_vl_moe"):
+        family = get_family(name)
+        tok = AutoTokenizer.from_pretrained(tiny_model_factory(name))
+        assert type(tok).__name__ in (family.tokenizer_class, family.tokenizer_class + "Fast")
+        for token in family.tiny.extra_tokens:
+            assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1, token
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
+def test_released_sizes_count_what_their_names_say(name):
+    """Each row these families add to `vlft plan`'s table (written down from memory of the published configs), built
+    on the meta device, has the total parameter count its name states, within 5% (the older families' rows were
+    cross-checked when written: their small sizes' names round more loosely, Qwen2.5-VL-3B has 3.75B)."""
+    import re
+
+    from vlft.plan import model_shape, preset_config
+
+    for size in get_family(name).presets:
+        stated = float(re.match(r"([\d.]+)B", size).group(1))
+        total = sum(model_shape(preset_config(name, size)).params.values()) / 1e9
+        assert abs(total - stated) / stated < 0.05, (size, total)
+
+
+def test_a_family_refusal_names_the_flag_the_family_and_the_reason():
+    from types import MappingProxyType
+
+    from vlft.config import DataArguments, TuneArguments
+
+    family = dataclasses.replace(get_family("qwen2_vl"), unsupported=MappingProxyType({
+        "packing": "its layers cannot see record boundaries", "liger": "no kernel for its norm"}))
+    data = DataArguments(data_path="d.json", packing=True)
+    validate(data)  # without the family, nothing to refuse
+    with pytest.raises(VlftError) as err:
+        validate(data, TuneArguments(use_liger=True), family=family)
+    text = str(err.value)
+    assert "--packing is not available for Qwen2-VL (qwen2_vl): its layers cannot see record boundaries" in text
+    assert "--use_liger is not available for Qwen2-VL (qwen2_vl): no kernel for its norm" in text
+    validate(DataArguments(data_path="d.json"), TuneArguments(), family=family)  # not asked for: no refusal
+    for fam in FAMILIES.values():  # every refusal a family declares is a reason, for a feature validate knows
+        from vlft.config import _FAMILY_FEATURES
+
+        assert set(fam.unsupported) <= {f[0] for f in _FAMILY_FEATURES}, fam.model_type
+        assert all(len(reason) > 20 for reason in fam.unsupported.values())
