@@ -1,15 +1,20 @@
 """Liger on a GPU: loss, peak memory and step time of one training step with and without `apply_liger`.
 
-    python bench/gpu_check.py                                   # the three families, 2 x 2048 tokens, bf16, cuda
+    python bench/gpu_check.py                                   # every family, 2 x 2048 tokens, bf16, cuda
     python bench/gpu_check.py --families qwen2_vl --seq_len 4096
     python bench/gpu_check.py --device cpu --tiny               # plumbing check: tiny models, torch kernels
 
-For each family it builds a randomly initialised model offline from a config (a Qwen2-VL-2B-like
-language model: hidden 1536, 28 layers, 12 heads, 2 KV heads, MLP 8960, vocabulary 151,936; the real
-vision tower with its depth cut to 8 blocks), makes one fixed synthetic batch (random text ids, one
-image per sequence with its pad tokens, `pixel_values` and `image_grid_thw`, labels on the text after
-the image), and runs forward + backward on the same weights first unpatched, then with Liger's kernels.
-Nothing is downloaded; no tokenizer is needed.
+The families are those of vlft's family table (vlft/models/families/) whose Liger is not refused. For each it
+builds a randomly initialised model offline from a config: a Qwen2-VL-2B-sized language model (hidden 1536,
+28 layers, 12 heads of 128, 2 KV heads, MLP 8960, vocabulary 151,936) with the family's own text fields
+(mRoPE kind, layer kinds, experts: the family descriptor's tiny-build fields at these widths, the experts
+and linear-attention heads set to released-like sizes: 64 experts of 512, top 8, Qwen3.5's 3:1 linear to full
+attention with 16/32 heads of 128; MoE models route with `output_router_logits` and the library's default
+coefficient, so the load-balancing term is compared too), and the vision tower of the family's smallest
+release with its depth cut to 8 blocks. It makes one fixed synthetic batch (random text ids, one image per
+sequence with its pad tokens, `pixel_values` and `image_grid_thw`, labels on the text after the image), and
+runs forward + backward on the same weights first unpatched, then with Liger's kernels. Nothing is
+downloaded; no tokenizer is needed.
 
 How to read the table: `loss` must agree to a relative 1e-3 (the script exits 1 otherwise); `grad`
 is the relative difference of the total gradient norm (bf16 kernels differ in rounding; expect about
@@ -34,44 +39,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from vlft.models.patches import TORCH_KERNELS, apply_kernels, apply_liger  # noqa: E402
+from vlft.models.registry import FAMILIES as FAMILY_TABLE  # noqa: E402
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-CLASSES = {  # family -> (config class, model class) in transformers
-    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
-    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
-    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
-}
-# The released checkpoints' special token ids (the same in the three families); regular BPE tokens lie below 151643.
+FAMILIES = tuple(name for name, family in FAMILY_TABLE.items() if family.refusal("liger") is None)
+# Qwen2/3's special token ids (Qwen3.5's vocabulary is larger and holds them too); regular BPE tokens lie below 151643.
 QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 TEXT_VOCAB = 151643
 EOS, PAD = 151645, 151643
 MAX_LOSS_REL_DIFF = 1e-3
 VISION_DEPTH = 8
+HIDDEN, LAYERS, HEADS, HEAD_DIM = 1536, 28, 12, 128
+# released-like sizes for what the tiny-build fields keep tiny (set only where the family has the field)
+MID_EXPERTS = dict(num_experts=64, num_experts_per_tok=8, moe_intermediate_size=512, shared_expert_intermediate_size=512)
+MID_LINEAR_ATTENTION = dict(linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+                            linear_num_value_heads=32)
+FULL_ATTENTION_EVERY = 4  # Qwen3.5: three linear-attention layers to one full-attention layer
+
+
+def _cut_vision(vision: dict, llm_width: int, text_hidden: int) -> dict:
+    """A released vision_config with its depth cut to VISION_DEPTH (block index lists rescaled into the new depth)
+    and its projection into the LLM (the field that held the release's LLM width) set to `llm_width`."""
+    depth = vision["depth"]
+    cut = {key: sorted({min(VISION_DEPTH - 1, i * VISION_DEPTH // depth) for i in value})
+           for key, value in vision.items() if isinstance(value, list) and all(isinstance(i, int) for i in value)}
+    out = next(key for key in ("out_hidden_size", "hidden_size") if vision.get(key) == text_hidden)
+    return {**vision, **cut, "depth": VISION_DEPTH, out: llm_width}
 
 
 def mid_config(family: str):
-    """A Qwen2-VL-2B-sized language model on each family's real vision tower (depth cut to 8)."""
+    """A Qwen2-VL-2B-sized language model with the family's own text fields, on the vision tower of the family's
+    smallest release (depth cut to 8). See the module docstring."""
     import transformers
 
-    text = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                hidden_act="silu", initializer_range=0.02, bos_token_id=PAD, eos_token_id=EOS, pad_token_id=PAD,
-                # mRoPE sections (T, H, W) sum to head_dim / 2 = 64
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-    common = dict(depth=VISION_DEPTH, num_heads=16, spatial_merge_size=2, temporal_patch_size=2)
-    if family == "qwen2_vl":
-        vision = dict(embed_dim=1280, hidden_size=1536, mlp_ratio=4, patch_size=14, hidden_act="quick_gelu", **common)
-    elif family == "qwen2_5_vl":
-        vision = dict(hidden_size=1280, intermediate_size=3420, out_hidden_size=1536, patch_size=14, window_size=112,
-                      fullatt_block_indexes=[VISION_DEPTH // 2 - 1, VISION_DEPTH - 1], tokens_per_second=2,
-                      hidden_act="silu", **common)
-    else:
-        text.update(head_dim=128, rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
-                                                   "mrope_interleaved": True})
-        vision = dict(hidden_size=1024, intermediate_size=4096, out_hidden_size=1536, patch_size=16,
-                      num_position_embeddings=2304, deepstack_visual_indexes=[1, 3, 5], hidden_act="gelu_pytorch_tanh",
-                      **common)
-    config_class = getattr(transformers, CLASSES[family][0])
+    fam = FAMILY_TABLE[family]
+    text = dict(vocab_size=151936, hidden_size=HIDDEN, intermediate_size=8960, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                hidden_act="silu", initializer_range=0.02, bos_token_id=PAD, eos_token_id=EOS, pad_token_id=PAD)
+    text.update(fam.tiny.text(HIDDEN, LAYERS, HEADS, HEAD_DIM))  # mRoPE kind, layer kinds, experts
+    text.update({key: value for key, value in {**MID_EXPERTS, **MID_LINEAR_ATTENTION}.items() if key in text})
+    if "linear_attention" in text.get("layer_types", ()):
+        text["layer_types"] = ["full_attention" if (i + 1) % FULL_ATTENTION_EVERY == 0 else "linear_attention"
+                               for i in range(LAYERS)]
+    release_text, release_vision, _ = next(iter(fam.presets.values()))  # the smallest release
+    vision = _cut_vision(release_vision, HIDDEN, release_text["hidden_size"])
+    config_class = getattr(transformers, fam.model_class).config_class
     return config_class(text_config=text, vision_config=vision, tie_word_embeddings=False, attn_implementation="sdpa",
                         **QWEN_IDS)
 
@@ -98,7 +109,7 @@ def build(family: str, *, tiny: bool, device: str):
         return build_model(family, tokenizer).to(device), tokenizer.vocab_size
     config = mid_config(family)
     with default_dtype(torch.bfloat16), torch.device(device):
-        model = getattr(transformers, CLASSES[family][1])(config)
+        model = getattr(transformers, FAMILY_TABLE[family].model_class)(config)
     return model, TEXT_VOCAB
 
 
@@ -171,6 +182,9 @@ def measure(model, batch, *, steps: int, device: str) -> dict:
 def check_family(family: str, args) -> dict:
     model, text_vocab = build(family, tiny=args.tiny, device=args.device)
     model.train()
+    text_config = model.config.text_config
+    if getattr(text_config, "num_experts", None):  # route with the load-balancing term: the fused loss must add it
+        text_config.output_router_logits, text_config.router_aux_loss_coef = True, 0.001
     model.config.use_cache = False
     batch = make_batch(model, batch_size=args.batch_size, seq_len=args.seq_len, text_vocab=text_vocab, device=args.device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -198,7 +212,7 @@ def print_table(rows: list[dict], args) -> None:
     print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}, device {args.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
           f"{'tiny' if args.tiny else 'mid-size'} models, batch {args.batch_size} x {args.seq_len} tokens")
-    header = (f"{'family':<11} {'params':>7} {'kernels':>7} {'loss plain':>11} {'loss fused':>11} {'loss rel':>9} "
+    header = (f"{'family':<13} {'params':>7} {'kernels':>7} {'loss plain':>11} {'loss fused':>11} {'loss rel':>9} "
               f"{'grad rel':>9} {'peak plain':>11} {'peak fused':>11} {'saved':>6} {'step plain':>11} {'step fused':>11} ok")
     print(header)
     print("-" * len(header))
@@ -209,7 +223,7 @@ def print_table(rows: list[dict], args) -> None:
             peaks = f"{p['peak_gib']:>8.2f}GiB {f['peak_gib']:>8.2f}GiB {1 - f['peak_gib'] / p['peak_gib']:>6.1%}"
         else:
             peaks = f"{'-':>11} {'-':>11} {'-':>6}"
-        print(f"{r['family']:<11} {params:>7} {r['kernels']:>7} {p['loss']:>11.6f} {f['loss']:>11.6f} "
+        print(f"{r['family']:<13} {params:>7} {r['kernels']:>7} {p['loss']:>11.6f} {f['loss']:>11.6f} "
               f"{r['loss_diff']:>9.1e} {r['grad_diff']:>9.1e} {peaks} "
               f"{p['step_s'] * 1e3:>9.0f}ms {f['step_s'] * 1e3:>9.0f}ms {'yes' if r['ok'] else 'NO'}")
     print(f"loss rel must be < {MAX_LOSS_REL_DIFF:g}; 'fused' ran without materialising logits.")

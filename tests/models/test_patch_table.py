@@ -22,6 +22,8 @@ NOT_PATCHES = {
     "vlft.models.patches.liger.torch_linear_cross_entropy_sum",
     "vlft.models.patches.liger.torch_rms_norm",
     "vlft.models.patches.liger.torch_silu_mul",
+    "vlft.models.patches.linear_attention.record_spans",
+    "vlft.models.patches.linear_attention.varlen_linear_attention",
 }
 
 

@@ -3,17 +3,17 @@
 Liger's Triton kernels need a GPU, so the patching code is run here with the torch reference kernels
 (`TORCH_KERNELS`), which must reproduce the unpatched loss and gradients exactly; `apply_liger(force=True)`
 then checks that Liger's kernels are put in the same places. `bench/gpu_check.py` compares the real
-kernels on a GPU.
+kernels on a GPU. The matrix is every family of the table whose Liger is not refused (`Family.refusal`).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from dataclasses import replace
 
 import pytest
 import torch
-from conftest import FAMILIES  # Liger on the newer families is proven in its own tests
 from PIL import Image
 
 from vlft.errors import VlftError
@@ -26,17 +26,32 @@ from vlft.models.patches import (
     patch_fused_lm_loss,
     patched_parts,
     torch_linear_cross_entropy_sum,
+    torch_rms_norm,
 )
+from vlft.models.registry import FAMILIES, get_family
 from vlft.models.tiny import build_model, build_processor, build_tokenizer
 
 LAYERS = 2  # tiny.build_model's default
+LIGER_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.refusal("liger") is None)
+MOE_FAMILIES = tuple(name for name in LIGER_FAMILIES if get_family(name).moe is not None)
+# transformers' Qwen3_5RMSNorm / Qwen3_5MoeRMSNorm compute x_normed * (1 + w) (shared/NOTES.md); the others w * x_normed
+ZERO_CENTRED = {"qwen3_5", "qwen3_5_moe"}
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+def test_the_matrix_covers_the_new_families():
+    assert {"qwen3_5", "qwen3_5_moe", "qwen3_vl_moe"} <= set(LIGER_FAMILIES)
+    assert set(MOE_FAMILIES) == {"qwen3_5_moe", "qwen3_vl_moe"}
+
+
+@pytest.fixture(scope="module", params=LIGER_FAMILIES)
 def setup(request):
-    """(family, tokenizer, batch): two conversations of different lengths, one image each, padded;
+    return (request.param, *_tokenizer_and_batch(request.param))
+
+
+@functools.cache
+def _tokenizer_and_batch(family):
+    """(tokenizer, batch): two conversations of different lengths, one image each, padded;
     labels on the answer only, as the SFT dataset builds them."""
-    family = request.param
     tok = build_tokenizer(family)
     processor = build_processor(family, tok)
     conversations = [("What colour is the shape?", "A red square on a blue background."), ("Describe the image.", "A cat.")]
@@ -56,11 +71,23 @@ def setup(request):
     labels[turns < turns[:, -1:]] = -100  # everything before the last (assistant) turn
     assert 0 < (labels != -100).sum() < labels.numel() / 2
     batch["labels"] = labels
-    return family, tok, batch
+    return tok, batch
+
+
+def _is_norm_class(module):
+    return "RMSNorm" in type(module).__name__  # RMSNorm and Qwen3.5's RMSNormGated
 
 
 def _model(family, tok):
-    model = build_model(family, tok)  # same seed -> same weights on every call
+    """The tiny model (same seed -> same weights on every call) with its language model's norm weights moved off
+    their initial ones and zeros (Qwen3.5 initialises its zero-centred norms at 0), so that a kernel with the wrong
+    offset or weight handling shows in the loss and every gradient."""
+    model = build_model(family, tok)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.model.language_model.modules():
+            if _is_norm_class(module):
+                module.weight.add_(0.3 * torch.randn(module.weight.shape, generator=gen))
     model.train()
     return model
 
@@ -96,8 +123,24 @@ def _counting(kernels):
     return replace(kernels, **{name: wrap(name, getattr(kernels, name)) for name in calls}), calls
 
 
+def _norm_names(model):
+    """Language-model modules whose class is an RMSNorm (not the gated one), by name: what must be patched."""
+    return [f"model.language_model.{name}" for name, m in model.model.language_model.named_modules()
+            if type(m).__name__.endswith("RMSNorm")]
+
+
 def _norm_count(model):
-    return sum(type(m).__name__.endswith("RMSNorm") for m in model.model.language_model.modules())
+    return len(_norm_names(model))
+
+
+def _expected_counts(family, model):
+    """From the family's text shape: a SwiGLU MLP per dense layer and per shared expert; one gated norm (left on
+    torch) per linear-attention layer."""
+    fam = get_family(family)
+    shape = fam.text_shape(model.config.text_config)
+    shared = len(shape.moe_layers) if fam.moe is not None and fam.moe.shared_expert else 0
+    return {"rms_norm": _norm_count(model), "swiglu": shape.layers - len(shape.moe_layers) + shared,
+            "norms_left": shape.linear_attention_layers}
 
 
 @pytest.mark.parametrize("num_items", [None, 23])
@@ -109,15 +152,62 @@ def test_reference_kernels_reproduce_loss_and_gradients(setup, num_items):
     model = _model(family, tok)
     kernels, calls = _counting(TORCH_KERNELS)
     counts = apply_kernels(model, kernels)
-    assert counts == {"rms_norm": _norm_count(model), "swiglu": LAYERS}
+    assert counts == _expected_counts(family, model)
     got, got_grads = _step(model, batch, **extra)
 
     _assert_same(ref, ref_grads, got, got_grads)
     assert ref.logits is not None and got.logits is None  # the fused loss never builds the logits
     assert type(got) is type(ref)
-    assert calls == {"rms_norm": counts["rms_norm"], "silu_mul": LAYERS, "linear_cross_entropy_sum": 1}
+    assert calls == {"rms_norm": counts["rms_norm"], "silu_mul": counts["swiglu"], "linear_cross_entropy_sum": 1}
     if num_items is not None:  # sum / num_items_in_batch, not the mean
         assert not torch.allclose(got.loss, _step(model, batch)[0].loss)
+
+
+def test_norm_casting_is_each_norm_class_own_in_bf16(setup):
+    """The casting that goes with each probed offset is the module's own: in bf16, the patched norm (reference
+    kernel with the recorded offset and casting) equals the class forward bit for bit, and the other casting does
+    not (in fp32, where the loss tests run, the two castings agree, so only this test tells them apart)."""
+    family, tok, _ = setup
+    model = _model(family, tok).to(torch.bfloat16)
+    apply_kernels(model, TORCH_KERNELS)
+    gen = torch.Generator().manual_seed(2)
+    names, differs = _norm_names(model), []
+    for name in names:
+        module = model.get_submodule(name)
+        x = (3 * torch.randn(4, 5, module.weight.shape[0], generator=gen)).to(torch.bfloat16)
+        expected = type(module).forward(module, x)
+        torch.testing.assert_close(module(x), expected, atol=0, rtol=0)
+        eps_name, offset, casting = module._vlft_norm_style
+        other = {"llama": "gemma", "gemma": "llama"}[casting]
+        differs.append(not torch.equal(torch_rms_norm(x, module.weight, getattr(module, eps_name), offset, other),
+                                       expected))
+    assert all(differs), [name for name, d in zip(names, differs) if not d]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_fused_loss_keeps_the_load_balancing_term(family):
+    """With `output_router_logits` and `router_aux_loss_coef` set (what --router_aux_loss_coef sets), the library's
+    loss is cross-entropy + 0.01 x aux_loss; the fused loss must be the same, with the same gradients (the router's
+    included) and `aux_loss` in its output."""
+    tok, batch = _tokenizer_and_batch(family)
+
+    def routed(patch: bool):
+        model = _model(family, tok)
+        model.config.text_config.output_router_logits = True
+        model.config.text_config.router_aux_loss_coef = 0.01
+        if patch:
+            apply_kernels(model, TORCH_KERNELS)
+        return model
+
+    cross_entropy = _step(_model(family, tok), batch)[0]
+    assert cross_entropy.aux_loss is None
+    ref, ref_grads = _step(routed(False), batch)
+    assert ref.aux_loss is not None and ref.aux_loss > 0
+    torch.testing.assert_close(ref.loss, cross_entropy.loss + 0.01 * ref.aux_loss, atol=1e-6, rtol=0)
+    got, got_grads = _step(routed(True), batch)
+    _assert_same(ref, ref_grads, got, got_grads)
+    torch.testing.assert_close(got.aux_loss, ref.aux_loss, atol=1e-6, rtol=0)
+    assert got.logits is None and got.router_logits is not None
 
 
 def test_reference_kernels_with_gradient_checkpointing(setup):
@@ -129,15 +219,30 @@ def test_reference_kernels_with_gradient_checkpointing(setup):
     _assert_same(*_step(models[0], batch), *_step(models[1], batch))
 
 
+def _lora_targets(family, model):
+    """q_proj of the first full-attention layer, and gate/down of the first SwiGLU MLP (a dense MLP or a shared
+    expert; None for a family without one), read from the family's text shape and MoE layout."""
+    fam = get_family(family)
+    shape = fam.text_shape(model.config.text_config)
+    prefix = "model.language_model.layers."
+    targets = [f"{prefix}{shape.layer_kinds.index('full_attention')}.self_attn.q_proj"]
+    if not shape.moe_layers:
+        mlp = f"{prefix}0.mlp"
+    elif fam.moe.shared_expert:
+        mlp = f"{prefix}{shape.moe_layers[0]}.{fam.moe.shared_expert}"
+    else:
+        return targets, None
+    return targets + [f"{mlp}.gate_proj", f"{mlp}.down_proj"], mlp
+
+
 def test_reference_kernels_under_peft_lora(setup):
     """LoRA on attention and MLP projections (their wrappers must stay in the path) and a trainable copy of
     lm_head (PEFT's ModulesToSaveWrapper), with the patch applied before and after PEFT wraps the model."""
     from peft import LoraConfig, get_peft_model
 
     family, tok, batch = setup
-    layer = "model.language_model.layers.0"
-    config = dict(r=4, lora_alpha=8, target_modules=[f"{layer}.self_attn.q_proj", f"{layer}.mlp.gate_proj",
-                                                       f"{layer}.mlp.down_proj"],
+    targets, mlp = _lora_targets(family, _model(family, tok))
+    config = dict(r=4, lora_alpha=8, target_modules=targets,
                   modules_to_save=["lm_head"], init_lora_weights=False)  # random B too, so LoRA changes the loss
 
     def wrapped(patch_before: bool | None):
@@ -157,8 +262,9 @@ def test_reference_kernels_under_peft_lora(setup):
         got, got_grads = _step(model, batch)
         _assert_same(ref, ref_grads, got, got_grads)
         assert got.logits is None
-        assert type(model.get_base_model().model.language_model.layers[0].mlp.gate_proj).__name__ == "Linear"  # LoRA's
-        assert patched_parts(model).keys() == {"rms_norm", "swiglu", "fused_lm_loss"}
+        if mlp:
+            assert type(model.get_base_model().get_submodule(f"{mlp}.gate_proj")).__module__.startswith("peft.")
+        assert patched_parts(model).keys() == {"rms_norm", "fused_lm_loss"} | ({"swiglu"} if mlp else set())
 
 
 def test_lora_on_lm_head_falls_back_to_the_materialised_loss(setup, capsys):
@@ -223,21 +329,24 @@ def test_apply_liger_forced_puts_liger_kernels_in_place(setup):
     model = _model(family, tok)
     assert apply_liger(model, force=True) is True
     assert liger_applied(model)
-    parts = patched_parts(model)
+    parts = {"swiglu": [], **patched_parts(model)}  # Qwen3-VL-MoE has no dense MLP
     assert parts["fused_lm_loss"] == [""]
-    assert len(parts["rms_norm"]) == _norm_count(model) >= 2 * LAYERS + 1
-    assert len(parts["swiglu"]) == LAYERS
+    assert parts["rms_norm"] == _norm_names(model) and len(parts["rms_norm"]) >= 2 * LAYERS + 1
+    assert len(parts["swiglu"]) == _expected_counts(family, model)["swiglu"]
     assert all(name.startswith("model.language_model.") for name in parts["rms_norm"] + parts["swiglu"])
-    if family == "qwen3_vl":
+    if family.startswith("qwen3"):
         assert any(name.endswith("self_attn.q_norm") for name in parts["rms_norm"])
     for name in parts["rms_norm"] + parts["swiglu"] + parts["fused_lm_loss"]:
         assert "liger_kernels" in model.get_submodule(name)._vlft_kernel.__qualname__
+    # the norm formula Liger is told, per family: offset 1 with fp32 casting for the zero-centred norms
+    styles = {model.get_submodule(name)._vlft_norm_style[1:] for name in parts["rms_norm"]}
+    assert styles == ({(1.0, "gemma")} if family in ZERO_CENTRED else {(0.0, "llama")})
 
     # idempotent: a second application replaces, never wraps, what the first one put there
     original = model._vlft_original_forward
     assert original.__func__ is type(model).forward
     assert apply_liger(model, force=True) is True
-    assert patched_parts(model) == parts
+    assert {"swiglu": [], **patched_parts(model)} == parts
     assert model._vlft_original_forward is original
     assert model.forward.__func__.__wrapped__ is type(model).forward
 

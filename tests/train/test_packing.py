@@ -16,37 +16,60 @@ from vlft.train.sft import run
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_packed_equals_padded(family, tiny_model_factory):
-    model_dir = tiny_model_factory(family)
-    processor = load_processor(str(model_dir))
-    checked = prepare_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(REPO / "data_examples"),
-                             media=DEMO_MEDIA, max_seq_length=4096)
-    ds = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA,
-                    video_sources=checked.video_sources)
-    model, _ = load_model(str(model_dir))
-    model.train()
-    collator = SFTCollator.for_model(processor, model)
-    padded_loss, padded_grads = loss_and_grads(model, collator([ds[i] for i in range(len(ds))]))
+HYBRID_FAMILIES = ("qwen3_5", "qwen3_5_moe")  # Gated DeltaNet layers: models/patches/linear_attention.py
 
-    packs = plan_packs(checked.lengths, 256)
-    assert 1 < len(packs) < len(ds)  # several records share rows, and there is more than one row
+
+def demo_dataset(model_dir, data_path):
+    """The processor, prepared records and dataset of `data_path` (media under data_examples/)."""
+    processor = load_processor(str(model_dir))
+    checked = prepare_sft_data(str(data_path), processor=processor, image_folder=str(REPO / "data_examples"),
+                               media=DEMO_MEDIA, max_seq_length=4096)
+    return processor, checked, SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA,
+                               video_sources=checked.video_sources)
+
+
+def packed_and_padded(model, processor, ds, packs):
+    """One step over every record of `ds`, padded (one row each) and packed into `packs` (lists of record
+    indices) through what the trainer hands the model: ((padded loss, grads), (packed loss, grads))."""
+    collator = SFTCollator.for_model(processor, model)
+    padded = loss_and_grads(model, collator([ds[i] for i in range(len(ds))]))
     batch = PackingCollator(collator)([[ds[i] for i in pack] for pack in packs])
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == len(packs)
-    packed_loss, packed_grads = loss_and_grads(model, model_inputs(batch, model))  # what the trainer hands the model
-    grad_diff = max((padded_grads[n] - packed_grads[n]).abs().max().item() for n in padded_grads)
-    print(f"\n{family}: loss padded {padded_loss.item():.6f} packed {packed_loss.item():.6f}; "
-          f"max |grad diff| {grad_diff:.2e}")
-    assert abs(padded_loss - packed_loss) < 1e-5
+    return padded, loss_and_grads(model, model_inputs(batch, model))
+
+
+def assert_same_step(family, padded, packed, tolerance=1e-5):
+    """Same loss and gradients within `tolerance`; for a gradient whose entries exceed 1 the tolerance is
+    relative to its largest entry (fp32 sums over tokens taken in another order: the hybrid tiny models have
+    gradients of ~40, whose last bit is ~4e-6)."""
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = padded, packed
     assert padded_grads.keys() == packed_grads.keys()
-    assert grad_diff < 1e-5
+    worst = max(((padded_grads[n] - packed_grads[n]).abs().max().item(), padded_grads[n].abs().max().item(), n)
+                for n in padded_grads)
+    print(f"\n{family}: loss padded {padded_loss.item():.6f} packed {packed_loss.item():.6f}; "
+          f"max |grad diff| {worst[0]:.2e} (largest entry {worst[1]:.3g}, {worst[2]})")
+    assert abs(padded_loss - packed_loss) < tolerance
+    for name, grad in padded_grads.items():
+        assert (grad - packed_grads[name]).abs().max() <= tolerance * max(1.0, grad.abs().max().item()), name
     assert any(g.abs().max() > 0 for g in packed_grads.values())
 
 
-def test_logged_loss_is_the_same_with_and_without_packing(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES + HYBRID_FAMILIES)
+def test_packed_equals_padded(family, tiny_model_factory):
+    model_dir = tiny_model_factory(family)
+    processor, checked, ds = demo_dataset(model_dir, VIDEO_DATA)
+    model, _ = load_model(str(model_dir))
+    model.train()
+    packs = plan_packs(checked.lengths, 256)
+    assert 1 < len(packs) < len(ds)  # several records share rows, and there is more than one row
+    assert_same_step(family, *packed_and_padded(model, processor, ds, packs))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5"])  # Qwen3.5: the refusal is lifted, the trainer patches
+def test_logged_loss_is_the_same_with_and_without_packing(family, tiny_model_factory, tmp_path):
     """What a user can check from outside: one step, lr 0, a batch that holds every record."""
     data = REPO / "data_examples" / "llava_demo.json"
-    common = ["--model_id", str(tiny_model_dir), "--data_path", str(data), "--image_folder",
+    common = ["--model_id", str(tiny_model_factory(family)), "--data_path", str(data), "--image_folder",
               str(REPO / "data_examples" / "images"), "--max_steps", "1", "--learning_rate", "0",
               "--per_device_train_batch_size", "10", "--save_strategy", "no", "--disable_tqdm", "true",
               "--max_seq_length", "256"]

@@ -16,7 +16,9 @@ Packed rows (`pack_layout`)
     cross records. transformers 5.2x builds a block-diagonal causal mask itself when the language model gets
     4-row position ids ([text, t, h, w]) whose text row restarts at 0, no attention mask and no cache. The
     collator sends `pack_layout` (tokens, images, videos, is_record per segment); it becomes those position ids,
-    computed with the model's own `get_rope_index`, record by record.
+    computed with the model's own `get_rope_index`, record by record. Linear-attention (Gated DeltaNet) layers
+    read no mask: on the first packed batch the model gets vlft's patch that makes them split their rows at the
+    same restarts of the text positions (models/patches/linear_attention.py; a no-op for models without them).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from vlft.models.patches import unwrap_model
+from vlft.models.patches import separate_packed_records, unwrap_model
 
 
 def model_inputs(inputs: dict, model, *, image_norm: Callable | None = None,
@@ -44,6 +46,7 @@ def model_inputs(inputs: dict, model, *, image_norm: Callable | None = None,
             inputs[key] = norm(value)
     layout = inputs.pop("pack_layout", None)
     if layout is not None:
+        separate_packed_records(model)  # once per model: Gated DeltaNet layers keep the records apart too
         inputs["position_ids"] = pack_position_ids(
             unwrap_model(model).model, inputs["input_ids"], layout, mm_token_type_ids=inputs.get("mm_token_type_ids"),
             image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"),

@@ -9,11 +9,6 @@ VISION_27 = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=1
 HYBRID_ROPE = {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
                "mrope_section": [11, 11, 10], "mrope_interleaved": True}
 
-NO_PACKING = ("its Gated DeltaNet (linear-attention) layers see no record boundaries in a packed row: their "
-              "convolution and recurrent state would run from one record into the next")
-NO_LIGER = ("Liger's RMSNorm kernel is not set up for Qwen3.5's zero-centred norms (1 + w) and gated norm; "
-            "run without --use_liger")
-
 
 def hybrid_layers(layers: int, full_every: int = 4) -> list[str]:
     """transformers' layer_types for `layers` decoder layers: every `full_every`-th full attention, the rest linear."""
@@ -55,5 +50,5 @@ FAMILY = Family(
         "27B": (text(5120, 17408, 64, 24, 4, 48), dict(VISION_27, out_hidden_size=5120), False),
     },
     extra_checkpoint_prefixes=("mtp.",),
-    unsupported={"packing": NO_PACKING, "liger": NO_LIGER},
+    # --packing: the Gated DeltaNet layers keep packed records apart through models/patches/linear_attention.py
 )
