@@ -228,6 +228,23 @@ class TuneArguments:
         default=False, metadata={"help": "Liger kernels (RMSNorm, SwiGLU, fused linear cross-entropy); GPU only."}
     )
     tune_merger: bool | None = field(default=None, metadata={"help": "2U1 spelling: tune_merger x = --freeze_merger (not x)."})
+    # mixture-of-experts families (Qwen3-VL-MoE, Qwen3.5-MoE): models/lora.py, models/freezing.py, train/setup.py
+    lora_target_experts: bool = field(
+        default=True,
+        metadata={"help": "MoE models: --lora_enable also adapts the routed experts' fused weights (one LoRA per "
+                          "expert, through PEFT's target_parameters); false keeps LoRA off them."},
+    )
+    train_router: bool = field(
+        default=False,
+        metadata={"help": "MoE models: train the router (and Qwen3.5-MoE's shared-expert gate) fully while the "
+                          "language model is frozen (LoRA, --freeze_llm); by default they stay frozen there."},
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "MoE models, SFT: add the load-balancing loss times this weight to the loss (sets the "
+                          "model's output_router_logits and router_aux_loss_coef) and log it as aux_loss; 0 logs it "
+                          "without training on it. Unset: the checkpoint's settings (off in the released ones)."},
+    )
 
     @property
     def any_lora(self) -> bool:
@@ -591,13 +608,17 @@ def parse_args(groups: tuple[type, ...], argv: list[str], prog: str = "vlft") ->
 
 
 def family_for(model_args):
-    """The family descriptor of --model_id (read from its config.json), or None when no --model_id is given; for
-    `validate(..., family=...)`. Raises VlftError for a model vlft cannot read or does not support."""
+    """The family descriptor of --model_id (read from its config.json), for `validate(..., family=...)`; None when
+    no --model_id is given or its config cannot be read yet: the flag rules come first, and loading the model then
+    names what is wrong with it (a missing directory, an unsupported model_type)."""
     if not getattr(model_args, "model_id", None):
         return None
     from vlft.models.loading import load_family
 
-    return load_family(model_args.model_id)
+    try:
+        return load_family(model_args.model_id)
+    except VlftError:
+        return None
 
 
 # feature of a family's capabilities (Family.unsupported) -> (argument group, test that the run asks for it, flag)
@@ -615,6 +636,30 @@ def family_problems(family, *groups) -> list[str]:
         if reason and any(type(g).__name__ == group_name and asks(g) for g in groups):
             problems.append(f"{flag} is not available for {family.display_name} ({family.model_type}): {reason}")
     return problems
+
+
+def moe_problems(family, tune: TuneArguments) -> list[str]:
+    """The mixture-of-experts flags against `family`: refused on a dense family (no router, no routed experts),
+    and what PEFT cannot put on the routed experts' fused parameters (models/lora.py: expert_lora_refusal)."""
+    asked = [flag for flag, value in (("--train_router", tune.train_router),
+                                      ("--router_aux_loss_coef", tune.router_aux_loss_coef is not None),
+                                      ("--lora_target_experts false", not tune.lora_target_experts)) if value]
+    if family.moe is None:
+        return [f"{flag} is not available for {family.display_name} ({family.model_type}): its MLPs are dense, with "
+                "no router and no routed experts" for flag in asked]
+    if tune.train_router and tune.bits != 16 and family.moe.shared_expert_gate:
+        return [f"--train_router with --bits {tune.bits}: {family.display_name}'s shared-expert gate is an nn.Linear "
+                "of the decoder layers, quantised with them, and quantised weights cannot train fully; drop one"]
+    if tune.lora_enable and tune.lora_target_experts and not tune.virtual_tokens:
+        from vlft.models.lora import expert_lora_refusal, lora_init_value
+
+        try:
+            init = lora_init_value(tune.init_lora_weights)
+        except ValueError:
+            return []  # reported by _lora_init_errors
+        refused = expert_lora_refusal(use_dora=tune.use_dora, init_lora_weights=init)
+        return [refused] if refused else []
+    return []
 
 
 def validate(*groups, family=None) -> None:
@@ -644,6 +689,10 @@ def validate(*groups, family=None) -> None:
                               "not before each packed record, so records after the first would not see them; "
                               "train without --packing")
             train = next((g for g in groups if isinstance(g, TrainingArguments)), None)
+            if group.router_aux_loss_coef is not None and isinstance(train, (DPOConfig, GRPOConfig)):
+                stage = "DPO" if isinstance(train, DPOConfig) else "GRPO"
+                errors.append(f"--router_aux_loss_coef is applied to the SFT loss only: {stage}'s loss is computed from "
+                              "log-probs, which the load-balancing term does not join; drop it")
             if group.peft_type == "p_tuning" and train is not None and train.resume_from_checkpoint:
                 errors.append("--resume_from_checkpoint with --peft_type p_tuning: PEFT saves the prompt encoder's "
                               "output, not the encoder, so training cannot continue from a checkpoint; start again")
@@ -653,6 +702,7 @@ def validate(*groups, family=None) -> None:
             errors += group.problems() if hasattr(group, "problems") else []
     if family is not None:
         errors += family_problems(family, *groups)
+        errors += moe_problems(family, tune) if tune is not None else []
     if errors:
         raise VlftError("invalid arguments:\n  - " + "\n  - ".join(errors))
 
@@ -690,7 +740,7 @@ def _tune_errors(tune_args: TuneArguments) -> list[str]:
                                      ("--loraplus_lr_ratio", t.loraplus_lr_ratio, None)):
             if value != default:
                 errors.append(f"{flag} has no effect without --lora_enable or --vision_lora")
-    errors += _lora_init_errors(t) + _virtual_token_errors(t)
+    errors += _lora_init_errors(t) + _virtual_token_errors(t) + _moe_flag_errors(t)
     if t.loraplus_lr_ratio is not None and not t.loraplus_lr_ratio > 0:
         errors.append(f"--loraplus_lr_ratio must be > 0 (LoRA+ recommends >= 1), got {t.loraplus_lr_ratio}")
     if t.num_lora_modules == 0 or t.num_lora_modules < -1:
@@ -727,6 +777,22 @@ def _tune_errors(tune_args: TuneArguments) -> list[str]:
     return errors
 
 
+def _moe_flag_errors(t: TuneArguments) -> list[str]:
+    """The MoE flags on their own (against the family: `moe_problems`)."""
+    errors = []
+    if not t.lora_target_experts and not t.lora_enable:
+        errors.append("--lora_target_experts false keeps the language model's LoRA off the routed experts; it needs "
+                      "--lora_enable")
+    if t.train_router and not t.llm_frozen:
+        errors.append("--train_router trains the router of a frozen language model, but here the whole language "
+                      "model trains, its router with it; " + ("--freeze_llm false asks for that: drop one of the two"
+                                                              if t.freeze_llm is False else
+                                                              "add --lora_enable or --freeze_llm true, or drop it"))
+    if t.router_aux_loss_coef is not None and not t.router_aux_loss_coef >= 0:
+        errors.append(f"--router_aux_loss_coef must be >= 0, got {t.router_aux_loss_coef}")
+    return errors
+
+
 def _virtual_token_errors(t: TuneArguments) -> list[str]:
     """--peft_type p_tuning / prompt_tuning: only the virtual tokens train, and only in the combinations proven to
     keep Qwen-VL's positions right (models/virtual_tokens.py); everything else is refused by name."""
@@ -748,7 +814,7 @@ def _virtual_token_errors(t: TuneArguments) -> list[str]:
                         ("--freeze_vision_tower false", t.freeze_vision_tower is False),
                         ("--unfreeze_topk_llm", t.unfreeze_topk_llm > 0), ("--unfreeze_topk_vision", t.unfreeze_topk_vision > 0),
                         ("--vision_lr", t.vision_lr is not None), ("--merger_lr", t.merger_lr is not None),
-                        ("--bits", t.bits != 16), ("--use_liger", t.use_liger)):
+                        ("--bits", t.bits != 16), ("--use_liger", t.use_liger), ("--train_router", t.train_router)):
         if value:
             errors.append(f"{kind} trains only the virtual tokens on a frozen model in full precision; {flag} is not "
                           "supported with it")

@@ -17,12 +17,15 @@ import tempfile
 from pathlib import Path
 
 from vlft.errors import VlftError
+from vlft.models.extra_keys import carry_extra_tensors
 from vlft.run_dir import (
+    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     ARGS_FILE,
     INITIAL_ADAPTER,
     NON_LORA_FILE,
     TRAINED_FILE,
+    adapted_targets,
     base_model_of,
     is_adapter_run,
     read_adapter,
@@ -100,9 +103,23 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
     missing_lora = sorted(k for k in result.missing_keys if ".lora_" in k)
     if missing_lora:
         raise VlftError(f"{run_dir}/adapter_model.safetensors lacks adapter weights: {', '.join(missing_lora[:8])}")
+    check_adapted_targets(run_dir, peft_model)
     if dtype not in ("auto", "fp32"):
         peft_model.to(DTYPES[dtype])
     return peft_model.eval(), family, base
+
+
+def check_adapted_targets(run_dir: Path, peft_model) -> None:
+    """What the adapter config adapts (modules, and routed-expert parameters through target_parameters) must be what
+    the run recorded as adapted in vlft_trained.json; a run saved before that record is taken as it is."""
+    trained = read_trained(run_dir)
+    if trained is None:
+        return
+    recorded, built = set(trained["lora_modules"]), set(adapted_targets(peft_model))
+    if recorded != built:
+        raise VlftError(f"{run_dir}: its {ADAPTER_CONFIG} adapts other targets than {TRAINED_FILE} records (only in the "
+                        f"record: {sorted(recorded - built)[:4]}; only in the config: {sorted(built - recorded)[:4]}); "
+                        "the run directory was changed after training")
 
 
 def plain_lora_of(model, run_dir: Path, config, adapter: dict):
@@ -193,6 +210,7 @@ def merge(adapter: str, output: str, *, base_model: str | None = None, dtype: st
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
     try:
         merged.save_pretrained(tmp, max_shard_size="5GB")
+        carry_extra_tensors(base, tmp, family.extra_checkpoint_prefixes)  # e.g. Qwen3.5's mtp.*, dropped on load
         save_processor(run_dir, tmp, family)
         readable_by_all(tmp)
         if out.exists():

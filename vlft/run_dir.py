@@ -59,18 +59,25 @@ def non_lora_trainables(model, state_dict: dict | None = None) -> dict:
 
 
 def trained_record(model) -> dict:
-    """What trains in `model` now: {"non_lora": sorted bare names of fully trained weights, "lora_modules":
-    sorted bare names of the modules that carry an adapter}."""
-    non_lora, adapted = [], set()
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if is_lora_param(name):
-            if ".lora_" in name:  # (virtual tokens adapt no module)
-                adapted.add(bare_name(name).split(".lora_", 1)[0])
-        else:
-            non_lora.append(bare_name(name))
-    return {"non_lora": sorted(non_lora), "lora_modules": sorted(adapted)}
+    """What trains in `model` now: {"non_lora": sorted bare names of fully trained weights, "lora_modules": sorted
+    bare names of what carries a trainable adapter, as models/lora.py `lora_targets` names it (modules, and the
+    routed experts' parameters adapted through PEFT's target_parameters, e.g. `...mlp.experts.gate_up_proj`)}."""
+    non_lora = [bare_name(n) for n, p in model.named_parameters() if p.requires_grad and not is_lora_param(n)]
+    return {"non_lora": sorted(non_lora), "lora_modules": adapted_targets(model, trainable_only=True)}
+
+
+def adapted_targets(model, *, trainable_only: bool = False) -> list[str]:
+    """Sorted bare names of what carries a LoRA adapter in `model`: an adapted module's name, or for PEFT's
+    ParamWrapper (target_parameters; nested when one module has several adapted parameters, each inner one behind
+    a `base_layer`) the adapted parameter's name. Virtual tokens adapt nothing."""
+    owners = {n.split(".lora_", 1)[0] for n, p in model.named_parameters()
+              if ".lora_" in n and (p.requires_grad or not trainable_only)}
+    names = set()
+    for owner in owners:
+        parameter = getattr(model.get_submodule(owner), "parameter_name", None)  # set on PEFT's ParamWrapper only
+        name = bare_name(owner)
+        names.add(f"{name.replace('.base_layer', '')}.{parameter}" if parameter else name)
+    return sorted(names)
 
 
 def write_run_files(model, output_dir: str | os.PathLike, args: dict, *, is_peft: bool,

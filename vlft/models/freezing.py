@@ -13,6 +13,32 @@ def is_lora_param(name: str) -> bool:
     return ".lora_" in name or name.startswith("prompt_encoder.")
 
 
+def layer_relative(family: Family, name: str) -> str | None:
+    """The part of a parameter or module name after its decoder layer's prefix ('mlp.experts.down_proj' for
+    'model.language_model.layers.3.mlp.experts.down_proj'), with PEFT's wrapper prefix and `base_layer` infixes
+    removed; None outside the decoder layers."""
+    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+    if not name.startswith(family.llm_layers_prefix):
+        return None
+    index, _, rest = name[len(family.llm_layers_prefix):].partition(".")
+    return rest if index.isdigit() else None
+
+
+def is_moe_gate(family: Family, name: str) -> bool:
+    """True for a mixture-of-experts gate (the router, the shared expert's gate: MoELayout.gates), the module or
+    anything inside it; False on dense families."""
+    rest = layer_relative(family, name) if family.moe is not None else None
+    return rest is not None and any(rest == g or rest.startswith(g + ".") for g in family.moe.gates)
+
+
+def is_expert_adapter(family: Family, name: str) -> bool:
+    """True for a LoRA tensor on the routed experts' fused parameters (PEFT's ParamWrapper on `mlp.experts`)."""
+    if family.moe is None or ".lora_" not in name:
+        return False
+    rest = layer_relative(family, name.split(".lora_", 1)[0])
+    return rest is not None and rest in {e.rpartition(".")[0] for e in family.moe.experts}
+
+
 def count_layers(model, family: Family) -> dict[str, int]:
     """{'llm': decoder layers, 'vision': vision blocks}."""
     counts = {"llm": 0, "vision": 0}
@@ -37,13 +63,15 @@ def topk_layers(model, family: Family, *, unfreeze_topk_llm: int = 0, unfreeze_t
 
 
 def apply_freeze(model, family: Family, *, freeze_vision_tower: bool, freeze_merger: bool, freeze_llm: bool,
-                 unfreeze_topk_llm: int = 0, unfreeze_topk_vision: int = 0, always_train: set[str] = frozenset()) -> None:
+                 unfreeze_topk_llm: int = 0, unfreeze_topk_vision: int = 0, always_train: set[str] = frozenset(),
+                 train_router: bool = False) -> None:
     """Set requires_grad on every non-LoRA parameter from the flags; LoRA tensors always train.
 
     Run it after LoRA is applied: PEFT freezes the whole base model, and the merger or vision tower may
     still need to train fully next to the adapter. The head and the embeddings belong to the LLM.
     Quantised (integer) weights never train. `always_train` holds names PEFT made trainable (its adapters,
-    and biases under --lora_bias).
+    and biases under --lora_bias). `train_router` trains the MoE gates (router, shared-expert gate) fully in a
+    frozen language model (--train_router); otherwise they follow the language model.
     """
     frozen = {"vision": freeze_vision_tower, "merger": freeze_merger, "llm": freeze_llm, "head": freeze_llm,
               "other": freeze_llm}
@@ -56,17 +84,20 @@ def apply_freeze(model, family: Family, *, freeze_vision_tower: bool, freeze_mer
         found = family.layer_index(name)
         if found and found[1] in topk[found[0]]:
             train = True
+        if train_router and is_moe_gate(family, name):
+            train = True
         param.requires_grad_(train and param.is_floating_point())
 
 
 def count_parameters(model, family: Family) -> dict[str, tuple[int, int]]:
-    """{part: (trainable, frozen)}; LoRA tensors are counted apart, as 'lora:<part they adapt>'.
+    """{part: (trainable, frozen)}; LoRA tensors are counted apart, as 'lora:<part they adapt>', and those on the
+    routed experts' fused parameters as 'lora:experts' (one adapter per expert: a large share of an MoE's adapter).
     Quantised weights count their logical size (bitsandbytes packs two 4-bit values per byte)."""
     counts: dict[str, list[int]] = {part: [0, 0] for part in PARTS}
     for name, param in model.named_parameters():
         part = family.part_of(name)
         if is_lora_param(name):
-            part = f"lora:{part}"
+            part = "lora:experts" if is_expert_adapter(family, name) else f"lora:{part}"
         n = getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 partitions leave an empty local tensor
         if hasattr(param, "quant_state") or param.__class__.__name__ == "Params4bit":
             n *= 2

@@ -44,6 +44,15 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
         bits=t.bits, quant_type=t.quant_type, double_quant=t.double_quant,
     )
     base_model = model
+    if t.bits != 16 and family.moe is not None:
+        experts = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in
+                      {e.rsplit(".", 1)[-1] for e in family.moe.experts} and ".experts." in n)
+        total = sum(p.numel() for p in model.parameters())
+        log(f"--bits {t.bits}: bitsandbytes quantises nn.Linear layers only; the routed experts' fused weights "
+            f"({experts / max(total, 1):.0%} of the parameters) stay in {weights_dtype(train_args)}, so QLoRA saves "
+            "little memory on this MoE model (vlft plan counts them unquantised too)")
+    if family.moe is not None or t.router_aux_loss_coef is not None:
+        set_router_aux_loss(model, family, t.router_aux_loss_coef)
     if t.use_liger:
         from vlft.models.patches import apply_liger
 
@@ -59,7 +68,7 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
         peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     elif t.any_lora:
         targets = lora_targets(model, family, llm=t.lora_enable, vision=t.vision_lora, exclude=t.lora_namespan_exclude,
-                               num_llm_modules=t.num_lora_modules, skip_layers=topk)
+                               num_llm_modules=t.num_lora_modules, skip_layers=topk, experts=t.lora_target_experts)
         model = apply_lora(model, targets=targets, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
                            bias=t.lora_bias, use_dora=t.use_dora, use_rslora=t.use_rslora, init_lora_weights=init)
         if mutates_base(init):
@@ -73,13 +82,28 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
         peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     apply_freeze(model, family, freeze_vision_tower=t.vision_frozen, freeze_merger=t.merger_frozen,
                  freeze_llm=t.llm_frozen, unfreeze_topk_llm=t.unfreeze_topk_llm,
-                 unfreeze_topk_vision=t.unfreeze_topk_vision, always_train=peft_trainable)
+                 unfreeze_topk_vision=t.unfreeze_topk_vision, always_train=peft_trainable, train_router=t.train_router)
     callbacks = []
     vision_input_require_grads(model, family)
     if skip_frozen_vision_graph(model, family):
         callbacks.append(FrozenVisionCallback())
     log(f"model: {family.model_type} from {model_args.model_id}\n{parameter_table(model, family)}")
     return PreparedModel(model, base_model, family, callbacks)
+
+
+def set_router_aux_loss(model, family, coef: float | None) -> None:
+    """--router_aux_loss_coef: the model's forward adds `coef` x the load-balancing loss (Switch Transformer's, over
+    every MoE layer's router logits) to the language-model loss and returns it as `outputs.aux_loss`. transformers'
+    Qwen-VL-MoE forwards read exactly these two text_config fields (`output_router_logits`, `router_aux_loss_coef`),
+    and so does vlft's Liger forward (models/patches/liger.py). `coef` None turns the term off, whatever the
+    checkpoint's config says (a model saved by a run with the flag keeps `output_router_logits` true): the flag
+    decides. Raises VlftError for a coefficient on a dense family."""
+    if family.moe is None:
+        raise VlftError(f"--router_aux_loss_coef: {family.display_name} ({family.model_type}) has no router")
+    text = getattr(model.config, "text_config", model.config)
+    text.output_router_logits = coef is not None
+    if coef is not None:
+        text.router_aux_loss_coef = float(coef)
 
 
 def refuse_base_mutating_init(tune_args, stage: str) -> None:

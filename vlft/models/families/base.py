@@ -79,6 +79,16 @@ class TextShape:
     def is_hybrid(self) -> bool:
         return self.linear_attention_layers > 0
 
+    @property
+    def linear_key_width(self) -> int:
+        """Features of a linear-attention layer's queries (and of its keys): key heads x key head dim."""
+        return self.linear_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_width(self) -> int:
+        """Features of a linear-attention layer's values (and of its output gate z): value heads x value head dim."""
+        return self.linear_value_heads * self.linear_value_head_dim
+
 
 def read_text_shape(text) -> TextShape:
     """A TextShape from a transformers text_config (Qwen2-VL ... Qwen3.5-MoE field names). Raises AttributeError for
@@ -115,11 +125,20 @@ class MoELayout:
     experts: the routed experts' fused 3-D parameters ([experts, out, in]); not nn.Linear, so LoRA reaches them
         only through PEFT's `target_parameters`.
     router: the router module (a TopKRouter with a raw `weight` [experts, hidden]).
-    shared_expert: the shared expert's module (nn.Linear projections), or None."""
+    shared_expert: the shared expert's module (nn.Linear projections), or None.
+    shared_expert_gate: the shared expert's sigmoid gate (nn.Linear, hidden -> 1), or None.
+
+    `gates` (the router and the shared expert's gate) decide how much each expert adds: models/lora.py keeps LoRA
+    off them and --train_router trains them fully."""
 
     experts: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
     router: str = "mlp.gate"
     shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+
+    @property
+    def gates(self) -> tuple[str, ...]:
+        return (self.router,) + ((self.shared_expert_gate,) if self.shared_expert_gate else ())
 
 
 @dataclass(frozen=True)

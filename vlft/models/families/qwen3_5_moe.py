@@ -1,7 +1,7 @@
 """Qwen3.5-MoE (`qwen3_5_moe`, Qwen3.5-35B-A3B ... 397B-A17B): Qwen3.5's hybrid decoder and vision tower, every MLP
 a mixture of routed experts (fused 3-D parameters, a TopKRouter) plus a shared expert with its own sigmoid gate."""
 from vlft.models.families.base import HEAD, LLM, VISION, Family, MoELayout, TinyBuild
-from vlft.models.families.qwen3_5 import NO_LIGER, NO_PACKING, THINK_TOKENS, VISION_27, text, tiny_hybrid_text, tiny_vision
+from vlft.models.families.qwen3_5 import THINK_TOKENS, VISION_27, text, tiny_hybrid_text, tiny_vision
 
 
 def _moe(hidden, layers, heads, kv, linear_v_heads, experts, active, expert_inter):
@@ -23,7 +23,7 @@ FAMILY = Family(
         "35B-A3B": (_moe(2048, 40, 16, 2, 32, 256, 8, 512), dict(VISION_27, out_hidden_size=2048), False),
         "397B-A17B": (_moe(4096, 60, 32, 2, 64, 512, 10, 1024), dict(VISION_27, out_hidden_size=4096), False),
     },
-    moe=MoELayout(shared_expert="mlp.shared_expert"),
+    moe=MoELayout(shared_expert="mlp.shared_expert", shared_expert_gate="mlp.shared_expert_gate"),
     extra_checkpoint_prefixes=("mtp.",),
-    unsupported={"packing": NO_PACKING, "liger": NO_LIGER},
+    # --packing: as Qwen3.5's (models/patches/linear_attention.py)
 )
