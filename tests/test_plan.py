@@ -19,6 +19,7 @@ from vlft.plan import (
     main,
     model_shape,
     preset_config,
+    preset_from_model_id,
     quantised_bytes,
     resolve_zero,
 )
@@ -125,6 +126,120 @@ def test_presets_give_the_published_sizes():
         assert model_shape(preset_config(family, size)).total_params / 1e9 == pytest.approx(billions, abs=0.01)
     with pytest.raises(VlftError, match="--size"):
         preset_config("qwen3_vl", "7B")
+
+
+def hand_config(family: str):
+    """A tiny Qwen3.5 (-MoE) config sized by hand: h 16, 2 heads of 8 and 1 key-value head, MLP 24; layer 0 Gated
+    DeltaNet (1 key head of 4, 2 value heads of 6, kernel 3), layer 1 full attention; MoE: 2 of 4 experts of 8, a
+    shared expert of 12."""
+    import transformers
+
+    from vlft.models.registry import get_family
+
+    text = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=8, vocab_size=32, layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=3,
+                linear_key_head_dim=4, linear_value_head_dim=6, linear_num_key_heads=1, linear_num_value_heads=2)
+    if family == "qwen3_5_moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=12)
+    vision = dict(depth=1, hidden_size=8, intermediate_size=16, num_heads=2, out_hidden_size=16, num_position_embeddings=16)
+    Model = getattr(transformers, get_family(family).model_class)
+    return Model.config_class(text_config=text, vision_config=vision, tie_word_embeddings=False)
+
+
+def adapted(config) -> tuple[list[tuple[int, int]], int]:
+    """What vlft's --lora_enable (rank 2) puts on the language model of a real model of `config`, read from PEFT's
+    model: per decoder layer (adapted nn.Linear modules, their in_features summed), and all adapter parameters."""
+    import transformers
+    from torch import nn
+
+    from vlft.models.lora import apply_lora, lora_targets
+    from vlft.models.registry import get_family
+
+    family = get_family(config.model_type)
+    model = getattr(transformers, family.model_class)(config)
+    model = apply_lora(model, targets=lora_targets(model, family, llm=True, vision=False), rank=2, alpha=4, dropout=0.05)
+    layers = [(0, 0) for _ in range(config.text_config.num_hidden_layers)]
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if hasattr(module, "lora_A") and isinstance(base, nn.Linear):
+            index = family.layer_index(name)[1]
+            layers[index] = (layers[index][0] + 1, layers[index][1] + base.in_features)
+    return layers, sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def test_hybrid_activations_follow_the_layer_kinds():
+    shape = model_shape(hand_config("qwen3_5"))
+    assert [(layer.kind, layer.moe) for layer in shape.layer_shapes] == [("linear_attention", False), ("full_attention", False)]
+    assert shape.q_gate == 16  # Qwen3.5's q_proj carries an output gate as wide as the heads
+    # Gated DeltaNet, kept per token (flash-linear-attention's kernels): in_proj_qkv out 2*4+12, z 12, a beta g 3*2,
+    # the conv's v 12, L2-normed q k 2*4 with their norms 2*1, the chunk inverse A 64*2, the rule's output 12, the
+    # gated norm's normed x, silu(z) and output 3*12; norms 4h, SwiGLU 4I
+    linear = 4 * 16 + (20 + 12 + 3 * 2 + 12 + 2 * 4 + 2 * 1 + 64 * 2 + 12 + 3 * 12) + 4 * 24
+    full = 4 * 16 + (3 * 16 + 2 * 8 + 2 * 16) + 4 * 24  # q, attention output and its copy; k, v; gate and gated
+    s = Settings(max_seq_length=64, overhead_gb=0)
+    assert estimate(shape, s).activations == 64 * 4 * (linear + full + 4 * 16)
+    gc = estimate(shape, replace(s, gradient_checkpointing=True))
+    assert gc.activations == 64 * 4 * (2 * 16 + max(linear, full) + 4 * 16)
+    # LoRA: what vlft adapts, read from PEFT's model (the linear-attention layer adapts its own projections)
+    layers, adapters = adapted(hand_config("qwen3_5"))
+    assert [(layer.lora_modules, layer.lora_inputs) for layer in shape.layer_shapes] == layers
+    assert layers[0] != layers[1]
+    lora = estimate(shape, replace(s, lora_enable=True, lora_rank=2, freeze_vision_tower=True, freeze_merger=True))
+    assert lora.trainable_params == adapters
+    (n0, in0), (n1, in1) = layers  # rank-2 projections, dropout copies (values) and their masks (bytes)
+    assert lora.activations == 64 * (4 * (linear + 2 * n0 + in0 + full + 2 * n1 + in1 + 4 * 16) + in0 + in1)
+
+
+def test_moe_counts_every_expert_and_activates_the_routed_ones():
+    shape = model_shape(hand_config("qwen3_5_moe"))
+    routed = 4 * 16 * 2 * 8 + 4 * 16 * 8  # gate_up [E, 2I, h] and down [E, h, I] of one layer
+    assert [layer.expert_params for layer in shape.layer_shapes] == [routed, routed]
+    s = Settings(max_seq_length=64, overhead_gb=0)
+    plan = estimate(shape, s)
+    assert plan.trainable_params == shape.total_params and plan.weights == 4 * shape.total_params  # all experts
+    # router probabilities E, two routed copies of (gathered input h, gate_up 2I, silu I, product I, output h,
+    # routing weight 1), the shared expert's SwiGLU 4 Is, its output h and sigmoid gate 1
+    mlp = 4 + 2 * (16 + 4 * 8 + 16 + 1) + 4 * 12 + 16 + 1
+    linear = 4 * 16 + (20 + 12 + 3 * 2 + 12 + 2 * 4 + 2 * 1 + 64 * 2 + 12 + 3 * 12) + mlp
+    full = 4 * 16 + (3 * 16 + 2 * 8 + 2 * 16) + mlp
+    assert plan.activations == 64 * 4 * (linear + full + 4 * 16)
+    # LoRA with the experts: one rank-r adapter per expert on each fused weight, and each layer keeps the merged
+    # expert weights for backward; PEFT refuses dropout there, and vlft keeps it on the nn.Linear adapters only
+    layers, adapters = adapted(hand_config("qwen3_5_moe"))
+    assert [(layer.lora_modules, layer.lora_inputs) for layer in shape.layer_shapes] == layers
+    assert shape.expert_lora_dims == 2 * 4 * ((2 * 8 + 16) + (16 + 8))
+    s = replace(s, lora_enable=True, lora_rank=2, freeze_vision_tower=True, freeze_merger=True)
+    lora = estimate(shape, s)
+    assert lora.trainable_params == adapters == 2 * (shape.llm_lora_dims + shape.expert_lora_dims)
+    (n0, in0), (n1, in1) = layers
+    tokens = 64 * (4 * (linear + 2 * n0 + in0 + full + 2 * n1 + in1 + 4 * 16) + in0 + in1)
+    assert lora.activations == tokens + 4 * 2 * routed
+    without = estimate(shape, replace(s, lora_target_experts=False))
+    assert without.trainable_params == 2 * shape.llm_lora_dims
+    frozen = 2 * 2 * (16 + 8)  # frozen experts keep neither matmul input: 16 + 8 fewer per routed copy and layer
+    assert without.activations == tokens - 64 * 4 * frozen
+
+
+@pytest.mark.parametrize("model_id, found", [
+    ("Qwen/Qwen3.5-9B", ("qwen3_5", "9B")), ("Qwen/Qwen3.5-35B-A3B", ("qwen3_5_moe", "35B-A3B")),
+    ("Qwen/Qwen3-VL-30B-A3B-Instruct", ("qwen3_vl_moe", "30B-A3B")), ("Qwen/Qwen3-VL-32B-Instruct", ("qwen3_vl", "32B")),
+    ("Qwen/Qwen2.5-VL-7B-Instruct", ("qwen2_5_vl", "7B")), ("Qwen/Qwen3.5-397B-A17B", ("qwen3_5_moe", "397B-A17B")),
+    ("Qwen/Qwen3-VL-3B-Instruct", None),
+])
+def test_hub_ids_find_their_row(model_id, found):
+    assert preset_from_model_id(model_id) == found
+
+
+@pytest.mark.parametrize("args, name", [
+    (["--family", "qwen3_5", "--size", "9B"], "Qwen3.5-9B"),
+    (["--family", "qwen3_5_moe", "--size", "35B-A3B", "--lora_enable"], "Qwen3.5-MoE-35B-A3B"),
+    (["--family", "qwen3_vl_moe", "--size", "30B-A3B"], "Qwen3-VL-MoE-30B-A3B"),
+    (["--model_id", "Qwen/Qwen3.5-35B-A3B"], "Qwen3.5-MoE-35B-A3B"),
+])
+def test_cli_plans_the_hybrid_and_moe_releases(args, name, capsys):
+    assert main(args + ["--zero", "zero3", "--num_gpus", "8", "--bf16", "--gradient_checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert f"model: {name} (built-in table)" in out and "\nzero3_offload " in out
 
 
 def test_cli_prints_the_breakdown_and_the_zero_table(tiny_model_dir, capsys):

@@ -23,13 +23,29 @@ value under --bf16, else 4):
   from ZeRO-1 on; optimizer offload keeps them on the CPU (0 on the GPU).
 - activations of the language model, per token and decoder layer, counted as Korthikanti et al. (arXiv
   2205.05198, section 4.1) count a transformer layer's (every tensor the backward pass keeps) but for Qwen's
-  layer: RMSNorm (input and output kept, 2h per norm), grouped-query attention run by SDPA / flash attention
-  (q after RoPE, k, v, the attention output and its re-laid-out copy: 3 q_dim + 2 kv_dim; no s x s scores), a
-  SwiGLU MLP (gate, up, silu(gate), their product: 4 I) and no dropout: 4h + 3 q_dim + 2 kv_dim + 4 I values.
-  Liger keeps only the norm inputs and gate/up (2h + 3 q_dim + 2 kv_dim + 2 I). LoRA adds, per layer and
-  token, its dropout outputs and masks (6h + q_dim + I values and as many bytes) and the rank-r projections (7r).
-  --gradient_checkpointing keeps only each layer's input (h) plus one layer's full set while it recomputes.
-  Plus the embeddings and the final norm (4h).
+  layers, by layer kind (`Family.text_shape`): two RMSNorms (input and output kept, 2h per norm; Liger keeps
+  the inputs only, 2h for both) plus
+  * full attention run by SDPA / flash attention (q after RoPE, k, v, the attention output and its re-laid-out
+    copy: 3 q_dim + 2 kv_dim; no s x s scores), and for Qwen3.5's output gate (q_proj twice as wide) its
+    sigmoid and the gated output, 2 q_dim more;
+  * a Gated DeltaNet layer (Qwen3.5; transformers' Qwen3_5GatedDeltaNet run by flash-linear-attention's chunked
+    delta rule and causal-conv1d, K_w = key heads x d_k, V_w = value heads H x d_v, chunks of C = 64): the
+    convolution's input (in_proj_qkv's output, 2 K_w + V_w), z (V_w), a, beta and g (3 H), the convolved v (V_w),
+    the L2-normed q and k and their inverse norms (2 K_w + 2 key heads), the inverted C x C chunk matrix A (C H),
+    the rule's output (V_w) and the gated RMSNorm's normed input, silu(z) and output (3 V_w):
+    4 K_w + 7 V_w + (C + 3) H + 2 key heads. transformers' PyTorch fallback (without fla) keeps more: not modelled;
+  * a SwiGLU MLP (gate, up, silu(gate), their product: 4 I; Liger 2 I), or a mixture of experts: the router's
+    probabilities (E), for each of the k experts a token is routed to its gathered input, gate_up (2 I_e),
+    silu, product (I_e each), output and routing weight: 2h + 4 I_e + 1 (frozen experts keep neither matmul
+    input: h + 3 I_e + 1), and a shared expert's SwiGLU, output and gate (4 I_s + h + 1).
+  LoRA adds, per layer and token, the rank-r projections of each adapted nn.Linear (r each) and with dropout
+  its dropout output and mask (as wide as the linear's input, in values and in bytes); the adapted modules are
+  those of `vlft.models.lora.lora_targets` on the meta model. LoRA on the routed experts (PEFT
+  target_parameters, no dropout) adds r x (in + out) parameters per expert and keeps, per MoE layer whatever the
+  tokens, one merged copy of the layer's expert weights (PEFT adds the adapters to the fused weights each
+  forward). --gradient_checkpointing keeps only each layer's input (h) plus the largest layer's full set while
+  it recomputes. Plus the embeddings and the final norm (4h). Weights, gradients and optimizer states count
+  every expert.
 - logits: without Liger, B L V values in w (the head's output), their fp32 copy (transformers' loss upcasts;
   none when w is already 4), the fp32 log-softmax and its fp32 gradient: B L V (w + 4 + 4 [+ 4]). With Liger's
   fused linear cross-entropy only one fp32 chunk of logits and its gradient: 2 * 4 * C * V with
@@ -61,10 +77,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from vlft.errors import VlftError
+from vlft.models.families.base import FULL_ATTENTION, LINEAR_ATTENTION, TextShape
 
 GB = 1e9
 DEFAULT_OVERHEAD_GB = 2.0  # CUDA context, cuBLAS workspaces, NCCL buffers, fragmentation (see module docstring)
-LORA_MODULES_PER_LAYER = 7  # q, k, v, o, gate, up, down: what vlft's --lora_enable adapts in a decoder layer
 
 # --- the released sizes ---------------------------------------------------------------------------------------
 # Each family's descriptor holds the released sizes (`Family.presets`, vlft/models/families/): numbers of the
@@ -112,16 +128,37 @@ def _mrope(text: dict) -> dict:
 
 
 def preset_from_model_id(model_id: str) -> tuple[str, str] | None:
-    """(family, size) when a hub id such as Qwen/Qwen2.5-VL-7B-Instruct names a released size of a family."""
+    """(family, size) when a hub id such as Qwen/Qwen2.5-VL-7B-Instruct names a released size of a family. Qwen
+    names its mixture-of-experts releases without the "-MoE" of the family's display name (Qwen/Qwen3.5-35B-A3B,
+    Qwen/Qwen3-VL-30B-A3B-Instruct): the size's A<n>B says it, so that name matches too. The longest match wins."""
     name = model_id.rsplit("/", 1)[-1].lower()
+    found, length = None, 0
     for family, sizes in _presets().items():
-        for size in sizes:
-            if name.startswith(f"{_pretty(family).lower()}-{size.lower()}"):
-                return family, size
-    return None
+        pretty = _pretty(family).lower()
+        for base in {pretty, pretty.removesuffix("-moe")}:
+            for size in sizes:
+                prefix = f"{base}-{size.lower()}"
+                rest = name[len(prefix):]
+                if name.startswith(prefix) and not rest[:1].isalnum() and len(prefix) > length:
+                    found, length = (family, size), len(prefix)
+    return found
 
 
-# --- model shape ----------------------------------------------------------------------------------------------
+# --- model shape ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerShape:
+    """One decoder layer as the activation estimate sees it (`model_shape` counts it on the meta device)."""
+
+    kind: str  # FULL_ATTENTION or LINEAR_ATTENTION (TextShape.layer_kinds)
+    moe: bool  # its MLP is a mixture of experts
+    params: int  # all of its parameters (ZeRO-3 gathers a layer at once)
+    lora_modules: int  # nn.Linear modules vlft's --lora_enable adapts in it (models/lora.py: lora_targets)
+    lora_inputs: int  # their in_features, summed (what LoRA's dropout copies per token)
+    lora_dims: int  # their in + out features, summed (a rank-r LoRA adds r x this)
+    expert_params: int = 0  # routed experts' fused weights, all experts
+    expert_lora_dims: int = 0  # sum over those [E, a, b] weights of E x (a + b): one rank-r adapter per expert
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the estimate needs of a model, counted on the meta device (`model_shape`)."""
@@ -138,7 +175,7 @@ class ModelShape:
     layers: int
     q_dim: int  # attention heads x head_dim
     kv_dim: int  # key-value heads x head_dim
-    intermediate: int
+    intermediate: int  # dense MLP width (0 when every layer is MoE)
     vocab: int
     vision_depth: int
     vision_width: int
@@ -146,10 +183,17 @@ class ModelShape:
     vision_mlp_values: int  # values an MLP keeps per patch per intermediate unit: SwiGLU 4, quick GELU 3, GELU 2
     merge_size: int
     mergers: int  # 1 + deepstack mergers (Qwen3-VL)
+    text: TextShape  # layer kinds, experts, linear-attention widths
+    layer_shapes: tuple[LayerShape, ...]  # per decoder layer
+    q_gate: int  # full attention's output gate width (Qwen3.5's q_proj is 2 x q_dim wide), else 0
 
     @property
     def total_params(self) -> int:
         return sum(self.params.values())
+
+    @property
+    def expert_lora_dims(self) -> int:
+        return sum(layer.expert_lora_dims for layer in self.layer_shapes)
 
 
 def load_config(model_id: str):
@@ -171,24 +215,35 @@ def load_config(model_id: str):
 
 
 def model_shape(config) -> ModelShape:
-    """Count `config`'s parameters per part, building the model on the meta device (no memory is allocated)."""
+    """Count `config`'s parameters per part and per decoder layer, building the model on the meta device (no memory
+    is allocated); the LoRA targets are those of `vlft.models.lora.lora_targets` on that model (every nn.Linear of
+    the decoder layers but the MoE gates, and the routed experts' fused weights)."""
     import torch
     import transformers
     from torch import nn
 
+    from vlft.models.lora import lora_targets
     from vlft.models.registry import get_family
+    from vlft.train.throughput import is_routed_expert
 
     family = get_family(config.model_type)
     Model = getattr(transformers, family.model_class)
     with torch.device("meta"):
         model = Model(config)
+    text = family.text_shape(config.text_config)
     params = dict.fromkeys(("vision", "merger", "llm", "embed", "head"), 0)
+    per_layer = [0] * text.layers
+    experts = [0] * text.layers
     for name, p in model.named_parameters():  # tied weights are listed once
         part = family.part_of(name)
         if name.startswith(family.embed_prefix):
             part = "embed"
         params[part if part in params else "llm"] += p.numel()
-    linear_params = linear_rows = llm_dims = vision_dims = 0
+        found = family.layer_index(name)
+        if found and found[0] == "llm":
+            per_layer[found[1]] += p.numel()
+            experts[found[1]] += p.numel() if is_routed_expert(family, name) else 0
+    linear_params = linear_rows = vision_dims = 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -196,12 +251,32 @@ def model_shape(config) -> ModelShape:
         if part == "llm":
             linear_params += module.weight.numel()
             linear_rows += module.out_features
-            llm_dims += module.in_features + module.out_features
         elif part == "vision" and not name.startswith(family.patch_embed_prefix):
             vision_dims += module.in_features + module.out_features
-    layer = sum(p.numel() for n, p in model.named_parameters() if n.startswith(family.llm_layers_prefix + "0."))
-    text = config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    modules, weights = dict(model.named_modules()), dict(model.named_parameters())
+    lora = [dict.fromkeys(("lora_modules", "lora_inputs", "lora_dims", "expert_lora_dims"), 0) for _ in per_layer]
+    for target in lora_targets(model, family, llm=True, vision=False):
+        found = family.layer_index(target)
+        if found is None:
+            continue
+        counts = lora[found[1]]
+        if target in weights:  # a routed expert's fused weight [E, a, b]: one adapter of r x (a + b) per expert
+            count, a, b = weights[target].shape
+            counts["expert_lora_dims"] += count * (a + b)
+        else:
+            linear = modules[target]
+            counts["lora_modules"] += 1
+            counts["lora_inputs"] += linear.in_features
+            counts["lora_dims"] += linear.in_features + linear.out_features
+    layer_shapes = tuple(LayerShape(kind, i in text.moe_layers, per_layer[i], expert_params=experts[i], **lora[i])
+                         for i, kind in enumerate(text.layer_kinds))
+    q_dim = text.heads * text.head_dim
+    q_gate = 0
+    for i, kind in enumerate(text.layer_kinds):
+        if kind == FULL_ATTENTION:  # q_proj wider than the heads: an output gate (Qwen3.5's gated attention)
+            q_proj = model.get_submodule(f"{family.llm_layers_prefix}{i}.self_attn.q_proj")
+            q_gate = q_proj.out_features - q_dim
+            break
     vc = config.vision_config
     shape = family.vision_shape(vc)
     v_inter = getattr(vc, "intermediate_size", None) or int(shape.width * getattr(vc, "mlp_ratio", 4))
@@ -209,13 +284,13 @@ def model_shape(config) -> ModelShape:
     mlp_values = family.vision_mlp_values or (3 if act == "quick_gelu" else 2)
     return ModelShape(
         family=family.model_type, params=params, llm_linear_params=linear_params, llm_linear_rows=linear_rows,
-        llm_lora_dims=llm_dims, vision_lora_dims=vision_dims,
-        largest_module=max(layer, params["embed"], params["head"]), hidden=text.hidden_size,
-        layers=text.num_hidden_layers, q_dim=text.num_attention_heads * head_dim,
-        kv_dim=text.num_key_value_heads * head_dim, intermediate=text.intermediate_size, vocab=text.vocab_size,
-        vision_depth=shape.depth, vision_width=shape.width, vision_intermediate=v_inter,
+        llm_lora_dims=sum(layer.lora_dims for layer in layer_shapes), vision_lora_dims=vision_dims,
+        largest_module=max(max(per_layer, default=0), params["embed"], params["head"]), hidden=text.hidden,
+        layers=text.layers, q_dim=q_dim, kv_dim=text.kv_heads * text.head_dim, intermediate=text.intermediate,
+        vocab=text.vocab, vision_depth=shape.depth, vision_width=shape.width, vision_intermediate=v_inter,
         vision_mlp_values=mlp_values, merge_size=shape.merge_size,
         mergers=1 + len(getattr(vc, "deepstack_visual_indexes", None) or []),
+        text=text, layer_shapes=layer_shapes, q_gate=q_gate,
     )
 
 
@@ -299,6 +374,7 @@ class Settings:
     freeze_vision_tower: bool | None = None
     freeze_merger: bool = False
     freeze_llm: bool | None = None
+    lora_target_experts: bool = True  # MoE: --lora_enable adapts the routed experts too (as vlft sft's flag)
     bits: int = 16
     double_quant: bool = True
     gradient_checkpointing: bool = False
@@ -364,7 +440,8 @@ def trainable_params(shape: ModelShape, s: Settings) -> dict[str, int]:
     p = shape.params
     full = (0 if llm_frozen else p["llm"] + p["embed"] + p["head"]) + (0 if vision_frozen else p["vision"])
     full += 0 if s.freeze_merger else p["merger"]
-    lora = s.lora_rank * ((shape.llm_lora_dims if s.lora_enable else 0) + (shape.vision_lora_dims if s.vision_lora else 0))
+    llm_dims = shape.llm_lora_dims + (shape.expert_lora_dims if s.lora_target_experts else 0)
+    lora = s.lora_rank * ((llm_dims if s.lora_enable else 0) + (shape.vision_lora_dims if s.vision_lora else 0))
     return {"full": full, "lora": lora, "quantised": shape.llm_linear_params if s.bits != 16 else 0,
             "vision_grads": int(not vision_frozen or s.vision_lora), "merger_grads": int(not s.freeze_merger)}
 
@@ -381,22 +458,62 @@ def quantised_bytes(params: int, rows: int, bits: int, double_quant: bool = True
     raise ValueError(f"bits must be 4 or 8, got {bits}")
 
 
-def llm_layer_values(shape: ModelShape, s: Settings) -> float:
-    """Activation values one decoder layer keeps per token (module docstring), LoRA's extra values included."""
-    h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
-    values = (2 * h + 3 * q + 2 * kv + 2 * i) if s.use_liger else (4 * h + 3 * q + 2 * kv + 4 * i)
-    if s.lora_enable:
-        values += LORA_MODULES_PER_LAYER * s.lora_rank
-        if s.lora_dropout > 0:
-            values += 6 * h + q + i  # dropout outputs (q, k, v, gate, up read h; o reads q_dim; down reads I)
+def mixer_values(shape: ModelShape, layer: LayerShape) -> float:
+    """Values a decoder layer's token mixer (attention or Gated DeltaNet) keeps per token (module docstring)."""
+    from vlft.train.throughput import DELTA_RULE_CHUNK
+
+    if layer.kind == LINEAR_ATTENTION:
+        t = shape.text
+        k, v = t.linear_key_width, t.linear_value_width
+        return 4 * k + 7 * v + (DELTA_RULE_CHUNK + 3) * t.linear_value_heads + 2 * t.linear_key_heads
+    return 3 * shape.q_dim + 2 * shape.kv_dim + 2 * shape.q_gate
+
+
+def experts_train(s: Settings) -> bool:
+    """Whether the routed experts' weights get gradients: the language model trains, or LoRA reaches the experts."""
+    llm_frozen = s.freeze_llm if s.freeze_llm is not None else (s.lora_enable or s.vision_lora)
+    return not llm_frozen or (s.lora_enable and s.lora_target_experts)
+
+
+def mlp_values(shape: ModelShape, layer: LayerShape, s: Settings) -> float:
+    """Values a decoder layer's MLP keeps per token: a SwiGLU's 4 I (Liger: 2 I), or a mixture of experts' router
+    probabilities, experts_per_token routed copies and the shared expert (module docstring)."""
+    t = shape.text
+    if not layer.moe:
+        return (2 if s.use_liger else 4) * shape.intermediate
+    h, inner = shape.hidden, t.expert_intermediate
+    # per routed copy: gathered input h, gate_up 2 I, silu I, product I, expert output h, routing weight 1; frozen
+    # experts (LoRA off them) keep neither matmul input: h + 3 I + 1 (transformers' grouped_mm experts, probed)
+    copy = 2 * h + 4 * inner + 1 if experts_train(s) else h + 3 * inner + 1
+    values = t.experts + t.experts_per_token * copy
+    if t.shared_expert_intermediate:
+        values += 4 * t.shared_expert_intermediate + h + 1
     return values
 
 
-def lora_mask_bytes(shape: ModelShape, s: Settings) -> float:
-    """Bytes of LoRA's dropout masks (bool) per token and layer."""
+def llm_layer_values(shape: ModelShape, s: Settings, layer: LayerShape) -> float:
+    """Activation values one decoder layer keeps per token (module docstring), LoRA's extra values included."""
+    values = (2 if s.use_liger else 4) * shape.hidden + mixer_values(shape, layer) + mlp_values(shape, layer, s)
+    if s.lora_enable:
+        values += layer.lora_modules * s.lora_rank
+        if s.lora_dropout > 0:
+            values += layer.lora_inputs  # each adapted linear's dropout output, as wide as its input
+    return values
+
+
+def lora_mask_bytes(shape: ModelShape, s: Settings, layer: LayerShape) -> float:
+    """Bytes of LoRA's dropout masks (bool) per token in `layer`."""
     if not s.lora_enable or s.lora_dropout <= 0:
         return 0
-    return 6 * shape.hidden + shape.q_dim + shape.intermediate
+    return layer.lora_inputs
+
+
+def expert_lora_values(layer: LayerShape, s: Settings) -> float:
+    """Values a MoE layer keeps whatever the tokens when its routed experts carry LoRA: PEFT's ParamWrapper adds
+    the adapters to the fused expert weights on every forward (`W + scale * B A` for all experts at once) and the
+    experts' matmuls keep that merged copy for backward: one copy of the layer's expert weights."""
+    adapted = s.lora_enable and s.lora_target_experts and layer.expert_lora_dims
+    return layer.expert_params if adapted else 0
 
 
 def liger_chunk(tokens: int, vocab: int, hidden: int) -> int:
@@ -447,11 +564,18 @@ def estimate(shape: ModelShape, s: Settings) -> MemoryPlan:
     # language-model activations
     b, seq = s.per_device_train_batch_size, s.max_seq_length
     tokens = b * seq
-    layer = llm_layer_values(shape, s) * a + lora_mask_bytes(shape, s)
+    layers = [tokens * (llm_layer_values(shape, s, layer) * a + lora_mask_bytes(shape, s, layer))
+              + expert_lora_values(layer, s) * w for layer in shape.layer_shapes]
     if s.gradient_checkpointing:
-        activations = tokens * (shape.layers * shape.hidden * a + layer)
+        activations = tokens * shape.layers * shape.hidden * a + max(layers, default=0)
     else:
-        activations = tokens * shape.layers * layer
+        activations = sum(layers)
+    if any(expert_lora_values(layer, s) for layer in shape.layer_shapes):
+        notes.append("LoRA on the routed experts: each MoE layer keeps a merged copy of its expert weights for "
+                     "backward (PEFT adds the adapters to the fused weights); --lora_target_experts false avoids it")
+    if shape.text.is_hybrid:
+        notes.append("linear-attention layers counted as flash-linear-attention's and causal-conv1d's kernels keep "
+                     "them; without those packages transformers' PyTorch fallback also keeps its fp32 chunk matrices")
     activations += tokens * 4 * shape.hidden * a  # embeddings (and their vision-merged copy), final norm
 
     # logits
@@ -557,6 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
         tune.add_argument(f"--{flag}", type=_bool, nargs="?", const=True, default=default)
     for flag in ("freeze_vision_tower", "freeze_llm"):
         tune.add_argument(f"--{flag}", type=_bool, nargs="?", const=True, default=None, help="default: follows LoRA")
+    tune.add_argument("--lora_target_experts", type=_bool, nargs="?", const=True, default=True,
+                      help="MoE models: --lora_enable adapts the routed experts too (default true)")
     tune.add_argument("--lora_rank", type=int, default=64)
     tune.add_argument("--lora_dropout", type=float, default=0.05)
     tune.add_argument("--bits", type=int, default=16, choices=[4, 8, 16])

@@ -110,6 +110,95 @@ def test_qwen3_shape_comes_through_its_family():
     assert (unknown.vision_layers, unknown.vision_params, unknown.merger_params) == (0, 0, 0)
 
 
+# A hand-sized Qwen3.5 text config: one Gated DeltaNet layer then one full-attention layer.
+H, V, HEADS, KV, HD, INTER = 16, 32, 2, 1, 8, 24
+KH, VH, DK, DV, KERNEL = 1, 2, 4, 6, 3  # linear attention: key heads, value heads, their dims, conv kernel
+E, TOP, EI, SI = 4, 2, 8, 12  # experts, experts per token, expert and shared-expert widths
+
+
+def hand_config(family: str):
+    """A tiny config of `family` (qwen3_5 / qwen3_5_moe), with the numbers above."""
+    import transformers
+
+    text = dict(hidden_size=H, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=HEADS,
+                num_key_value_heads=KV, head_dim=HD, vocab_size=V, layer_types=["linear_attention", "full_attention"],
+                linear_conv_kernel_dim=KERNEL, linear_key_head_dim=DK, linear_value_head_dim=DV,
+                linear_num_key_heads=KH, linear_num_value_heads=VH)
+    if family == "qwen3_5_moe":
+        text.update(num_experts=E, num_experts_per_tok=TOP, moe_intermediate_size=EI, shared_expert_intermediate_size=SI)
+    vision = dict(depth=1, hidden_size=8, intermediate_size=16, num_heads=2, out_hidden_size=H, num_position_embeddings=16)
+    Model = getattr(transformers, get_family(family).model_class)
+    return Model.config_class(text_config=text, vision_config=vision, tie_word_embeddings=False)
+
+
+def meta_model(config):
+    import transformers
+
+    with torch.device("meta"):
+        return getattr(transformers, get_family(config.model_type).model_class)(config)
+
+
+def test_hybrid_flops_match_a_count_by_hand():
+    """Qwen3.5: the quadratic term for the full-attention layer only, the delta rule's linear cost for the other."""
+    est = estimate_flops(meta_model(hand_config("qwen3_5")))
+    linear_layer = (16 * (2 * 4 + 12) + 16 * 12 + 2 * 16 * 2 + 20 * 3 + 2 + 2 + 6 + 12 * 16  # qkv, z, a b, conv,
+                    + 3 * 16 * 24 + 2 * 16)  # dt_bias, A_log, gated norm, out_proj; SwiGLU MLP, two norms
+    full_layer = 16 * 2 * 2 * 8 + 2 * 16 * 8 + 16 * 16 + 2 * 8 + 3 * 16 * 24 + 2 * 16  # gated q, k v, o, q/k norm
+    n = linear_layer + full_layer + 16 + 32 * 16  # final norm, lm_head (the embedding is a lookup)
+    assert (est.llm_params, est.expert_params) == (n, 0)
+    tokens, records = 1000, 4
+    delta_rule = 3 * 2 * (6 * 64 * 4 + 4 * 64 * 6 + 6 * 4 * 6 + 64 * 64 / 3)  # per token, 2 value heads, C = 64
+    expected = 6 * n * tokens + 12 * 1 * (2 * 8) * tokens * (tokens / records) + 1 * delta_rule * tokens
+    assert est.flops(tokens, records) == pytest.approx(expected, rel=1e-12)
+
+
+def test_moe_flops_count_only_the_routed_experts_a_token_runs():
+    """Qwen3.5-MoE: 2 of 4 routed experts per token; the router and the shared expert run for every token."""
+    est = estimate_flops(meta_model(hand_config("qwen3_5_moe")))
+    moe = 4 * 16 + 3 * 16 * 12 + 16  # router [E, h], shared expert's SwiGLU, its sigmoid gate [1, h]
+    linear_layer = 16 * 20 + 16 * 12 + 2 * 16 * 2 + 20 * 3 + 2 + 2 + 6 + 12 * 16 + moe + 2 * 16
+    full_layer = 16 * 32 + 2 * 16 * 8 + 16 * 16 + 2 * 8 + moe + 2 * 16
+    dense = linear_layer + full_layer + 16 + 32 * 16
+    routed = 2 * (4 * 16 * 2 * 8 + 4 * 16 * 8)  # two layers of gate_up [E, 2 I, h] and down [E, h, I]
+    assert (est.llm_params, est.expert_params, est.expert_share) == (dense, routed, 2 / 4)
+    tokens, records = 512, 2
+    delta_rule = 3 * 2 * (6 * 64 * 4 + 4 * 64 * 6 + 6 * 4 * 6 + 64 * 64 / 3)
+    expected = (6 * (dense + routed * 2 / 4) * tokens + 12 * 1 * 16 * tokens * (tokens / records)
+                + delta_rule * tokens)
+    assert est.flops(tokens, records) == pytest.approx(expected, rel=1e-12)
+
+
+def test_moe_lora_adapters_on_the_experts_count_as_experts():
+    """PEFT's adapters on the fused expert weights (target_parameters) are per expert: a token runs k of E of them."""
+    from peft import LoraConfig
+
+    from vlft.models.lora import wrap_peft
+
+    model = build_model("qwen3_5_moe", build_tokenizer("qwen3_5_moe"))
+    plain = estimate_flops(model)
+    family = get_family("qwen3_5_moe")
+    peft = wrap_peft(model, LoraConfig(r=2, target_modules=["q_proj"], target_parameters=list(family.moe.experts)))
+    est = estimate_flops(peft, family)
+    text = model.config.text_config
+    d, inner, experts = text.hidden_size, text.moe_intermediate_size, text.num_experts
+    # gate_up [E, 2I, d] and down [E, d, I]: one rank-2 adapter per expert, r x (in + out) each
+    expert_adapters = len(family.text_shape(text).moe_layers) * experts * 2 * ((2 * inner + d) + (d + inner))
+    assert est.expert_params - plain.expert_params == expert_adapters
+    q_adapters = text.layer_types.count("full_attention") * 2 * (d + 2 * text.num_attention_heads * text.head_dim)
+    assert est.llm_params - plain.llm_params == q_adapters
+
+
+@pytest.mark.parametrize("family, size", [("qwen3_vl_moe", "30B-A3B"), ("qwen3_5_moe", "35B-A3B")])
+def test_a3b_presets_run_about_3b_parameters_per_token(family, size):
+    """The released *-A3B models run about 3B parameters per token (the embedding, a lookup, left out): measured
+    3.04B (Qwen3-VL-30B-A3B) and 2.95B (Qwen3.5-35B-A3B), against 30.2B and 34.1B counting every expert."""
+    from vlft.plan import preset_config
+
+    est = estimate_flops(meta_model(preset_config(family, size)))
+    assert 2.8e9 < est.active_llm_params < 3.2e9
+    assert est.llm_params + est.expert_params > 9 * est.active_llm_params  # MFU read ~10x too high before
+
+
 @pytest.mark.parametrize("name, peak", [
     ("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA L40S", 362e12),

@@ -11,15 +11,32 @@ Model FLOPs (an estimate; the convention of PaLM, Chowdhery et al. 2022, appendi
 not what the hardware runs, so activation recomputation and padding never count, and attention counts the full
 (not causal-halved) score matrix). For T real tokens in R records with P vision patches:
 
-    FLOPs = 6 * N_llm * T                                  decoder layers + output projection (lm_head)
-          + 12 * L * d_attn * T * (T / R)                  LLM attention at the mean record length T / R
+    FLOPs = 6 * (N_llm + k / E * N_exp) * T               decoder layers + output projection (lm_head)
+          + 12 * L_full * d_attn * T * (T / R)             LLM full attention at the mean record length T / R
+          + L_lin * F_gdn * T                              LLM linear attention (Gated DeltaNet), linear in T
           + f_v * N_vision * P                             vision blocks and patch embedding, per patch
           + f_m * N_merger * P / m**2                      merger(s), per merged token (m = spatial merge size)
           + 2 * f_v * d_v * ((L_v - n_w) * Q + n_w * W * P)   vision attention, when `vision_pairs` is given
 
 - N_* count parameters (ZeRO-3: `ds_numel`), split by `family.part_of`; lookup tables (token and position
   embeddings) are free, the output projection counts once even when tied to the token embedding, LoRA adapters
-  count where they sit. L, d_attn: decoder layers and heads x head_dim.
+  count where they sit. L_full, d_attn: decoder layers with softmax attention (all but the `linear_attention`
+  ones of `TextShape.layer_kinds`) and heads x head_dim.
+- Mixture of experts: N_exp are the routed experts' parameters (`Family.moe.experts`, LoRA adapters on them
+  included), of which each token runs k = experts_per_token of E = experts; N_llm holds every other parameter,
+  the router (E x hidden, so its 2 E h forward FLOPs per token are in the 6 N term) and a shared expert included.
+- Linear attention: F_gdn = 3 * H * (6 C d_k + 4 C d_v + 6 d_k d_v + C**2 / 3) training FLOPs per token and
+  layer (backward twice the forward, the convention) for the chunked gated delta rule with H value heads of
+  d_v, keys and queries of d_k (transformers repeats them to the H value heads) and chunks of C = 64 tokens
+  (transformers' and flash-linear-attention's chunk size). Per chunk and head the forward runs beta K K^T
+  (2 C^2 d_k), inverts that unit lower-triangular C x C system (C^3 / 3), W = A (beta K decayed) and U = A (beta V)
+  (2 C^2 (d_k + d_v)), the state pass V' = U - W S and S <- decay S + K^T V' (4 C d_k d_v) and the output
+  Q S (2 C d_k d_v) plus the masked in-chunk attention (Q K^T) V' (2 C^2 (d_k + d_v)) (Yang et al., Gated Delta
+  Networks, arXiv 2412.06464, its chunkwise WY form; fla's chunk_gated_delta_rule_fwd: chunk_scaled_dot_kkt,
+  solve_tril, recompute_w_u, chunk_gated_delta_rule_fwd_h, chunk_fwd_o). The short causal convolution (kernel K
+  over the 2 d_k H_k + d_v H channels of q, k, v, depthwise) uses each weight once per token, like a linear layer,
+  so 6 N counts it already (2 K FLOPs per channel and token forward), as it counts the projections; the gates,
+  the L2 and gated RMS norms are elementwise and left out like every norm.
 - f = 6 (forward 2N + backward 4N) for parts gradients flow through: the LLM always (under LoRA too, and it is
   the convention), the tower when any of its parameters trains (LoRA included), the merger when it or the tower
   trains; f = 2 (forward only) otherwise, e.g. a frozen tower under LoRA, which runs without a graph.
@@ -68,22 +85,44 @@ def _numel(p: torch.Tensor) -> int:
     return getattr(p, "ds_numel", p.numel())  # ZeRO-3 keeps the real size aside, numel() is 0
 
 
+DELTA_RULE_CHUNK = 64  # tokens per chunk of the chunked gated delta rule (transformers' and fla's default)
+
+
+def gated_deltanet_flops(heads: int, key_dim: int, value_dim: int, chunk: int = DELTA_RULE_CHUNK) -> float:
+    """Training FLOPs per token of one Gated DeltaNet layer's chunked delta rule, its projections and convolution
+    left out (they are in 6 N): 3 * heads * (6 C d_k + 4 C d_v + 6 d_k d_v + C**2 / 3), C = `chunk`; `heads` value
+    heads of `value_dim` features, queries and keys of `key_dim` per value head. Derivation and sources: module
+    docstring."""
+    c = chunk
+    forward = heads * (6 * c * key_dim + 4 * c * value_dim + 6 * key_dim * value_dim + c * c / 3)
+    return 3 * forward
+
+
 @dataclass(frozen=True)
 class FlopsModel:
     """Parameter counts and shapes for the FLOPs estimate of the module docstring."""
 
-    llm_params: int  # decoder layers, final norm, output projection (and anything no part claims)
+    llm_params: int  # decoder layers, final norm, output projection (and anything no part claims), routed experts aside
     vision_params: int  # vision blocks and patch embedding
     merger_params: int
     vision_factor: int  # 6 when gradients flow through the tower, else 2
     merger_factor: int
-    layers: int
+    full_attention_layers: int  # decoder layers with softmax attention (the quadratic term)
     attn_width: int  # heads x head_dim
     merge_size: int = 1
     vision_layers: int = 0
     vision_width: int = 0
     vision_window_layers: int = 0
     window_patches: int = 0
+    expert_params: int = 0  # routed experts of every MoE layer, all of them (LoRA adapters on them included)
+    expert_share: float = 0.0  # experts_per_token / experts: the share of expert_params one token runs through
+    linear_attention_layers: int = 0
+    linear_attention_flops: float = 0.0  # training FLOPs per token of one linear-attention layer (gated_deltanet_flops)
+
+    @property
+    def active_llm_params(self) -> float:
+        """Language-model parameters one token runs through: N_llm + k / E * N_exp."""
+        return self.llm_params + self.expert_share * self.expert_params
 
     def flops(self, tokens: float, records: float, patches: float = 0, pairs: float | None = None) -> float:
         """Training FLOPs of `tokens` real tokens in `records` records with `patches` vision patches and `pairs`
@@ -91,7 +130,9 @@ class FlopsModel:
         if tokens <= 0:
             return 0.0
         mean_len = tokens / max(records, 1)
-        total = 6 * self.llm_params * tokens + 12 * self.layers * self.attn_width * tokens * mean_len
+        total = 6 * self.active_llm_params * tokens
+        total += 12 * self.full_attention_layers * self.attn_width * tokens * mean_len
+        total += self.linear_attention_layers * self.linear_attention_flops * tokens
         total += self.vision_factor * self.vision_params * patches
         total += self.merger_factor * self.merger_params * patches / self.merge_size**2
         if pairs is not None:
@@ -101,10 +142,25 @@ class FlopsModel:
         return total
 
 
+def is_routed_expert(family, name: str) -> bool:
+    """True for a parameter (or module) name inside the routed experts of a decoder layer: the modules holding
+    `family.moe.experts` (their fused 3-D weights, and PEFT's wrappers and adapters on them); PEFT's
+    `base_model.model.` prefix is tolerated. Always False for a family without MoE (or None)."""
+    if family is None or family.moe is None:
+        return False
+    found = family.layer_index(name)
+    if found is None or found[0] != "llm":
+        return False
+    inner = name.removeprefix("base_model.model.")[len(family.llm_layers_prefix):].split(".", 1)[-1] + "."
+    return any(inner.startswith(path.rsplit(".", 1)[0] + ".") for path in family.moe.experts)
+
+
 def estimate_flops(model, family=None) -> FlopsModel:
     """Count `model`'s parameters into the estimate's parts (`family.part_of`; without a family, read from the
-    config, or all of it as LLM for a model vlft does not know) and read the tower's shape through
-    `family.vision_shape` (an unknown model gets no vision terms)."""
+    config, or all of it as LLM for a model vlft does not know), the routed experts apart (`is_routed_expert`), and
+    read the language model's layer kinds and experts through `family.text_shape` and the tower's shape through
+    `family.vision_shape` (an unknown model gets no vision terms and is read as a dense decoder)."""
+    from vlft.models.families.base import read_text_shape
     from vlft.models.registry import FAMILIES
 
     config = model.config
@@ -112,33 +168,37 @@ def estimate_flops(model, family=None) -> FlopsModel:
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     head = model.get_output_embeddings()
     head_weight = getattr(head, "weight", None)
-    counts = {"llm": 0, "vision": 0, "merger": 0}
+    counts = {"llm": 0, "vision": 0, "merger": 0, "experts": 0}
     trains = {"llm": True, "vision": False, "merger": False}
     for name, p in model.named_parameters():
         part = family.part_of(name) if family is not None else "llm"
         part = part if part in ("vision", "merger") else "llm"  # the embeddings, the head, anything unclaimed
         trains[part] |= p.requires_grad
         if id(p) not in lookups and p is not head_weight:  # the head is counted once below, even when tied
-            counts[part] += _numel(p)
+            counts["experts" if is_routed_expert(family, name) else part] += _numel(p)
     if head_weight is not None:
         counts["llm"] += _numel(head_weight)
         bias = getattr(head, "bias", None)
         counts["llm"] += _numel(bias) if bias is not None else 0
 
-    text = getattr(config, "text_config", config)
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    text_config = getattr(config, "text_config", config)
+    text = family.text_shape(text_config) if family is not None else read_text_shape(text_config)
     vision = getattr(config, "vision_config", None)
     shape = {}
     if vision is not None and family is not None:  # the family knows which vision_config fields to read
         v = family.vision_shape(vision)
         shape = dict(merge_size=v.merge_size, vision_layers=v.depth, vision_width=v.width,
                      vision_window_layers=v.window_blocks, window_patches=v.window_patches)
+    if text.is_hybrid:
+        shape.update(linear_attention_layers=text.linear_attention_layers, linear_attention_flops=gated_deltanet_flops(
+            text.linear_value_heads, text.linear_key_head_dim, text.linear_value_head_dim))
     vision_factor = 6 if trains["vision"] else 2
     return FlopsModel(
         llm_params=counts["llm"], vision_params=counts["vision"], merger_params=counts["merger"],
         vision_factor=vision_factor, merger_factor=6 if trains["vision"] or trains["merger"] else 2,
-        layers=text.num_hidden_layers, attn_width=heads * head_dim, **shape,
+        full_attention_layers=text.layers - text.linear_attention_layers, attn_width=text.heads * text.head_dim,
+        expert_params=counts["experts"], expert_share=text.experts_per_token / text.experts if text.is_moe else 0.0,
+        **shape,
     )
 
 
