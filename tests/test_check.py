@@ -345,6 +345,20 @@ def test_check_data_reads_every_stage_demo(tiny_model_dir, capsys, stage, data):
     assert f"{n} of {n} records usable" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe", "qwen3_vl_moe"])
+def test_check_data_reads_every_stage_demo_for_the_new_families(tiny_model_factory, capsys, family):
+    """The SFT, DPO and GRPO demos pass the check with the new families' processors (Qwen3.5's thinking template
+    and Qwen3_5Tokenizer; Qwen3-VL-MoE's)."""
+    examples = Path(__file__).resolve().parents[1] / "data_examples"
+    model = str(tiny_model_factory(family))
+    for stage, data, folder in (("sft", "llava_demo.json", examples / "images"), ("dpo", "dpo_demo.json", examples),
+                                ("grpo", "grpo_demo.json", examples)):
+        n = len(json.loads((examples / data).read_text()))
+        assert main(["check-data", "--stage", stage, "--model_id", model, "--data_path", str(examples / data),
+                     "--image_folder", str(folder)]) == 0
+        assert f"{stage} data: {n} of {n} records usable" in capsys.readouterr().err
+
+
 def test_a_missing_model_directory_is_named(tmp_path):
     from vlft.models.loading import load_processor
 

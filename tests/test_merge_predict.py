@@ -196,3 +196,30 @@ def test_predict_takes_media_flags_from_a_config_file_over_the_run(trained, tmp_
     saved = json.loads((run_dir / "vlft_args.json").read_text())
     assert seen["data"].image_max_pixels == 4096 != saved["image_max_pixels"]
     assert seen["data"].image_min_pixels == saved["image_min_pixels"]
+
+
+def test_qwen3_5_predict_reproduces_what_it_memorised(tiny_model_factory, tmp_path):
+    """Qwen3.5's thinking template: a trained answer follows an empty think block, which the template's own
+    generation prompt (`<think>\\n`) leaves for the model to write. Memorised answers (an image, a multi-turn and a
+    text record) come back word for word through the run dir and the merged dir, so predict asks for an answer
+    where training put it; the untrained model reproduces none."""
+    model_dir = tiny_model_factory("qwen3_5")
+    records = {r["id"]: r for r in json.loads(DEMO_DATA.read_text())}
+    chosen = [records[i] for i in ("single_image", "multi_turn_palette", "text_only")]
+    data = tmp_path / "three.json"
+    data.write_text(json.dumps(chosen))
+    run_dir = tmp_path / "run"
+    run(["--model_id", str(model_dir), "--data_path", str(data), "--image_folder", str(DEMO_IMAGES),
+         "--output_dir", str(run_dir), "--lora_enable", "true", "--freeze_vision_tower", "true", "--lora_rank", "16",
+         "--lora_alpha", "32", "--num_train_epochs", "40", "--per_device_train_batch_size", "3", "--learning_rate",
+         "5e-3", "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "0"])
+    merged = merge(str(run_dir), str(tmp_path / "merged"))
+    references = [r["conversations"][-1]["value"] for r in chosen]
+    for model in (run_dir, merged, model_dir):
+        out = tmp_path / f"{model.name}.jsonl"
+        assert predict_main(["--model", str(model), "--data_path", str(data), "--image_folder", str(DEMO_IMAGES),
+                             "--output", str(out), "--batch_size", "3", "--max_new_tokens", "24"]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["reference"] for r in rows] == references
+        hits = [r["prediction"] == r["reference"] for r in rows]
+        assert hits == ([False] * 3 if model == model_dir else [True] * 3), (model.name, rows)

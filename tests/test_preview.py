@@ -141,6 +141,41 @@ def test_grpo_page_shows_prompts_and_their_columns(pages):
     assert len(re.findall(r'class="vision vision-video"', shown["video"])) == 1
 
 
+def test_qwen3_5_grpo_page_shows_the_prompt_the_policy_gets(tmp_path, tiny_model_factory):
+    """Qwen3.5 (thinking template): each prompt on the page is, token for token, the one the policy generates from
+    (the dataset's prompt_ids, each vision span one block), ending with the empty think block a trained answer
+    follows."""
+    from vlft.data.grpo import PROMPT, PromptDataset
+    from vlft.data.prepare import MediaSettings, prepare_data
+    from vlft.models.families import get_family
+    from vlft.models.loading import load_processor
+
+    model = tiny_model_factory("qwen3_5")
+    page = preview(tmp_path, model, EXAMPLES / "grpo_demo.json", "--stage", "grpo")
+    processor = load_processor(str(model))
+    media = MediaSettings(**get_family("qwen3_5").default_pixel_budgets())  # the page's: the family's defaults
+    prepared = prepare_data(str(EXAMPLES / "grpo_demo.json"), PROMPT, processor=processor, image_folder=None,
+                            media=media, max_seq_length=8192)
+    dataset = PromptDataset(prepared.samples, prepared.image_paths, processor, media=media,
+                            video_sources=prepared.video_sources)
+    shown = sections(page)
+    tok = processor.tokenizer
+    think_end = tok.convert_tokens_to_ids("</think>")
+    for i, sample in enumerate(prepared.samples):
+        part = re.search(r'<div class="tokens part-prompt" data-trained="0">(.*?)</div>', shown[sample.id], re.S)
+        pieces = re.findall(r'title="id (\d+)"|data-tokens="(\d+)"', part.group(1))  # a token, or a vision block
+        ids = dataset[i]["prompt_ids"].tolist()
+        at = 0
+        for token, block in pieces:
+            if token:
+                assert int(token) == ids[at], (sample.id, at)
+                at += 1
+            else:
+                at += int(block)
+        assert at == len(ids)
+        assert tok.decode(ids[ids.index(think_end) - 2:]) == "\n\n</think>\n\n"
+
+
 def test_bad_record_is_listed_with_its_problem(pages):
     page = pages["sft"].read_text()
     top = re.search(r'<section class="problems" id="problems">(.*?)</section>', page, re.S).group(1)

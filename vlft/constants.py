@@ -6,14 +6,21 @@ IGNORE_INDEX = -100  # label value that the loss ignores
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
 
-# Qwen special tokens (same strings in Qwen2-VL, Qwen2.5-VL and Qwen3-VL)
+# Qwen special tokens (same strings in Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5, whose Qwen3_5Tokenizer has a
+# larger vocabulary and other ids: always look the ids up in the tokenizer)
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
+VISION_PAD = "<|vision_pad|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 ENDOFTEXT = "<|endoftext|>"
+# A generated reply ends at the first of these: <|im_end|> closes a chat turn, <|endoftext|> a document (a base
+# checkpoint's eos).
+END_OF_REPLY_TOKENS = (IM_END, ENDOFTEXT)
+# Vision structure a generated reply must never hold: a placeholder without pixels breaks the next forward.
+VISION_TOKENS = (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, VISION_PAD)
 
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",

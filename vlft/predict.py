@@ -88,7 +88,9 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
     import torch
     from transformers import set_seed
 
+    from vlft.constants import END_OF_REPLY_TOKENS
     from vlft.data.collator import SFTCollator
+    from vlft.data.encoding import special_token_ids
     from vlft.data.prepare import length_flag_of, prepare_sft_data
     from vlft.data.sft import SFTDataset
     from vlft.models.loading import load_processor
@@ -117,7 +119,7 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
     bare = model.get_base_model() if hasattr(model, "get_base_model") else model  # (virtual tokens: a PeftModel)
     collate = SFTCollator.for_model(processor, bare, padding_side="left")
     tok = processor.tokenizer
-    eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    eos = special_token_ids(tok, END_OF_REPLY_TOKENS)
     generation = dict(max_new_tokens=pred_args.max_new_tokens, do_sample=pred_args.do_sample, eos_token_id=eos,
                       pad_token_id=tok.pad_token_id)
     if pred_args.do_sample:

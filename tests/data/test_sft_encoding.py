@@ -170,3 +170,58 @@ def test_preference_pairs_split_into_prompt_and_masked_completions(family, tiny_
             "<|image_pad|>", "<|image_pad|>" * 6)
     with pytest.raises(ValueError):
         enc.encode_preference(PROMPT, [], image)
+
+
+def with_double_newline_token(processor):
+    """`processor` with "\n\n" as one token, as in the real Qwen vocabularies (the tiny BPE has no such merge): the
+    merge goes first, its token takes the first id after the BPE vocabulary and the added tokens move up by one."""
+    import copy
+
+    from tokenizers import Tokenizer
+
+    processor = copy.deepcopy(processor)
+    tok = processor.tokenizer
+    state = json.loads(tok.backend_tokenizer.to_str())
+    newline = "\u010a"  # byte-level "\n"
+    new_id = min(t["id"] for t in state["added_tokens"])
+    for added in state["added_tokens"]:
+        added["id"] += 1
+    state["model"]["vocab"][newline * 2] = new_id
+    state["model"]["merges"].insert(0, [newline, newline])
+    merged = type(tok)(tokenizer_object=Tokenizer.from_str(json.dumps(state)), eos_token=tok.eos_token,
+                       pad_token=tok.pad_token, unk_token=None, chat_template=tok.chat_template)
+    assert merged("a\n\nb")["input_ids"] == merged("a")["input_ids"] + [new_id] + merged("b")["input_ids"]
+    assert merged.decode([new_id]) == "\n\n"
+    processor.tokenizer = merged
+    return processor
+
+
+@pytest.mark.parametrize("template", ["qwen3_5_think", "qwen3_6", "qwen3_8", "qwen3_5_nothink", "qwen3_vl"])
+def test_generation_prompt_is_what_a_trained_answer_follows(template, tiny_model_factory):
+    """Thinking templates (Qwen3.5's default) render a trained answer after an empty think block but open their
+    own generation prompt with `<think>\\n`: vlft's prompt for generation (predict, GRPO, DPO's prompt) is what the
+    template puts before an answer, so a trained model is asked for what it learned, and DPO's prompt ids are a
+    prefix of the conversation's with the real tokenizer ("\\n\\n" one token)."""
+    from vlft.models.loading import load_processor
+    from vlft.models.tiny import load_chat_template
+
+    processor = with_double_newline_token(load_processor(str(tiny_model_factory("qwen3_5"))))
+    processor.chat_template = load_chat_template("qwen3_5", template)
+    enc, tok = ChatEncoder(processor), processor.tokenizer
+    image = [VisionSpec((1, 2, 2))]  # one merged token: the template's single <|image_pad|> stays as it is
+    answer = "It is red."
+    # oracle: the template's own text of the conversation with the answer, cut where the answer starts
+    full_text = processor.apply_chat_template(PROMPT + [{"role": "assistant", "content": answer}], tokenize=False)
+    before = full_text[:full_text.rindex(answer)]
+    prompt = enc.encode_prompt(PROMPT, image)
+    assert tok.decode(prompt.input_ids) == before
+    sft = enc.encode_conversation(PROMPT + [{"role": "assistant", "content": answer}], image)
+    n = len(prompt.input_ids)
+    assert sft.input_ids[:n] == prompt.input_ids  # the same ids, "\n\n" tokens included
+    learned = sft.labels[n:]
+    assert IGNORE_INDEX not in learned[:-1] and tok.decode(learned[:-1]) == answer + IM_END  # then "\n", unlearned
+    pair = enc.encode_preference(PROMPT, [answer, "Blue."], image)  # refused before: the prompt was no prefix
+    assert pair.prompt_ids == prompt.input_ids
+    if template.startswith(("qwen3_5_think", "qwen3_6", "qwen3_8")):
+        generation = processor.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+        assert generation.endswith("<think>\n") and before.endswith("<think>\n\n</think>\n\n")

@@ -21,7 +21,11 @@ MEDIA_ROOT = REPO / "data_examples"
 RECORDS = json.loads(VIDEO_DATA.read_text())
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+# Qwen3.5, Qwen3.5-MoE and Qwen3-VL-MoE share Qwen3-VL's processor: timestamps written into the text
+TIMESTAMPED = ("qwen3_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl_moe")
+
+
+@pytest.fixture(scope="module", params=FAMILIES + TIMESTAMPED[1:])
 def family_data(request, tiny_model_factory):
     processor = load_processor(str(tiny_model_factory(request.param)))
     checked = prepare_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(MEDIA_ROOT), media=DEMO_MEDIA,
@@ -74,7 +78,7 @@ def test_matches_the_processor(family_data, i):
             assert torch.allclose(torch.tensor(item["second_per_grid_ts"]), ref["second_per_grid_ts"].float())
         video_pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
         assert int((item["input_ids"] == video_pad).sum()) == int((item["video_grid_thw"].prod(-1) // 4).sum())
-        if family == "qwen3_vl":  # timestamps of each temporal patch are written into the text
+        if family in TIMESTAMPED:  # timestamps of each temporal patch are written into the text
             assert "seconds>" in processor.tokenizer.decode(item["input_ids"])
     answers = [t["value"] + IM_END for t in RECORDS[i]["conversations"] if t["from"] == "gpt"]
     trained = item["labels"] != IGNORE_INDEX

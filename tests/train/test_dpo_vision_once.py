@@ -1,6 +1,7 @@
 """Encoding each pair's pictures once (train/dpo_trainer.py: encode_vision_once) gives the plain path's loss and
-gradients, for the three families, on a batch mixing image, multi-image, video, history and text-only pairs, with
-and without the distributed dummy media; and the tower really runs on half the pictures."""
+gradients, for every family (the hybrid Qwen3.5 and the MoE ones included), on a batch mixing image, multi-image,
+video, history and text-only pairs, with and without the distributed dummy media; and the tower really runs on half
+the pictures."""
 from __future__ import annotations
 
 import json
@@ -30,14 +31,21 @@ def loss_and_grads(model, batch, vision_once):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-# every family on the mixed batch; the dummy media of distributed batches on Qwen3-VL (deepstack features too)
-@pytest.mark.parametrize("family,distributed", [(f, False) for f in FAMILIES] + [("qwen3_vl", True)])
+# every family on the mixed batch (the hybrid Qwen3.5 decoders and the MoE ones too); the dummy media of distributed
+# batches on Qwen3-VL (deepstack features too)
+NEW_FAMILIES = ("qwen3_5", "qwen3_5_moe", "qwen3_vl_moe")
+
+
+@pytest.mark.parametrize("family,distributed",
+                         [(f, False) for f in FAMILIES + NEW_FAMILIES] + [("qwen3_vl", True)])
 def test_vision_once_equals_plain_loss_and_gradients(family, distributed, tiny_model_factory, tmp_path):
     from vlft.models.loading import load_model, load_processor
 
     model_dir = str(tiny_model_factory(family))
     processor = load_processor(model_dir)
     model, fam = load_model(model_dir)
+    if fam.moe is not None:  # the grouped-matmul experts take no float64; the eager loop computes the same
+        model.set_experts_implementation("eager")
     model.double().train()
     fmt = PreferenceFormat(8192)
     data = prepare_data(str(DPO_DEMO), fmt.record_format(), processor=processor, image_folder=None,

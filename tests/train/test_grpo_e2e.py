@@ -2,12 +2,14 @@
 generation pass and in the log-prob pass (a hook on the vision tower, pixel for pixel), and blanking one picture
 moves the log-probs of its own prompt's completions only; the log-probs of the sampled tokens taken from the
 sampling logits equal the trainer's recomputed ones (image, two-image, video and text prompts in one batch, every
-family), and sampling covers the whole vocabulary; reward functions get each record's columns by name, per
+family, the new ones too), and sampling covers the whole vocabulary; with the Qwen3_5Tokenizer a completion ends at
+<|im_end|> and never holds a vision token; reward functions get each record's columns by name, per
 completion, in the order of the completions (also in a step none of whose prompts has the column), and a wrong
 reward stops the run before the model loads; a reward the tiny model can earn rises within 30 steps; with
 --beta > 0 the KL is logged and is 0 at step 1 (LoRA and full fine-tuning)."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -131,7 +133,12 @@ def assert_every_picture_once_per_completion(calls, expected, items) -> None:
         torch.testing.assert_close(got_pixels, pixels.to(got_pixels.dtype), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# the new families on the mixed batch: Qwen3.5's hybrid decoder (left-padded generation through its linear
+# attention) and its Qwen3_5Tokenizer, and the MoE decoders
+WITH_NEW = FAMILIES + ("qwen3_5", "qwen3_5_moe", "qwen3_vl_moe")
+
+
+@pytest.mark.parametrize("family", WITH_NEW)
 def test_every_picture_reaches_the_tower_in_generation_and_log_prob_passes(mixed_runs, family):
     trainer = mixed_runs(family)
     items = mixed_items(trainer)
@@ -200,7 +207,7 @@ def mixed_rollouts(mixed_runs):
     return get
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WITH_NEW)
 def test_sampling_log_probs_equal_the_recomputed_ones(mixed_rollouts, family):
     trainer, batch, rollout = mixed_rollouts(family)
     sequences, logits = rollout["sequences"], rollout["logits"]
@@ -223,6 +230,47 @@ def test_sampling_log_probs_equal_the_recomputed_ones(mixed_rollouts, family):
         worst = max(worst, (per_token[i][mask[i].bool()] - sampled).abs().max().item())
     print(f"\n{family}: max |sampling - recomputed| log-prob {worst:.2e} over {int(mask.sum())} tokens")
     assert worst < 1e-4
+
+
+def test_generation_ends_at_im_end_and_never_writes_vision_tokens_with_the_qwen3_5_tokenizer(mixed_rollouts):
+    """The stop and suppressed ids are the Qwen3_5Tokenizer's own: <|im_end|> ends a completion (and is kept in it),
+    and the vision ids the model's config names are never sampled."""
+    trainer, batch, rollout = mixed_rollouts("qwen3_5")
+    tok = trainer.encoder.tokenizer
+    assert type(tok).__name__ == "Qwen3_5Tokenizer"
+    config = trainer.model.get_base_model().config
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert trainer.end_ids[0] == im_end == config.text_config.eos_token_id
+    assert im_end in trainer.generation_config.eos_token_id
+    vision = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
+    assert vision <= set(trainer.generation_config.suppress_tokens)
+    assert not vision & set(rollout["sequences"].flatten().tolist())
+    # the tiny model rarely samples <|im_end|> within 8 tokens: bias it so that every completion ends early
+    config = trainer.generation_config
+    trainer.generation_config = copy.deepcopy(config)
+    trainer.generation_config.sequence_bias = {(im_end,): 30.0}
+    try:
+        completions, masks, truncated, _ = trainer.generate(mixed_items(trainer))
+    finally:
+        trainer.generation_config = config
+    assert not any(truncated)
+    for ids, mask in zip(completions, masks):  # cut after the first <|im_end|>, which is kept and learned
+        assert ids[-1] == im_end and im_end not in ids[:-1].tolist() and mask.tolist() == [1] * len(ids)
+
+
+def test_special_token_lookup_leaves_out_what_the_tokenizer_lacks():
+    """Qwen3_5Tokenizer's unk token defaults to <|endoftext|>, so `convert_tokens_to_ids` answers that real token's
+    id for a missing one: the lookup GRPO and predict use for their stop and suppressed ids leaves it out instead."""
+    from transformers import Qwen3_5Tokenizer
+
+    from vlft.data.encoding import special_token_ids
+
+    tok = Qwen3_5Tokenizer(vocab={"a": 0, "b": 1}, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_end|>", "<|image_pad|>"]})
+    endoftext, im_end, image_pad = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|image_pad|>"])
+    assert tok.convert_tokens_to_ids("<|video_pad|>") == endoftext  # the trap
+    assert special_token_ids(tok, ("<|im_end|>", "<|endoftext|>")) == [im_end, endoftext]
+    assert special_token_ids(tok, ("<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")) == [image_pad]
 
 
 def test_sampling_uses_the_whole_vocabulary(mixed_rollouts):

@@ -1,5 +1,5 @@
-"""Video SFT end to end on every tiny family: batches mixing video, image and text-only records train,
-with LoRA on the language model and the vision tower."""
+"""Video SFT end to end on every tiny family (Qwen3.5, Qwen3.5-MoE and Qwen3-VL-MoE too): batches mixing video,
+image and text-only records train, with LoRA on the language model and the vision tower."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ from vlft.train.sft import run
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("qwen3_5", "qwen3_5_moe", "qwen3_vl_moe"))
 def test_video_lora_llm_and_vision(family, tiny_model_factory, tmp_path):
     out = tmp_path / "out"
     summary, trainer = run([

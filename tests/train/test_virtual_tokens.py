@@ -1,8 +1,8 @@
 """Virtual tokens (P-Tuning, prompt tuning) on Qwen-VL: the real tokens' logits equal those of the base model fed the
 virtual embeddings by hand with positions built independently (virtual tokens at 0..V-1, every real token's mRoPE
 position shifted by V), for image, video and text records of every family; training moves only the virtual tokens
-and lowers the loss; the run loads with PEFT, predicts (generation checked against a step-by-step greedy decode),
-and refuses to merge; packing is refused at start-up."""
+and lowers the loss; the run loads with PEFT, predicts (generation checked against a step-by-step greedy decode,
+also through Qwen3.5's hybrid cache), and refuses to merge; packing is refused at start-up."""
 from __future__ import annotations
 
 import inspect
@@ -66,7 +66,7 @@ def reference_logits(peft_model, family_name, batch) -> torch.Tensor:
     embeds = bare.get_input_embeddings()(ids)
     prompts = peft_model.get_prompt(batch_size=1)
     kwargs = {}
-    if family_name == "qwen3_vl":
+    if getattr(bare.model.visual, "deepstack_merger_list", None):  # Qwen3-VL and Qwen3-VL-MoE
         # deepstack adds vision features inside the first decoder layers too: the model places them, finding the
         # placeholders by their embedding (input_ids are not given)
         kwargs = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -88,7 +88,12 @@ def reference_logits(peft_model, family_name, batch) -> torch.Tensor:
     return out.logits
 
 
-@pytest.mark.parametrize("family_name", FAMILIES)
+# the new families: Qwen3.5's hybrid decoder (linear-attention layers take no positions, full-attention layers rotate
+# a partial_rotary_factor of each head) and MoE, Qwen3-VL-MoE's deepstack
+NEW_FAMILIES = ("qwen3_5", "qwen3_5_moe", "qwen3_vl_moe")
+
+
+@pytest.mark.parametrize("family_name", FAMILIES + NEW_FAMILIES)
 def test_real_token_logits_equal_the_hand_built_reference(family_name, tiny_model_factory):
     model_dir = tiny_model_factory(family_name)
     base, _ = load_model(str(model_dir))
@@ -195,8 +200,22 @@ def test_generation_equals_a_step_by_step_greedy_decode(trained):
     _, model_dir, out, _, _ = trained
     base, _ = load_model(str(model_dir))
     model = load_virtual_tokens(base, out)
-    batches = one_record_batches(model_dir, base)
-    for name in ("image", "text"):
+    assert_generation_is_greedy(model, one_record_batches(model_dir, base), ("image", "text"))
+
+
+def test_generation_through_the_hybrid_cache_is_greedy(tiny_model_factory):
+    """Qwen3.5: generate's cached decoding (recurrent and convolution states of the linear-attention layers, KV of
+    the full-attention ones) after a prefill with the virtual tokens picks what full forwards pick (an untrained
+    adapter: the comparison needs none)."""
+    model_dir = tiny_model_factory("qwen3_5")
+    base, _ = load_model(str(model_dir))
+    torch.manual_seed(0)
+    model = apply_virtual_tokens(base, virtual_token_config("prompt_tuning", V)).eval()
+    assert_generation_is_greedy(model, one_record_batches(model_dir, base), ("image", "video", "text"))
+
+
+def assert_generation_is_greedy(model, batches, names) -> None:
+    for name in names:
         batch = {k: v for k, v in batches[name].items() if k != "labels"}
         with torch.no_grad():
             generated = model.generate(**batch, max_new_tokens=5, do_sample=False, min_new_tokens=5)

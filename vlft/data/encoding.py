@@ -26,6 +26,15 @@ SPAN_CLOSE = "\ue001"
 MARKERS = (SPAN_OPEN, SPAN_CLOSE)
 
 
+def special_token_ids(tokenizer, tokens) -> list[int]:
+    """The ids of those of `tokens` (special-token strings such as constants.END_OF_REPLY_TOKENS) that `tokenizer`
+    has, in their order. A missing one is left out rather than looked up: `convert_tokens_to_ids` answers the unk id
+    for it, and Qwen3_5Tokenizer's unk token defaults to <|endoftext|>, a real token, so a lookup alone cannot tell
+    a missing token from that one."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in tokens if t in vocab]
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -69,14 +78,24 @@ class ChatEncoder:
         self.temporal_patch_size = getattr(video_processor, "temporal_patch_size", 2)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
-        """Chat text and the [start, end) character spans to train (with `add_generation_prompt`, the text ends
-        with the assistant header, ready for generation)."""
+        """Chat text and the [start, end) character spans to train.
+
+        With `add_generation_prompt` the text ends where the template starts an assistant answer, ready for
+        generation: the messages are rendered with one more, empty, assistant turn and cut where its content
+        begins. That is the context every trained answer follows, which the template's own generation prompt is
+        not for thinking templates: Qwen3.5's (TRL's qwen3_5_think, qwen3_6, qwen3_8) open the reply with
+        `<think>\\n` but render a trained answer after an empty `<think>\\n\\n</think>\\n\\n`, so a model prompted
+        with the former must write the closing tokens SFT never trained (predict would not reproduce its
+        answers), and with the real tokenizer ("\\n\\n" is one token) the prompt ids are no prefix of the trained
+        conversation's (every DPO pair refused). For the Qwen2/2.5/3-VL templates both are the same text."""
+        if add_generation_prompt:
+            text, spans = self.render([*messages, {"role": "assistant", "content": ""}])
+            return text[:spans[-1][0]], spans[:-1]
         marked = [
             {**m, "content": SPAN_OPEN + m["content"] + SPAN_CLOSE} if m["role"] == "assistant" else m
             for m in messages
         ]
-        text = self.tokenizer.apply_chat_template(marked, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        text = self.tokenizer.apply_chat_template(marked, chat_template=self.template, tokenize=False)
         pieces, spans, pos, cursor = [], [], 0, 0
         while True:
             start = text.find(SPAN_OPEN, cursor)
@@ -144,7 +163,8 @@ class ChatEncoder:
 
     def encode_prompt(self, messages: list[dict], images: Sequence[VisionSpec] = (),
                       videos: Sequence[VisionSpec] = ()) -> Encoded:
-        """Generation (RL rollouts, predict): the messages (ending with a user turn) and the assistant header;
+        """Generation (RL rollouts, predict): the messages (ending with a user turn) and what the template puts
+        before an answer (the assistant header; Qwen3.5's thinking templates add an empty think block: `render`);
         nothing is learned, so every label is IGNORE_INDEX."""
         ids = self.encode(messages, images, videos, add_generation_prompt=True).input_ids
         return Encoded(ids, [IGNORE_INDEX] * len(ids))
@@ -212,10 +232,10 @@ class ChatEncoder:
 
 @dataclass
 class EncodedPreference:
-    """One prompt and its completions (DPO's chosen and rejected): `prompt_ids` ends with the assistant header,
-    ready for generation; `completion_ids[k]` follows it in the template's own rendering of prompt + completion
-    k; `completion_masks[k]` is 1 on the tokens to learn (the answer and its <|im_end|>), 0 on what the template
-    adds after it."""
+    """One prompt and its completions (DPO's chosen and rejected): `prompt_ids` ends where an answer starts (the
+    assistant header, `encode_prompt`), ready for generation; `completion_ids[k]` follows it in the template's own
+    rendering of prompt + completion k; `completion_masks[k]` is 1 on the tokens to learn (the answer and its
+    <|im_end|>), 0 on what the template adds after it."""
 
     prompt_ids: list[int]
     completion_ids: list[list[int]]

@@ -78,9 +78,9 @@ PROMPT = RecordFormat("prompt", parse_prompt_record, _prompt_lengths)
 
 
 class PromptDataset(SFTDataset):
-    """Prepared prompt samples -> one dict per prompt: `prompt_ids` [P] (ending with the assistant header),
-    the media as the SFT dataset gives them, and `record` (the index into the dataset: the key to the sample's
-    columns for the reward functions)."""
+    """Prepared prompt samples -> one dict per prompt: `prompt_ids` [P] (ending where an answer starts:
+    ChatEncoder.encode_prompt), the media as the SFT dataset gives them, and `record` (the index into the dataset:
+    the key to the sample's columns for the reward functions)."""
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]

@@ -46,6 +46,13 @@ def load_processor(model_id: str):
     return processor
 
 
+# Projections a few features wide stay in full precision: Qwen3.5's Gated DeltaNet gates (in_proj_a, in_proj_b: one
+# output per value head, 48 in the 27B) and the MoE shared expert's sigmoid gate (one output). 4 bits save nothing
+# there, and bitsandbytes' CPU inference path (no-grad eval forwards, e.g. --eval_data_path) repacks 4-bit weights
+# in blocks of 32 outputs and raises "N must be divisible by block_n" for them (bitsandbytes 0.50, AVX512-BF16 CPUs).
+NOT_QUANTISED = ("linear_attn.in_proj_a", "linear_attn.in_proj_b", "mlp.shared_expert_gate")
+
+
 def quantization_config(family: Family, *, bits: int, quant_type: str, double_quant: bool, compute_dtype: str):
     """bitsandbytes settings for QLoRA: only the language model's decoder layers are quantised; the vision
     tower, merger, embeddings and head stay in full precision (they are small and often trained)."""
@@ -55,7 +62,8 @@ def quantization_config(family: Family, *, bits: int, quant_type: str, double_qu
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise VlftError(f"--bits {bits} needs bitsandbytes: pip install bitsandbytes (or drop --bits)") from None
-    skip = [family.vision_prefix.rstrip("."), family.head_prefix, family.embed_prefix.rstrip(".")]
+    skip = [family.vision_prefix.rstrip("."), family.head_prefix, family.embed_prefix.rstrip("."),
+            *NOT_QUANTISED]
     return BitsAndBytesConfig(
         load_in_4bit=bits == 4, load_in_8bit=bits == 8, llm_int8_skip_modules=skip,
         bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,

@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, Trainer
 
+from vlft.constants import END_OF_REPLY_TOKENS, VISION_TOKENS
+from vlft.data.encoding import special_token_ids
 from vlft.data.grpo import generation_rows, training_rows
 from vlft.errors import VlftError
 from vlft.train.grpo_loss import group_advantages, grpo_loss, reward_stats, sampling_correction, weighted_rewards
@@ -77,13 +79,13 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         self.model_accepts_loss_kwargs = False  # the loss is normalised per micro-batch; the Trainer divides by GA
         self._metrics: dict[str, list[float]] = defaultdict(list)
         tokenizer = encoder.tokenizer
-        end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        self.end_ids = [i for i in end_ids if isinstance(i, int) and i >= 0]
-        # a completion holding a vision placeholder would break the training forward (no pixels for it)
-        vision = [tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                                                "<|vision_end|>", "<|vision_pad|>")]
+        self.end_ids = special_token_ids(tokenizer, END_OF_REPLY_TOKENS)
+        if not self.end_ids:
+            raise VlftError(f"the tokenizer has none of {', '.join(END_OF_REPLY_TOKENS)}: GRPO could not tell where a "
+                            "completion ends; vlft supports the Qwen-VL tokenizers")
         self.generation_config = GenerationConfig(
-            suppress_tokens=[i for i in vision if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id],
+            # a completion holding a vision placeholder would break the training forward (no pixels for it)
+            suppress_tokens=special_token_ids(tokenizer, VISION_TOKENS),
             max_new_tokens=a.max_completion_length, do_sample=True, temperature=a.temperature, top_p=a.top_p,
             top_k=a.top_k, eos_token_id=self.end_ids, pad_token_id=tokenizer.pad_token_id,
             use_cache=True)  # top_k 0 = off, as in TRL (None would let transformers apply its default, 50)
