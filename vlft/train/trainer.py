@@ -87,6 +87,8 @@ class VlftTrainerMixin:
         self._step_records: list[int] = []  # dataset indices of the step in progress
         self._step_finite = None  # all losses of the step in progress finite (a tensor: no sync per micro-step)
         self.nonfinite_skipped = 0
+        self._aux_sum, self._aux_count = None, 0  # MoE load-balancing losses since the last log line
+        self.token_weighted_loss = False  # compute_loss divides the token-loss sum by num_items_in_batch itself
         super().__init__(*args, **kwargs)
         if self.data_collator is not None:
             self.data_collator = RecordIndices(self.data_collator)
@@ -146,6 +148,57 @@ class VlftTrainerMixin:
         finite = torch.isfinite(loss.detach()).all()
         self._step_finite = finite if self._step_finite is None else self._step_finite & finite
         return loss
+
+    # --- the language-model loss: every trained token weighs the same; MoE load-balancing loss --------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The step's loss with every trained token weighted alike, whatever the micro-batches and processes; when the
+        model also returns a load-balancing loss (`outputs.aux_loss`: MoE models with `output_router_logits`,
+        --router_aux_loss_coef), its value is kept for the log line (`log`: aux_loss, the mean over the logging
+        window's micro-batches and processes, like loss).
+
+        Models whose forward takes the Trainer's `num_items_in_batch` (the step's trained tokens over all micro-batches
+        and, with `average_tokens_across_devices`, all processes) divide their token-loss sum by it themselves: Qwen2-VL
+        and Qwen2.5-VL. Qwen3-VL, Qwen3-VL-MoE and Qwen3.5 declare `accepts_loss_kwargs = False` (their forward passes
+        its keyword arguments on to the vision tower too), and the Trainer would then average per-micro-batch means, so
+        that under gradient accumulation or several processes a token in a micro-batch with few trained tokens weighs
+        more than one with many, unlike one batch holding them all. For those (`token_weighted_loss`) the model's mean
+        is turned back into its micro-batch's sum, `mean x local`, and divided by `num_items_in_batch`, exactly what the
+        other models compute (transformers' ForCausalLMLoss: `local` = labels[..., 1:] != -100); times the processes,
+        as the Trainer scales such losses for the gradient all-reduce's mean. A load-balancing term the model added
+        (coef x aux, a mean over its micro-batch's tokens) stays a per-micro-batch term, divided by the accumulation
+        steps as the Trainer divides every per-micro-batch loss. Evaluation keeps the model's own per-batch mean."""
+        rescale = self.token_weighted_loss and num_items_in_batch is not None and model.training and "labels" in inputs
+        if not rescale:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+        else:
+            outputs = model(**inputs)
+            loss = outputs["loss"]
+            aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+            aux_term = 0.0
+            if aux is not None:
+                config = self.accelerator.unwrap_model(model).config
+                text = getattr(config, "text_config", None) or config
+                aux_term = text.router_aux_loss_coef * aux.to(loss.device)
+            local = (inputs["labels"][..., 1:] != -100).sum()
+            total = torch.as_tensor(num_items_in_batch, device=loss.device)
+            loss = (loss - aux_term) * local / total.clamp(min=1) + aux_term / self.current_gradient_accumulation_steps
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+        if aux is not None and model.training:
+            aux = torch.as_tensor(aux, dtype=torch.float32, device=loss.device).detach()
+            self._aux_sum = aux if self._aux_sum is None else self._aux_sum + aux
+            self._aux_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self._aux_count:  # a training log line (every process logs it together)
+            mean = (self._aux_sum / self._aux_count).reshape(1)
+            logs["aux_loss"] = self.accelerator.gather(mean).mean().item()
+            self._aux_sum, self._aux_count = None, 0
+        super().log(logs, *args, **kwargs)
 
     # --- non-finite steps ---------------------------------------------------------------------------------------
 
@@ -303,6 +356,9 @@ class VlftTrainerMixin:
             raise save_failed(failure or OSError("another process could not write its part"), "the final model", out)
         barrier()
         if self.args.should_save:
+            from vlft.models.extra_keys import carry_into_final_save
+
+            carry_into_final_save(self.vlft_args.get("model_id"), staged, self.family)  # what load dropped: mtp.*
             publish_final(staged, out)
         barrier()
 
@@ -447,7 +503,15 @@ def shutil_rmtree(path) -> None:
 
 
 class SFTTrainer(VlftTrainerMixin, Trainer):
-    """The SFT stage: HF's Trainer with vlft's additions (its loss is the model's own causal-LM loss)."""
+    """The SFT stage: HF's Trainer with vlft's additions (its loss is the model's own causal-LM loss, every trained
+    token of a step weighted alike: `VlftTrainerMixin.compute_loss`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a model that refuses the Trainer's num_items_in_batch gets it applied in compute_loss; the Trainer then
+        # counts the step's tokens, and neither divides the loss by the accumulation steps again
+        self.token_weighted_loss = not self.model_accepts_loss_kwargs
+        self.model_accepts_loss_kwargs = True
 
 
 class _EpochOrderSampler(torch.utils.data.Sampler):
