@@ -25,7 +25,7 @@ RECORDS = json.loads(VIDEO_DATA.read_text())
 TIMESTAMPED = ("qwen3_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl_moe")
 
 
-@pytest.fixture(scope="module", params=FAMILIES + TIMESTAMPED[1:])
+@pytest.fixture(scope="module", params=FAMILIES)
 def family_data(request, tiny_model_factory):
     processor = load_processor(str(tiny_model_factory(request.param)))
     checked = prepare_sft_data(str(VIDEO_DATA), processor=processor, image_folder=str(MEDIA_ROOT), media=DEMO_MEDIA,

@@ -74,11 +74,27 @@ def test_rslora_scales_by_alpha_over_sqrt_r(tiny_model_factory, tmp_path):
     assert summary["steps"] == 2 and math.isfinite(summary["last_loss"])
 
 
+def rounding_sensitivity(model, batch) -> float:
+    """How far the logits move when every decoder weight matrix is perturbed by fp32 rounding (relative 1e-7, random):
+    the floor under any exact rewrite of the weights. The dense tiny models move by ~1e-5; the hybrid Qwen3.5 ones by
+    ~2e-4, their Gated DeltaNet recurrence (fp32 chunked delta rule, the tiny models' fast decays) amplifying it."""
+    import copy
+
+    noisy = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in noisy.named_parameters():
+            if p.ndim == 2 and ".layers." in name:
+                p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=generator))
+        return (noisy(**batch).logits - model(**batch).logits).abs().max().item()
+
+
 @pytest.mark.parametrize("family_name", FAMILIES)
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
 def test_pissa_and_olora_leave_the_output_unchanged(init, family_name, tiny_model_factory):
     """PiSSA / OLoRA move part of each weight into the adapter (W = W_res + s B0 A0): at step 0 the logits are the
-    base model's (within 1e-4), while the base weights did change."""
+    base model's (within 1e-4, or 4x the model's own rounding sensitivity where that is larger), while the base
+    weights did change."""
     model_dir = tiny_model_factory(family_name)
     family = get_family(family_name)
     model, _ = load_model(str(model_dir))
@@ -87,15 +103,18 @@ def test_pissa_and_olora_leave_the_output_unchanged(init, family_name, tiny_mode
     with torch.no_grad():
         before = model(**batch).logits
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    targets = lora_targets(model, family, llm=True, vision=True)
+    tolerance = max(1e-4, 4 * rounding_sensitivity(model, batch))
+    # fused MoE experts are no weight matrix PiSSA / OLoRA can decompose (refused: tests/models/test_moe_lora.py)
+    targets = lora_targets(model, family, llm=True, vision=True, experts=False)
     peft_model = apply_lora(model, targets=targets, rank=RANK, alpha=ALPHA, dropout=0.0, init_lora_weights=init).eval()
     with torch.no_grad():
         after = peft_model(**batch).logits
     diff = (after - before).abs().max().item()
     moved = max((p - weights[n.replace("base_model.model.", "").replace(".base_layer", "")]).abs().max().item()
                 for n, p in peft_model.named_parameters() if n.endswith("base_layer.weight"))
-    print(f"\n{family_name} {init}: max |logit diff| at step 0 = {diff:.2e}; base weights moved by up to {moved:.2e}")
-    assert diff < 1e-4
+    print(f"\n{family_name} {init}: max |logit diff| at step 0 = {diff:.2e} (tolerance {tolerance:.1e}); "
+          f"base weights moved by up to {moved:.2e}")
+    assert diff < tolerance
     assert moved > 1e-3  # the residual is not the original weight: merge has to account for it
 
 

@@ -58,6 +58,10 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
 
         apply_liger(model)
     topk = topk_layers(model, family, unfreeze_topk_llm=t.unfreeze_topk_llm, unfreeze_topk_vision=t.unfreeze_topk_vision)
+    # Adapters start from the seed, whatever loading drew: under ZeRO-3 transformers initialises the partitioned
+    # weights before loading them (zero.Init), which draws from the generator on some families (Qwen3.5's
+    # A_log), so without this one process and ZeRO-3 would start from different LoRA weights.
+    set_seed(train_args.seed)
     peft_trainable: set[str] = set()
     if t.virtual_tokens:
         from vlft.models.virtual_tokens import apply_virtual_tokens, virtual_token_config
