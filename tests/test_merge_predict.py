@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import DEMO_DATA, DEMO_IMAGES, DEMO_MEDIA, FAMILIES
+from conftest import DEMO_DATA, DEMO_IMAGES, DEMO_MEDIA, FAMILIES, rounding_sensitivity
 from safetensors.torch import load_file, save_file
 
 from vlft.errors import VlftError
@@ -63,9 +63,12 @@ def test_merged_logits_equal_the_adapter(trained, tmp_path):
     with torch.no_grad():
         want, got, untrained = adapted(**batch).logits, merged(**batch).logits, base(**batch).logits
     diff = (want - got).abs().max().item()
-    print(f"\n{family}: merged vs adapter max |logit diff| = {diff:.2e}; merged vs base = "
+    # a merge rewrites the weights exactly up to fp32 rounding: 1e-4, or 4x what that rounding moves this model's
+    # logits where more (the hybrid tiny Qwen3.5 models, ~2e-4)
+    tolerance = max(1e-4, 4 * rounding_sensitivity(merged, batch))
+    print(f"\n{family}: merged vs adapter max |logit diff| = {diff:.2e} (tolerance {tolerance:.1e}); merged vs base = "
           f"{(got - untrained).abs().max().item():.2e}")
-    assert diff < 1e-4
+    assert diff < tolerance
     assert (got - untrained).abs().max() > 1e-2  # the merge carried the training over
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEMO_DATA, DEMO_IMAGES, DEMO_MEDIA, FAMILIES
+from conftest import DEMO_DATA, DEMO_IMAGES, DEMO_MEDIA, FAMILIES, rounding_sensitivity
 
 from vlft.config import TuneArguments, _tune_errors
 from vlft.models.loading import load_model
@@ -72,21 +72,6 @@ def test_rslora_scales_by_alpha_over_sqrt_r(tiny_model_factory, tmp_path):
     assert ALPHA / math.sqrt(RANK) != ALPHA / RANK
     assert json.loads((out / "adapter_config.json").read_text())["use_rslora"] is True
     assert summary["steps"] == 2 and math.isfinite(summary["last_loss"])
-
-
-def rounding_sensitivity(model, batch) -> float:
-    """How far the logits move when every decoder weight matrix is perturbed by fp32 rounding (relative 1e-7, random):
-    the floor under any exact rewrite of the weights. The dense tiny models move by ~1e-5; the hybrid Qwen3.5 ones by
-    ~2e-4, their Gated DeltaNet recurrence (fp32 chunked delta rule, the tiny models' fast decays) amplifying it."""
-    import copy
-
-    noisy = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in noisy.named_parameters():
-            if p.ndim == 2 and ".layers." in name:
-                p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=generator))
-        return (noisy(**batch).logits - model(**batch).logits).abs().max().item()
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
