@@ -243,7 +243,7 @@ class TuneArguments:
         default=None,
         metadata={"help": "MoE models, SFT: add the load-balancing loss times this weight to the loss (sets the "
                           "model's output_router_logits and router_aux_loss_coef) and log it as aux_loss; 0 logs it "
-                          "without training on it. Unset: the checkpoint's settings (off in the released ones)."},
+                          "without training on it. Unset: off, whatever the checkpoint's config says (as in the released ones)."},
     )
 
     @property
