@@ -84,6 +84,14 @@ def test_tiny_model_exist_ok_does_not_accept_a_dir_without_a_model(tmp_path, cap
     assert "already exists" in capsys.readouterr().err
 
 
+def test_tiny_model_exist_ok_does_not_reuse_another_family(tmp_path, capsys):
+    """--exist_ok reuses a model of the family asked for only: another family's model there is named, not returned."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "qwen3_5"}')
+    assert main(["tiny-model", str(tmp_path / "m"), "--family", "qwen3_5_moe", "--exist_ok"]) == 2
+    assert "already holds a tiny qwen3_5 model, not qwen3_5_moe" in capsys.readouterr().err
+
+
 def test_tiny_model_rejects_an_unknown_family(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["tiny-model", str(tmp_path / "m"), "--family", "llava"])

@@ -718,7 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     shape, described = shape_from_args(args)
     s = settings_from_args(args)
     plan = estimate(shape, s)
-    trains = f"{plan.trainable_params:,} of {plan.total_params:,} parameters train"
+    lora = trainable_params(shape, s)["lora"]
+    trains = (f"{plan.trainable_params - lora:,} of {plan.total_params:,} parameters train"
+              + (f", plus {lora:,} LoRA parameters" if lora else ""))
     print(f"model: {described} ({shape.family}), {trains}")
     print(f"run: {s.num_gpus} GPU(s), zero {s.zero.name}, batch {s.per_device_train_batch_size} x {s.max_seq_length} "
           f"tokens ({s.image_tokens} vision tokens per sample), {'bf16' if s.bf16 else 'fp32'}"

@@ -164,11 +164,16 @@ def save_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_vl", *, see
                     exist_ok: bool = False, chat_template: str | None = None) -> Path:
     """Build and save model + processor to `out_dir`. Written to a temporary sibling first and renamed,
     so a crash or a concurrent caller never leaves a half-written directory."""
+    from vlft.errors import VlftError
+
     out = Path(out_dir)
     if out.exists():
         if exist_ok and (out / "config.json").exists():
+            found = json.loads((out / "config.json").read_text()).get("model_type")
+            if found != family:  # reusing it would hand a caller asking for `family` another model
+                raise VlftError(f"{out} already holds a tiny {found} model, not {family}; choose another directory "
+                                "for this family or remove it")
             return out
-        from vlft.errors import VlftError
         if exist_ok:  # --exist_ok is set: it reuses a model, and this is not one
             raise VlftError(f"{out} already exists but holds no model (no config.json) to reuse; choose another "
                              "directory or remove it")
