@@ -203,9 +203,10 @@ def test_predict_takes_media_flags_from_a_config_file_over_the_run(trained, tmp_
 
 def test_qwen3_5_predict_reproduces_what_it_memorised(tiny_model_factory, tmp_path):
     """Qwen3.5's thinking template: a trained answer follows an empty think block, which the template's own
-    generation prompt (`<think>\\n`) leaves for the model to write. Memorised answers (an image, a multi-turn and a
-    text record) come back word for word through the run dir and the merged dir, so predict asks for an answer
-    where training put it; the untrained model reproduces none."""
+    generation prompt (`<think>\\n`, thinking on) leaves for the model to write. Trained with --enable_thinking false,
+    the memorised answers (an image, a multi-turn and a text record) come back word for word through the run dir
+    (predict takes the flag from the run) and the merged dir (given the flag), so predict asks for an answer where
+    training put it; the untrained model reproduces none."""
     model_dir = tiny_model_factory("qwen3_5")
     records = {r["id"]: r for r in json.loads(DEMO_DATA.read_text())}
     chosen = [records[i] for i in ("single_image", "multi_turn_palette", "text_only")]
@@ -215,13 +216,14 @@ def test_qwen3_5_predict_reproduces_what_it_memorised(tiny_model_factory, tmp_pa
     run(["--model_id", str(model_dir), "--data_path", str(data), "--image_folder", str(DEMO_IMAGES),
          "--output_dir", str(run_dir), "--lora_enable", "true", "--freeze_vision_tower", "true", "--lora_rank", "16",
          "--lora_alpha", "32", "--num_train_epochs", "40", "--per_device_train_batch_size", "3", "--learning_rate",
-         "5e-3", "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "0"])
+         "5e-3", "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "0", "--enable_thinking", "false"])
     merged = merge(str(run_dir), str(tmp_path / "merged"))
     references = [r["conversations"][-1]["value"] for r in chosen]
     for model in (run_dir, merged, model_dir):
         out = tmp_path / f"{model.name}.jsonl"
+        flag = [] if model == run_dir else ["--enable_thinking", "false"]  # a merged model records no reasoning flags
         assert predict_main(["--model", str(model), "--data_path", str(data), "--image_folder", str(DEMO_IMAGES),
-                             "--output", str(out), "--batch_size", "3", "--max_new_tokens", "24"]) == 0
+                             "--output", str(out), "--batch_size", "3", "--max_new_tokens", "24", *flag]) == 0
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["reference"] for r in rows] == references
         hits = [r["prediction"] == r["reference"] for r in rows]

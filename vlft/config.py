@@ -92,6 +92,16 @@ class DataArguments:
     )
     min_pixels: int | None = field(default=None, metadata={"help": "Older 2U1 spelling of --image_min_pixels."})
     max_pixels: int | None = field(default=None, metadata={"help": "Older 2U1 spelling of --image_max_pixels."})
+    enable_thinking: bool | None = field(
+        default=None, metadata={"help": "Thinking models: passed to the chat template in every render; true: "
+                                "generation prompts (GRPO, predict, DPO) open a <think> block, false: they close an empty "
+                                "one (no reasoning). Default: the template's own (Qwen3.5's think template: true)."})
+    preserve_thinking: bool | None = field(
+        default=None, metadata={"help": "Thinking models: keep (and train) the reasoning of turns before the last user "
+                                "message, for templates with this switch (Qwen3.6's). Default: the template's own."})
+    train_empty_think: bool = field(
+        default=False, metadata={"help": "Learn the empty <think></think> block the template puts before an answer "
+                                 "without reasoning (default: it is context, not learned, as in ms-swift)."})
     lazy_preprocess: bool = field(
         default=True, metadata={"help": "Accepted for 2U1 scripts: vlft always loads media lazily (false is an error)."}
     )
@@ -442,8 +452,9 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
                                      "(clipped by --epsilon); an epoch then uses every prompt this many times."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
-        metadata={"help": "Rewards: built-in names (format, accuracy, count, choice, iou, overlong, repetition), "
-                          "path/to/file.py:function or module:function, with TRL's signature."})
+        metadata={"help": "Rewards: built-in names (format, think_format, accuracy, count, choice, iou, overlong, "
+                          "repetition), path/to/file.py:function or module:function, with TRL's signature. Thinking "
+                          "models: accuracy, count, choice and iou score the answer after </think>."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward (default 1)."})
     log_completions: bool = field(
         default=True, metadata={"help": "Write every step's completions and rewards to <output_dir>/completions.jsonl."})

@@ -7,6 +7,8 @@ Training reads these formats directly; converting is for looking at the records,
 a tool that reads LLaVA. Media paths are written so that the JSONL works from where it is, with no --image_folder:
 relative to the output's folder when the file lies under it, else absolute. Embedded images (bytes in a parquet
 or dataset folder) are written next to the output, into `<output stem>_media/` (--media_dir), named by content hash.
+An answer's reasoning is written as its gpt turn's `reasoning_content` (from OpenAI-style messages, or the alias
+`reasoning`); reasoning written inline (<think>...</think>) stays in the turn's value.
 """
 from __future__ import annotations
 
@@ -44,6 +46,21 @@ def _written_path(raw: str, image_folder: str | None, data_file: str, out_dir: P
         return str(path)
 
 
+def _written_turn(turn: dict) -> dict:
+    """A (checked) turn with its reasoning under vlft's name, `reasoning_content`, also where the record used the
+    alias `reasoning`; null or empty reasoning fields are left out."""
+    from vlft.data.llava import given_reasoning
+    from vlft.data.reasoning import REASONING_KEYS
+
+    if not any(key in turn for key in REASONING_KEYS):
+        return turn
+    given = given_reasoning(turn)
+    out = {key: value for key, value in turn.items() if key not in REASONING_KEYS}
+    if given:
+        out["reasoning_content"] = next(iter(given.values()))
+    return out
+
+
 def convert(args: ConvertArguments) -> dict:
     """Convert; returns the counts (records read, written, skipped; media written)."""
     from vlft.data.convert import FORMAT_NAMES, load_llava_records
@@ -71,6 +88,7 @@ def convert(args: ConvertArguments) -> dict:
             problems += [loaded.source(p) for p in found]
             continue
         row = dict(record)
+        row["conversations"] = [_written_turn(turn) for turn in row["conversations"]]
         for kind in ("image", "video"):
             if kind in row:
                 value = row[kind] if isinstance(row[kind], list) else [row[kind]]

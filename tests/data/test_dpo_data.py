@@ -122,20 +122,26 @@ def test_keep_start_cuts_answers_and_drop_drops(processor, tmp_path):
 
 
 def reference_sum(model, processor, sample, answer, image_paths, video_sources):
-    """Independent: the SFT path's float pixels and labels for prompt + answer as one conversation, one plain
-    forward of that row alone, log_softmax summed over the tokens of its last assistant turn."""
+    """Independent: the SFT path's float pixels for prompt + answer as one conversation, one plain forward of that
+    row alone, log_softmax summed over what follows the generation prompt (its own ids from the SFT dataset's
+    prompt mode) up to the answer's <|im_end|> (the last learned label). With a thinking template's default (thinking
+    on) that includes the `</think>` closing an empty block, which the policy generates after `<think>\n`."""
     messages = list(sample.messages) + [{"role": "assistant", "content": answer}]
     row = SimpleNamespace(messages=messages, index=sample.index, id=sample.id)
     ds = SFTDataset([row], [image_paths], processor, media=DEMO_MEDIA, video_sources=[video_sources])
+    prompt = SFTDataset([SimpleNamespace(messages=list(sample.messages), index=sample.index, id=sample.id)],
+                        [image_paths], processor, media=DEMO_MEDIA, video_sources=[video_sources],
+                        add_generation_prompt=True)[0]["input_ids"]
     batch = SFTCollator.for_model(processor, model)([ds[0]])
     labels = batch.pop("labels")
+    assert torch.equal(batch["input_ids"][0, :len(prompt)], prompt)
     with torch.no_grad():
         logits = model(**batch).logits[0, :-1].double()
     targets = labels[0, 1:]
-    keep = targets != IGNORE_INDEX
-    # SFT learns every assistant turn; the answer is the last one (earlier ones are the prompt's history)
-    last_gap = int((~keep).nonzero()[(~keep).nonzero() < keep.nonzero().max()].max())
-    keep[:last_gap + 1] = False
+    last = int((targets != IGNORE_INDEX).nonzero().max())  # the answer's <|im_end|>, as a target position
+    keep = torch.zeros_like(targets, dtype=torch.bool)
+    keep[len(prompt) - 1:last + 1] = True
+    targets = batch["input_ids"][0, 1:]
     return logits.log_softmax(-1)[keep].gather(-1, targets[keep, None]).sum().item()
 
 

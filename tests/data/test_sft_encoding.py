@@ -196,32 +196,45 @@ def with_double_newline_token(processor):
     return processor
 
 
+@pytest.mark.parametrize("enable_thinking", [None, True, False])
 @pytest.mark.parametrize("template", ["qwen3_5_think", "qwen3_6", "qwen3_8", "qwen3_5_nothink", "qwen3_vl"])
-def test_generation_prompt_is_what_a_trained_answer_follows(template, tiny_model_factory):
-    """Thinking templates (Qwen3.5's default) render a trained answer after an empty think block but open their
-    own generation prompt with `<think>\\n`: vlft's prompt for generation (predict, GRPO, DPO's prompt) is what the
-    template puts before an answer, so a trained model is asked for what it learned, and DPO's prompt ids are a
-    prefix of the conversation's with the real tokenizer ("\\n\\n" one token)."""
+def test_generation_prompt_is_what_a_trained_answer_follows(template, enable_thinking, tiny_model_factory):
+    """vlft's prompt for generation (predict, GRPO, DPO's prompt) is the template's own generation prompt for the
+    thinking mode asked (--enable_thinking; unset: the template's default), and a trained answer of that mode
+    follows it token for token, with the real tokenizer's "\\n\\n" token: thinking on, `...<think>\\n` then the
+    reasoning; thinking off, `...<think>\\n\\n</think>\\n\\n` then the answer. DPO's prompt ids are the same."""
+    from vlft.data.reasoning import Thinking
+    from vlft.errors import VlftError
     from vlft.models.loading import load_processor
     from vlft.models.tiny import load_chat_template
 
     processor = with_double_newline_token(load_processor(str(tiny_model_factory("qwen3_5"))))
     processor.chat_template = load_chat_template("qwen3_5", template)
-    enc, tok = ChatEncoder(processor), processor.tokenizer
+    thinking = Thinking(enable_thinking=enable_thinking)
+    if template == "qwen3_vl" and enable_thinking is not None:
+        with pytest.raises(VlftError, match="--enable_thinking: .* no thinking switch"):
+            ChatEncoder(processor, thinking)
+        return
+    enc, tok = ChatEncoder(processor, thinking), processor.tokenizer
     image = [VisionSpec((1, 2, 2))]  # one merged token: the template's single <|image_pad|> stays as it is
-    answer = "It is red."
-    # oracle: the template's own text of the conversation with the answer, cut where the answer starts
-    full_text = processor.apply_chat_template(PROMPT + [{"role": "assistant", "content": answer}], tokenize=False)
-    before = full_text[:full_text.rindex(answer)]
+    kwargs = thinking.template_kwargs()
+    own = processor.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True, **kwargs)
     prompt = enc.encode_prompt(PROMPT, image)
-    assert tok.decode(prompt.input_ids) == before
-    sft = enc.encode_conversation(PROMPT + [{"role": "assistant", "content": answer}], image)
+    assert tok.decode(prompt.input_ids) == own  # oracle: the template's own generation prompt
+    assert enc.thinks == own.endswith("<think>\n")
+    reasoning = {"reasoning_content": "Look at it."} if enc.thinks else {}
+    answer = {"role": "assistant", "content": "It is red.", **reasoning}
+    sft = enc.encode_conversation(PROMPT + [answer], image)
     n = len(prompt.input_ids)
     assert sft.input_ids[:n] == prompt.input_ids  # the same ids, "\n\n" tokens included
-    learned = sft.labels[n:]
-    assert IGNORE_INDEX not in learned[:-1] and tok.decode(learned[:-1]) == answer + IM_END  # then "\n", unlearned
-    pair = enc.encode_preference(PROMPT, [answer, "Blue."], image)  # refused before: the prompt was no prefix
+    generated = "Look at it.\n</think>\n\nIt is red." if enc.thinks else "It is red."
+    assert tok.decode(sft.input_ids[n:]) == generated + IM_END + "\n"
+    first = n - 2 if enc.thinks else n  # the reasoning is learned from its <think> tag, which the prompt holds
+    learned = [i for i, lab in enumerate(sft.labels) if lab != IGNORE_INDEX and i >= n - 4]  # PROMPT has history
+    assert learned == list(range(first, len(sft.input_ids) - 1))  # then "\n", unlearned
+    pair = enc.encode_preference(PROMPT, [answer, "Blue."], image)
     assert pair.prompt_ids == prompt.input_ids
-    if template.startswith(("qwen3_5_think", "qwen3_6", "qwen3_8")):
-        generation = processor.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
-        assert generation.endswith("<think>\n") and before.endswith("<think>\n\n</think>\n\n")
+    assert tok.decode(pair.completion_ids[0]) == generated + IM_END + "\n"
+    blue = "\n</think>\n\nBlue." if enc.thinks else "Blue."  # thinking on: the policy closes an empty block itself
+    assert tok.decode(pair.completion_ids[1]) == blue + IM_END + "\n"
+    assert [m[-1] for m in pair.completion_masks] == [0, 0] and all(sum(m) == len(m) - 1 for m in pair.completion_masks)

@@ -4,8 +4,9 @@ moves the log-probs of its own prompt's completions only; the log-probs of the s
 sampling logits equal the trainer's recomputed ones (image, two-image, video and text prompts in one batch, every
 family, the new ones too), and sampling covers the whole vocabulary; with the Qwen3_5Tokenizer a completion ends at
 <|im_end|> and never holds a vision token; reward functions get each record's columns by name, per
-completion, in the order of the completions (also in a step none of whose prompts has the column), and a wrong
-reward stops the run before the model loads; a reward the tiny model can earn rises within 30 steps; with
+completion, in the order of the completions (also in a step none of whose prompts has the column), completions.jsonl
+holds each completion's reasoning and answer (a Qwen3.5 thinking prompt's unfinished reasoning: an empty answer), and
+a wrong reward stops the run before the model loads; a reward the tiny model can earn rises within 30 steps; with
 --beta > 0 the KL is logged and is 0 at step 1 (LoRA and full fine-tuning)."""
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from vlft.data.grpo import training_rows
 from vlft.errors import VlftError
 from vlft.train.grpo import run
 from vlft.train.logprobs import completion_log_probs
+from vlft.train.rewards import split_completion
 
 GRPO_DEMO = REPO / "data_examples" / "grpo_demo.json"
 MIXED = ("count_1", "count_5_two_images", "video", "text_only")  # image, two images, video, text
@@ -366,6 +368,9 @@ def test_reward_columns_arrive_per_completion_in_order(plumbing_run):
         logged = [r for r in rows if r["step"] == step]
         assert [(r["id"], r["completion"]) for r in logged] == list(zip(call["id"], call["completions"]))
         assert [r["rewards"]["spy"] for r in logged] == [float(k) for k in range(2 * g)]
+        # the reasoning and the answer apart, as the rewards read them against the prompt (tiny models: no tags)
+        assert [(r["reasoning"], r["answer"]) for r in logged] == [
+            split_completion(c, p) for c, p in zip(call["completions"], call["prompts"])]
         assert all(r["images"] == [] and r["videos"] == [] for r in logged)
     assert all(h["rewards/spy/mean"] == pytest.approx((2 * g - 1) / 2) for h in step_logs(trainer))
 
@@ -467,3 +472,23 @@ def test_kl_is_logged_and_zero_at_step_1(tiny_model_dir, text_prompts, tmp_path,
     assert len(kl) == 3
     assert abs(kl[0]) < 1e-7  # step 1: the policy is the reference
     assert kl[-1] > 1e-6  # the policy moved away from a reference that stayed
+
+
+def test_a_thinking_prompt_logs_reasoning_and_answer_apart(tiny_model_factory, text_prompts, tmp_path):
+    """Qwen3.5's think template: the GRPO prompt opens <think>, so a completion without </think> (a 4-token one from
+    the tiny model) is unfinished reasoning - its answer is empty and accuracy gives it 0 even where it holds the
+    solution."""
+    out = tmp_path / "out"
+    _, trainer = grpo(tiny_model_factory("qwen3_5"), out, text_prompts, *LORA, "--max_steps", "1",
+                      "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
+                      "--reward_funcs", "accuracy", "think_format", *COMMON)
+    prompt = trainer.encoder.render(trainer.samples[0].messages, add_generation_prompt=True)[0]
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and any("</think>" not in row["completion"] for row in rows)
+    for row in rows:
+        assert (row["reasoning"], row["answer"]) == split_completion(row["completion"], prompt)
+        if "</think>" not in row["completion"]:
+            assert row["answer"] == "" and row["reasoning"] == row["completion"].strip("\n")
+            assert row["rewards"]["think_format"] == 0.0
+            assert row["rewards"]["accuracy"] == 0.0

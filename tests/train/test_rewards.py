@@ -36,7 +36,7 @@ def _one(func, completion, **columns):
 
 
 def test_builtin_names():
-    assert set(BUILTIN) == {"format", "accuracy", "count", "choice", "iou", "overlong", "repetition"}
+    assert set(BUILTIN) == {"format", "think_format", "accuracy", "count", "choice", "iou", "overlong", "repetition"}
 
 
 # ------------------------------------------------------------------------------------------------------------ format
@@ -354,11 +354,16 @@ def test_check_rewards_table():
     lines = table.splitlines()
     assert "format=1" in lines[0] and "accuracy=2" in lines[0]
     header = lines[1].split()
-    assert header == ["#", "id", "completion", "format", "accuracy", "count", "repetition", "total"]
+    # a completion with reasoning: the reasoning and the answer in two columns (tests/train/test_grpo_reasoning.py)
+    assert header == ["#", "id", "reasoning", "answer", "format", "accuracy", "count", "repetition", "total"]
     first, second = lines[2].split(), lines[3].split()
     assert first[1] == "clevr-1" and first[-5:] == ["1", "1", "1", "0", "4"]  # 1 + 2*1 + 1 + 0
     assert second[1] == "clevr-2" and second[-5:] == ["0", "0", "0", "0", "0"]
-    assert "<think>I see three.</think> <answer>3..." in lines[2]  # excerpt, newlines flattened
+    assert "I see three.  <answer>3</answer>" in lines[2] and second[2:4] == ["-", "<answer>5</answer>"]
+    # without reasoning: one excerpt of the completion, newlines flattened
+    plain = [{**s, "completion": "The count:\n<answer>3</answer> and more words to cut"} for s in _samples()]
+    lines = check_rewards(funcs, None, plain).splitlines()
+    assert lines[1].split()[2] == "completion" and "The count: <answer>3</answer> and mor..." in lines[2]
 
 
 def test_check_rewards_missing_column_names_function_argument_and_columns(tmp_path):

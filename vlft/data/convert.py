@@ -13,6 +13,10 @@ Read (detected from the records' keys, never from a flag):
                        {"url": path or file://...}}, and the same for video / video_url. A typed media part becomes
                        a tag in place, in order.
 
+Reasoning: an assistant message's `reasoning_content` (or `reasoning`, vLLM's / OpenRouter's name) becomes its LLaVA
+gpt turn's `reasoning_content`; a ShareGPT turn carrying it keeps it. An answer's inline <think>...</think> stays in
+its text. data/llava.py checks both forms.
+
 Files: a JSON list or JSONL (data/formats.py), a `.parquet` or `.arrow` file, or a `datasets` `save_to_disk`
 folder. Media columns may hold paths or `datasets.Image`/`Video` values ({"bytes", "path"}, raw bytes, or PIL
 images): those with bytes are written once into a cache folder (VLFT_CACHE/media, or ~/.cache/vlft/media), named
@@ -35,6 +39,7 @@ from urllib.parse import unquote, urlparse
 
 from vlft.constants import IMAGE_TAG, VIDEO_TAG
 from vlft.data.formats import load_records
+from vlft.data.reasoning import REASONING_KEYS
 from vlft.errors import DataError, Problem, VlftError
 from vlft.utils import log
 
@@ -210,7 +215,14 @@ def messages_to_llava(record: dict, index: int, file: str) -> tuple[dict | None,
                    f"{'nothing' if content is None else type(content).__name__}",
                    'write the text as a string, or as [{"type": "text", "text": "..."}]')
             continue
-        turns.append({"from": ROLES[role], "value": text})
+        turn = {"from": ROLES[role], "value": text}
+        given = [key for key in REASONING_KEYS if message.get(key) is not None]
+        # kept on any role: the LLaVA parser refuses reasoning on a non-gpt turn, named by the field written here
+        for key in given:
+            llava_key = "reasoning_content" if len(given) == 1 else key  # both given: the parser compares them
+            turn[llava_key] = message[key]
+            fields[f"conversations[{i}].{llava_key}"] = f"{where}.{key}"
+        turns.append(turn)
     _check_roles(roles, report)
     for kind, found in lists.items():
         if found is not None and used[kind] < len(found[0]):

@@ -104,7 +104,7 @@ class PreferenceDataset(SFTDataset):
                 raise VlftError(f"record {sample.index} (id {sample.id!r}): {err}") from None
             item["rejected_media"] = rejected
             sides = []
-            for answer, specs in ((sample.chosen, (image_specs, video_specs)), (sample.rejected, (other_images, other_videos))):
+            for answer, specs in zip(sample.completions, ((image_specs, video_specs), (other_images, other_videos))):
                 pair = self.encoder.encode_preference(sample.messages, (answer,), *specs)
                 sides.append((pair.prompt_ids, pair.completion_ids[0], pair.completion_masks[0]))
             item["rejected_prompt_ids"] = torch.tensor(sides[1][0], dtype=torch.long)

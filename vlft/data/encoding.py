@@ -13,17 +13,35 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers.video_utils import VideoMetadata
 
 from vlft.constants import IGNORE_INDEX, IM_END, IMAGE_PAD, VIDEO_PAD
+from vlft.data.reasoning import (
+    REASONING_KEYS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    ReasoningError,
+    Thinking,
+    check_flags,
+    message_reasoning,
+    probe_template,
+)
 from vlft.errors import VlftError
 
-# Private-use code points: never produced by the templates, and rejected in user text by the check.
+# Private-use code points: never produced by the templates, and rejected in user text by the check. The first pair
+# marks an answer, the second its reasoning.
 SPAN_OPEN = "\ue000"
 SPAN_CLOSE = "\ue001"
-MARKERS = (SPAN_OPEN, SPAN_CLOSE)
+REASONING_OPEN = "\ue002"
+REASONING_CLOSE = "\ue003"
+MARKERS = (SPAN_OPEN, SPAN_CLOSE, REASONING_OPEN, REASONING_CLOSE)
+_MARKER_RE = re.compile(f"[{''.join(MARKERS)}]")
+_IM_START = "<|im_start|>"
+# Encoded.parts values
+CONTEXT, REASONING, ANSWER = 0, 1, 2
 
 
 def special_token_ids(tokenizer, tokens) -> list[int]:
@@ -35,10 +53,40 @@ def special_token_ids(tokenizer, tokens) -> list[int]:
     return [vocab[t] for t in tokens if t in vocab]
 
 
+class EncodingError(VlftError):
+    """A conversation the chat template cannot render as vlft must train it. `turn`: the index of the message at
+    fault (None: the whole conversation); `completion`: for preference pairs, which completion; `hint`: what to do."""
+
+    def __init__(self, message: str, turn: int | None = None, hint: str = "", completion: int | None = None):
+        super().__init__(message)
+        self.turn, self.hint, self.completion = turn, hint, completion
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    parts: list[int] | None = None  # per token, with `encode(..., parts=True)`: CONTEXT, REASONING or ANSWER
+
+
+@dataclass(frozen=True)
+class Span:
+    """One assistant turn in rendered text, as character offsets. [start, end) is learned; [block, answer) is its
+    think block as rendered (the <think> tag to the answer; block == answer when there is none), [answer, end) the
+    answer and its <|im_end|>. `reasoning` is where the reasoning text begins (None when the turn renders none)."""
+
+    turn: int  # index of the message in the conversation
+    block: int
+    start: int
+    reasoning: int | None
+    answer: int
+    end: int
+
+
+class Rendered(NamedTuple):
+    text: str
+    spans: list[Span]
+    dropped: tuple[int, ...]  # turns whose reasoning the template left out (Qwen3.5: turns before the last query)
 
 
 @dataclass(frozen=True)
@@ -52,22 +100,43 @@ class VisionSpec:
     fps: float = 0.0  # effective sampled fps (Qwen2.5-VL: second_per_grid_ts = temporal_patch_size / fps)
 
 
+def _wrap(text: str, open_: str, close: str) -> str:
+    """Markers around `text` without its surrounding whitespace, which stays outside them: a template that trims
+    (Qwen3.5's `|trim`) then renders exactly what it renders unmarked."""
+    core = text.strip()
+    if not core:
+        return text + open_ + close
+    at = text.index(core)
+    return text[:at] + open_ + core + close + text[at + len(core):]
+
+
 class ChatEncoder:
     """Chat messages -> token ids and a mask of the tokens to learn, with the processor's own chat template,
     for every stage: `encode_conversation` (SFT: labels on the assistant turns), `encode_preference` (DPO: one
     prompt and several completions, each with its completion mask), `encode_prompt` (generation: GRPO,
-    predict). All of them go through `encode`: one render, one tokenisation.
+    predict). All of them go through `render` (the template, with private-use markers around every answer and its
+    reasoning) and one tokenisation.
 
-    Learned: the content of every assistant message and its closing <|im_end|>. Everything else
-    (system, user, role headers, vision tokens, the newline after <|im_end|>) gets IGNORE_INDEX.
-    """
+    Learned: every assistant answer and its closing <|im_end|>, and its reasoning as the template renders it, from
+    the <think> tag on (TRL's *_training templates' `{% generation %}` span, less the newline after <|im_end|>,
+    which is never generated). An empty think block is learned only with `Thinking.train_empty_think`. Everything
+    else (system, user, role headers, vision tokens, the newline after <|im_end|>) gets IGNORE_INDEX.
 
-    def __init__(self, processor):
+    `thinking` (data/reasoning.py): the reasoning flags, passed to the template in every render and checked against
+    what the template can do (VlftError naming the flag)."""
+
+    def __init__(self, processor, thinking: Thinking | None = None):
         self.tokenizer = processor.tokenizer
         self.template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         if not self.template:
             raise VlftError("the processor has no chat template; use an Instruct checkpoint or add chat_template.jinja")
         self.processor = processor
+        self.thinking = thinking or Thinking()
+        self.template_kwargs = self.thinking.template_kwargs()
+        self.reasoning = probe_template(self._apply, self.template, self.template_kwargs)
+        check_flags(self.thinking, self.reasoning)
+        on = self.thinking.enable_thinking
+        self.thinks = self.reasoning.knows_reasoning and (self.reasoning.thinks_by_default if on is None else on)
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.video_pad_id = self.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
         image_processor = processor.image_processor
@@ -77,63 +146,148 @@ class ChatEncoder:
         self.video_patch_size = getattr(video_processor, "patch_size", self.patch_size)
         self.temporal_patch_size = getattr(video_processor, "temporal_patch_size", 2)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
-        """Chat text and the [start, end) character spans to train.
+    def _apply(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def _assistant(self, message: dict, turn: int) -> tuple[dict, dict, bool]:
+        """(message as rendered, the same with markers, whether it carries reasoning) for one assistant message."""
+        try:
+            reasoning, answer = message_reasoning(message)
+        except ReasoningError as e:
+            raise EncodingError(str(e), turn, e.hint) from None
+        rest = {k: v for k, v in message.items() if k not in REASONING_KEYS}
+        has = bool(reasoning and reasoning.strip())
+        if self.reasoning.knows_reasoning:
+            plain = {**rest, "content": answer, "reasoning_content": reasoning or ""}
+            marked = {**rest, "content": _wrap(answer, SPAN_OPEN, SPAN_CLOSE),
+                      "reasoning_content": _wrap(reasoning, REASONING_OPEN, REASONING_CLOSE) if has else ""}
+            return plain, marked, has
+        if reasoning is None:  # plain text for a template that knows no reasoning
+            return rest, {**rest, "content": _wrap(answer, SPAN_OPEN, SPAN_CLOSE)}, False
+        content = message.get("content") or ""
+        if any(isinstance(message.get(k), str) for k in REASONING_KEYS):  # the field, written in Qwen3's layout
+            head, answer = f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n", content
+        else:  # inline: the text as written
+            cut = content.index(THINK_CLOSE) + len(THINK_CLOSE)
+            cut += len(content[cut:]) - len(content[cut:].lstrip("\n"))
+            head, answer = content[:cut], content[cut:]
+        return ({**rest, "content": head + answer},
+                {**rest, "content": _wrap(head, REASONING_OPEN, REASONING_CLOSE) + _wrap(answer, SPAN_OPEN, SPAN_CLOSE)},
+                has)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> Rendered:
+        """Chat text, the span of every assistant turn (`Span`), and the turns whose reasoning the template drops.
+
+        Reasoning comes inline (`<think>R</think>A`) or in `reasoning_content` (data/reasoning.py); both reach the
+        template as `reasoning_content`, so both give the same text. The conversation is rendered twice, plain and
+        with markers; the two must agree once the markers are removed, so the spans are those of the template's own
+        text whatever it does to the content (Qwen3.5 trims it and moves the reasoning into a think block).
 
         With `add_generation_prompt` the text ends where the template starts an assistant answer, ready for
-        generation: the messages are rendered with one more, empty, assistant turn and cut where its content
-        begins. That is the context every trained answer follows, which the template's own generation prompt is
-        not for thinking templates: Qwen3.5's (TRL's qwen3_5_think, qwen3_6, qwen3_8) open the reply with
-        `<think>\\n` but render a trained answer after an empty `<think>\\n\\n</think>\\n\\n`, so a model prompted
-        with the former must write the closing tokens SFT never trained (predict would not reproduce its
-        answers), and with the real tokenizer ("\\n\\n" is one token) the prompt ids are no prefix of the trained
-        conversation's (every DPO pair refused). For the Qwen2/2.5/3-VL templates both are the same text."""
-        if add_generation_prompt:
-            text, spans = self.render([*messages, {"role": "assistant", "content": ""}])
-            return text[:spans[-1][0]], spans[:-1]
-        marked = [
-            {**m, "content": SPAN_OPEN + m["content"] + SPAN_CLOSE} if m["role"] == "assistant" else m
-            for m in messages
-        ]
-        text = self.tokenizer.apply_chat_template(marked, chat_template=self.template, tokenize=False)
-        pieces, spans, pos, cursor = [], [], 0, 0
-        while True:
-            start = text.find(SPAN_OPEN, cursor)
-            if start < 0:
-                pieces.append(text[cursor:])
-                break
-            end = text.find(SPAN_CLOSE, start)
-            pieces.append(text[cursor:start])
-            pos += start - cursor
-            content = text[start + 1:end]
-            pieces.append(content)
-            cursor = end + 1
-            if not text.startswith(IM_END, cursor):
-                raise VlftError("the chat template does not close assistant messages with <|im_end|>; "
-                                "vlft supports the Qwen-VL chat templates")
-            spans.append((pos, pos + len(content) + len(IM_END)))
-            pos += len(content)
-        n_assistant = sum(m["role"] == "assistant" for m in messages)
-        if len(spans) != n_assistant:
-            raise VlftError(f"the chat template rendered {len(spans)} of {n_assistant} assistant messages")
-        return "".join(pieces), spans
+        generation: the messages are rendered with one more assistant turn and cut where its reasoning begins when
+        thinking is on (Qwen3.5: `<|im_start|>assistant\\n<think>\\n`), where its answer begins when it is off
+        (`...<think>\\n\\n</think>\\n\\n`). That is the context every trained answer follows, token for token, and
+        equals the template's own generation prompt for the Qwen templates (tested).
 
-    def encode(self, messages: list[dict], images: Sequence[VisionSpec] = (), videos: Sequence[VisionSpec] = (),
-               add_generation_prompt: bool = False) -> Encoded:
-        """ids/labels with each image/video placeholder expanded the way this processor expands it."""
-        text, spans = self.render(messages, add_generation_prompt)
+        Raises EncodingError naming the turn when the template drops or changes an answer."""
+        if add_generation_prompt:
+            probe = {"role": "assistant", "content": "x", **({"reasoning_content": "x"} if self.thinks else {})}
+            text, spans, dropped = self.render([*messages, probe])
+            last = spans[-1]
+            return Rendered(text[:last.reasoning if self.thinks else last.answer], spans[:-1], dropped)
+        plain, marked, carries = [], [], {}
+        for k, m in enumerate(messages):
+            if m["role"] == "assistant":
+                p, q, has = self._assistant(m, k)
+                plain.append(p)
+                marked.append(q)
+                carries[k] = has
+            else:
+                plain.append(m)
+                marked.append(m)
+        text = self._apply(marked, **self.template_kwargs)
+        pieces, marks, pos, cursor = [], [], 0, 0
+        for found in _MARKER_RE.finditer(text):
+            pieces.append(text[cursor:found.start()])
+            pos += found.start() - cursor
+            marks.append((found.group(), pos))
+            cursor = found.end()
+        pieces.append(text[cursor:])
+        out = "".join(pieces)
+        turns = list(carries)
+        found_turns = []
+        reasoning_at = None
+        for mark, at in marks:
+            if mark == REASONING_OPEN:
+                reasoning_at = at
+            elif mark == SPAN_OPEN:
+                answer_at = at
+            elif mark == SPAN_CLOSE:
+                found_turns.append((reasoning_at, answer_at, at))
+                reasoning_at = None
+        if len(found_turns) != len(turns):
+            missing = self._dropped_answer(marked, turns)
+            raise EncodingError(f"the chat template rendered {len(found_turns)} of {len(turns)} assistant messages"
+                                + ("" if missing is None else "; it drops this one"), missing,
+                                "write the answer so that the template keeps it; vlft supports the Qwen-VL templates")
+        if out != self._apply(plain, **self.template_kwargs):
+            raise EncodingError("the chat template renders this conversation differently once vlft marks its answers",
+                                None, "use the model's own Qwen chat template")
+        spans, dropped = [], []
+        for turn, (reasoning_at, answer_at, close_at) in zip(turns, found_turns):
+            header = max(0, out.rfind(_IM_START, 0, answer_at if reasoning_at is None else reasoning_at))
+            think = out.find(THINK_OPEN, header, answer_at if reasoning_at is None else reasoning_at)
+            block = think if think >= 0 else (answer_at if reasoning_at is None else reasoning_at)
+            start = block if reasoning_at is not None or self.thinking.train_empty_think else answer_at
+            end = close_at + len(out[close_at:]) - len(out[close_at:].lstrip(" \t\n"))
+            if not out.startswith(IM_END, end):
+                raise EncodingError("the chat template does not close assistant messages with <|im_end|>", turn,
+                                    "vlft supports the Qwen-VL chat templates")
+            if carries[turn] and reasoning_at is None:
+                dropped.append(turn)
+            spans.append(Span(turn, block, start, reasoning_at, answer_at, end + len(IM_END)))
+        return Rendered(out, spans, tuple(dropped))
+
+    def _dropped_answer(self, marked: list[dict], turns: list[int]) -> int | None:
+        """The first assistant turn whose marked answer the template leaves out (error path only)."""
+        for k in turns:
+            only = [m if i == k else {**m, "content": re.sub(_MARKER_RE, "", m.get("content") or ""),
+                                      **({"reasoning_content": re.sub(_MARKER_RE, "", m["reasoning_content"])}
+                                         if "reasoning_content" in m else {})}
+                    for i, m in enumerate(marked)]
+            if SPAN_CLOSE not in self._apply(only, **self.template_kwargs):
+                return k
+        return None
+
+    def _tokenise(self, text: str, spans: Sequence[Span], parts: bool = False):
+        """ids, labels (IGNORE_INDEX outside [span.start, span.end)), and per-token parts when asked."""
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels = [IGNORE_INDEX] * len(ids)
-        span_iter = iter(spans)
-        span = next(span_iter, None)
+        kinds = [CONTEXT] * len(ids) if parts else None
+        k = 0
         for i, (s, e) in enumerate(offsets):
-            while span is not None and s >= span[1]:
-                span = next(span_iter, None)
-            if span is None:
+            while k < len(spans) and s >= spans[k].end:
+                k += 1
+            if k == len(spans):
                 break
-            if s >= span[0] and e <= span[1]:
+            span = spans[k]
+            if s >= span.start and e <= span.end:
                 labels[i] = ids[i]
+            if parts and s >= span.block and e <= span.end:
+                kinds[i] = REASONING if s < span.answer else ANSWER
+        return ids, labels, kinds
+
+    def encode(self, messages: list[dict], images: Sequence[VisionSpec] = (), videos: Sequence[VisionSpec] = (),
+               add_generation_prompt: bool = False, parts: bool = False) -> Encoded:
+        """ids/labels with each image/video placeholder expanded the way this processor expands it; `parts=True`
+        also marks each token CONTEXT, REASONING (a think block) or ANSWER (Encoded.parts)."""
+        text, spans, _ = self.render(messages, add_generation_prompt)
+        ids, labels, kinds = self._tokenise(text, spans, parts)
+        return self._expand(ids, labels, kinds, images, videos)
+
+    def _expand(self, ids, labels, kinds, images, videos) -> Encoded:
         expansions = {self.image_pad_id: [self.expansion("image", images, k) for k in range(len(images))],
                       self.video_pad_id: [self.expansion("video", videos, k) for k in range(len(videos))]}
         found = {pad: ids.count(pad) for pad in expansions}
@@ -141,20 +295,25 @@ class ChatEncoder:
             if found[pad] != len(given):
                 raise VlftError(f"the chat template produced {found[pad]} {what} placeholders for {len(given)} {what}s")
         if not images and not videos:
-            return Encoded(ids, labels)
+            return Encoded(ids, labels, kinds)
         out_ids: list[int] = []
         out_labels: list[int] = []
+        out_kinds: list[int] | None = [] if kinds is not None else None
         next_item = dict.fromkeys(expansions, 0)
-        for tok, lab in zip(ids, labels):
+        for i, (tok, lab) in enumerate(zip(ids, labels)):
             if tok in expansions:
                 piece = expansions[tok][next_item[tok]]
                 next_item[tok] += 1
                 out_ids.extend(piece)
                 out_labels.extend([IGNORE_INDEX] * len(piece))
+                if out_kinds is not None:
+                    out_kinds.extend([CONTEXT] * len(piece))
             else:
                 out_ids.append(tok)
                 out_labels.append(lab)
-        return Encoded(out_ids, out_labels)
+                if out_kinds is not None:
+                    out_kinds.append(kinds[i])
+        return Encoded(out_ids, out_labels, out_kinds)
 
     def encode_conversation(self, messages: list[dict], images: Sequence[VisionSpec] = (),
                             videos: Sequence[VisionSpec] = ()) -> Encoded:
@@ -164,29 +323,47 @@ class ChatEncoder:
     def encode_prompt(self, messages: list[dict], images: Sequence[VisionSpec] = (),
                       videos: Sequence[VisionSpec] = ()) -> Encoded:
         """Generation (RL rollouts, predict): the messages (ending with a user turn) and what the template puts
-        before an answer (the assistant header; Qwen3.5's thinking templates add an empty think block: `render`);
-        nothing is learned, so every label is IGNORE_INDEX."""
+        before an answer (the assistant header; for thinking templates the opened think block, or the empty one
+        with thinking off: `render`); nothing is learned, so every label is IGNORE_INDEX."""
         ids = self.encode(messages, images, videos, add_generation_prompt=True).input_ids
         return Encoded(ids, [IGNORE_INDEX] * len(ids))
 
-    def encode_preference(self, prompt: list[dict], completions: Sequence[str], images: Sequence[VisionSpec] = (),
-                          videos: Sequence[VisionSpec] = ()) -> EncodedPreference:
-        """Preference pairs: `prompt` (ending with a user turn) answered by each of `completions`.
+    def encode_preference(self, prompt: list[dict], completions: Sequence[str | dict],
+                          images: Sequence[VisionSpec] = (), videos: Sequence[VisionSpec] = ()) -> EncodedPreference:
+        """Preference pairs: `prompt` (ending with a user turn) answered by each of `completions` (answer strings, or
+        assistant messages {"content": ..., "reasoning_content": ...}; inline `<think>` works in both).
 
-        Each completion is rendered as the final assistant turn of prompt + completion, so the tokens are exactly
-        those SFT would train on; the prompt part must be the same for every completion and equal the
-        generation prompt (`encode_prompt`), else the template is not one vlft can split (VlftError)."""
+        Each completion is the text the template renders after the generation prompt (`encode_prompt`) in prompt +
+        completion, tokenised on its own, as the policy generates it after the prompt's ids: with thinking on that
+        includes the reasoning and the closing `</think>` (or the closing of an empty block). Its mask is 1 up to
+        and including the answer's <|im_end|>. Raises EncodingError (with `completion`) when the template renders the
+        prompt differently with that completion, e.g. reasoning after a prompt whose think block is already closed
+        (--enable_thinking false)."""
         if not completions:
             raise ValueError("encode_preference needs at least one completion")
+        prompt_text = self.render(prompt, add_generation_prompt=True).text
         prompt_ids = self.encode_prompt(prompt, images, videos).input_ids
         ids, masks = [], []
-        for text in completions:
-            full = self.encode(list(prompt) + [{"role": "assistant", "content": text}], images, videos)
-            if full.input_ids[:len(prompt_ids)] != prompt_ids:
-                raise VlftError("the chat template renders the prompt differently with and without an answer; "
-                                "vlft cannot split prompt and completion with this template")
-            ids.append(full.input_ids[len(prompt_ids):])
-            masks.append([int(lab != IGNORE_INDEX) for lab in full.labels[len(prompt_ids):]])
+        for k, completion in enumerate(completions):
+            message = ({"content": completion} if isinstance(completion, str) else dict(completion))
+            message["role"] = "assistant"
+            try:
+                text, spans, _ = self.render([*prompt, message])
+            except EncodingError as e:
+                raise EncodingError(str(e), e.turn, e.hint, completion=k) from None
+            if not text.startswith(prompt_text):
+                closed = self.reasoning.knows_reasoning and not self.thinks
+                raise EncodingError(
+                    "the chat template renders the prompt differently with this answer"
+                    + (": the answer carries reasoning, but with thinking off the prompt already closes the think "
+                       "block" if closed else ""), len(prompt),
+                    "set --enable_thinking true, or drop the reasoning" if closed else
+                    "vlft cannot split prompt and completion with this template", completion=k)
+            rest = text[len(prompt_text):]
+            stop = spans[-1].end - len(prompt_text)
+            enc = self.tokenizer(rest, add_special_tokens=False, return_offsets_mapping=True)
+            ids.append(enc["input_ids"])
+            masks.append([int(e <= stop) for _, e in enc["offset_mapping"]])
         return EncodedPreference(prompt_ids, ids, masks)
 
     def expansion(self, kind: str, specs: Sequence[VisionSpec], k: int) -> list[int]:

@@ -20,6 +20,7 @@ from vlft.constants import IGNORE_INDEX
 from vlft.data.llava import parse_record
 from vlft.data.media import MediaError
 from vlft.data.prepare import RecordFormat
+from vlft.data.reasoning import message_reasoning
 from vlft.data.sft import SFTDataset
 from vlft.errors import Problem, VlftError
 
@@ -62,7 +63,8 @@ def parse_prompt_record(record: object, index: int, file: str) -> tuple[PromptSa
         return None, problems
     messages = list(sample.messages)
     if messages[-1]["role"] == "assistant":
-        answer = messages.pop()["content"]
+        # the reference solution is the answer: reasoning written with it (inline or reasoning_content) is left out
+        answer = message_reasoning(messages.pop())[1]
         columns.setdefault("solution", answer)
         if not messages or messages[-1]["role"] != "user":
             return None, [Problem(file, index, "conversations", "no human turn before the final gpt turn",

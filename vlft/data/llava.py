@@ -1,4 +1,10 @@
-"""LLaVA record -> chat-template messages. Pure: no file or image I/O, so it can check a whole file up front."""
+"""LLaVA record -> chat-template messages. Pure: no file or image I/O, so it can check a whole file up front.
+
+A gpt turn may carry its reasoning (data/reasoning.py) inline, `"value": "<think>R</think>A"`, or in a field next to
+the value, `"reasoning_content": "R"` (alias `reasoning`, vLLM's / OpenRouter's name). The inline form stays in the
+message's content as written (a thinking template splits it by the rule `split_reasoning` checks; other templates
+train it as text, as R1-style data expect); the field becomes the message's `reasoning_content`. Either is checked
+here, so text a template would silently rewrite is refused before any model loads."""
 from __future__ import annotations
 
 import re
@@ -6,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vlft.constants import IMAGE_TAG, RESERVED_STRINGS, ROLE_MAP, VIDEO_TAG
+from vlft.data.reasoning import REASONING_KEYS, THINK_CLOSE, THINK_OPEN, ReasoningError, split_reasoning
 from vlft.errors import Problem
 
 Report = Callable[[str, str, str], None]  # (field, message, hint)
@@ -17,7 +24,9 @@ _TAG_SPLIT = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
 class Sample:
     index: int  # position in the data file
     id: str | None  # record["id"] as str when present
-    messages: list[dict]  # chat-template messages; user content: list of {"type": "image" | "video" | "text"}
+    # chat-template messages; user content: list of {"type": "image" | "video" | "text"}; an assistant message has
+    # "reasoning_content" too when its turn gave the reasoning as a field
+    messages: list[dict]
     images: list[str]  # image paths exactly as written in the record, in tag order
     # videos in tag order: a file or a folder of frames (str), or a list of frame image paths
     videos: list[str | list[str]] = field(default_factory=list)
@@ -40,11 +49,11 @@ def parse_record(record: object, index: int, file: str, *, require_answer: bool 
     media = {key: check_media(record.get(key), key, report) for key in TAGS}
     turns = _check_turns(record.get("conversations"), report)
     if turns is not None:
-        _check_order([role for role, _ in turns], report, require_answer)
+        _check_order([role for role, _, _ in turns], report, require_answer)
 
     for key, tag in TAGS.items():
         if turns is not None and media[key] is not None:
-            n_tags = sum(value.count(tag) for role, value in turns if role == "user")
+            n_tags = sum(value.count(tag) for role, value, _ in turns if role == "user")
             if n_tags != len(media[key]):
                 report(key, f"{n_tags} {tag} tag(s) in the human turns but {len(media[key])} {key} path(s)",
                        f"add or remove {tag} tags in the human turns, or paths in '{key}', "
@@ -53,7 +62,9 @@ def parse_record(record: object, index: int, file: str, *, require_answer: bool 
     if problems:
         return None, problems
     messages = [
-        {"role": role, "content": _user_content(value) if role == "user" else value} for role, value in turns
+        {"role": role, "content": _user_content(value) if role == "user" else value}
+        | ({} if reasoning is None else {"reasoning_content": reasoning})
+        for role, value, reasoning in turns
     ]
     return Sample(index=index, id=record_id, messages=messages, images=media["image"], videos=media["video"]), []
 
@@ -94,8 +105,8 @@ def check_media(value: object, key: str, report: Report, kind: str | None = None
     return value if ok else None
 
 
-def _check_turns(value: object, report: Report) -> list[tuple[str, str]] | None:
-    """(chat role, text) per turn, or None when any turn is unusable (already reported)."""
+def _check_turns(value: object, report: Report) -> list[tuple[str, str, str | None]] | None:
+    """(chat role, text, reasoning field or None) per turn, or None when any turn is unusable (already reported)."""
     if not isinstance(value, list) or not value:
         got = "missing" if value is None else ("an empty list" if value == [] else f"a {type(value).__name__}")
         report("conversations", f"'conversations' must be a non-empty list of turns, got {got}",
@@ -118,13 +129,86 @@ def _check_turns(value: object, report: Report) -> list[tuple[str, str]] | None:
             ok = False
         if not isinstance(text, str) or not text.strip():
             got = "empty text" if isinstance(text, str) else f"{text!r}"
-            report(f"{where}.value", f"a turn needs non-empty text, got {got}",
-                   "write the turn's text, or drop the turn")
+            hint = "write the turn's text, or drop the turn"
+            if given_reasoning(turn):  # the rule is the value's as written, reasoning field or not
+                hint += "; an answer that is only reasoning is written inline: \"value\": \"<think>...</think>\""
+            report(f"{where}.value", f"a turn needs non-empty text, got {got}", hint)
             ok = False
             continue
         check_text(text, role, f"{where}.value", report)
-        turns.append((role, text))
+        if check_reasoning(text, turn, role, where, f"{where}.value", report) is None:
+            ok = False
+            continue
+        reasoning = given_reasoning(turn)
+        turns.append((role, text, next(iter(reasoning.values())) if reasoning else None))
     return turns if ok else None
+
+
+def given_reasoning(holder: dict) -> dict[str, object]:
+    """The reasoning fields (REASONING_KEYS) of a turn or answer object, key -> value as written, in key order.
+    null and "" count as absent: exporters write them on answers without reasoning."""
+    return {key: holder[key] for key in REASONING_KEYS if holder.get(key) is not None and holder.get(key) != ""}
+
+
+def check_reasoning(text: str, holder: dict, role: str | None, where: str, value_field: str,
+                    report: Report) -> tuple[str | None, str] | None:
+    """The (reasoning, answer) pair a thinking chat template reads from a turn whose text is `text` (non-empty) and
+    whose object `holder` may carry a reasoning field; None when something is wrong (reported: fields are
+    `{where}.<key>` and `value_field`, the text's field). Reasoning is None when the turn gives none.
+
+    Refused: a reasoning field on a non-gpt turn, one that is not a string or holds the think tags or reserved
+    strings, `reasoning_content` and `reasoning` that differ, a field together with an inline `</think>` (reasoning
+    given twice), inline text `split_reasoning` refuses (the Qwen3 / Qwen3.5 templates' rule would rewrite it), and a
+    think block with no reasoning and no answer. An answer that is only reasoning (`<think>R</think>`) is allowed:
+    reasoning-only answers exist, and the template renders the block and an empty answer."""
+    given = given_reasoning(holder)
+    problems = []
+
+    def note(field: str, message: str, hint: str) -> None:
+        problems.append(field)
+        report(field, message, hint)
+
+    if not given:
+        if role != "assistant":
+            return None, text
+        try:
+            reasoning, answer = split_reasoning(text)
+        except ReasoningError as err:
+            note(value_field, str(err), err.hint)
+            return None
+        if reasoning is not None and not reasoning.strip() and not answer.strip():
+            note(value_field, "the answer is an empty think block with nothing after it",
+                 "write the reasoning inside <think>...</think>, the answer after it, or both")
+            return None
+        return reasoning, answer
+    key, value = next(iter(given.items()))
+    field = f"{where}.{key}"
+    if role is not None and role != "assistant":
+        speaker = "human" if role == "user" else role
+        report(field, f"'{key}' on a {speaker} turn; only gpt turns (answers) carry reasoning",
+               "move the reasoning to the gpt turn that answers, or drop it")
+        return None
+    for k, v in given.items():
+        if not isinstance(v, str):
+            note(f"{where}.{k}", f"'{k}' is a {type(v).__name__}, not a string",
+                 "give the reasoning as one string: the text of the think block, without the tags")
+    if len(given) > 1 and all(isinstance(v, str) for v in given.values()) and len(set(given.values())) > 1:
+        other = list(given)[1]
+        note(f"{where}.{other}", f"'{key}' and '{other}' hold different reasoning",
+             f"keep one of them ('{key}' is vlft's name; '{other}' is its alias)")
+    if isinstance(value, str):
+        inline = [t for t in (THINK_OPEN, THINK_CLOSE) if t in text]
+        if inline:  # with the field, a tag in the answer would be trained as answer text
+            note(field, f"reasoning given twice: in '{key}' and inline ({' and '.join(inline)} in the answer)",
+                 f"keep one: the '{key}' field, or the inline <think>...</think> block")
+        tags = [t for t in (THINK_OPEN, THINK_CLOSE) if t in value]
+        if tags:
+            note(field, f"'{key}' holds {' and '.join(tags)}; the chat template adds the think block itself",
+                 "give the reasoning without the <think> / </think> tags")
+        check_text(value, "assistant", field, note)
+    if problems:
+        return None
+    return value, text
 
 
 def check_text(text: str, role: str | None, field: str, report: Report) -> None:

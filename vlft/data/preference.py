@@ -13,6 +13,11 @@ Two layouts are read:
 Media keys are SFT's (`image`, `video`: one or a list), with one tag per item in the human turns; the chosen and
 rejected answers share the prompt's media. Every problem names the record's field as the user wrote it.
 
+Reasoning: an answer may carry it inline, `"chosen": "<think>R</think>A"`, or in its object form,
+`{"from": "gpt", "value": "A", "reasoning_content": "R"}` (alias `reasoning`), with SFT's checks (data/llava.py
+`check_reasoning`). Both give the same sample: `chosen` is the answer "A", `chosen_reasoning` the reasoning "R", and
+`completions` the assistant messages with "reasoning_content".
+
 Image-side pairs: `rejected_image` / `rejected_video` (one per `<image>` / `<video>` tag, in tag order) give the
 rejected sequence other pictures in the same prompt text, e.g. a corrupted or unrelated image; what the record does
 not replace stays the prompt's. `rejected` may then be left out: the rejected sequence repeats the chosen answer,
@@ -27,12 +32,13 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
-from vlft.data.llava import TAGS, Report, check_media, check_text, parse_record
+from vlft.data.llava import TAGS, Report, check_media, check_reasoning, check_text, parse_record
 from vlft.errors import Problem
 
 ANSWER_KEYS = ("chosen", "rejected")
 REJECTED_MEDIA = {"rejected_image": "image", "rejected_video": "video"}  # record key -> the prompt media it replaces
 _ANSWER_HINT = 'give the answer as a string, or as {"from": "gpt", "value": "..."}'
+Answer = tuple[str, str | None]  # (answer, reasoning or None), as the chat template reads them
 
 
 @dataclass
@@ -40,12 +46,14 @@ class PreferenceSample:
     index: int  # position in the data file
     id: str | None
     messages: list[dict]  # the prompt as chat-template messages, ending with a user turn
-    chosen: str
+    chosen: str  # the answers without their reasoning (an inline think block is split off)
     rejected: str
     images: list[str]  # image paths as written, in tag order (the chosen sequence's; the rejected one's too unless
     videos: list = field(default_factory=list)  # rejected_images / rejected_videos replace them)
     rejected_images: list[str] | None = None  # image-side pairs: the rejected sequence's images, else None
     rejected_videos: list | None = None
+    chosen_reasoning: str | None = None  # the answers' reasoning, inline or from the field; None when none is given
+    rejected_reasoning: str | None = None
 
     @property
     def rejected_media(self) -> tuple[list, list] | None:
@@ -56,16 +64,24 @@ class PreferenceSample:
                 self.videos if self.rejected_videos is None else self.rejected_videos)
 
     @property
-    def completions(self) -> tuple[str, str]:
-        return self.chosen, self.rejected
+    def completions(self) -> tuple[dict, dict]:
+        """The chosen and the rejected answer as assistant chat messages: {"role": "assistant", "content": answer},
+        plus "reasoning_content" when the answer gives reasoning."""
+        return tuple({"role": "assistant", "content": answer} | ({} if reasoning is None else
+                                                                  {"reasoning_content": reasoning})
+                     for answer, reasoning in ((self.chosen, self.chosen_reasoning),
+                                               (self.rejected, self.rejected_reasoning)))
 
 
-def _answer(value: object, key: str, report: Report) -> str | None:
+def _answer(value: object, key: str, report: Report) -> Answer | None:
+    """(answer, reasoning) of the record's `key` (a string, or a gpt turn object), or None (reported)."""
+    holder, value_field = {}, key
     if isinstance(value, dict):
         speaker = value.get("from", "gpt")
         if speaker not in ("gpt", "assistant"):
             report(f"{key}.from", f"the answer's speaker is {speaker!r}", 'answers are gpt turns: "from": "gpt"')
             return None
+        holder, value_field = value, f"{key}.value"
         value = value.get("value")
     if value is None:
         extra = " (or, for an image-side pair, rejected_image / rejected_video)" if key == "rejected" else ""
@@ -78,7 +94,8 @@ def _answer(value: object, key: str, report: Report) -> str | None:
         report(key, f"the {key} answer is empty", f"write the {key} answer, or drop the record")
         return None
     check_text(value, "assistant", key, report)
-    return value
+    pair = check_reasoning(value, holder, "assistant", key, value_field, report)
+    return None if pair is None else (pair[1], pair[0])
 
 
 def parse_preference_record(record: object, index: int, file: str) -> tuple[PreferenceSample | None, list[Problem]]:
@@ -127,6 +144,7 @@ def parse_preference_record(record: object, index: int, file: str) -> tuple[Pref
     answers = {key: _answer(record.get(key), key, report) for key in (("chosen",) if same_answer else ANSWER_KEYS)}
     if same_answer:
         answers["rejected"] = answers["chosen"]
+    # the same (answer, reasoning) pair, however written, is the same sequence
     if (answers["chosen"] is not None and answers["chosen"] == answers["rejected"] and not rejected_media
             and not (given and media_reported)):
         if given:
@@ -141,5 +159,7 @@ def parse_preference_record(record: object, index: int, file: str) -> tuple[Pref
                "the answers go in 'chosen' and 'rejected'")
     if problems or sample is None:
         return None, problems
-    return PreferenceSample(index, sample.id, sample.messages, answers["chosen"], answers["rejected"], sample.images,
-                            sample.videos, rejected_media.get("image"), rejected_media.get("video")), []
+    (chosen, chosen_reasoning), (rejected, rejected_reasoning) = answers["chosen"], answers["rejected"]
+    return PreferenceSample(index, sample.id, sample.messages, chosen, rejected, sample.images, sample.videos,
+                            rejected_media.get("image"), rejected_media.get("video"), chosen_reasoning,
+                            rejected_reasoning), []

@@ -21,10 +21,11 @@ from functools import partial
 from pathlib import Path
 
 from vlft.data.convert import load_llava_records
-from vlft.data.encoding import ChatEncoder, VisionSpec
+from vlft.data.encoding import ChatEncoder, EncodingError, VisionSpec
 from vlft.data.llava import Sample, parse_record
 from vlft.data.media import MediaError, image_grid, load_image, resolve_media_path
-from vlft.data.preference import PreferenceSample, parse_preference_record
+from vlft.data.preference import ANSWER_KEYS, PreferenceSample, parse_preference_record
+from vlft.data.reasoning import Thinking
 from vlft.data.video import check_video
 from vlft.errors import DataError, Problem, VlftError
 from vlft.utils import log
@@ -181,6 +182,14 @@ def _relative(raw) -> bool:
     return any(not Path(p).is_absolute() for p in (raw if isinstance(raw, list) else [raw]))
 
 
+def _encoding_field(error: EncodingError) -> str:
+    """The record field an EncodingError is about, as the LLaVA layout names it (`loaded.source` maps it to the
+    user's own format)."""
+    if error.completion is not None:
+        return ANSWER_KEYS[error.completion] if error.completion < len(ANSWER_KEYS) else "conversations"
+    return "conversations" if error.turn is None else f"conversations[{error.turn}].value"
+
+
 def length_flag_of(data_args) -> str:
     """The flag the user set the length limit with, for messages: TRL's --max_length when it was given, else
     --max_seq_length (DataArguments copies --max_length into max_seq_length)."""
@@ -222,7 +231,7 @@ def _advice(*, invalid: bool, overlong: bool, skip_bad_samples: bool, reject_ove
 def prepare_data(data_path: str, record_format: RecordFormat, *, processor, image_folder: str | None,
                  media: MediaSettings, max_seq_length: int, reject_overlong: bool = False,
                  skip_bad_samples: bool = False, workers: int = 4,
-                 length_flag: str = "--max_seq_length") -> PreparedData:
+                 length_flag: str = "--max_seq_length", thinking: Thinking | None = None) -> PreparedData:
     """Parse, resolve, probe and measure every record of `data_path` (JSON list or JSONL in LLaVA or another
     chat format, parquet, arrow or a save_to_disk folder: data/convert.py turns each record into LLaVA first).
 
@@ -260,7 +269,7 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
         for kind in same:
             del (other_images if kind == "image" else other_videos)[s.index]
         parsed[i] = dataclasses.replace(s, **{f"rejected_{kind}s": None for kind in same})
-        if s.chosen == s.rejected and s.index not in other_images and s.index not in other_videos:
+        if s.completions[0] == s.completions[1] and s.index not in other_images and s.index not in other_videos:
             problems.append(Problem(file, s.index, f"rejected_{same[0]}", f"'rejected_{same[0]}' names the same file "
                                     f"as '{same[0]}' and the rejected answer is the chosen one, so the pair teaches "
                                     "nothing", "give the rejected sequence another picture, or a different answer",
@@ -274,7 +283,7 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
         if _relative(raw)}
     unique_images = sorted({p for paths in [*images.values(), *other_images.values()] for p in paths})
     unique_videos = sorted({v for sources in [*videos.values(), *other_videos.values()] for v in sources}, key=str)
-    encoder = ChatEncoder(processor)
+    encoder = ChatEncoder(processor, thinking)
     if unique_videos and getattr(processor, "video_processor", None) is None:
         raise VlftError(f"{file} has video records but the processor of this model has no video processor")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL and PyAV release the GIL while decoding
@@ -306,10 +315,12 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
         if sample.index in other_images or sample.index in other_videos:
             other = (specs["rejected_image"] if sample.index in other_images else specs["image"],
                      specs["rejected_video"] if sample.index in other_videos else specs["video"])
+        try:
             lengths = tuple(record_format.sequence_lengths(encoder, sample, specs["image"], specs["video"],
-                                                           rejected=other))
-        else:
-            lengths = tuple(record_format.sequence_lengths(encoder, sample, specs["image"], specs["video"]))
+                                                           **({} if other is None else {"rejected": other})))
+        except EncodingError as e:  # the template drops or rewrites an answer: named here, before the model loads
+            problems.append(Problem(file, sample.index, _encoding_field(e), str(e), e.hint, sample.id))
+            continue
         if max(lengths) > max_seq_length:
             overlong.append(Problem(
                 file, sample.index, "", f"{max(lengths)} tokens (vision tokens included) > {length_flag} "

@@ -8,6 +8,7 @@ from vlft.data.llava import Sample
 from vlft.data.media import MediaError, fit_image, load_image
 from vlft.data.pixels import PixelNorm, patchify
 from vlft.data.prepare import MediaSettings
+from vlft.data.reasoning import Thinking
 from vlft.data.video import load_video
 from vlft.errors import VlftError
 
@@ -22,11 +23,11 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples: list[Sample], image_paths: list[list[str]], processor, *, media: MediaSettings,
                  video_sources: list[list] | None = None, add_generation_prompt: bool = False,
-                 raw_pixels: bool = False):
+                 raw_pixels: bool = False, thinking: Thinking | None = None):
         self.samples = samples
         self.image_paths = image_paths  # resolved paths, parallel to samples
         self.video_sources = video_sources or [[] for _ in samples]  # resolved files / frame folders / frame lists
-        self.encoder = ChatEncoder(processor)
+        self.encoder = ChatEncoder(processor, thinking)
         self.image_temporal_patch_size = getattr(processor.image_processor, "temporal_patch_size", 2)
         self.image_norm = PixelNorm.of(processor.image_processor)
         video_processor = getattr(processor, "video_processor", None)

@@ -19,6 +19,7 @@ from vlft.data.collator import SFTCollator
 from vlft.data.dpo import PreferenceCollator, PreferenceDataset, PreferenceFormat
 from vlft.data.packing import length_grouped_order
 from vlft.data.prepare import length_flag_of, prepare_data
+from vlft.data.reasoning import Thinking
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
 from vlft.train.checkpoints import data_digest
@@ -79,7 +80,7 @@ def run(argv: list[str]):
         data_args.data_path, fmt.record_format(), processor=processor, image_folder=data_args.image_folder,
         media=media, max_seq_length=max_length, reject_overlong=data_args.reject_overlong,
         skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
-        length_flag=length_flag_of(data_args))
+        length_flag=length_flag_of(data_args), thinking=Thinking.from_args(data_args))
     cut = f"; {len(fmt.truncated)} with answers cut to {length_flag_of(data_args)} {max_length}" if fmt.truncated else ""
     log(f"data: {data.summary()}{cut}")
 
@@ -92,7 +93,7 @@ def run(argv: list[str]):
 
     dataset = PreferenceDataset(data.samples, data.image_paths, processor, media=media,
                                 video_sources=data.video_sources, max_length=max_length, raw_pixels=True,
-                                rejected_media=data.rejected_media)
+                                rejected_media=data.rejected_media, thinking=Thinking.from_args(data_args))
     collator = PreferenceCollator(SFTCollator.for_model(processor, prepared.base_model, family=prepared.family,
                                                         distributed=train_args.world_size > 1))
     order = None

@@ -17,6 +17,7 @@ from vlft.data.collator import SFTCollator
 from vlft.data.encoding import ChatEncoder
 from vlft.data.grpo import PROMPT, PromptDataset, first_items
 from vlft.data.prepare import length_flag_of, prepare_data
+from vlft.data.reasoning import Thinking, prompt_opens_think
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
 from vlft.train.launch import check_output_dir, check_training_flags, run_stage, train_and_save
@@ -29,7 +30,8 @@ from vlft.utils import log
 def sample_completions(data, encoder, n: int = 4, max_completion_length: int = 512) -> list[dict]:
     """Up to `n` real records (one per media kind and one holding each column first, more than `n` if need be) with a
     plausible completion, for the reward pre-flight: the record's solution in the think/answer layout, or a
-    placeholder answer."""
+    placeholder answer; without the opening `<think>` where the prompt already opened the block (a thinking
+    model's generation prompt, e.g. Qwen3.5's `...<think>\\n`), as the model would write it."""
     kinds: dict[str, int] = {}
     for i, s in enumerate(data.samples):
         kinds.setdefault("video" if s.videos else "image" if s.images else "text", i)
@@ -41,8 +43,10 @@ def sample_completions(data, encoder, n: int = 4, max_completion_length: int = 5
     for i in chosen:
         s = data.samples[i]
         answer = s.columns.get("solution", "an answer")
-        completion = f"<think>Looking at the input.</think>\n<answer>{answer}</answer>"
-        out.append({"prompt": encoder.render(s.messages, add_generation_prompt=True)[0], "completion": completion,
+        prompt = encoder.render(s.messages, add_generation_prompt=True)[0]
+        reasoning = "Looking at the input.\n</think>" if prompt_opens_think(prompt) else "<think>Looking at the input.</think>"
+        completion = f"{reasoning}\n<answer>{answer}</answer>"
+        out.append({"prompt": prompt, "completion": completion,
                     "completion_ids": encoder.tokenizer(completion, add_special_tokens=False)["input_ids"],
                     "columns": {"id": s.id, **s.columns, "max_completion_length": max_completion_length}})
     return out
@@ -89,11 +93,12 @@ def run(argv: list[str]):
     data = prepare_data(
         data_args.data_path, PROMPT, processor=processor, image_folder=data_args.image_folder, media=media,
         max_seq_length=max_prompt, reject_overlong=data_args.reject_overlong,
-        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers, length_flag="--max_prompt_length")
+        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers, length_flag="--max_prompt_length",
+        thinking=Thinking.from_args(data_args))
     log(f"data: {data.summary()} (prompts; --max_prompt_length {max_prompt})")
     if train_args.use_vllm:
         check_vllm_data(data.samples, data_args.data_path)
-    encoder = ChatEncoder(processor)
+    encoder = ChatEncoder(processor, Thinking.from_args(data_args))
     reward_funcs = load_reward_funcs(train_args.reward_funcs)
     samples = sample_completions(data, encoder, max_completion_length=train_args.max_completion_length)
     log("rewards on real records with a sample completion (before step 1):\n"
@@ -109,7 +114,7 @@ def run(argv: list[str]):
         log(reference.describe())
 
     dataset = PromptDataset(data.samples, data.image_paths, processor, media=media, video_sources=data.video_sources,
-                            raw_pixels=True)
+                            raw_pixels=True, thinking=Thinking.from_args(data_args))
     generation_collator = SFTCollator.for_model(processor, prepared.base_model, padding_side="left")
     training_collator = SFTCollator.for_model(processor, prepared.base_model, family=prepared.family,
                                               distributed=train_args.world_size > 1)

@@ -25,8 +25,10 @@ process's kept batches (vlft_rollouts_rank<r>.pt), so a resumed run replays what
 
 All G completions of a prompt are generated on the process that holds the prompt, so the group statistics need no
 communication. Logged: TRL's metric names (reward, reward_std, rewards/<f>/mean|std, frac_reward_zero_std,
-completions/mean_length, completions/clipped_ratio, clip_ratio/*, kl) and `completions.jsonl` in the run directory;
-the reward and completion metrics and completions.jsonl once per rollout (replayed steps log the loss metrics only).
+completions/mean_length, completions/clipped_ratio, clip_ratio/*, kl) and `completions.jsonl` in the run directory
+(a row per completion: step, record, id, media, the completion text, its `reasoning` - None without a think block - and
+`answer` as the rewards read them (train/rewards.py: split_completion), truncated, the total and each reward); the
+reward and completion metrics and completions.jsonl once per rollout (replayed steps log the loss metrics only).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from vlft.errors import VlftError
 from vlft.train.grpo_loss import group_advantages, grpo_loss, reward_stats, sampling_correction, weighted_rewards
 from vlft.train.logprobs import completion_columns, completion_log_probs
 from vlft.train.reference import FrozenCopy
+from vlft.train.rewards import split_completion
 from vlft.train.trainer import VlftTrainerMixin
 
 ROLLOUTS_FILE = "vlft_rollouts_rank{rank}.pt"  # a checkpoint inside a --num_iterations cycle: one per process
@@ -255,7 +258,7 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
     def rollout(self, items: list[dict]) -> dict:
         a = self.args
         completions, masks, truncated, generated = self.generate(items)
-        per_func, texts, _ = self.score(items, completions)
+        per_func, texts, prompts = self.score(items, completions)
         rewards = weighted_rewards(per_func, self.reward_weights)
         # every group lies on one process; --scale_rewards batch divides by the std of all processes' rewards (TRL's
         # generation batch): compute on the gathered rewards (equal counts per process) and keep this slice
@@ -278,7 +281,7 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
             batch["sampling_logps"] = sampling.to(batch["input_ids"].device)
         if a.beta > 0:
             batch["ref_per_token_logps"] = self.reference_log_probs(batch)
-        self._log_rollout(items, per_func, rewards, completions, truncated, texts)
+        self._log_rollout(items, per_func, rewards, completions, truncated, texts, prompts)
         return batch
 
     def _trim_completions(self) -> None:
@@ -306,7 +309,7 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         with ref.active():
             return completion_log_probs(self.model_wrapped, batch, temperature=self.args.temperature)[0]
 
-    def _log_rollout(self, items, per_func, rewards, completions, truncated, texts) -> None:
+    def _log_rollout(self, items, per_func, rewards, completions, truncated, texts, prompts) -> None:
         a = self.args
         gather = self.accelerator.gather
         device = self.accelerator.device
@@ -327,8 +330,10 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
             rows = []
             for k, text in enumerate(texts):
                 sample = self.samples[int(items[k // a.num_generations]["record"])]
+                reasoning, answer = split_completion(text, prompts[k])  # what the answer-scoring rewards read
                 rows.append({"step": self.state.global_step + 1, "record": sample.index, "id": sample.id,
                              "images": sample.images, "videos": sample.videos, "completion": text,
+                             "reasoning": reasoning, "answer": answer,
                              "truncated": truncated[k], "reward": _finite(rewards[k].item()),
                              "rewards": {n: _finite(per_func[k, f].item()) for f, n in enumerate(names)}})
             rows = gather_object(rows)

@@ -13,12 +13,20 @@ generated text), `completion_ids` the generated token ids, and every other colum
 
 Note on TRL's own rewards: `trl.rewards.think_format_reward`, `accuracy_reward` and `reasoning_accuracy_reward` read
 `completion[0]["content"]`, i.e. they expect conversational completions (a list of message dicts), and fail on
-vlft's plain strings; `check_rewards` says so. TRL's factories that read only `completion_ids`
-(`get_soft_overlong_punishment(...)`, `get_repetition_penalty_reward(...)`) work unchanged. The built-ins below
-accept both forms (a conversational completion is read as the text of its last message).
+vlft's plain strings; `check_rewards` says so (the built-in `think_format` is TRL's rule on strings). TRL's
+factories that read only `completion_ids` (`get_soft_overlong_punishment(...)`, `get_repetition_penalty_reward(...)`)
+work unchanged. The built-ins below accept both forms (a conversational completion is read as the text of its last
+message).
 
-Built-ins (`BUILTIN`, names as given to `--reward_funcs`): `format`, `accuracy`, `count`, `choice`, `iou`,
-`overlong`, `repetition`. Each docstring states its rule and where the rule comes from.
+Built-ins (`BUILTIN`, names as given to `--reward_funcs`): `format`, `think_format`, `accuracy`, `count`, `choice`,
+`iou`, `overlong`, `repetition`. Each docstring states its rule and where the rule comes from.
+
+Thinking models: a completion is `<think>R</think>A`, or `R</think>A` when the prompt already opened the block
+(Qwen3.5's thinking generation prompt ends `<think>\\n`; told from the `prompts` argument, `prompt_opens_think`).
+`accuracy`, `count`, `choice` and `iou` score the answer A alone (`split_completion`): a number inside the reasoning
+earns nothing, and a completion whose reasoning never closes has an empty answer (0). Completions without think
+tags score as they always did. `format` and `think_format` read a completion of an opened prompt as if it began
+with `<think>`.
 
 `load_reward_funcs` turns `--reward_funcs` specs into functions; `check_rewards` calls every function once on real
 records before training step 1, so that a missing column, a wrong return length or a NaN stops the run with a message
@@ -40,6 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vlft.data.reasoning import THINK_CLOSE, THINK_OPEN, ReasoningError, prompt_opens_think, split_reasoning
 from vlft.errors import VlftError
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -59,6 +68,48 @@ def completion_text(completion: Any) -> str:
         if isinstance(content, (list, tuple)):
             return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
     return str(completion)
+
+
+def opens_think(prompt: Any) -> bool:
+    """Whether a reward's prompt (TRL's `prompts` entry: the rendered prompt text) ends inside an open think block
+    (`prompt_opens_think`); False for None or a conversational prompt (a list of messages holds no generation
+    prompt)."""
+    return isinstance(prompt, str) and prompt_opens_think(prompt)
+
+
+def split_completion(completion: Any, prompt: Any = None) -> tuple[str | None, str]:
+    """(reasoning, answer) of one completion, as the answer-scoring rewards read it; reasoning None when the
+    completion has none (then the answer is the whole text, as for a model without thinking).
+
+    The rule is `split_reasoning`'s (the Qwen3 / Qwen3.5 chat templates'), with `opened` from the prompt
+    (`opens_think`): after an opened prompt, everything before `</think>` is reasoning and a completion without
+    `</think>` is unfinished reasoning with an empty answer. Never raises: a completion that opens `<think>` and never
+    closes it is unfinished reasoning too (empty answer); one the rule cannot read otherwise (two `</think>`, a
+    second `<think>`, text before `<think>`) is answered by its whole text, scored as a completion without tags."""
+    text = completion_text(completion)
+    try:
+        return split_reasoning(text, opened=opens_think(prompt))
+    except ReasoningError:
+        if THINK_CLOSE not in text:  # <think> without </think>: the reasoning did not end
+            return text.strip("\n"), ""
+        return None, text
+
+
+def _answers(completions: list, kwargs: dict) -> list[str]:
+    """The answer part (`split_completion`) of each completion, read against the `prompts` keyword (TRL passes it;
+    absent, or not one per completion: read as not opened)."""
+    prompts = kwargs.get("prompts")
+    if not isinstance(prompts, (list, tuple)) or len(prompts) != len(completions):
+        prompts = [None] * len(completions)
+    return [split_completion(c, p)[1] for c, p in zip(completions, prompts)]
+
+
+def _think_prefixed(completions: list, kwargs: dict) -> list[str]:
+    """Each completion's text, with `<think>` put back in front where its prompt opened the block."""
+    prompts = kwargs.get("prompts")
+    if not isinstance(prompts, (list, tuple)) or len(prompts) != len(completions):
+        prompts = [None] * len(completions)
+    return [(THINK_OPEN if opens_think(p) else "") + completion_text(c) for c, p in zip(completions, prompts)]
 
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
@@ -150,15 +201,30 @@ def format_reward(completions: list, **kwargs) -> list[float]:
     """1.0 if the completion is `<think>...</think>` followed by `<answer>...</answer>` and nothing else, else 0.0.
 
     Whitespace-tolerant: leading and trailing whitespace, and any whitespace (newlines) between the two blocks. Each
-    tag appears exactly once; the reasoning may be empty, the answer must not be blank. Source: the format reward of
+    tag appears exactly once; the reasoning may be empty, the answer must not be blank. Where the prompt (the
+    `prompts` keyword) already opened the think block, the completion is read as if it began with `<think>`
+    (`R</think><answer>A</answer>` earns 1.0; one that opens `<think>` again earns 0.0). Source: the format reward of
     DeepSeek-R1 (arXiv 2501.12948, section 2.2.2), in the form R1-V / VLM-R1 / Open-R1 use for
     `<think>...</think><answer>...</answer>`.
     """
     rewards = []
-    for completion in completions:
-        text = completion_text(completion)
+    for text in _think_prefixed(completions, kwargs):
         m = _FORMAT_RE.fullmatch(text)
         ok = m is not None and all(text.count(tag) == 1 for tag in _TAGS) and m.group(2).strip() != ""
+        rewards.append(1.0 if ok else 0.0)
+    return rewards
+
+
+def think_format_reward(completions: list, **kwargs) -> list[float]:
+    """1.0 if the completion is one think block followed by anything, `<think>R</think>A`, else 0.0: it starts with
+    `<think>` (no whitespace before it), holds no second `<think>`, and closes the block with `</think>`; the reasoning
+    and the answer may be empty. Where the prompt (the `prompts` keyword) already opened the block, the completion
+    is read as if it began with `<think>` (`R</think>A` earns 1.0). Source: TRL 1.16's
+    `trl.rewards.think_format_reward` (trl/rewards/format_rewards.py, the regex `^<think>(?!.*<think>)(.*?)</think>.*$`
+    with DOTALL), here on plain-string completions as vlft passes them (TRL's reads `completion[0]["content"]`)."""
+    rewards = []
+    for text in _think_prefixed(completions, kwargs):
+        ok = text.startswith(THINK_OPEN) and THINK_OPEN not in text[len(THINK_OPEN):] and THINK_CLOSE in text
         rewards.append(1.0 if ok else 0.0)
     return rewards
 
@@ -204,12 +270,14 @@ def accuracy_reward(completions: list, solution: list, **kwargs) -> list[float |
     `\boxed{}` inside, if any). Equal means: both are numbers (`parse_number`: "3" == "3.0" == " 3 ", "1,000" == "1000",
     "1/2" == "0.5") within 1e-6 relative or absolute; or the texts are equal after casefold, whitespace collapse and
     trailing-period removal ("Paris." == "paris"); or, when the optional `math_verify` package is installed, its
-    `verify` accepts them (LaTeX such as "\frac{1}{2}" == "0.5"). Source: the rule-based accuracy reward of
-    DeepSeek-R1 (arXiv 2501.12948) and R1-V / Open-R1 (math_verify first, exact match as the fallback).
+    `verify` accepts them (LaTeX such as "\frac{1}{2}" == "0.5"). A thinking model's completion is scored on its
+    answer after `</think>` (`split_completion`: the reasoning is left out; unfinished reasoning scores 0.0). Source:
+    the rule-based accuracy reward of DeepSeek-R1 (arXiv 2501.12948) and R1-V / Open-R1 (math_verify first, exact
+    match as the fallback).
     """
     mv = _math_verify()
     rewards: list[float | None] = []
-    for completion, sol in zip(completions, solution):
+    for completion, sol in zip(_answers(completions, kwargs), solution):
         if sol is None:
             rewards.append(None)
             continue
@@ -257,11 +325,12 @@ def _gold_count(sol: Any) -> int | None:
 def count_reward(completions: list, solution: list, **kwargs) -> list[float | None]:
     """Counting questions ("how many ...?"): 1.0 if the first integer of the answer (`first_count` of
     `extract_answer`: digits, or a number word zero..twenty) equals the `solution` column (an int, or a string holding
-    one, e.g. "3" or "<answer>3</answer>"), else 0.0; None where the solution is not a whole number. Source: the
-    counting reward of R1-V (CLEVR counting) and VisualThinker-R1-Zero, an exact integer match on the answer.
+    one, e.g. "3" or "<answer>3</answer>"), else 0.0; None where the solution is not a whole number. A thinking
+    model's completion is scored on its answer after `</think>` (`split_completion`). Source: the counting reward of
+    R1-V (CLEVR counting) and VisualThinker-R1-Zero, an exact integer match on the answer.
     """
     rewards: list[float | None] = []
-    for completion, sol in zip(completions, solution):
+    for completion, sol in zip(_answers(completions, kwargs), solution):
         gold = _gold_count(sol)
         if gold is None:
             rewards.append(None)
@@ -308,13 +377,14 @@ def choice_reward(completions: list, solution: list, **kwargs) -> list[float | N
     """Multiple choice: 1.0 if the letter chosen in the answer (`choice_letter` of `extract_answer`) equals the
     `solution` column's letter ("B", "(B)", "b", "<answer>B</answer>"), case-insensitively, else 0.0; None where the
     solution holds no letter. An optional `choices` column (the option texts, in letter order) lets an answer that
-    repeats an option's text count as that letter. Source: the multiple-choice accuracy of MMMU / MathVista-style
-    evaluation (extract the letter, exact match) as used for RL rewards by VLM-R1 and R1-OneVision.
+    repeats an option's text count as that letter. A thinking model's completion is scored on its answer after
+    `</think>` (`split_completion`). Source: the multiple-choice accuracy of MMMU / MathVista-style evaluation
+    (extract the letter, exact match) as used for RL rewards by VLM-R1 and R1-OneVision.
     """
     n = len(completions)
     choices_col = _column(kwargs, "choices", n)
     rewards: list[float | None] = []
-    for completion, sol, choices in zip(completions, solution, choices_col):
+    for completion, sol, choices in zip(_answers(completions, kwargs), solution, choices_col):
         gold = None if sol is None else choice_letter(extract_answer(str(sol)), choices)
         if gold is None:
             rewards.append(None)
@@ -357,7 +427,8 @@ def iou_reward(completions: list, solution: list | None = None, bbox: list | Non
     x1, y1, x2, y2) and the record's box - the `bbox` column if the record has one, else `solution` (a list or a
     string, parsed the same way); 0.0 when the answer holds no box, None when the record holds none. Both boxes must
     be in the same coordinates (Qwen2-VL: 0-1000 relative; Qwen2.5-VL / Qwen3-VL: absolute pixels of the resized
-    image). Source: the IoU reward of VLM-R1 (arXiv 2504.07615) and Visual-RFT (arXiv 2503.01785).
+    image). A thinking model's completion is scored on its answer after `</think>` (`split_completion`). Source: the
+    IoU reward of VLM-R1 (arXiv 2504.07615) and Visual-RFT (arXiv 2503.01785).
     """
     if solution is None and bbox is None:
         raise TypeError("iou_reward() missing 1 required argument: 'bbox'; give the records a 'bbox' or a 'solution' column")
@@ -365,7 +436,7 @@ def iou_reward(completions: list, solution: list | None = None, bbox: list | Non
     boxes = list(bbox) if bbox is not None else [None] * n
     sols = list(solution) if solution is not None else [None] * n
     rewards: list[float | None] = []
-    for completion, box, sol in zip(completions, boxes, sols):
+    for completion, box, sol in zip(_answers(completions, kwargs), boxes, sols):
         gold = parse_box(box) if box is not None else parse_box(extract_answer(sol) if isinstance(sol, str) else sol)
         if gold is None:
             rewards.append(None)
@@ -484,6 +555,7 @@ def repetition_reward(completions: list, **kwargs) -> list[float]:
 
 BUILTIN: dict[str, Callable] = {
     "format": format_reward,
+    "think_format": think_format_reward,
     "accuracy": accuracy_reward,
     "count": count_reward,
     "choice": choice_reward,
@@ -641,7 +713,9 @@ def check_rewards(funcs: list[tuple[str, Callable]], weights: list[float] | None
     raises (names the function, the error and where); it returns something that is not a list/tuple of one value per
     sample (names expected and got); a value is not int/float/bool/None, or not finite (names the function, index
     and value). Returns a printable table for the log: one row per sample (record id if the records have `id`, an
-    excerpt of the completion, each reward's value, and the weighted total as the trainer sums it).
+    excerpt of the completion - of its reasoning and of its answer (`split_completion` against the sample's prompt)
+    in two columns when a completion has reasoning -, each reward's value, and the weighted total as the trainer sums
+    it).
     """
     if not funcs:
         raise VlftError("no reward functions -> pass --reward_funcs (e.g. format accuracy)")
@@ -731,7 +805,7 @@ def _raised(name: str, e: Exception, partial: list[str]) -> str:
     if isinstance(e, (TypeError, KeyError)) and ("string indices" in str(e) or "content" in str(e)):
         text += ("-> it seems to expect conversational completions (a list of message dicts, completion[0]['content']);"
                  " vlft passes completions as plain strings (TRL's standard format): use a reward that reads strings, "
-                 "e.g. vlft's built-in 'format' instead of trl.rewards.think_format_reward")
+                 "e.g. vlft's built-in 'think_format' instead of trl.rewards.think_format_reward")
     else:
         text += "-> fix the reward function (it was called on the records in the table of the start-up check)"
     if partial:
@@ -743,7 +817,11 @@ def _table(funcs, weights, samples, results) -> str:
     names = [name for name, _ in funcs]
     w = list(weights) if weights is not None else [1.0] * len(funcs)
     with_id = any("id" in (s.get("columns") or {}) for s in samples)
-    header = ["#"] + (["id"] if with_id else []) + ["completion"] + names + ["total"]
+    # a thinking model's completions: the reasoning and the answer the rewards score, side by side
+    parts = [split_completion(s.get("completion"), s.get("prompt")) for s in samples]
+    thinking = any(reasoning is not None for reasoning, _ in parts)
+    shown = ["reasoning", "answer"] if thinking else ["completion"]
+    header = ["#"] + (["id"] if with_id else []) + shown + names + ["total"]
     rows = []
     all_none = 0
     for i, s in enumerate(samples):
@@ -752,7 +830,12 @@ def _table(funcs, weights, samples, results) -> str:
         total = sum(wi * float(v) for wi, v in present) if present else None
         all_none += total is None
         row = [str(i)] + ([_excerpt(str((s.get("columns") or {}).get("id", "")), 16)] if with_id else [])
-        row += [_excerpt(completion_text(s.get("completion")))] + [_format_value(v) for v in values] + [_format_value(total)]
+        if thinking:
+            reasoning, answer = parts[i]
+            row += ["-" if reasoning is None else _excerpt(reasoning, 30), _excerpt(answer, 30) or '""']
+        else:
+            row += [_excerpt(completion_text(s.get("completion")))]
+        row += [_format_value(v) for v in values] + [_format_value(total)]
         rows.append(row)
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
     lines = [f"reward check on {len(samples)} record(s) (weights: "

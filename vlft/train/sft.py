@@ -14,6 +14,7 @@ from vlft.config import SFT_GROUPS, family_for, parse_args, resolved_args, valid
 from vlft.data.collator import PackingCollator, SFTCollator
 from vlft.data.packing import length_grouped_order, plan_packs
 from vlft.data.prepare import length_flag_of, prepare_sft_data
+from vlft.data.reasoning import Thinking
 from vlft.data.sft import PackedDataset, SFTDataset
 from vlft.models.processor_media import apply_media_settings
 from vlft.train.launch import check_output_dir, check_training_flags, run_stage, train_and_save
@@ -35,12 +36,14 @@ def run(argv: list[str]):
     media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
     apply_media_settings(processor, media)  # saved with every checkpoint: servers resize as training did
 
+    thinking = Thinking.from_args(data_args)
+
     def prepare(path):  # the training and the eval records: the same checks, media settings and length limit
         return prepare_sft_data(
             path, processor=processor, image_folder=data_args.image_folder, media=media,
             max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
             skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
-            length_flag=length_flag_of(data_args))
+            length_flag=length_flag_of(data_args), thinking=thinking)
 
     data = prepare(data_args.data_path)
     log(f"data: {data.summary()}")
@@ -54,7 +57,7 @@ def run(argv: list[str]):
 
     def sft_dataset(prepared_data):
         return SFTDataset(prepared_data.samples, prepared_data.image_paths, processor, media=media,
-                          video_sources=prepared_data.video_sources, raw_pixels=True)
+                          video_sources=prepared_data.video_sources, raw_pixels=True, thinking=thinking)
 
     dataset = sft_dataset(data)
     eval_dataset = sft_dataset(eval_data) if eval_data is not None else None
