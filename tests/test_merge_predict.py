@@ -138,7 +138,11 @@ def test_predict_reproduces_the_memorised_demo(tiny_model_dir, tmp_path):
          "--lora_alpha", "32", "--num_train_epochs", "30", "--per_device_train_batch_size", "2", "--learning_rate",
          "5e-3", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03", "--save_strategy", "no",
          "--disable_tqdm", "true", "--seed", "0"])
+    started = capfd.readouterr().err  # start-up: the reasoning mix of a thinking model's data
+    assert "reasoning (thinking chat template): 0 of 3 records train on reasoning in their answers, 3 on" in started
+    assert "warning: 3 of 3 records (100%) train this thinking model on answers without reasoning" in started
     merged = merge(str(run_dir), str(tmp_path / "merged"))
+    assert json.loads((merged / "vlft_media.json").read_text())["enable_thinking"] is False
     references = [t["value"] for r in json.loads(DEMO_DATA.read_text()) for t in r["conversations"][-1:]]
     for model in (run_dir, merged):
         out = tmp_path / f"{model.name}.jsonl"
@@ -201,12 +205,12 @@ def test_predict_takes_media_flags_from_a_config_file_over_the_run(trained, tmp_
     assert seen["data"].image_min_pixels == saved["image_min_pixels"]
 
 
-def test_qwen3_5_predict_reproduces_what_it_memorised(tiny_model_factory, tmp_path):
+def test_qwen3_5_predict_reproduces_what_it_memorised(tiny_model_factory, tmp_path, capfd):
     """Qwen3.5's thinking template: a trained answer follows an empty think block, which the template's own
     generation prompt (`<think>\\n`, thinking on) leaves for the model to write. Trained with --enable_thinking false,
     the memorised answers (an image, a multi-turn and a text record) come back word for word through the run dir
-    (predict takes the flag from the run) and the merged dir (given the flag), so predict asks for an answer where
-    training put it; the untrained model reproduces none."""
+    (predict takes the flag from the run) and the merged dir (merge records it in vlft_media.json), so predict asks
+    for an answer where training put it; the untrained model (given the flag) reproduces none."""
     model_dir = tiny_model_factory("qwen3_5")
     records = {r["id"]: r for r in json.loads(DEMO_DATA.read_text())}
     chosen = [records[i] for i in ("single_image", "multi_turn_palette", "text_only")]
@@ -221,7 +225,7 @@ def test_qwen3_5_predict_reproduces_what_it_memorised(tiny_model_factory, tmp_pa
     references = [r["conversations"][-1]["value"] for r in chosen]
     for model in (run_dir, merged, model_dir):
         out = tmp_path / f"{model.name}.jsonl"
-        flag = [] if model == run_dir else ["--enable_thinking", "false"]  # a merged model records no reasoning flags
+        flag = ["--enable_thinking", "false"] if model == model_dir else []  # the base model records none
         assert predict_main(["--model", str(model), "--data_path", str(data), "--image_folder", str(DEMO_IMAGES),
                              "--output", str(out), "--batch_size", "3", "--max_new_tokens", "24", *flag]) == 0
         rows = [json.loads(line) for line in out.read_text().splitlines()]

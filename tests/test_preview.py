@@ -115,13 +115,13 @@ def test_trained_tokens_shown_equal_the_dpo_masks(pages, processor):
         item = dataset[i]
         section = shown[sample.id]
         for side in ("chosen", "rejected"):
-            part = re.search(rf'<div class="tokens part-{side}" data-trained="(\d+)">(.*?)</div>', section, re.S)
+            part = re.search(rf'<div class="tokens part-{side}" data-trained="(\d+)"[^>]*>(.*?)</div>', section, re.S)
             assert int(part.group(1)) == trained_spans(part.group(2)) == int(item[f"{side}_mask"].sum()) > 0
-        prompt = re.search(r'<div class="tokens part-prompt" data-trained="0">(.*?)</div>', section, re.S).group(1)
+        prompt = re.search(r'<div class="tokens part-prompt" data-trained="0"[^>]*>(.*?)</div>', section, re.S).group(1)
         assert trained_spans(prompt) == 0
         assert trained_spans(section) == int(item["chosen_mask"].sum() + item["rejected_mask"].sum())
         # an image-side pair: the rejected sequence's own prompt (its picture's pads) and its picture are shown
-        other = re.search(r'<div class="tokens part-rejected-prompt" data-trained="0">(.*?)</div>', section, re.S)
+        other = re.search(r'<div class="tokens part-rejected-prompt" data-trained="0"[^>]*>(.*?)</div>', section, re.S)
         assert (other is not None) == ("rejected_prompt_ids" in item)
         images = re.findall(r'<img class="media-image"', section)
         assert len(images) == len(item.get("image_grid_thw", [])) + len(item.get("rejected_media", {}).get(
@@ -143,8 +143,8 @@ def test_grpo_page_shows_prompts_and_their_columns(pages):
 
 def test_qwen3_5_grpo_page_shows_the_prompt_the_policy_gets(tmp_path, tiny_model_factory):
     """Qwen3.5 (thinking template): each prompt on the page is, token for token, the one the policy generates from
-    (the dataset's prompt_ids, each vision span one block), ending with the empty think block a trained answer
-    follows."""
+    (the dataset's prompt_ids, each vision span one block), ending, as the template's own generation prompt with
+    thinking on (its default), inside an opened think block."""
     from vlft.data.grpo import PROMPT, PromptDataset
     from vlft.data.prepare import MediaSettings, prepare_data
     from vlft.models.families import get_family
@@ -162,7 +162,7 @@ def test_qwen3_5_grpo_page_shows_the_prompt_the_policy_gets(tmp_path, tiny_model
     tok = processor.tokenizer
     think_end = tok.convert_tokens_to_ids("</think>")
     for i, sample in enumerate(prepared.samples):
-        part = re.search(r'<div class="tokens part-prompt" data-trained="0">(.*?)</div>', shown[sample.id], re.S)
+        part = re.search(r'<div class="tokens part-prompt" data-trained="0"[^>]*>(.*?)</div>', shown[sample.id], re.S)
         pieces = re.findall(r'title="id (\d+)"|data-tokens="(\d+)"', part.group(1))  # a token, or a vision block
         ids = dataset[i]["prompt_ids"].tolist()
         at = 0
@@ -173,7 +173,8 @@ def test_qwen3_5_grpo_page_shows_the_prompt_the_policy_gets(tmp_path, tiny_model
             else:
                 at += int(block)
         assert at == len(ids)
-        assert tok.decode(ids[ids.index(think_end) - 2:]) == "\n\n</think>\n\n"
+        # thinking on, the template's default: the policy starts inside the opened think block, as Qwen3.5 generates
+        assert tok.decode(ids).endswith("<|im_start|>assistant\n<think>\n") and think_end not in ids
 
 
 def test_bad_record_is_listed_with_its_problem(pages):
@@ -253,7 +254,87 @@ def test_token_text_keeps_characters_split_over_tokens(processor):
     spans, counts = token_html(ids, [IGNORE_INDEX, *ids[1:]], TokenText(processor.tokenizer))
     shown = "".join(re.findall(r'<span class="tok [^"]*" title="id \d+">(.*?)</span>', spans, re.S))
     assert shown == "héllo ✓ wörld"
-    assert counts == {"tokens": len(ids), "trained": len(ids) - 1, "vision": 0}
+    assert counts == {"tokens": len(ids), "trained": len(ids) - 1, "vision": 0, "reasoning": 0, "trained_reasoning": 0}
+
+
+# --- a thinking model: reasoning tokens apart from answer tokens ---------------------------------------------------
+
+REASONING_RECORDS = [
+    {"id": "inline", "conversations": [{"from": "human", "value": "2+2?"},
+                                       {"from": "gpt", "value": "<think>\nadd them\n</think>\n\n4"}]},
+    {"id": "plain", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+    {"id": "multi", "conversations": [{"from": "human", "value": "1+1?"},
+                                      {"from": "gpt", "value": "2", "reasoning_content": "one and one"},
+                                      {"from": "human", "value": "and 2+2?"},
+                                      {"from": "gpt", "value": "4", "reasoning_content": "two twice"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def thinking_page(tmp_path_factory, tiny_model_factory) -> tuple[Path, Path, Path]:
+    """(page, data, model): the records above previewed with a tiny Qwen3.5 (TRL's qwen3_5_think template)."""
+    out = tmp_path_factory.mktemp("thinking")
+    data = out / "reasoning.json"
+    data.write_text(json.dumps(REASONING_RECORDS))
+    model = tiny_model_factory("qwen3_5")
+    preview(out, model, data, name="thinking.html")
+    return out / "thinking.html", data, model
+
+
+def reasoning_oracle(data: Path, model: Path) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    """record id -> (ids, labels, parts) as training builds them (SFTDataset) and ChatEncoder marks them."""
+    from conftest import DEMO_MEDIA
+
+    from vlft.data.prepare import prepare_sft_data
+    from vlft.data.sft import SFTDataset
+    from vlft.models.loading import load_processor
+
+    processor = load_processor(str(model))
+    prepared = prepare_sft_data(str(data), processor=processor, image_folder=None, media=DEMO_MEDIA,
+                                max_seq_length=8192, workers=1)
+    dataset = SFTDataset(prepared.samples, prepared.image_paths, processor, media=DEMO_MEDIA)
+    out = {}
+    for i, sample in enumerate(prepared.samples):
+        item = dataset[i]
+        parts = dataset.encoder.encode(sample.messages, parts=True).parts
+        out[sample.id] = (item["input_ids"].tolist(), item["labels"].tolist(), parts)
+    return out
+
+
+def test_reasoning_tokens_are_marked_apart_from_the_answer(thinking_page):
+    from vlft.data.encoding import ANSWER, REASONING
+    from vlft.models.loading import load_processor
+
+    page, data, model = thinking_page
+    text = page.read_text()
+    assert 'class="tok trained reasoning">reasoning, trained' in text  # the legend's entry
+    tok = load_processor(str(model)).tokenizer
+    shown = sections(text)
+    for record_id, (ids, labels, parts) in reasoning_oracle(data, model).items():
+        section = shown[record_id]
+        spans = re.findall(r'<span class="tok (trained|masked)( reasoning| answer)?( special)?" title="id (\d+)">',
+                           section)
+        assert [int(s[3]) for s in spans] == ids  # no vision here: one span per token
+        trained = sum(lab != IGNORE_INDEX for lab in labels)
+        assert trained_spans(section) == trained > 0
+        assert f'<b class="trained-count">{trained}</b>' in section
+        assert [s[1].strip() for s in spans] == [{REASONING: "reasoning", ANSWER: "answer"}.get(k, "") for k in parts]
+        trained_reasoning = [ids[i] for i, s in enumerate(spans) if s[:2] == ("trained", " reasoning")]
+        assert f'<b class="reasoning-count">{len(trained_reasoning)}</b> of them reasoning' in section
+        masked_reasoning = [ids[i] for i, s in enumerate(spans) if s[:2] == ("masked", " reasoning")]
+        # closed forms: the think block Qwen3.5's template writes, learned when it holds reasoning, context when empty
+        if record_id == "inline":
+            assert tok.decode(trained_reasoning) == "<think>\nadd them\n</think>\n\n" and not masked_reasoning
+        elif record_id == "plain":
+            assert not trained_reasoning and tok.decode(masked_reasoning) == "<think>\n\n</think>\n\n"
+        else:  # the first answer's reasoning is dropped by the template (before the last user message)
+            assert tok.decode(trained_reasoning) == "<think>\ntwo twice\n</think>\n\n" and not masked_reasoning
+            assert "one and one" not in section
+
+
+def test_a_page_without_reasoning_has_no_reasoning_marks(pages):
+    page = pages["sft"].read_text()
+    assert " reasoning" not in "".join(re.findall(r'class="([^"]*)"', page)) and "reasoning-count" not in page
 
 
 # --- in a real browser ------------------------------------------------------------------------------------------
@@ -342,3 +423,27 @@ def test_screenshot_of_the_sft_demo(browser, tmp_path, tiny_model_dir, monkeypat
     load(browser, page)
     assert browser.save_screenshot(str(target))
     assert target.stat().st_size < 300_000
+
+
+def test_reasoning_in_browser(browser, thinking_page):
+    """The reasoning tokens are shown in their own colour, apart from the answer's, and each record's trained count
+    on the page equals the labels != -100 of the sequence training builds."""
+    page, data, model = thinking_page
+    console = load(browser, page)
+    assert not [m for m in console if m["level"] in ("SEVERE", "WARNING")], console
+    colour = lambda el: el.value_of_css_property("background-color")  # noqa: E731
+    oracle = reasoning_oracle(data, model)
+    for section in browser.find_elements("css selector", "section.record"):
+        ids, labels, _ = oracle[section.get_attribute("data-id")]
+        trained = sum(lab != IGNORE_INDEX for lab in labels)
+        assert int(section.find_element("css selector", "b.trained-count").text) == trained
+        assert len(section.find_elements("css selector", "span.tok.trained")) == trained
+    inline = browser.find_element("css selector", 'section.record[data-id="inline"]')
+    reasoning = inline.find_elements("css selector", "span.tok.trained.reasoning")
+    answer = inline.find_elements("css selector", "span.tok.trained.answer")
+    assert reasoning and answer and all(el.is_displayed() for el in reasoning)
+    assert {colour(el) for el in reasoning}.isdisjoint({colour(el) for el in answer})
+    assert len({colour(el) for el in reasoning}) == 1
+    assert int(inline.find_element("css selector", "b.reasoning-count").text) == len(reasoning)
+    legend = browser.find_element("css selector", ".legend .tok.trained.reasoning")
+    assert colour(legend) == colour(reasoning[0]) and "reasoning" in legend.text

@@ -172,13 +172,16 @@ def save_processor(run_dir: Path, out: Path, family) -> None:
     from vlft.models.processor_media import apply_media_settings, media_settings_from_args, write_media_record
 
     processor = AutoProcessor.from_pretrained(str(run_dir))
-    media = media_settings_from_args(read_run_args(run_dir), family)
+    run_args = read_run_args(run_dir)
+    media = media_settings_from_args(run_args, family)
+    # the reasoning flags that decide prompts (data/reasoning.py), when training set them
+    thinking = {k: run_args[k] for k in ("enable_thinking", "preserve_thinking") if run_args.get(k) is not None}
     if media is None:
         log(f"{run_dir} records no media settings ({ARGS_FILE}): the processor is copied as it is, with its own "
             "pixel budgets")
     else:
         apply_media_settings(processor, media)
-        write_media_record(out, media)
+        write_media_record(out, media, thinking)
     processor.save_pretrained(out)
 
 

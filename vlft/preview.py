@@ -4,8 +4,9 @@
                  [--num_records 20 | --ids a,b,c] [--output preview.html]
 
 --model_id is a model directory (or id), or a run directory: then the model it trained from (its vlft_args.json's
-model_id) and the media settings it trained with (pixel budgets, frame sampling, --max_seq_length) are used,
-unless given here, as `vlft predict` does.
+model_id) and the media settings and reasoning flags it trained with (pixel budgets, frame sampling,
+--max_seq_length, --enable_thinking, --preserve_thinking, --train_empty_think) are used, unless given here, as
+`vlft predict` does.
 
 Everything shown comes from vlft's own data path, so what the page shows is what trains: the start-up check
 (data/prepare.py `prepare_data`, with --skip_bad_samples on, so that bad records are listed rather than stopping
@@ -15,7 +16,10 @@ record the page shows:
 - each image as the model sees it (resized to its pixel budget), with its patch grid (t x h x w) and its vision
   token count; for a video, a few of the frames vlft samples (data/video.py) with their time, the grid and count;
 - the tokens: trained ones (label != -100) and masked ones in different colours, special tokens outlined, each
-  vision span (<|vision_start|> ... <|vision_end|>) as one block with its token count;
+  vision span (<|vision_start|> ... <|vision_end|>) as one block with its token count; for a thinking model (or
+  answers with `<think>` text) the reasoning tokens, the think block as rendered (ChatEncoder's REASONING part), in
+  their own colour, apart from the answer tokens, trained or not (the empty block before a plain answer is masked
+  unless --train_empty_think);
 - the sequence length(s) in tokens and the vision tokens among them;
 - DPO: the prompt, then the chosen and the rejected answer with their masks; GRPO: the prompt (all masked: nothing
   of it trains) and the record's extra columns (solution, ...), which reach the reward functions;
@@ -40,6 +44,7 @@ from vlft.errors import DataError, Problem, VlftError
 from vlft.utils import log
 
 STAGES = ("sft", "dpo", "grpo")
+THINKING_FLAGS = ("enable_thinking", "preserve_thinking", "train_empty_think")  # a run's, used unless given here
 THUMB_SIDE = 192  # longest side of a thumbnail in the page, pixels
 
 
@@ -107,6 +112,7 @@ class Part:
     name: str
     ids: list[int]
     labels: list[int]  # IGNORE_INDEX on masked tokens
+    kinds: list[int] | None = None  # per token: data/encoding.py CONTEXT, REASONING or ANSWER (None: not known)
 
 
 @dataclass
@@ -178,38 +184,71 @@ def _prepare(data_path: str, record_format, selection: Selection, raw: dict, **k
     return prepared, [*prepared.skipped, *prepared.overlong]
 
 
-def _dataset(stage: str, prepared, processor, media, max_length: int | None):
+def _dataset(stage: str, prepared, processor, media, max_length: int | None, thinking):
     if stage == "dpo":
         from vlft.data.dpo import PreferenceDataset
 
         return PreferenceDataset(prepared.samples, prepared.image_paths, processor, media=media,
                                  video_sources=prepared.video_sources, max_length=max_length,
-                                 rejected_media=prepared.rejected_media)
+                                 rejected_media=prepared.rejected_media, thinking=thinking)
     if stage == "grpo":
         from vlft.data.grpo import PromptDataset
 
         return PromptDataset(prepared.samples, prepared.image_paths, processor, media=media,
-                             video_sources=prepared.video_sources)
+                             video_sources=prepared.video_sources, thinking=thinking)
     from vlft.data.sft import SFTDataset
 
     return SFTDataset(prepared.samples, prepared.image_paths, processor, media=media,
-                      video_sources=prepared.video_sources)
+                      video_sources=prepared.video_sources, thinking=thinking)
 
 
-def _parts(stage: str, item: dict) -> list[Part]:
-    """The token sequences of one dataset item, with the labels training uses (DPO: the answer masks)."""
+def _parts(stage: str, item: dict, encoder, sample, specs) -> list[Part]:
+    """The token sequences of one dataset item, with the labels training uses (DPO: the answer masks) and which
+    tokens are reasoning (`_conversation_kinds`, `_completion_kinds`). `specs`: the record's (image, video)
+    VisionSpecs from the start-up check."""
     if stage == "sft":
-        return [Part("conversation", item["input_ids"].tolist(), item["labels"].tolist())]
+        ids = item["input_ids"].tolist()
+        return [Part("conversation", ids, item["labels"].tolist(), _conversation_kinds(encoder, sample, specs, ids))]
     prompt = item["prompt_ids"].tolist()
     parts = [Part("prompt", prompt, [IGNORE_INDEX] * len(prompt))]
     if stage == "dpo":
-        for side in ("chosen", "rejected"):
+        for side, completion in zip(("chosen", "rejected"), sample.completions):
             if side == "rejected" and "rejected_prompt_ids" in item:  # image-side pair: its own pictures
                 other = item["rejected_prompt_ids"].tolist()
                 parts.append(Part("rejected-prompt", other, [IGNORE_INDEX] * len(other)))
             ids, mask = item[f"{side}_ids"].tolist(), item[f"{side}_mask"].tolist()
-            parts.append(Part(side, ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]))
+            parts.append(Part(side, ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)],
+                              _completion_kinds(encoder, sample.messages, completion, ids)))
     return parts
+
+
+def _conversation_kinds(encoder, sample, specs, ids: list[int]) -> list[int] | None:
+    """Per token of an SFT sequence: CONTEXT, REASONING or ANSWER, from the encoder that built it (`encode(...,
+    parts=True)`, the same render and tokenisation). None when that encoding is not `ids` (it always is)."""
+    encoded = encoder.encode(sample.messages, *specs, parts=True)
+    return encoded.parts if encoded.input_ids == ids else None
+
+
+def _completion_kinds(encoder, prompt: list[dict], completion, ids: list[int]) -> list[int] | None:
+    """Per token of a preference completion (`ids`, as `encode_preference` made it, perhaps cut by keep_start):
+    REASONING up to the answer, then ANSWER to its <|im_end|>, CONTEXT after. The completion is the text the
+    template renders after the generation prompt in prompt + completion (`encode_preference`'s rule); with thinking
+    on it starts inside the think block, with thinking off after it. None when that text does not give `ids`."""
+    from vlft.data.encoding import ANSWER, CONTEXT, REASONING
+
+    message = {"content": completion} if isinstance(completion, str) else dict(completion)
+    message["role"] = "assistant"
+    prompt_text = encoder.render(prompt, add_generation_prompt=True).text
+    text, spans, _ = encoder.render([*prompt, message])
+    if not text.startswith(prompt_text):
+        return None
+    start, span = len(prompt_text), spans[-1]
+    encoded = encoder.tokenizer(text[start:], add_special_tokens=False, return_offsets_mapping=True)
+    if encoded["input_ids"][:len(ids)] != ids:
+        return None
+    answer, end = span.answer - start, span.end - start
+    return [REASONING if e <= answer and s >= span.block - start else ANSWER if s >= answer and e <= end else CONTEXT
+            for s, e in encoded["offset_mapping"][:len(ids)]]
 
 
 def _data_uri(image, quality: int = 85) -> str:
@@ -267,6 +306,7 @@ def build_preview(args: PreviewArguments, model_args, data_args, *, processor_pa
     """Run the data path on the selected records and collect what the page shows. `data_args` already holds the
     run's settings (see `main`); `processor_path` is where the processor (tokenizer, patch sizes) loads from."""
     from vlft.data.prepare import length_flag_of
+    from vlft.data.reasoning import Thinking
     from vlft.models.loading import load_processor
 
     if not Path(data_args.data_path).exists():
@@ -275,11 +315,12 @@ def build_preview(args: PreviewArguments, model_args, data_args, *, processor_pa
     processor = load_processor(processor_path)
     media = data_args.media_settings(family)
     raw: dict = {}
+    thinking = Thinking.from_args(data_args)  # the reasoning flags decide what the template renders and what trains
     record_format = _record_format(args.stage, data_args.max_seq_length, args.truncation_mode)
     prepared, problems = _prepare(
         data_args.data_path, record_format, selection, raw, processor=processor, image_folder=data_args.image_folder,
         media=media, max_seq_length=data_args.max_seq_length, workers=data_args.check_workers,
-        length_flag=length_flag_of(data_args))
+        length_flag=length_flag_of(data_args), thinking=thinking)
     problems = [p for p in problems if p.index is None or selection.wants(p.index, p.record_id) or p.index in raw]
     if selection.ids:
         found = {str(r.get("id")) for r in raw.values() if isinstance(r, dict)} | {p.record_id for p in problems}
@@ -290,11 +331,12 @@ def build_preview(args: PreviewArguments, model_args, data_args, *, processor_pa
     views: dict[int, RecordView] = {}
     n_records = prepared.n_records if prepared else len(raw)
     if prepared is not None:
-        dataset = _dataset(args.stage, prepared, processor, media, data_args.max_seq_length)  # as vlft dpo builds it
+        dataset = _dataset(args.stage, prepared, processor, media, data_args.max_seq_length, thinking)  # as training
         encoder, cache = dataset.encoder, {}
         for i, sample in enumerate(prepared.samples):
             item = dataset[i]
-            view = RecordView(sample.index, sample.id, parts=_parts(args.stage, item), raw=raw.get(sample.index))
+            parts = _parts(args.stage, item, encoder, sample, (prepared.image_specs[i], prepared.video_specs[i]))
+            view = RecordView(sample.index, sample.id, parts=parts, raw=raw.get(sample.index))
             view.lengths = prepared.sequence_lengths[i]
             if args.stage == "dpo":  # after any keep_start cut: what trains
                 view.lengths = tuple(len(item.get(f"{s}_prompt_ids", item["prompt_ids"])) + len(item[f"{s}_ids"])
@@ -366,12 +408,17 @@ def _show(text: str) -> str:
     return html.escape(text).replace("\t", "→\t").replace("\n", "↵\n")
 
 
-def token_html(ids: Sequence[int], labels: Sequence[int], text: TokenText) -> tuple[str, dict]:
-    """One token sequence as spans: `tok trained` (label != IGNORE_INDEX) or `tok masked`, plus `special` for the
-    tokenizer's special tokens; each vision span (<|vision_start|> ... <|vision_end|>) becomes one `vision` block
-    naming its pad-token count instead of its hundreds of pads. Returns (html, counts: tokens, trained, vision)."""
+def token_html(ids: Sequence[int], labels: Sequence[int], text: TokenText,
+               kinds: Sequence[int] | None = None) -> tuple[str, dict]:
+    """One token sequence as spans: `tok trained` (label != IGNORE_INDEX) or `tok masked`, plus `reasoning` or
+    `answer` where `kinds` (data/encoding.py parts, one per token) says the token is in a think block or an answer,
+    and `special` for the tokenizer's special tokens; each vision span (<|vision_start|> ... <|vision_end|>) becomes
+    one `vision` block naming its pad-token count instead of its hundreds of pads. Returns (html, counts: tokens,
+    trained, vision, reasoning = reasoning tokens, trained_reasoning = those of them trained)."""
+    from vlft.data.encoding import ANSWER, REASONING
+
     out: list[str] = []
-    counts = {"tokens": len(ids), "trained": 0, "vision": 0}
+    counts = {"tokens": len(ids), "trained": 0, "vision": 0, "reasoning": 0, "trained_reasoning": 0}
     pieces = text.pieces(ids)
     i, numbers = 0, {"image": 0, "video": 0}
     while i < len(ids):
@@ -401,7 +448,11 @@ def token_html(ids: Sequence[int], labels: Sequence[int], text: TokenText) -> tu
         counts["trained"] += trained
         if tok in (text.image_pad, text.video_pad):  # a pad outside a vision span (not in Qwen templates)
             counts["vision"] += 1
-        classes = "tok " + ("trained" if trained else "masked") + (" special" if tok in text.special else "")
+        kind = kinds[i] if kinds is not None else None
+        counts["reasoning"] += kind == REASONING
+        counts["trained_reasoning"] += trained and kind == REASONING
+        classes = ("tok " + ("trained" if trained else "masked") + {REASONING: " reasoning", ANSWER: " answer"}.get(kind, "")
+                   + (" special" if tok in text.special else ""))
         out.append(f'<span class="{classes}" title="id {tok}">{_show(pieces[i])}</span>')
         i += 1
     return "".join(out), counts
@@ -425,6 +476,7 @@ h1{font-size:20px;margin:0 0 4px}h2{font-size:15px;margin:0 0 6px}h3{font-size:1
 line-height:1.7;border:1px solid #eee;padding:6px;background:#fcfcfc}
 .tok{border-right:1px solid rgba(0,0,0,.12)}
 .trained{background:#c8f0c8}.masked{background:#eceff3;color:#59606a}
+.trained.reasoning{background:#cfe3ff;color:#0b3d91}.masked.reasoning{background:#eef3fb;color:#6b7fa6;font-style:italic}
 .special{outline:1px solid #7b3fb3;color:#6a2ea3;font-weight:600}
 .vision{background:#ffe2a8;border:1px solid #d18f00;border-radius:3px;padding:0 4px;color:#6b4700;font-weight:600}
 table.columns{border-collapse:collapse}table.columns td,table.columns th{border:1px solid #ddd;padding:2px 6px;
@@ -472,22 +524,25 @@ def record_html(view: RecordView, text: TokenText) -> str:
         body.append(f'<div class="problems record-problems"><b>This record is {verdict}:</b><ul>'
                     + "".join(_problem_li(p, with_record=False) for p in view.problems) + "</ul></div>")
     if view.parts:
-        blocks, total = [], {"tokens": 0, "trained": 0, "vision": 0}
+        blocks, total = [], {"tokens": 0, "trained": 0, "vision": 0, "reasoning": 0, "trained_reasoning": 0}
         for part in view.parts:
-            spans, counts = token_html(part.ids, part.labels, text)
+            spans, counts = token_html(part.ids, part.labels, text, part.kinds)
             for k in total:
                 total[k] += counts[k]
             label = ("" if part.name == "conversation" else
                      f'<h3>{part.name} ({counts["tokens"]} tokens, {counts["trained"]} trained)</h3>')
-            blocks.append(f'{label}<div class="tokens part-{part.name}" data-trained="{counts["trained"]}">{spans}</div>')
+            blocks.append(f'{label}<div class="tokens part-{part.name}" data-trained="{counts["trained"]}" '
+                          f'data-reasoning="{counts["trained_reasoning"]}">{spans}</div>')
         if len(view.lengths) == 2:
             length = f"<b>{view.lengths[0]}</b> tokens with the chosen answer, <b>{view.lengths[1]}</b> with the rejected"
         else:
             length = f"<b>{view.lengths[0] if view.lengths else total['tokens']}</b> tokens"
         trains = (" (a prompt: the completions are generated, and trained, during the run)"
                   if all(p.name == "prompt" for p in view.parts) else "")
+        reasoning = (f', <b class="reasoning-count">{total["trained_reasoning"]}</b> of them reasoning'
+                     if total["reasoning"] else "")
         body.append(f'<div class="stats">{length} · <b>{total["vision"]}</b> vision tokens · '
-                    f'<b class="trained-count">{total["trained"]}</b> trained tokens{trains}</div>')
+                    f'<b class="trained-count">{total["trained"]}</b> trained tokens{reasoning}{trains}</div>')
         body.append(_media_html(view.media))
         body += blocks
         if view.columns:
@@ -504,6 +559,8 @@ def record_html(view: RecordView, text: TokenText) -> str:
 
 
 def page_html(preview: Preview) -> str:
+    from vlft.data.encoding import REASONING
+
     text = TokenText(preview.tokenizer)
     settings = ", ".join(f"{k} {v}" for k, v in preview.settings.items() if v is not None)
     good = sum(bool(r.parts) for r in preview.records)
@@ -511,8 +568,14 @@ def page_html(preview: Preview) -> str:
             f'{html.escape(preview.data_path)}</code> · stage <code>{preview.stage}</code><br>'
             f'{len(preview.records)} record(s) shown of {preview.n_records} in the file, {good} usable, '
             f'{len(preview.records) - good} left out by the start-up check · {html.escape(settings)}</div>')
-    legend = ('<div class="legend">legend: <span class="tok trained">trained (label = token)</span>'
-              '<span class="tok masked">masked (label -100)</span><span class="tok masked special">special token</span>'
+    # the reasoning entries only where some record has a think block (a thinking template, or <think> text)
+    thinks = any(p.kinds is not None and REASONING in p.kinds for r in preview.records for p in r.parts)
+    reasoning = ('<span class="tok trained reasoning">reasoning, trained (think block)</span>'
+                 '<span class="tok masked reasoning">think block, masked (empty, before a plain answer)</span>'
+                 if thinks else "")
+    legend = ('<div class="legend">legend: <span class="tok trained answer">trained (label = token)</span>'
+              f'{reasoning}<span class="tok masked">masked (label -100)</span>'
+              '<span class="tok masked special">special token</span>'
               '<span class="vision">vision span · N tokens</span> ↵ line break · hover a token for its id</div>')
     problems = ""
     if preview.problems:
@@ -532,7 +595,8 @@ def page_html(preview: Preview) -> str:
 
 def _model_and_settings(model_args, data_args, given: set[str]):
     """(processor path, family, data_args): for a run directory its base model and the media settings and length
-    limit it trained with (each unless given on this command line); otherwise the model itself."""
+    limit it trained with, and its reasoning flags (each unless given on this command line); otherwise the model
+    itself."""
     from vlft.models.loading import load_family
     from vlft.predict import _media_from_run
     from vlft.run_dir import base_model_of, read_run_args
@@ -542,7 +606,8 @@ def _model_and_settings(model_args, data_args, given: set[str]):
     if not run_args:
         return model_args.model_id, load_family(model_args.model_id), data_args
     base = base_model_of(model)
-    data_args = _media_from_run(data_args, run_args, given)
+    # and its reasoning flags: they decide what the template renders and which tokens train
+    data_args = _media_from_run(data_args, run_args, given, extra=THINKING_FLAGS)
     if not {"max_seq_length", "max_length"} & given and run_args.get("max_seq_length"):
         data_args.max_seq_length = int(run_args["max_seq_length"])
     # a run directory holds the processor the Trainer saved; an adapter run without one uses its base model's

@@ -265,3 +265,75 @@ def test_preserve_thinking_keeps_and_learns_history_reasoning(qwen3_5):
         f"<think>\nAdd them.\n</think>\n\n7{IM_END}", f"<think>\nTen.\n</think>\n\n10{IM_END}"]
     default = ChatEncoder(processor_with(qwen3_5, "qwen3_6"))
     assert default.render(messages).dropped == (1,)
+
+
+def _preference_file(tmp_path, records):
+    import json
+
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+PAIRS = [
+    {"id": "inline", "prompt": "What is 3+4?", "chosen": "<think>\nAdd them.\n</think>\n\n7",
+     "rejected": "<think>\nGuess.\n</think>\n\n8"},
+    {"id": "field", "prompt": "What is 3+4?",
+     "chosen": {"from": "gpt", "value": "7", "reasoning_content": "Add them."}, "rejected": "8"},
+]
+
+
+def test_dpo_pairs_carry_reasoning_after_a_thinking_prompt(qwen3_5, tmp_path):
+    """DPO with a thinking template (thinking on by default): the prompt ends `<think>\\n`; a chosen answer's
+    reasoning, written inline or in reasoning_content, is part of its completion and of its mask, the same ids either
+    way; a plain rejected answer's completion closes an empty block, as the policy would generate it."""
+    from conftest import DEMO_MEDIA
+
+    from vlft.data.dpo import PreferenceDataset, PreferenceFormat
+    from vlft.data.prepare import prepare_data
+
+    tok = qwen3_5.tokenizer
+    data = prepare_data(_preference_file(tmp_path, PAIRS), PreferenceFormat(4096, "keep_start").record_format(),
+                        processor=qwen3_5, image_folder=None, media=DEMO_MEDIA, max_seq_length=4096)
+    ds = PreferenceDataset(data.samples, data.image_paths, qwen3_5, media=DEMO_MEDIA, max_length=4096)
+    inline_item, field_item = ds[0], ds[1]
+    assert tok.decode(inline_item["prompt_ids"]).endswith("<|im_start|>assistant\n<think>\n")
+    for item in (inline_item, field_item):
+        assert tok.decode(item["chosen_ids"]) == "Add them.\n</think>\n\n7<|im_end|>\n"
+        assert item["chosen_mask"].tolist() == [1] * (len(item["chosen_ids"]) - 1) + [0]
+    assert inline_item["chosen_ids"].tolist() == field_item["chosen_ids"].tolist()
+    assert tok.decode(inline_item["rejected_ids"]) == "Guess.\n</think>\n\n8<|im_end|>\n"
+    assert tok.decode(field_item["rejected_ids"]) == "\n</think>\n\n8<|im_end|>\n"
+
+
+def test_dpo_reasoning_with_thinking_off_is_named_at_start_up(qwen3_5, tmp_path):
+    """--enable_thinking false closes the think block in the prompt, so an answer with reasoning cannot follow it:
+    the record and the answer are named before any model loads."""
+    from conftest import DEMO_MEDIA
+
+    from vlft.data.dpo import PreferenceFormat
+    from vlft.data.prepare import prepare_data
+    from vlft.errors import DataError
+
+    with pytest.raises(DataError) as err:
+        prepare_data(_preference_file(tmp_path, PAIRS), PreferenceFormat(4096, "keep_start").record_format(),
+                     processor=qwen3_5, image_folder=None, media=DEMO_MEDIA, max_seq_length=4096,
+                     thinking=Thinking(enable_thinking=False))
+    text = str(err.value)
+    assert "record 0 (id 'inline'), field 'chosen'" in text and "record 1 (id 'field'), field 'chosen'" in text
+    assert "--enable_thinking true" in text and "pairs.json" in text
+
+
+@pytest.mark.parametrize("stage", ["dpo", "grpo"])
+def test_train_empty_think_is_sft_only(stage, tiny_model_factory, tmp_path):
+    """--train_empty_think decides which tokens SFT learns; DPO and GRPO refuse it before anything loads."""
+    from conftest import REPO
+
+    from vlft.errors import VlftError
+
+    run = __import__(f"vlft.train.{stage}", fromlist=["run"]).run
+    data = REPO / "data_examples" / f"{stage}_demo.json"
+    with pytest.raises(VlftError, match=f"--train_empty_think decides which tokens SFT learns; in vlft {stage}"):
+        run(["--model_id", str(tiny_model_factory("qwen3_5")), "--data_path", str(data), "--train_empty_think", "true",
+             "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    assert not (tmp_path / "o").exists()

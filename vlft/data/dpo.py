@@ -61,10 +61,11 @@ class PreferenceFormat:
 class PreferenceDataset(SFTDataset):
     """Prepared preference samples -> one dict per pair:
 
-        prompt_ids [P], chosen_ids [C], chosen_mask [C], rejected_ids [R], rejected_mask [R] (long tensors; the
-        masks are 1 on the answer and its <|im_end|>), pair_index (int: the position in the dataset, the key of
-        precomputed reference log-probs), and the prompt's media as the SFT dataset gives them (`pixel_values`,
-        `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`, `second_per_grid_ts`).
+        prompt_ids [P], chosen_ids [C], chosen_mask [C], rejected_ids [R], rejected_mask [R] (long tensors;
+        the masks are 1 on what the policy generates after the prompt, up to and including the answer's
+        <|im_end|>: after a thinking prompt, the reasoning and `</think>` too), pair_index (int: the position in
+        the dataset, the key of precomputed reference log-probs), and the prompt's media as the SFT dataset gives
+        them (`pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`, `second_per_grid_ts`).
         Image-side pairs (`rejected_media[i]` not None) also hold `rejected_prompt_ids` [P'] (the prompt with the
         rejected sequence's pictures: its own vision spans) and `rejected_media`: the media tensors of the kinds
         the record replaces (`image_grid_thw` present: its images; `video_grid_thw`: its videos); the other kind
@@ -75,9 +76,9 @@ class PreferenceDataset(SFTDataset):
     cannot fit). `rejected_media`: data preparation's `PreparedData.rejected_media` (None: no image-side pairs)."""
 
     def __init__(self, samples: list[PreferenceSample], image_paths, processor, *, media, video_sources=None,
-                 max_length: int | None = None, raw_pixels: bool = False, rejected_media=None):
+                 max_length: int | None = None, raw_pixels: bool = False, rejected_media=None, thinking=None):
         super().__init__(samples, image_paths, processor, media=media, video_sources=video_sources,
-                         raw_pixels=raw_pixels)
+                         raw_pixels=raw_pixels, thinking=thinking)
         self.max_length = max_length
         self.rejected_media = rejected_media or [None] * len(samples)
 

@@ -252,7 +252,7 @@ class ChatEncoder:
     def _dropped_answer(self, marked: list[dict], turns: list[int]) -> int | None:
         """The first assistant turn whose marked answer the template leaves out (error path only)."""
         for k in turns:
-            only = [m if i == k else {**m, "content": re.sub(_MARKER_RE, "", m.get("content") or ""),
+            only = [m if i == k or m["role"] != "assistant" else {**m, "content": re.sub(_MARKER_RE, "", m.get("content") or ""),
                                       **({"reasoning_content": re.sub(_MARKER_RE, "", m["reasoning_content"])}
                                          if "reasoning_content" in m else {})}
                     for i, m in enumerate(marked)]

@@ -170,12 +170,13 @@ def media_record(media: MediaSettings) -> dict:
     return dataclasses.asdict(media)
 
 
-def write_media_record(directory: str | os.PathLike, media: MediaSettings) -> Path:
-    """Write MEDIA_FILE (vlft/run_dir.py) into `directory`; returns its path."""
+def write_media_record(directory: str | os.PathLike, media: MediaSettings, extra: dict | None = None) -> Path:
+    """Write MEDIA_FILE (vlft/run_dir.py) into `directory`, with `extra` flags that decide prompts too (the
+    reasoning flags training set: predict renders prompts as training did); returns its path."""
     from vlft.run_dir import MEDIA_FILE
 
     path = Path(directory) / MEDIA_FILE
-    path.write_text(json.dumps(media_record(media), indent=2, sort_keys=True))
+    path.write_text(json.dumps({**media_record(media), **(extra or {})}, indent=2, sort_keys=True))
     return path
 
 

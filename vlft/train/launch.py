@@ -102,6 +102,7 @@ def check_training_flags(data_args, train_args, *, stage: str) -> None:
     """The flags HF's Trainer would only reject after the model load, checked before anything loads:
 
     - --report_to: each reporter's package is installed (tensorboard, wandb);
+    - --train_empty_think: SFT only (which tokens SFT learns);
     - evaluation, SFT: --eval_data_path turns on --eval_strategy steps when that was left at "no" (every
       --eval_steps, which the Trainer defaults to --logging_steps); --eval_strategy or --load_best_model_at_end
       without --eval_data_path is an error. Other stages do not evaluate yet: any of these flags is an error."""
@@ -114,6 +115,11 @@ def check_training_flags(data_args, train_args, *, stage: str) -> None:
         if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
             raise VlftError(f"--report_to {name} needs the {packages[0]} package, which this Python lacks: "
                             f"pip install {packages[0]}, or choose another --report_to (none, tensorboard, wandb)")
+
+    if stage != "sft" and getattr(data_args, "train_empty_think", False):
+        what = ("every completion token the policy generates is scored, an empty block's included" if stage == "dpo"
+                else "the completions are the policy's own; nothing is learned from labels")
+        raise VlftError(f"--train_empty_think decides which tokens SFT learns; in vlft {stage} {what}: drop the flag")
 
     evaluating = train_args.eval_strategy != IntervalStrategy.NO
     asked = [flag for flag, on in (("--eval_data_path", bool(data_args.eval_data_path)),

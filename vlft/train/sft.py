@@ -10,8 +10,10 @@ records (--eval_data_path) go through the same start-up check, before the model 
 """
 from __future__ import annotations
 
+from vlft.check import quick_reasoning_counts, reasoning_report
 from vlft.config import SFT_GROUPS, family_for, parse_args, resolved_args, validate
 from vlft.data.collator import PackingCollator, SFTCollator
+from vlft.data.encoding import ChatEncoder
 from vlft.data.packing import length_grouped_order, plan_packs
 from vlft.data.prepare import length_flag_of, prepare_sft_data
 from vlft.data.reasoning import Thinking
@@ -47,6 +49,9 @@ def run(argv: list[str]):
 
     data = prepare(data_args.data_path)
     log(f"data: {data.summary()}")
+    encoder = ChatEncoder(processor, thinking)
+    for line in reasoning_report(quick_reasoning_counts(encoder, data.samples), encoder.reasoning, thinking):
+        log(line)
     eval_data = prepare(data_args.eval_data_path) if data_args.eval_data_path else None
     if eval_data is not None:
         when = (f"every {train_args.eval_steps:g} steps (--eval_steps)" if train_args.eval_strategy == "steps"
