@@ -2,7 +2,8 @@
 # GRPO on prompts with verifiable answers (data/grpo.py: a LLaVA prompt with media and any extra keys, e.g.
 # "solution", which reach the reward functions by name), usually after SFT: MODEL is then the merged SFT model.
 # LoRA on the language model by default (LORA_ENABLE=false: full fine-tuning). REWARD_FUNCS takes built-in names
-# (format accuracy count choice iou overlong repetition) and path/to/file.py:function or module:function.
+# (format think_format accuracy count choice iou overlong repetition) and path/to/file.py:function or module:function;
+# on thinking models accuracy, count, choice and iou score the answer after </think>.
 # With no settings it runs the offline demo (tiny model + data_examples/grpo_demo.json) on whatever this machine has.
 # MODEL: any Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense or MoE) or Qwen3.5 (dense or MoE) checkpoint, e.g. Qwen/Qwen3.5-9B;
 # the family comes from its config.json (README: the model table).
