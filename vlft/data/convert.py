@@ -13,6 +13,9 @@ Read (detected from the records' keys, never from a flag):
                        {"url": path or file://...}}, and the same for video / video_url. A typed media part becomes
                        a tag in place, in order.
 
+System prompt: a top-level `system` string (LLaMA-Factory's `system` column, in either layout) is kept on the
+record as written; data/llava.py makes it the leading system turn, and refuses a record that also has a system turn.
+
 Reasoning: an assistant message's `reasoning_content` (or `reasoning`, vLLM's / OpenRouter's name) becomes its LLaVA
 gpt turn's `reasoning_content`; a ShareGPT turn carrying it keeps it. An answer's inline <think>...</think> stays in
 its text. data/llava.py checks both forms.

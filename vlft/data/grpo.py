@@ -6,8 +6,9 @@
 
 A record whose conversation ends with a gpt turn and that has no `solution` gets that turn as its solution, and
 the prompt is everything before it (2U1's layout). 2U1's flat form (`prompt` as a string) is read too. Media are
-SFT's keys and are loaded exactly as in SFT (data/sft.py); a prompt is never cut (a vision span would break):
-data preparation drops a prompt longer than `--max_prompt_length` and counts it.
+SFT's keys and are loaded exactly as in SFT (data/sft.py); a top-level `system` string is the prompt's system
+message (data/llava.py), not a column. A prompt is never cut (a vision span would break): data preparation drops a
+prompt longer than `--max_prompt_length` and counts it, and lists the reward columns once.
 """
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ from dataclasses import dataclass, field
 import torch
 
 from vlft.constants import IGNORE_INDEX
-from vlft.data.llava import parse_record
+from vlft.data.llava import LLAVA_KEYS, parse_record
 from vlft.data.media import MediaError
 from vlft.data.prepare import RecordFormat
 from vlft.data.reasoning import message_reasoning
 from vlft.data.sft import SFTDataset
 from vlft.errors import Problem, VlftError
 
-RECORD_KEYS = frozenset({"id", "image", "video", "conversations", "prompt"})
+RECORD_KEYS = LLAVA_KEYS | {"prompt"}  # the prompt's keys; every other key is a reward column
 # the reward functions' own arguments (TRL's signature): a column may not take these names
 RESERVED_COLUMNS = frozenset({"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric"})
 
@@ -37,6 +38,7 @@ class PromptSample:
     images: list[str]
     videos: list = field(default_factory=list)
     columns: dict = field(default_factory=dict)  # every other key of the record (solution, bbox, ...), as written
+    turn_offset: int = 0  # messages[k] is the record's conversations[k - turn_offset] (llava.Sample)
 
 
 def parse_prompt_record(record: object, index: int, file: str) -> tuple[PromptSample | None, list[Problem]]:
@@ -69,14 +71,14 @@ def parse_prompt_record(record: object, index: int, file: str) -> tuple[PromptSa
         if not messages or messages[-1]["role"] != "user":
             return None, [Problem(file, index, "conversations", "no human turn before the final gpt turn",
                                   "give the prompt as a human turn", record_id)]
-    return PromptSample(index, sample.id, messages, sample.images, sample.videos, columns), []
+    return PromptSample(index, sample.id, messages, sample.images, sample.videos, columns, sample.turn_offset), []
 
 
 def _prompt_lengths(encoder, sample: PromptSample, images, videos) -> tuple[int, ...]:
     return (len(encoder.encode_prompt(sample.messages, images, videos).input_ids),)
 
 
-PROMPT = RecordFormat("prompt", parse_prompt_record, _prompt_lengths)
+PROMPT = RecordFormat("prompt", parse_prompt_record, _prompt_lengths, keys=RECORD_KEYS, columns=True)
 
 
 class PromptDataset(SFTDataset):

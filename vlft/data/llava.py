@@ -4,7 +4,12 @@ A gpt turn may carry its reasoning (data/reasoning.py) inline, `"value": "<think
 the value, `"reasoning_content": "R"` (alias `reasoning`, vLLM's / OpenRouter's name). The inline form stays in the
 message's content as written (a thinking template splits it by the rule `split_reasoning` checks; other templates
 train it as text, as R1-style data expect); the field becomes the message's `reasoning_content`. Either is checked
-here, so text a template would silently rewrite is refused before any model loads."""
+here, so text a template would silently rewrite is refused before any model loads.
+
+The system prompt is a leading `{"from": "system"}` turn, or a top-level `"system": "..."` string (LLaMA-Factory's
+ShareGPT layout, and the `system` column of its other formats), which becomes that turn; a record giving both is
+refused. Without either, the chat template's default system prompt is used (Qwen2-VL: "You are a helpful
+assistant.")."""
 from __future__ import annotations
 
 import re
@@ -18,6 +23,9 @@ from vlft.errors import Problem
 Report = Callable[[str, str, str], None]  # (field, message, hint)
 TAGS = {"image": IMAGE_TAG, "video": VIDEO_TAG}  # record key -> its placeholder in human turns
 _TAG_SPLIT = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
+SYSTEM_KEY = "system"
+# the top-level keys parse_record reads; data preparation lists any other key of the records as unused
+LLAVA_KEYS = frozenset({"id", "image", "video", "conversations", SYSTEM_KEY})
 
 
 @dataclass
@@ -30,11 +38,14 @@ class Sample:
     images: list[str]  # image paths exactly as written in the record, in tag order
     # videos in tag order: a file or a folder of frames (str), or a list of frame image paths
     videos: list[str | list[str]] = field(default_factory=list)
+    # messages[k] is the record's conversations[k - turn_offset]: 1 when the `system` key gave the system message
+    turn_offset: int = 0
 
 
 def parse_record(record: object, index: int, file: str, *, require_answer: bool = True) -> tuple[Sample | None, list[Problem]]:
     """Convert one LLaVA record; on any defect return (None, every problem found in the record).
-    `require_answer=False` (prediction) accepts a conversation that ends with a human turn."""
+    `require_answer=False` (prediction) accepts a conversation that ends with a human turn. A top-level `system`
+    string becomes the leading system message (`system_prompt`)."""
     if not isinstance(record, dict):
         problem = Problem(file, index, "", f"the record is a {type(record).__name__}, not an object",
                           'write each record as {"image": ..., "conversations": [...]}')
@@ -47,6 +58,7 @@ def parse_record(record: object, index: int, file: str, *, require_answer: bool 
         problems.append(Problem(file, index, field, message, hint, record_id))
 
     media = {key: check_media(record.get(key), key, report) for key in TAGS}
+    system = system_prompt(record, report)
     turns = _check_turns(record.get("conversations"), report)
     if turns is not None:
         _check_order([role for role, _, _ in turns], report, require_answer)
@@ -66,7 +78,37 @@ def parse_record(record: object, index: int, file: str, *, require_answer: bool 
         | ({} if reasoning is None else {"reasoning_content": reasoning})
         for role, value, reasoning in turns
     ]
-    return Sample(index=index, id=record_id, messages=messages, images=media["image"], videos=media["video"]), []
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return Sample(index=index, id=record_id, messages=messages, images=media["image"], videos=media["video"],
+                  turn_offset=int(system is not None)), []
+
+
+def system_prompt(record: dict, report: Report) -> str | None:
+    """The record's top-level `system` string (LLaMA-Factory's ShareGPT `system` column), or None when the key is
+    absent or null (a parquet or arrow column is null in the rows that lack it). Reported, field `system`: a value
+    that is not a string, an empty one, text the tokenizer would read as chat structure or with a media tag, and a
+    record whose conversation starts with a system turn too (the prompt given twice)."""
+    value = record.get(SYSTEM_KEY)
+    if value is None:
+        return None
+    hint = ('write the system prompt as a string, "system": "You are ...", or leave the key out to use the chat '
+            "template's default system prompt")
+    if not isinstance(value, str):
+        report(SYSTEM_KEY, f"'system' is a {type(value).__name__}, not a string", hint)
+        return None
+    if not value.strip():
+        report(SYSTEM_KEY, "the system prompt is empty", hint)
+        return None
+    turns = record.get("conversations")
+    first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+    speaker = first.get("from")
+    if isinstance(speaker, str) and ROLE_MAP.get(speaker) == "system":
+        report(SYSTEM_KEY, "the system prompt is given twice: in the 'system' key and as the conversation's first "
+               "(system) turn", "keep one of them: drop the 'system' key, or the system turn")
+        return None
+    check_text(value, "system", SYSTEM_KEY, report)
+    return value
 
 
 def check_media(value: object, key: str, report: Report, kind: str | None = None) -> list | None:

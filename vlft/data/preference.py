@@ -11,7 +11,8 @@ Two layouts are read:
      "chosen": "A cat.", "rejected": "A dog."}                        turn as a string
 
 Media keys are SFT's (`image`, `video`: one or a list), with one tag per item in the human turns; the chosen and
-rejected answers share the prompt's media. Every problem names the record's field as the user wrote it.
+rejected answers share the prompt's media. A top-level `system` string is the prompt's system message in both
+layouts, as in SFT (data/llava.py). Every problem names the record's field as the user wrote it.
 
 Reasoning: an answer may carry it inline, `"chosen": "<think>R</think>A"`, or in its object form,
 `{"from": "gpt", "value": "A", "reasoning_content": "R"}` (alias `reasoning`), with SFT's checks (data/llava.py
@@ -32,11 +33,13 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
-from vlft.data.llava import TAGS, Report, check_media, check_reasoning, check_text, parse_record
+from vlft.data.llava import LLAVA_KEYS, TAGS, Report, check_media, check_reasoning, check_text, parse_record
 from vlft.errors import Problem
 
 ANSWER_KEYS = ("chosen", "rejected")
 REJECTED_MEDIA = {"rejected_image": "image", "rejected_video": "video"}  # record key -> the prompt media it replaces
+# the top-level keys a preference record is read from (data preparation lists any other key as unused)
+PREFERENCE_KEYS = LLAVA_KEYS | {"prompt", *ANSWER_KEYS, *REJECTED_MEDIA}
 _ANSWER_HINT = 'give the answer as a string, or as {"from": "gpt", "value": "..."}'
 Answer = tuple[str, str | None]  # (answer, reasoning or None), as the chat template reads them
 
@@ -54,6 +57,7 @@ class PreferenceSample:
     rejected_videos: list | None = None
     chosen_reasoning: str | None = None  # the answers' reasoning, inline or from the field; None when none is given
     rejected_reasoning: str | None = None
+    turn_offset: int = 0  # messages[k] is the record's conversations[k - turn_offset] (llava.Sample)
 
     @property
     def rejected_media(self) -> tuple[list, list] | None:
@@ -154,7 +158,7 @@ def parse_preference_record(record: object, index: int, file: str) -> tuple[Pref
             report("rejected", "the rejected answer is the same as the chosen one, so the pair teaches nothing",
                    "give two different answers, or drop the record")
     if sample is not None and sample.messages[-1]["role"] != "user":
-        last = "prompt" if flat else f"conversations[{len(sample.messages) - 1}]"
+        last = "prompt" if flat else f"conversations[{len(sample.messages) - 1 - sample.turn_offset}]"
         report(last, "the prompt ends with a gpt turn", "end the prompt with the human turn the answers reply to; "
                "the answers go in 'chosen' and 'rejected'")
     if problems or sample is None:
@@ -162,4 +166,4 @@ def parse_preference_record(record: object, index: int, file: str) -> tuple[Pref
     (chosen, chosen_reasoning), (rejected, rejected_reasoning) = answers["chosen"], answers["rejected"]
     return PreferenceSample(index, sample.id, sample.messages, chosen, rejected, sample.images, sample.videos,
                             rejected_media.get("image"), rejected_media.get("video"), chosen_reasoning,
-                            rejected_reasoning), []
+                            rejected_reasoning, sample.turn_offset), []

@@ -5,7 +5,9 @@ A stage brings only a `RecordFormat`: a pure parser (record -> sample with messa
 problems found; no I/O) and the encoding whose lengths must fit `--max_seq_length` (SFT: the conversation;
 preference pairs: prompt + each answer; prompts: the generation prompt). Everything else is shared here: path
 resolution, media probing and decoding (each file once, in threads), tokenisation with the model's template
-(data/encoding.py), the skip / drop policy and one error report naming file, record, id and field.
+(data/encoding.py), the skip / drop policy and one error report naming file, record, id and field. The records'
+top-level keys that the stage does not read are listed once (`key_census`), so a misspelt field is seen, not
+dropped.
 
     prepared = prepare_data("train.json", CONVERSATION, processor=processor, image_folder="images/",
                             media=media, max_seq_length=8192)
@@ -14,7 +16,9 @@ resolution, media probing and decoding (each file once, in threads), tokenisatio
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import difflib
+from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,9 +26,9 @@ from pathlib import Path
 
 from vlft.data.convert import load_llava_records
 from vlft.data.encoding import ChatEncoder, EncodingError, VisionSpec
-from vlft.data.llava import Sample, parse_record
+from vlft.data.llava import LLAVA_KEYS, SYSTEM_KEY, Sample, parse_record
 from vlft.data.media import MediaError, image_grid, load_image, resolve_media_path
-from vlft.data.preference import ANSWER_KEYS, PreferenceSample, parse_preference_record
+from vlft.data.preference import ANSWER_KEYS, PREFERENCE_KEYS, PreferenceSample, parse_preference_record
 from vlft.data.reasoning import Thinking
 from vlft.data.video import check_video
 from vlft.errors import DataError, Problem, VlftError
@@ -69,6 +73,42 @@ class RecordFormat:
     name: str
     parse: RecordParser
     sequence_lengths: SequenceLengths
+    # the top-level record keys the stage reads (None: those PARSER_KEYS gives for `parse`); prepare_data lists
+    # every other key once as unused
+    keys: frozenset[str] | None = None
+    columns: bool = False  # the other keys are passed on (GRPO's reward columns), listed as such, not as unused
+
+    @property
+    def used_keys(self) -> frozenset[str] | None:
+        return self.keys if self.keys is not None else PARSER_KEYS.get(self.parse)
+
+
+# the keys of a parser whose RecordFormat is built elsewhere without `keys` (data/dpo.py PreferenceFormat)
+PARSER_KEYS = {parse_preference_record: PREFERENCE_KEYS}
+
+
+def key_census(records: Iterable, record_format: RecordFormat, limit: int = 12) -> str | None:
+    """One line naming the top-level keys of `records` that `record_format` does not read, each with the number of
+    records that carry it (keys with a null value do not count: a parquet column is null where a row lacks it), or
+    None when there are none (or the format does not say which keys it reads). One pass over the records. With
+    `record_format.columns` (GRPO) those keys are the reward columns and named so; otherwise they are "unused keys
+    (ignored)", each with the closest key the stage reads when one is close (a misspelling)."""
+    used = record_format.used_keys
+    if used is None:
+        return None
+    counts = Counter(key for record in records if isinstance(record, dict)
+                     for key, value in record.items() if value is not None and key not in used)
+    if not counts:
+        return None
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    names = []
+    for key, n in ranked[:limit]:
+        close = [] if record_format.columns else difflib.get_close_matches(str(key), sorted(used), n=1, cutoff=0.75)
+        names.append(f"{key!r} in {n} record{'' if n == 1 else 's'}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if len(ranked) > limit:
+        names.append(f"{len(ranked) - limit} more")
+    what = "reward columns (passed to the reward functions)" if record_format.columns else "unused keys (ignored)"
+    return f"{what}: {', '.join(names)}"
 
 
 def _conversation_lengths(encoder: ChatEncoder, sample: Sample, images, videos) -> tuple[int, ...]:
@@ -102,10 +142,12 @@ def _parse_conversation_or_prompt(record: object, index: int, file: str):
 
 
 # SFT: LLaVA conversations ending with a gpt turn. Prediction: the last turn may be human (no reference).
-CONVERSATION = RecordFormat("conversation", partial(parse_record, require_answer=True), _conversation_lengths)
-CONVERSATION_OR_PROMPT = RecordFormat("conversation or prompt", _parse_conversation_or_prompt, _conversation_lengths)
+CONVERSATION = RecordFormat("conversation", partial(parse_record, require_answer=True), _conversation_lengths,
+                            keys=LLAVA_KEYS)
+CONVERSATION_OR_PROMPT = RecordFormat("conversation or prompt", _parse_conversation_or_prompt, _conversation_lengths,
+                                      keys=LLAVA_KEYS | {"prompt"})
 # DPO: a prompt with a chosen and a rejected answer (data/preference.py); one sequence per answer
-PREFERENCE = RecordFormat("preference", parse_preference_record, _preference_lengths)
+PREFERENCE = RecordFormat("preference", parse_preference_record, _preference_lengths, keys=PREFERENCE_KEYS)
 RECORD_FORMATS = {"sft": CONVERSATION, "predict": CONVERSATION_OR_PROMPT, "dpo": PREFERENCE}
 
 
@@ -182,12 +224,15 @@ def _relative(raw) -> bool:
     return any(not Path(p).is_absolute() for p in (raw if isinstance(raw, list) else [raw]))
 
 
-def _encoding_field(error: EncodingError) -> str:
+def _encoding_field(error: EncodingError, sample) -> str:
     """The record field an EncodingError is about, as the LLaVA layout names it (`loaded.source` maps it to the
-    user's own format)."""
+    user's own format); a message index counts the system message of a `system` key (`sample.turn_offset`)."""
     if error.completion is not None:
         return ANSWER_KEYS[error.completion] if error.completion < len(ANSWER_KEYS) else "conversations"
-    return "conversations" if error.turn is None else f"conversations[{error.turn}].value"
+    if error.turn is None:
+        return "conversations"
+    turn = error.turn - getattr(sample, "turn_offset", 0)
+    return SYSTEM_KEY if turn < 0 else f"conversations[{turn}].value"
 
 
 def length_flag_of(data_args) -> str:
@@ -243,6 +288,9 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
     file = str(data_path)
     loaded = load_llava_records(data_path)  # any supported format, as LLaVA records (data/convert.py)
     records = loaded.records
+    census = key_census(records, record_format)
+    if census:
+        log(f"{file}: {census}")
     problems: list[Problem] = list(loaded.problems)
     parsed = []
     for index, record in enumerate(records):
@@ -319,7 +367,7 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
             lengths = tuple(record_format.sequence_lengths(encoder, sample, specs["image"], specs["video"],
                                                            **({} if other is None else {"rejected": other})))
         except EncodingError as e:  # the template drops or rewrites an answer: named here, before the model loads
-            problems.append(Problem(file, sample.index, _encoding_field(e), str(e), e.hint, sample.id))
+            problems.append(Problem(file, sample.index, _encoding_field(e, sample), str(e), e.hint, sample.id))
             continue
         if max(lengths) > max_seq_length:
             overlong.append(Problem(
