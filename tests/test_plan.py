@@ -273,3 +273,115 @@ def test_estimate_is_close_to_a_measured_run(tmp_path):
     result = bench.measure("mid-full", root=tmp_path, models=bench.build_models(tmp_path, ("mid",)),
                            data=bench.build_data(tmp_path))
     assert abs(result["error"]) <= MEASURED_ERROR, result
+
+
+# --- vision tokens from the data, the trainable table, the scripts' settings ------------------------------------
+DEMO = REPO / "data_examples" / "llava_demo.json"
+DEMO_IMAGES = REPO / "data_examples" / "images"
+
+
+def test_data_path_plans_the_measured_vision_tokens(tiny_model_dir, capsys):
+    """The oracle: the prepared data's probed specs (each image's grid t x h x w over merge**2 tokens)."""
+    from vlft.config import DataArguments
+    from vlft.data.prepare import prepare_sft_data
+    from vlft.models.loading import load_family, load_processor
+    from vlft.plan import measure_data
+
+    processor = load_processor(str(tiny_model_dir))
+    data_args = DataArguments(data_path=str(DEMO), image_folder=str(DEMO_IMAGES), max_seq_length=2048)
+    prepared = prepare_sft_data(str(DEMO), processor=processor, image_folder=str(DEMO_IMAGES),
+                                media=data_args.media_settings(load_family(str(tiny_model_dir))), max_seq_length=2048)
+    merge = processor.image_processor.merge_size
+    expected = [sum(s.grid[0] * s.grid[1] * s.grid[2] for s in specs) // merge**2 for specs in prepared.image_specs]
+    assert max(expected) > 0
+    measured = measure_data(str(tiny_model_dir), data_args)
+    assert list(measured.per_record) == expected and measured.records == 10
+    assert main(["--model_id", str(tiny_model_dir), "--data_path", str(DEMO), "--image_folder", str(DEMO_IMAGES)]) == 0
+    out = capsys.readouterr().out
+    assert f"({max(expected)} vision tokens per sample)" in out and "10 of 10 records measured" in out
+    shape = model_shape(load_config(str(tiny_model_dir)))
+    plan = estimate(shape, Settings(max_seq_length=2048, image_tokens=max(expected)))
+    assert plan.vision > 0  # the tower trains by default: its activations are counted
+    # under --packing a row of max_seq_length tokens is filled with the records richest in vision
+    share = max(v / n for v, n in zip(expected, prepared.lengths))
+    assert measured.per_sample(True, 2048) == int(share * 2048) > max(expected)
+
+
+def test_without_data_the_default_vision_tokens_are_stated(tiny_model_dir, capsys):
+    assert main(["--model_id", str(tiny_model_dir), "--max_seq_length", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "(512 vision tokens per sample)" in out and "the default" in out  # 1024, capped at half the length
+    assert main(["--model_id", str(tiny_model_dir), "--image_tokens", "0"]) == 0
+    assert "(0 vision tokens per sample)" in capsys.readouterr().out
+
+
+def test_data_path_needs_a_local_model_and_known_flags(tiny_model_dir):
+    with pytest.raises(VlftError, match="--model_id as a local checkpoint"):
+        main(["--family", "qwen2_vl", "--size", "2B", "--data_path", str(DEMO)])
+    with pytest.raises(VlftError, match="did you mean --learning_rate"):
+        main(["--model_id", str(tiny_model_dir), "--learnig_rate", "1e-4"])
+
+
+@pytest.mark.parametrize("flags", [
+    [],
+    ["--lora_enable", "true", "--lora_rank", "4"],
+    ["--lora_enable", "true", "--lora_rank", "4", "--freeze_vision_tower", "true", "--freeze_merger", "true"],
+    ["--lora_enable", "true", "--vision_lora", "true", "--lora_rank", "2"],
+    ["--freeze_llm", "true", "--unfreeze_topk_llm", "1", "--freeze_vision_tower", "true"],
+])
+def test_trainable_table_is_the_one_sft_prints(flags, tiny_model_dir, capsys):
+    """The oracle: vlft's own prepare_model on the tiny model with the same flags (what `vlft sft` runs)."""
+    from types import SimpleNamespace
+
+    from vlft.config import ModelArguments, TuneArguments, parse_args
+    from vlft.models.freezing import parameter_table
+    from vlft.train.setup import prepare_model
+
+    (tune,) = parse_args((TuneArguments,), flags)
+    prepared = prepare_model(ModelArguments(model_id=str(tiny_model_dir)), tune,
+                             SimpleNamespace(seed=0, bf16=False, deepspeed=None))
+    trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
+    assert main(["--model_id", str(tiny_model_dir), "--image_tokens", "0"] + flags) == 0
+    out = capsys.readouterr().out
+    table = parameter_table(prepared.model, prepared.family)
+    assert table in out
+    assert _table_row(table, "total")[0] == trainable
+    if "--unfreeze_topk_llm" not in flags:  # a flag the estimate does not model (the output says so)
+        assert "the memory estimate counts" not in out
+
+
+def test_lora_alone_names_what_the_lora_script_does(tiny_model_dir, capsys):
+    assert main(["--model_id", str(tiny_model_dir), "--lora_enable"]) == 0
+    out = capsys.readouterr().out
+    assert "--lora_enable without --freeze_vision_tower: the vision tower trains fully" in out
+    assert "scripts/finetune_lora.sh freezes it" in out
+
+
+def _table_row(out: str, part: str) -> tuple[int, int]:
+    import re
+
+    found = re.search(rf"^{re.escape(part)} +([\d,]+) +([\d,]+)", out, re.MULTILINE)
+    return tuple(int(cell.replace(",", "")) for cell in found.groups())
+
+
+def test_script_plans_what_the_lora_script_trains(tiny_model_dir, monkeypatch, capsys):
+    """--script finetune_lora: the flags scripts/finetune_lora.sh launches with (its FREEZE_VISION_TOWER=true)."""
+    for name, value in (("MODEL", str(tiny_model_dir)), ("DATA", str(DEMO)), ("IMAGE_FOLDER", str(DEMO_IMAGES)),
+                        ("BATCH_SIZE", "2"), ("GLOBAL_BATCH_SIZE", "2"), ("LORA_RANK", "4"), ("MAX_SEQ_LENGTH", "512")):
+        monkeypatch.setenv(name, value)
+    for name in ("FREEZE_VISION_TOWER", "BF16", "ZERO_CONFIG", "NUM_GPUS", "USE_LIGER", "GRADIENT_CHECKPOINTING"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["--script", "finetune_lora"]) == 0
+    out = capsys.readouterr().out
+    vision, merger, lora = _table_row(out, "vision"), _table_row(out, "merger"), _table_row(out, "lora:llm")
+    assert vision[0] == 0 and vision[1] > 0  # the tower is frozen, as the script freezes it
+    assert merger[0] > 0 and merger[1] == 0 and lora[0] > 0
+    assert "batch 2 x 512 tokens" in out and "bf16, gradient checkpointing" in out  # the script's GPU settings
+    assert "10 of 10 records measured" in out  # DATA measured
+    assert "--lora_enable without --freeze_vision_tower" not in out
+    monkeypatch.setenv("FREEZE_VISION_TOWER", "false")  # the script's variable: the tower trains fully
+    assert main(["--script", "finetune_lora"]) == 0
+    assert _table_row(capsys.readouterr().out, "vision")[1] == 0
+    monkeypatch.setenv("GLOBAL_BATCH_SIZE", "3")  # the script's own check stops it; plan says so
+    with pytest.raises(VlftError, match="--script .*GLOBAL_BATCH_SIZE=3"):
+        main(["--script", "finetune_lora"])

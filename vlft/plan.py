@@ -7,6 +7,14 @@ The model is read from a local checkpoint directory or a config.json (`--model_i
 released sizes below (`--family` + `--size`; a hub id such as Qwen/Qwen2-VL-7B-Instruct finds its row too). It is
 built on PyTorch's meta device (no memory, no download), so every parameter count is exact for that config.
 
+What trains is printed as the table `vlft sft` prints at start-up, from the same flags and the same functions (LoRA,
+then the freeze flags, on the meta device); flags the estimate does not model are named. Vision tokens per sample:
+--image_tokens; else measured from --data_path as `vlft sft`'s start-up check measures it (every record; the
+largest record's images and videos, or under --packing the row richest in vision); else DEFAULT_IMAGE_TOKENS, said
+in the output. `--script finetune_lora` plans what a finetune script launches with this environment's settings
+(its FREEZE_VISION_TOWER=true included); any other `vlft sft` flag is accepted, and those that change no memory are
+listed as ignored.
+
 What the estimate adds up (bytes per GPU; Psi = parameters, T = trainable ones, N = --num_gpus, w = 2 bytes per
 value under --bf16, else 4):
 
@@ -656,22 +664,236 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+# --- vision tokens per sample ---------------------------------------------------------------------------------
+# Without --data_path and --image_tokens: one image of this many vision tokens per sample (a 896 x 896 picture on
+# Qwen2/2.5-VL's 28-pixel tokens, 1024 x 1024 on Qwen3-VL's 32), capped at half of --max_seq_length. Stated in the
+# output; --image_tokens 0 plans text only.
+DEFAULT_IMAGE_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class DataTokens:
+    """Vision tokens per record of a data file, measured by `measure_data` (LLM tokens, after merging)."""
+
+    file: str
+    records: int  # records in the file
+    image_tokens: tuple[int, ...]  # per usable record: its images' tokens, summed
+    video_tokens: tuple[int, ...]  # per usable record: its videos' tokens, summed
+    longest: int  # the longest record's tokens (vision tokens included)
+    unusable: int  # records prepare_data left out (invalid, or over --max_seq_length)
+    lengths: tuple[int, ...] = ()  # per usable record: its tokens, vision tokens included
+
+    def per_sample(self, packing: bool, max_seq_length: int) -> int:
+        """Vision tokens of the worst sample: the largest record's, or under --packing a row of max_seq_length
+        tokens filled with the records richest in vision (the largest share of vision tokens, times the row)."""
+        if not packing:
+            return max(self.per_record)
+        share = max(v / n for v, n in zip(self.per_record, self.lengths))
+        return min(max_seq_length, math.floor(share * max_seq_length))
+
+    @property
+    def per_record(self) -> list[int]:
+        return [i + v for i, v in zip(self.image_tokens, self.video_tokens)]
+
+    def describe(self, packing: bool = False, max_seq_length: int = 0) -> str:
+        def spread(values) -> str:
+            s = sorted(values)
+            return f"max {s[-1]:,} / median {s[len(s) // 2]:,}"
+
+        text = (f"vision tokens from --data_path {self.file}: {len(self.per_record)} of {self.records} records measured "
+                f"(every record, by vlft sft's start-up check); per record images {spread(self.image_tokens)}, "
+                f"videos {spread(self.video_tokens)}; planning with "
+                + (f"{self.per_sample(True, max_seq_length):,} per packed row (the largest vision share of a "
+                   f"record, {max_seq_length:,} tokens long); " if packing else
+                   f"the largest, {max(self.per_record):,} per sample; ")
+                + f"longest record {self.longest:,} tokens")
+        if self.unusable:
+            text += (f"; {self.unusable} record(s) left out (--skip_bad_samples, or over --max_seq_length), as vlft "
+                     "sft leaves them out")
+        return text
+
+
+def vision_tokens(spec, merge_size: int) -> int:
+    """LLM tokens of one probed image or video (`VisionSpec`): its grid's patches t x h x w over merge_size**2, the
+    count ChatEncoder.expansion gives the model (Qwen3-VL's timestamps between temporal patches are text tokens)."""
+    t, h, w = spec.grid
+    return t * h * w // merge_size**2
+
+
+def measure_data(model_id: str, data_args) -> DataTokens:
+    """Image and video tokens of every usable record of `data_args.data_path`, measured as `vlft sft` measures them
+    at start-up (data/prepare.py prepare_data: each image and video decoded once and its grid probed with the model's
+    processor and the run's pixel budgets), with its policy for bad records (--skip_bad_samples) and records over
+    --max_seq_length (dropped and counted, or refused under --reject_overlong). Cost: that start-up check's, which
+    decodes every picture once (threads).
+
+    Raises VlftError when `model_id` is no local directory with a processor (the measurement needs the model's
+    processor); DataError (the one vlft sft gives) for bad records unless --skip_bad_samples, as in vlft sft."""
+    from vlft.data.encoding import ChatEncoder
+    from vlft.data.prepare import length_flag_of, prepare_sft_data
+    from vlft.data.reasoning import Thinking
+    from vlft.models.loading import load_family, load_processor
+    from vlft.models.processor_media import apply_media_settings
+
+    if not model_id or not Path(model_id).expanduser().is_dir():
+        raise VlftError(f"--data_path {data_args.data_path}: measuring the data needs the model's processor; give "
+                        "--model_id as a local checkpoint directory (not --family/--size or a hub id), or give "
+                        "--image_tokens instead of --data_path")
+    if not Path(data_args.data_path).exists():
+        raise VlftError(f"--data_path {data_args.data_path}: file not found")
+    processor = load_processor(model_id)
+    media = data_args.media_settings(load_family(model_id))
+    apply_media_settings(processor, media)
+    thinking = Thinking.from_args(data_args)
+    prepared = prepare_sft_data(data_args.data_path, processor=processor, image_folder=data_args.image_folder,
+                                media=media, max_seq_length=data_args.max_seq_length,
+                                reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
+                                workers=data_args.check_workers, length_flag=length_flag_of(data_args),
+                                thinking=thinking)
+    merge = ChatEncoder(processor, thinking).merge_size
+    return DataTokens(
+        file=str(data_args.data_path), records=prepared.n_records,
+        image_tokens=tuple(sum(vision_tokens(s, merge) for s in specs) for specs in prepared.image_specs),
+        video_tokens=tuple(sum(vision_tokens(s, merge) for s in specs) for specs in prepared.video_specs),
+        longest=max(prepared.lengths), unusable=prepared.n_records - len(prepared.samples),
+        lengths=tuple(prepared.lengths))
+
+
+# --- what trains: the table vlft sft prints --------------------------------------------------------------------
+# Flags of vlft sft's TuneArguments that change what trains but that the memory estimate does not model; the table
+# counts them, the estimate does not, and the output says so.
+NOT_ESTIMATED = ("use_dora", "unfreeze_topk_llm", "unfreeze_topk_vision", "train_router", "num_lora_modules",
+                 "lora_namespan_exclude", "lora_bias", "peft_type")
+
+
+def trainable_table(config, tune) -> tuple[str, int]:
+    """(vlft sft's per-part table, trainable parameters) for `config` with `tune` (TuneArguments), built the way
+    train/setup.py prepare_model builds the model (LoRA with the same targets, then the freeze flags), on PyTorch's
+    meta device: no memory, no weights, no download. Liger and quantisation change no count (count_parameters
+    counts quantised weights at their logical size)."""
+    import torch
+    import transformers
+
+    from vlft.models.freezing import apply_freeze, count_parameters, parameter_table, topk_layers
+    from vlft.models.lora import apply_lora, lora_targets
+    from vlft.models.registry import get_family
+
+    family = get_family(config.model_type)
+    t = tune
+    with torch.device("meta"):  # PEFT's adapters too: created on the meta device, not initialised on the CPU
+        model = getattr(transformers, family.model_class)(config)
+        topk = topk_layers(model, family, unfreeze_topk_llm=t.unfreeze_topk_llm,
+                           unfreeze_topk_vision=t.unfreeze_topk_vision)
+        peft_trainable: set[str] = set()
+        if t.virtual_tokens:
+            from vlft.models.virtual_tokens import apply_virtual_tokens, virtual_token_config
+
+            model = apply_virtual_tokens(model, virtual_token_config(
+                t.peft_type, t.num_virtual_tokens, encoder_hidden_size=t.encoder_hidden_size,
+                encoder_reparameterization_type=t.encoder_reparameterization_type))
+            peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        elif t.any_lora:
+            targets = lora_targets(model, family, llm=t.lora_enable, vision=t.vision_lora,
+                                   exclude=t.lora_namespan_exclude, num_llm_modules=t.num_lora_modules,
+                                   skip_layers=topk, experts=t.lora_target_experts)
+            model = apply_lora(model, targets=targets, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
+                               bias=t.lora_bias, use_dora=t.use_dora, use_rslora=t.use_rslora)
+            peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    apply_freeze(model, family, freeze_vision_tower=t.vision_frozen, freeze_merger=t.merger_frozen,
+                 freeze_llm=t.llm_frozen, unfreeze_topk_llm=t.unfreeze_topk_llm,
+                 unfreeze_topk_vision=t.unfreeze_topk_vision, always_train=peft_trainable, train_router=t.train_router)
+    trainable = sum(t for t, _ in count_parameters(model, family).values())
+    return parameter_table(model, family), trainable
+
+
+# --- the scripts' settings ------------------------------------------------------------------------------------
+# What `--script` assumes of the GPU machine the script will run on, for settings the environment leaves unset
+# (the scripts read them from the machine they run on: nvidia-smi, liger-kernel; the planning machine may have none).
+SCRIPT_GPU_DEFAULTS = {"BF16": "true", "GRADIENT_CHECKPOINTING": "true", "USE_LIGER": "false"}
+STAGES = ("sft", "dpo", "grpo")
+
+
+def script_argv(script: str, num_gpus: int) -> list[str]:
+    """The `vlft <stage>` flags that `script` (a path, or a name in the checkout's scripts/: finetune_lora) passes
+    with this environment's settings (MODEL, DATA, BATCH_SIZE, FREEZE_VISION_TOWER, ...), read by running it with a
+    stand-in Python that records the launch and starts nothing. NUM_GPUS is set to `num_gpus` (one node), and the
+    SCRIPT_GPU_DEFAULTS fill what the environment leaves unset. Raises VlftError naming --script when the script
+    stops before its launch (its own message is included)."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    import tempfile
+
+    path = Path(script).expanduser()
+    if not path.is_file():
+        name = script if script.endswith(".sh") else f"{script}.sh"
+        path = Path(__file__).resolve().parents[1] / "scripts" / name
+    if not path.is_file():
+        raise VlftError(f"--script {script}: no such file, nor scripts/{Path(script).name} in the vlft checkout")
+    with tempfile.TemporaryDirectory() as tmp:
+        record, stub = Path(tmp) / "argv", Path(tmp) / "python"
+        # the launch is the call that names vlft's module and a stage; every other call (the tiny model, the
+        # `import liger_kernel` probes) goes to this Python
+        stub.write_text("#!/usr/bin/env bash\nprev=\nfor a in \"$@\"; do\n"
+                        f"  if [ \"$prev\" = vlft ] && case \"$a\" in {'|'.join(STAGES)}) true;; *) false;; esac; then\n"
+                        f"    printf '%s\\0' \"$@\" > {shlex.quote(str(record))}; exit 0\n  fi\n  prev=\"$a\"\ndone\n"
+                        f"exec {shlex.quote(sys.executable)} \"$@\"\n")
+        stub.chmod(0o755)
+        env = {**SCRIPT_GPU_DEFAULTS, **os.environ, "PYTHON": str(stub), "NUM_GPUS": str(num_gpus), "NNODES": "1"}
+        done = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=600)
+        if not record.exists():
+            said = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise VlftError(f"--script {path}: the script stopped before launching vlft (exit {done.returncode})"
+                            + (": " + " / ".join(said) if said else ""))
+        argv = record.read_text().split("\0")[:-1]
+    for i, arg in enumerate(argv):
+        if arg in STAGES and i and argv[i - 1] == "vlft":
+            return argv[i + 1:]
+    raise VlftError(f"--script {path}: could not find the vlft stage in its launch: {' '.join(argv)}")
+
+
+def split_flags(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """`--flag value...` groups of an argument list, as (flag name, the tokens of the group)."""
+    groups: list[tuple[str, list[str]]] = []
+    for token in argv:
+        if token.startswith("--"):
+            groups.append((token[2:].split("=", 1)[0], [token]))
+        elif groups:
+            groups[-1][1].append(token)
+        else:
+            raise VlftError(f"unexpected argument {token!r}; flags start with --")
+    return groups
+
+
+# --- the command ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlft plan", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vlft plan", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any other vlft sft flag is accepted too: what trains (--unfreeze_topk_llm, --use_dora, ...) and the "
+               "media settings (--image_max_pixels, --fps, ...) go into the trainable table and the data "
+               "measurement; flags with no effect on memory (--learning_rate, ...) are listed as ignored.")
     model = parser.add_argument_group("model (one of)")
     model.add_argument("--model_id", help="a local model directory or config.json (or a hub id naming a released size)")
     model.add_argument("--family", choices=sorted(_presets()), help="with --size: a released model from the built-in table")
     model.add_argument("--size", help="e.g. 2B, 7B, 72B (see the table in vlft/plan.py)")
+    model.add_argument("--script", help="plan what a finetune script launches with this environment's settings, e.g. "
+                       "--script finetune_lora (scripts/finetune_lora.sh; MODEL, DATA, ... as for the script); flags "
+                       "given here win")
     run = parser.add_argument_group("run")
     run.add_argument("--zero", default="none",
                      help="none, zero1, zero2, zero2_offload, zero3, zero3_offload (zero_configs/<name>.json), or a DeepSpeed "
-                          "config path")
+                          "config path (--deepspeed, vlft sft's flag, is read the same)")
     run.add_argument("--num_gpus", type=int, default=1, help="GPUs in the job (ZeRO partitions across all of them)")
     run.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory of one GPU, GB (1e9 bytes)")
     run.add_argument("--per_device_train_batch_size", type=int, default=1)
     run.add_argument("--max_seq_length", type=int, default=2048, help="tokens per sample, vision tokens included")
-    run.add_argument("--image_tokens", type=int, default=0, help="vision tokens per sample (LLM tokens, after merging)")
+    run.add_argument("--image_tokens", type=int, default=None,
+                     help="vision tokens per sample (LLM tokens, after merging); default: measured from --data_path, "
+                          f"else {DEFAULT_IMAGE_TOKENS} (capped at half of --max_seq_length); 0 plans text only")
+    run.add_argument("--data_path", help="measure the vision tokens per record from this data file, as vlft sft does "
+                     "(needs --model_id as a local directory)")
+    run.add_argument("--image_folder", help="where the data's relative media paths start (as in vlft sft)")
     run.add_argument("--overhead_gb", type=float, default=DEFAULT_OVERHEAD_GB,
                      help="fixed per-GPU overhead: CUDA context, workspaces, NCCL, fragmentation")
     tune = parser.add_argument_group("what trains (flags as in vlft sft)")
@@ -680,7 +902,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = flag == "double_quant"
         tune.add_argument(f"--{flag}", type=_bool, nargs="?", const=True, default=default)
     for flag in ("freeze_vision_tower", "freeze_llm"):
-        tune.add_argument(f"--{flag}", type=_bool, nargs="?", const=True, default=None, help="default: follows LoRA")
+        tune.add_argument(f"--{flag}", type=_bool, nargs="?", const=True, default=None,
+                          help="default: follows LoRA, as in vlft sft (finetune_lora.sh passes --freeze_vision_tower true)")
     tune.add_argument("--lora_target_experts", type=_bool, nargs="?", const=True, default=True,
                       help="MoE models: --lora_enable adapts the routed experts too (default true)")
     tune.add_argument("--lora_rank", type=int, default=64)
@@ -689,8 +912,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def shape_from_args(args) -> tuple[ModelShape, str]:
-    """(shape, description) from --model_id or --family/--size."""
+def config_from_args(args) -> tuple[object, str]:
+    """(transformers config, description) from --model_id or --family/--size."""
     if args.model_id and (args.family or args.size):
         raise VlftError("give either --model_id or --family with --size, not both")
     if args.model_id:
@@ -698,26 +921,116 @@ def shape_from_args(args) -> tuple[ModelShape, str]:
         preset = None if path.exists() else preset_from_model_id(args.model_id)
         if preset:
             family, size = preset
-            return model_shape(preset_config(family, size)), f"{_pretty(family)}-{size} (built-in table)"
-        return model_shape(load_config(args.model_id)), args.model_id
+            return preset_config(family, size), f"{_pretty(family)}-{size} (built-in table)"
+        return load_config(args.model_id), args.model_id
     if args.family and args.size:
-        return model_shape(preset_config(args.family, args.size)), f"{_pretty(args.family)}-{args.size} (built-in table)"
+        return preset_config(args.family, args.size), f"{_pretty(args.family)}-{args.size} (built-in table)"
     raise VlftError("name the model: --model_id DIR (or its config.json), or --family F --size S "
                     f"(sizes: {'; '.join(f'{f}: ' + ', '.join(sizes) for f, sizes in _presets().items())})")
 
 
+def shape_from_args(args) -> tuple[ModelShape, str]:
+    """(shape, description) from --model_id or --family/--size."""
+    config, described = config_from_args(args)
+    return model_shape(config), described
+
+
 def settings_from_args(args) -> Settings:
     names = {f.name for f in fields(Settings)} - {"zero"}
-    return Settings(zero=resolve_zero(args.zero), **{k: getattr(args, k) for k in names})
+    values = {k: getattr(args, k) for k in names}
+    values["image_tokens"] = values["image_tokens"] or 0
+    return Settings(zero=resolve_zero(args.zero), **values)
+
+
+def other_flags(extra: list[str]) -> tuple[list[str], list[str], list[str], str | None]:
+    """vlft sft's flags that plan has no option of its own for, sorted: (TuneArguments tokens, DataArguments tokens,
+    ignored flag names, --deepspeed's value). Raises VlftError for a flag vlft sft does not know, with the closest."""
+    import difflib
+
+    from vlft.config import SFT_GROUPS, DataArguments, TuneArguments
+
+    def names(cls):
+        return {f.name for f in fields(cls)}
+
+    sft = set().union(*(names(group) for group in SFT_GROUPS))
+    tune, data, ignored, deepspeed = [], [], [], None
+    for name, tokens in split_flags(extra):
+        if name == "deepspeed":
+            deepspeed = tokens[1] if len(tokens) > 1 else None
+        elif name in names(TuneArguments):
+            tune += tokens
+        elif name in names(DataArguments):
+            data += tokens
+        elif name in sft:
+            ignored.append(f"--{name}")
+        else:
+            close = difflib.get_close_matches(name, sorted(sft | {a.dest for a in build_parser()._actions}), n=1)
+            raise VlftError(f"unknown flag --{name}" + (f"; did you mean --{close[0]}?" if close else "")
+                            + " (vlft plan --help)")
+    return tune, data, ignored, deepspeed
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import sys
+    from dataclasses import replace
+
+    from vlft.config import DataArguments, TuneArguments, parse_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    assumed = []
+    if args.script:
+        launched = script_argv(args.script, args.num_gpus)
+        args, extra = parser.parse_known_args(launched + argv)  # the flags given here come last and win
+        assumed.append(f"--script {args.script}: planned the flags it launches with this environment's settings, "
+                       "as on a GPU machine where unset (" + ", ".join(f"{k}={v}" for k, v in SCRIPT_GPU_DEFAULTS.items())
+                       + f"), NUM_GPUS={args.num_gpus} on one node")
     if args.gpu_memory_gb <= 0:
         raise VlftError("--gpu_memory_gb must be > 0")
-    shape, described = shape_from_args(args)
+    tune_tokens, data_tokens, ignored, deepspeed = other_flags(extra)
+    if deepspeed and "--zero" not in argv:
+        args.zero = deepspeed
+    config, described = config_from_args(args)
+    shape = model_shape(config)
+    tune = parse_command((TuneArguments,), tune_tokens, prog="vlft plan")[0][0]
+    tune = replace(tune, **{f.name: getattr(args, f.name) for f in fields(Settings) if f.name in
+                            {g.name for g in fields(TuneArguments)}})
+
+    if args.data_path and args.image_tokens is None:
+        data_args = parse_command((DataArguments,), data_tokens + [
+            "--data_path", args.data_path, "--max_seq_length", str(args.max_seq_length)]
+            + (["--image_folder", args.image_folder] if args.image_folder else []), prog="vlft plan")[0][0]
+        measured = measure_data(args.model_id, data_args)
+        args.image_tokens = measured.per_sample(data_args.packing, args.max_seq_length)
+        vision_line = measured.describe(data_args.packing, args.max_seq_length)
+    elif args.image_tokens is None:
+        args.image_tokens = min(DEFAULT_IMAGE_TOKENS, args.max_seq_length // 2)
+        vision_line = (f"vision tokens: {args.image_tokens} per sample, the default (one image of "
+                       f"{DEFAULT_IMAGE_TOKENS} tokens, at most half of --max_seq_length); give --data_path to measure "
+                       "your data, or --image_tokens (0: text only)")
+    else:
+        vision_line = f"vision tokens: {args.image_tokens} per sample (--image_tokens)"
+        if args.data_path:
+            vision_line += f"; --data_path {args.data_path} not measured, --image_tokens wins"
+
     s = settings_from_args(args)
     plan = estimate(shape, s)
+    table, table_trainable = trainable_table(config, tune)
+    if args.lora_enable and args.freeze_vision_tower is None:
+        assumed.append("--lora_enable without --freeze_vision_tower: the vision tower trains fully (vlft sft's "
+                       "default); scripts/finetune_lora.sh freezes it (FREEZE_VISION_TOWER=true): add "
+                       "--freeze_vision_tower true, or --script finetune_lora, to plan that")
+    defaults = TuneArguments()
+    unmodelled = [f"--{name}" for name in NOT_ESTIMATED if getattr(tune, name) != getattr(defaults, name)]
+    if unmodelled:
+        assumed.append(f"{', '.join(unmodelled)}: counted in the table, not in the memory estimate")
+    if table_trainable != plan.trainable_params:
+        assumed.append(f"the memory estimate counts {plan.trainable_params:,} trainable parameters, the table "
+                       f"{table_trainable:,}")
+    if ignored:
+        assumed.append(f"ignored (no effect on the memory plan): {' '.join(ignored)}")
+
     lora = trainable_params(shape, s)["lora"]
     trains = (f"{plan.trainable_params - lora:,} of {plan.total_params:,} parameters train"
               + (f", plus {lora:,} LoRA parameters" if lora else ""))
@@ -725,6 +1038,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run: {s.num_gpus} GPU(s), zero {s.zero.name}, batch {s.per_device_train_batch_size} x {s.max_seq_length} "
           f"tokens ({s.image_tokens} vision tokens per sample), {'bf16' if s.bf16 else 'fp32'}"
           + (", gradient checkpointing" if s.gradient_checkpointing else "") + (", Liger" if s.use_liger else ""))
+    print(vision_line)
+    print("\nwhat trains (the table vlft sft prints at start-up, for these flags):")
+    print(table)
+    for line in assumed:
+        print(f"assumed: {line}")
     print()
     print(breakdown_table(plan, args.gpu_memory_gb, s))
     print()
