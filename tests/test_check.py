@@ -217,10 +217,12 @@ def test_skip_bad_samples_keeps_the_good_records(tmp_path, processor, image_fold
     assert len(checked.lengths) == 2 and checked.overlong == []
     assert checked.summary().startswith("2 of 5 records usable; 3 problem(s) skipped")
 
-    rc, err = cli(path, image_folder, "--skip_bad_samples", "true")
+    rc, err = cli(path, image_folder, "--skip_bad_samples", "true", "--max_bad_fraction", "0.6")
     assert rc == 0
     assert "2 of 5 records usable; 3 problem(s) skipped" in err
     assert err.count("skipped: ") == 3
+    rc, err = cli(path, image_folder, "--skip_bad_samples", "true")  # 3 of 5 is more than the default 0.5
+    assert rc == 2 and "would leave out 3 of the 5 records" in err and "--max_bad_fraction" in err
 
 
 def test_all_bad_records_with_skip_is_an_error(tmp_path, processor, image_folder, cli):
@@ -233,7 +235,7 @@ def test_all_bad_records_with_skip_is_an_error(tmp_path, processor, image_folder
     assert str(path) in str(info.value)
     assert "0 of 2 records usable" in str(info.value)
 
-    rc, err = cli(path, image_folder, "--skip_bad_samples", "true")
+    rc, err = cli(path, image_folder, "--skip_bad_samples", "true", "--max_bad_fraction", "1")
     assert rc == 2
     assert "no usable records" in err and "Traceback" not in err
 

@@ -125,7 +125,7 @@ def test_sft_unknown_flag(tmp_path, capsys):
     rc = main(["sft", "--model_id", str(tmp_path), "--data_path", str(DEMO_DATA), "--no_such_flag", "1"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "vlft sft: error: unknown argument(s): --no_such_flag 1" in err
+    assert "vlft sft: error: unknown flag --no_such_flag; run with --help for the list of flags" in err
 
 
 def test_sft_contradictory_flags_are_named(tmp_path, capsys):

@@ -137,8 +137,8 @@ def test_without_skip_bad_samples_the_message_suggests_it(tmp_path, processor, i
 
 def test_an_unreadable_file_is_not_offered_skip_bad_samples(tmp_path, processor, images):
     """Before: every DataError ended 'or pass --skip_bad_samples true', also a JSON syntax error, which it cannot skip."""
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD)[:30] + "\n")
+    path = tmp_path / "train.json"  # a JSON list with a syntax error (a bad JSONL line is a bad record: skippable)
+    path.write_text("[" + json.dumps(GOOD) + ",]")
     with pytest.raises(DataError) as info:
         check(path, images, processor=processor, skip_bad_samples=True)
     text = str(info.value)

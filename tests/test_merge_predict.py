@@ -138,11 +138,7 @@ def test_predict_reproduces_the_memorised_demo(tiny_model_dir, tmp_path):
          "--lora_alpha", "32", "--num_train_epochs", "30", "--per_device_train_batch_size", "2", "--learning_rate",
          "5e-3", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03", "--save_strategy", "no",
          "--disable_tqdm", "true", "--seed", "0"])
-    started = capfd.readouterr().err  # start-up: the reasoning mix of a thinking model's data
-    assert "reasoning (thinking chat template): 0 of 3 records train on reasoning in their answers, 3 on" in started
-    assert "warning: 3 of 3 records (100%) train this thinking model on answers without reasoning" in started
     merged = merge(str(run_dir), str(tmp_path / "merged"))
-    assert json.loads((merged / "vlft_media.json").read_text())["enable_thinking"] is False
     references = [t["value"] for r in json.loads(DEMO_DATA.read_text()) for t in r["conversations"][-1:]]
     for model in (run_dir, merged):
         out = tmp_path / f"{model.name}.jsonl"
@@ -221,7 +217,11 @@ def test_qwen3_5_predict_reproduces_what_it_memorised(tiny_model_factory, tmp_pa
          "--output_dir", str(run_dir), "--lora_enable", "true", "--freeze_vision_tower", "true", "--lora_rank", "16",
          "--lora_alpha", "32", "--num_train_epochs", "40", "--per_device_train_batch_size", "3", "--learning_rate",
          "5e-3", "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "0", "--enable_thinking", "false"])
+    started = capfd.readouterr().err  # start-up: the reasoning mix of a thinking model's data
+    assert "reasoning (thinking chat template): 0 of 3 records train on reasoning in their answers, 3 on" in started
+    assert "warning: 3 of 3 records (100%) train this thinking model on answers without reasoning" in started
     merged = merge(str(run_dir), str(tmp_path / "merged"))
+    assert json.loads((merged / "vlft_media.json").read_text())["enable_thinking"] is False
     references = [r["conversations"][-1]["value"] for r in chosen]
     for model in (run_dir, merged, model_dir):
         out = tmp_path / f"{model.name}.jsonl"

@@ -146,3 +146,31 @@ def test_plot_history_writes_what_it_drew(tmp_path):
     with pytest.raises(Exception, match="no metric to plot"):
         plot.plot_history([{"train_runtime": 1.0, "step": 0}], tmp_path / "d.png")
     assert not (tmp_path / "d.png").exists()
+
+
+def axes_by_title(fig) -> dict:
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+
+
+def test_loss_and_grad_norm_are_drawn_on_a_log_scale(sft_run):
+    fig, _ = plot.draw_curves(history(sft_run))
+    axes = axes_by_title(fig)
+    assert axes["loss"].get_yscale() == "log" and axes["gradient norm"].get_yscale() == "log"
+    assert "log scale" in axes["loss"].get_ylabel()
+    assert axes["learning rate"].get_yscale() == "linear" and axes["tokens/s"].get_yscale() == "linear"
+    # the demo's shape: the late steps' progress (0.5 -> 0.05) spans as much height as the first steps' (50 -> 5)
+    falling = [{"loss": 50.0 * 10 ** (-i / 10), "step": i} for i in range(21)]
+    ax = axes_by_title(plot.draw_curves(falling)[0])["loss"]
+    y = [ax.transData.transform((0, v))[1] for v in (0.5, 5.0, 50.0)]  # display height of each loss value
+    assert y[1] - y[0] == pytest.approx(y[2] - y[1], rel=1e-6)  # linear: a tenth of it
+
+
+def test_a_panel_with_values_at_or_below_zero_stays_linear():
+    """GRPO's loss can be 0 or negative and its gradient norm 0: on a log axis those points would vanish."""
+    log_history = [{"loss": 0.0, "grad_norm": 0.0, "reward": 0.0, "step": 1},
+                   {"loss": -0.02, "grad_norm": 0.3, "reward": 0.5, "step": 2}]
+    axes = axes_by_title(plot.draw_curves(log_history)[0])
+    assert axes["loss"].get_yscale() == "linear" and axes["gradient norm"].get_yscale() == "linear"
+    # one positive line and one eval line with a gap (None) still log
+    mixed = [{"loss": 2.0, "step": 1}, {"eval_loss": 1.5, "step": 1}, {"loss": float("nan"), "step": 2}]
+    assert axes_by_title(plot.draw_curves(mixed)[0])["loss"].get_yscale() == "log"

@@ -551,16 +551,17 @@ def test_grpo_script_arguments_parse(tmp_path, demo):
         assert values["data_path"] == str(REPO / "data_examples" / "grpo_demo.json")
         assert values["image_folder"] == str(REPO / "data_examples")
         expected = dict(num_generations=4, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                        max_completion_length=16, learning_rate=1e-3, lora_rank=16, lora_alpha=32,
-                        reward_funcs=["count", "format"], reward_weights=None, dataloader_num_workers=0)
+                        max_completion_length=8, learning_rate=5e-2, lora_rank=16, lora_alpha=32,
+                        reward_funcs=["count", f"{REPO / 'data_examples' / 'grpo_demo_rewards.py'}:starts_with_word"],
+                        reward_weights=None, dataloader_num_workers=0, num_train_epochs=3)
     else:
         assert (values["model_id"], values["data_path"], values["image_folder"]) == (
             "/ckpt/merged-sft", str(prompts), str(tmp_path))
         expected = dict(num_generations=8, per_device_train_batch_size=8, gradient_accumulation_steps=8,
                         max_completion_length=512, learning_rate=1e-6, lora_rank=64, lora_alpha=64,
                         reward_funcs=["format", "my_rewards.py:box_reward"], reward_weights=[0.5, 1.0],
-                        dataloader_num_workers=4)
-    expected.update(num_train_epochs=1, lora_enable=True, lora_dropout=0.0, freeze_vision_tower=True,
+                        dataloader_num_workers=4, num_train_epochs=1)
+    expected.update(lora_enable=True, lora_dropout=0.0, freeze_vision_tower=True,
                     freeze_merger=False, beta=0.0, loss_type="dapo", temperature=1.0, packing=False,
                     output_dir=str(tmp_path / "out"))
     assert {k: values[k] for k in expected} == expected
@@ -580,9 +581,16 @@ def test_grpo_script_use_vllm_settings_reach_vlft(tmp_path):
 
 def test_grpo_demo_writes_completions_and_merges(tmp_path, cache):
     """`bash scripts/finetune_grpo.sh` with only OUTPUT_DIR: the offline demo (7 prompts: images, two images, a
-    video, a text prompt; 4 completions each) runs one epoch and logs every completion with its record, media and
-    rewards in completions.jsonl; merge_lora.sh folds the run into a model plain transformers loads and runs."""
-    from vlft.train.rewards import count_reward, format_reward
+    video, a text prompt; 4 completions each, 2 prompts a step, so 3 steps an epoch and one prompt left out, as in
+    TRL) runs three epochs and logs every completion with its record, media and rewards in completions.jsonl, its
+    learnable reward rising; merge_lora.sh folds the run into a model plain transformers loads and runs."""
+    import importlib.util
+
+    from vlft.train.rewards import count_reward
+
+    spec = importlib.util.spec_from_file_location("grpo_demo_rewards", REPO / "data_examples" / "grpo_demo_rewards.py")
+    demo_rewards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_rewards)
 
     out = tmp_path / "runs" / "grpo"
     env = script_env(tmp_path, PYTHON=sys.executable, VLFT_CACHE=str(cache), OUTPUT_DIR=str(out))
@@ -596,12 +604,13 @@ def test_grpo_demo_writes_completions_and_merges(tmp_path, cache):
         assert (out / name).is_file(), name
     assert (out.parent / "latest").resolve() == out.resolve()
     match = re.search(r"\[vlft\] done: (\d+) steps", proc.stderr)
-    assert match and int(match.group(1)) == 4, proc.stderr[-3000:]  # 7 prompts, 2 a step: 4 steps in one epoch
+    assert match and int(match.group(1)) == 9, proc.stderr[-3000:]  # 7 prompts, 2 a step: 3 steps an epoch, 3 epochs
+    assert "GRPO: 7 prompts, 2 a step" in proc.stderr
 
     records = {r["id"]: r for r in json.loads((REPO / "data_examples" / "grpo_demo.json").read_text())}
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * len(records)  # every prompt once, 4 completions each
-    assert sorted({r["step"] for r in rows}) == [1, 2, 3, 4]
+    assert len(rows) == 9 * 2 * 4  # 9 steps of 2 prompts, 4 completions each
+    assert sorted({r["step"] for r in rows}) == list(range(1, 10))
     for row in rows:
         record = records[row["id"]]
         assert row["record"] == list(records).index(row["id"])
@@ -611,9 +620,12 @@ def test_grpo_demo_writes_completions_and_merges(tmp_path, cache):
         assert isinstance(row["completion"], str) and isinstance(row["truncated"], bool)
         solution = record.get("solution") or record["conversations"][-1]["value"]
         assert row["rewards"] == {"count": count_reward([row["completion"]], [solution])[0],
-                                  "format": format_reward([row["completion"]])[0]}
+                                  "starts_with_word": demo_rewards.starts_with_word([row["completion"]])[0]}
         assert row["reward"] == sum(row["rewards"].values())
-    assert all(sum(r["id"] == rid for r in rows) == 4 for rid in records)
+    for first in (1, 4, 7):  # each epoch: 6 of the 7 prompts, 4 rows each
+        epoch = [r for r in rows if first <= r["step"] < first + 3]
+        ids = {r["id"] for r in epoch}
+        assert len(ids) == 6 and all(sum(r["id"] == rid for r in epoch) == 4 for rid in ids)
 
     base, new = merge_with_script_and_generate(tmp_path, cache, out, "count_3.png", "How many shapes?")
     assert all(base[k].shape == new[k].shape for k in base)

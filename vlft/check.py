@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         image_folder=data_args.image_folder, media=media, max_seq_length=data_args.max_seq_length,
         reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
         workers=data_args.check_workers, length_flag=length_flag_of(data_args), thinking=thinking,
+        max_bad_fraction=data_args.max_bad_fraction,
     )
     cut = f"; {len(truncated)} with answers to be cut to {length_flag_of(data_args)}" if truncated else ""
     log(f"{check_args.stage} data: {prepared.summary()}{cut}")

@@ -5,6 +5,7 @@ keys, and flags given on the command line win over the file. Flag names follow 2
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -60,6 +61,13 @@ class DataArguments:
     )
     skip_bad_samples: bool = field(
         default=False, metadata={"help": "Train without invalid records (counted and listed) instead of stopping."}
+    )
+    max_bad_fraction: float = field(
+        default=0.5,
+        metadata={"help": "The largest fraction of the records --skip_bad_samples may leave out (0 to 1); a run that "
+                          "would leave out more stops with the list, so a wrong --image_folder or file does not train "
+                          "on the few records left. 1 turns the limit off. Over-long records dropped by "
+                          "--max_seq_length are not counted."},
     )
     check_workers: int = field(default=4, metadata={"help": "Threads that decode images during the start-up data check."})
     packing: bool = field(
@@ -558,7 +566,11 @@ def _config_to_argv(path: str, parser) -> list[str]:
     actions = {a.dest: a for a in parser._actions if a.option_strings}
     unknown = sorted(set(data) - set(actions))
     if unknown:
-        raise VlftError(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are the command-line flag names")
+        from vlft.utils import closest_flag
+
+        named = [f"{key} (did you mean {near}?)" if (near := closest_flag(str(key), actions)) else str(key)
+                 for key in unknown]
+        raise VlftError(f"--config {path}: unknown key(s) {', '.join(named)}; keys are the command-line flag names")
     argv: list[str] = []
     for key, value in data.items():
         if value is None or value == []:
@@ -581,6 +593,15 @@ def _raise_parse_error(message: str):
     raise VlftError(f"{message} (run with --help for the list of flags)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after a flag's help, unless the help already says what the default is (vlft's
+    help texts name computed defaults, "default: --learning_rate"; a second "(default: None)" would contradict)."""
+
+    def _get_help_string(self, action):
+        help_ = action.help or ""
+        return help_ if "default" in help_.lower() else super()._get_help_string(action)
+
+
 def parse_command(groups: tuple[type, ...], argv: list[str], prog: str = "vlft") -> tuple[list, set[str]]:
     """Read the command line once: `--config FILE` (YAML or JSON, flag names as keys) expanded in place, flags on
     the command line winning over the file; then the flags parsed into the given dataclasses. Returns the parsed
@@ -590,7 +611,7 @@ def parse_command(groups: tuple[type, ...], argv: list[str], prog: str = "vlft")
     When a group is a TrainingArguments subclass and the run is distributed with DeepSpeed, DeepSpeed's process
     group is started before that group is built (train/launch.py: `init_distributed_early` says why)."""
     argv = list(argv)
-    parser = HfArgumentParser(groups, prog=prog)
+    parser = HfArgumentParser(groups, prog=prog, formatter_class=_HelpFormatter)
     parser.error = _raise_parse_error  # a one-line VlftError instead of argparse's usage dump
     if "--config" in argv:
         i = argv.index("--config")
@@ -609,7 +630,14 @@ def parse_command(groups: tuple[type, ...], argv: list[str], prog: str = "vlft")
     except ValueError as err:  # raised by dataclass __post_init__ checks (TrainingArguments among them)
         raise VlftError(f"invalid arguments: {err}") from None
     if remaining:
-        raise VlftError(f"unknown argument(s): {' '.join(remaining)}; run with --help for the list of flags")
+        flags = [a.split("=", 1)[0] for a in remaining if a.startswith("-")]
+        if not flags:
+            raise VlftError(f"unexpected value(s) {' '.join(remaining)}: every value follows the flag it sets; run with "
+                            "--help for the list of flags")
+        from vlft.cli import unknown_flag_error
+
+        known = {o.lstrip("-").replace("-", "_") for a in parser._actions for o in a.option_strings}
+        raise VlftError(unknown_flag_error(flags, known))
     return parsed, given
 
 

@@ -4,9 +4,18 @@ folder: data/convert.py) as vlft's LLaVA JSONL, one record per line.
     vlft convert --data_path train.parquet --output train.jsonl [--image_folder images/] [--overwrite true]
 
 Training reads these formats directly; converting is for looking at the records, editing them, or handing them to
-a tool that reads LLaVA. Media paths are written so that the JSONL works from where it is, with no --image_folder:
-relative to the output's folder when the file lies under it, else absolute. Embedded images (bytes in a parquet
-or dataset folder) are written next to the output, into `<output stem>_media/` (--media_dir), named by content hash.
+a tool that reads LLaVA. Media paths are written so that the JSONL works with no --image_folder, and keeps working
+when it moves together with its media:
+
+    media under the output's folder       relative to that folder ("train_media/ab12.png")
+    media given by relative paths         relative to the output's folder, with ".." where needed
+      (the record's path, and --image_folder or --data_path it resolves against; a relative --media_dir)
+    media given by an absolute path        absolute, as given: the JSONL alone can move, the media stay put
+      (the record's own path, or an absolute --image_folder / --data_path / --media_dir)
+
+so a project folder holding data, media and output can be moved or copied as a whole. The log counts the paths
+written absolute. Embedded images (bytes in a parquet or dataset folder) are written next to the output, into
+`<output stem>_media/` (--media_dir), named by content hash.
 An answer's reasoning is written as its gpt turn's `reasoning_content` (from OpenAI-style messages, or the alias
 `reasoning`); reasoning written inline (<think>...</think>) stays in the turn's value.
 """
@@ -36,14 +45,26 @@ class ConvertArguments:
                                          "stopping."})
 
 
-def _written_path(raw: str, image_folder: str | None, data_file: str, out_dir: Path) -> str:
+def _written_path(raw: str, image_folder: str | None, data_file: str, out_dir: Path, media_dir: Path,
+                  media_relative: bool) -> str:
+    """The path written for a media file the record names as `raw` (the rules in the module docstring).
+    `out_dir` and `media_dir` (where embedded media were extracted) are absolute; `media_relative` says whether
+    the user named the media folder relatively (or not at all: the default beside the output)."""
     from vlft.data.media import resolve_media_path
 
     path = Path(os.path.abspath(resolve_media_path(raw, image_folder, data_file)))
-    try:
+    if path.is_relative_to(out_dir):
         return path.relative_to(out_dir).as_posix()
-    except ValueError:
-        return str(path)
+    if path.is_relative_to(media_dir):
+        given_relative = media_relative
+    else:
+        given_relative = not os.path.isabs(raw) and not os.path.isabs(image_folder or data_file)
+    if given_relative:
+        try:
+            return Path(os.path.relpath(path, out_dir)).as_posix()
+        except ValueError:  # Windows: another drive has no relative path
+            pass
+    return str(path)
 
 
 def _written_turn(turn: dict) -> dict:
@@ -74,7 +95,9 @@ def convert(args: ConvertArguments) -> dict:
     if args.image_folder and not Path(args.image_folder).is_dir():
         raise VlftError(f"--image_folder {args.image_folder}: no such directory")
     out_dir = Path(os.path.abspath(out.parent))
-    media_dir = Path(args.media_dir) if args.media_dir else out_dir / f"{out.stem}_media"
+    # absolute, so the extracted files' paths are not read later against the data file's folder
+    media_dir = Path(os.path.abspath(args.media_dir)) if args.media_dir else out_dir / f"{out.stem}_media"
+    media_relative = not args.media_dir or not os.path.isabs(args.media_dir)
     file = str(args.data_path)
     loaded = load_llava_records(file, media_dir=media_dir)
     problems = list(loaded.problems)
@@ -92,8 +115,10 @@ def convert(args: ConvertArguments) -> dict:
         for kind in ("image", "video"):
             if kind in row:
                 value = row[kind] if isinstance(row[kind], list) else [row[kind]]
-                row[kind] = [[_written_path(f, args.image_folder, file, out_dir) for f in v] if isinstance(v, list)
-                             else _written_path(v, args.image_folder, file, out_dir) for v in value]
+                def written(f):
+                    return _written_path(f, args.image_folder, file, out_dir, media_dir, media_relative)
+
+                row[kind] = [[written(f) for f in v] if isinstance(v, list) else written(v) for v in value]
         rows.append(row)
     skipped = sorted({p.index for p in problems})
     # the embedded media are extracted while the records are read: say so when the output itself is not written
@@ -112,13 +137,23 @@ def convert(args: ConvertArguments) -> dict:
     os.replace(tmp, out)
     counts = {"records": len(loaded.records), "written": len(rows), "skipped": len(skipped),
               "format": FORMAT_NAMES[loaded.format], "media_written": loaded.media_written,
-              "output": str(out)}
+              "output": str(out), "absolute_paths": sum(_absolute_count(row) for row in rows)}
     for p in problems[:10]:
         log(f"skipped: {p}")
     media = f"; {loaded.media_written} embedded media file(s) written to {media_dir}" if loaded.media_written else ""
     log(f"{file} ({counts['format']}): {len(rows)} of {len(loaded.records)} records written to {out}"
         f"{f', {len(skipped)} skipped' if skipped else ''}{media}")
+    if counts["absolute_paths"]:
+        log(f"{counts['absolute_paths']} media path(s) written absolute, as given (an absolute record path, "
+            "--image_folder, --data_path or --media_dir): the JSONL can move, those media cannot; give relative "
+            "paths for a folder that moves as a whole")
     return counts
+
+
+def _absolute_count(row: dict) -> int:
+    """How many of a written record's media paths are absolute."""
+    paths = [p for kind in ("image", "video") for v in row.get(kind, []) for p in (v if isinstance(v, list) else [v])]
+    return sum(os.path.isabs(p) for p in paths)
 
 
 def main(argv: list[str] | None = None) -> int:

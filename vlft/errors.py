@@ -17,7 +17,7 @@ class Problem:
     """One defect in one record of a data file."""
 
     file: str
-    index: int | None  # 0-based record index (JSONL: line number - 1); None for file-level problems
+    index: int | None  # 0-based record index (JSONL: the non-empty lines, counted from 0); None for file-level problems
     field: str  # e.g. "conversations[2].value", "image[1]", "" for the whole record
     message: str  # what is wrong
     hint: str = ""  # what to do about it

@@ -854,7 +854,7 @@ def script_argv(script: str, num_gpus: int) -> list[str]:
 
 
 def split_flags(argv: list[str]) -> list[tuple[str, list[str]]]:
-    """`--flag value...` groups of an argument list, as (flag name, the tokens of the group)."""
+    """Flag groups of an argument list (a flag and the values after it), as (flag name, the tokens of the group)."""
     groups: list[tuple[str, list[str]]] = []
     for token in argv:
         if token.startswith("--"):

@@ -18,9 +18,14 @@ One panel per metric the log history holds, in this order, panels without data l
     reward margin         DPO: `rewards/margins` (chosen minus rejected implicit reward)
     preference accuracy   DPO: `rewards/accuracies` (pairs whose chosen answer has the higher reward)
 
-The x axis is the optimizer step. What was drawn is written into the PNG too (text chunks `vlft series <i>`,
-one per series: JSON `{"metric", "steps", "values"}`, non-finite values as null), so a test or a script reads
-the numbers back with `read_series` instead of trusting pixels.
+The x axis is the optimizer step. The loss and gradient-norm panels have a logarithmic y axis (`LOG_PANELS`): a
+run's loss falls by orders of magnitude (the demo's from 7.6 to 0.04) and on a linear axis everything after the
+first steps is a flat line at zero. A panel with a value <= 0 (GRPO's loss can be zero or negative; a GRPO
+gradient norm of 0) stays linear, since a log axis would drop those points without a word.
+
+What was drawn is written into the PNG too (text chunks `vlft series <i>`, one per series: JSON `{"metric",
+"steps", "values"}`, non-finite values as null), so a test or a script reads the numbers back with `read_series`
+instead of trusting pixels.
 
 Drawn with matplotlib's Agg canvas directly (no pyplot): no display is needed and the backend of a notebook that
 imports vlft is left alone.
@@ -52,6 +57,9 @@ PANELS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("reward margin", ("rewards/margins",), "chosen - rejected"),
     ("preference accuracy", ("rewards/accuracies",), "fraction of pairs"),
 )
+
+# panels drawn on a log y axis when every value on them is positive (`panel_scale`)
+LOG_PANELS = frozenset({"loss", "gradient norm"})
 
 
 def collect_series(log_history: list[dict]) -> dict[str, tuple[list[int], list[float | None]]]:
@@ -85,10 +93,16 @@ def panels_for(series: dict) -> list[tuple[str, list[str], str]]:
     return out
 
 
-def plot_history(log_history: list[dict], output: str | Path, *, title: str = "") -> dict:
-    """Draw the curves of `log_history` (a Trainer's `state.log_history`) into the PNG `output`; returns the
-    series drawn ({metric: (steps, values)}, as `read_series` reads them back). Raises VlftError when the
-    history holds none of the metrics of `PANELS`; ImportError when matplotlib is not installed."""
+def panel_scale(panel: str, series: dict, metrics: list[str]) -> str:
+    """"log" for a panel of `LOG_PANELS` whose drawn values are all positive, else "linear"."""
+    values = [v for m in metrics for v in series[m][1] if v is not None]
+    return "log" if panel in LOG_PANELS and values and all(v > 0 for v in values) else "linear"
+
+
+def draw_curves(log_history: list[dict], *, title: str = ""):
+    """(matplotlib Figure, series drawn) for `log_history`: one axes per panel with data, titled as in
+    `PANELS`, y scale from `panel_scale`. Raises VlftError when the history holds none of the metrics of
+    `PANELS`; ImportError when matplotlib is not installed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -113,7 +127,9 @@ def plot_history(log_history: list[dict], output: str | Path, *, title: str = ""
         ax.set_title(panel)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
+        scale = panel_scale(panel, series, metrics)
+        ax.set_yscale(scale)
+        ax.set_ylabel(f"{ylabel}, log scale" if scale == "log" else ylabel)
         ax.grid(True, alpha=0.3)
         if len(metrics) > 1:
             ax.legend(fontsize="small")
@@ -121,7 +137,14 @@ def plot_history(log_history: list[dict], output: str | Path, *, title: str = ""
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
-    drawn = {m: series[m] for _, metrics, _ in panels for m in metrics}
+    return fig, {m: series[m] for _, metrics, _ in panels for m in metrics}
+
+
+def plot_history(log_history: list[dict], output: str | Path, *, title: str = "") -> dict:
+    """Draw the curves of `log_history` (a Trainer's `state.log_history`) into the PNG `output` (`draw_curves`);
+    returns the series drawn ({metric: (steps, values)}, as `read_series` reads them back). Raises VlftError when
+    the history holds none of the metrics of `PANELS`; ImportError when matplotlib is not installed."""
+    fig, drawn = draw_curves(log_history, title=title)
     metadata = {"Software": "vlft"}
     for i, (metric, (steps, values)) in enumerate(drawn.items()):
         metadata[f"{SERIES_KEY} {i}"] = json.dumps({"metric": metric, "steps": steps, "values": values},

@@ -11,6 +11,9 @@ file names of their own.
       initial_adapter/                                  PiSSA / OLoRA runs: the adapter as created (PEFT's format,
                                                         init_lora_weights true), for merge's conversion to plain LoRA
       processor / tokenizer files, chat_template.jinja  written by the Trainer
+      README.md                                         the model card: what trained on what, the final figures, the
+                                                        commands that merge, serve and predict (`write_run_card`; in
+                                                        a checkpoint-N, a short card pointing to them)
 
 Why `vlft_trained.json`: merge must check the saved weights against what *did* train, not against a
 re-run of the freezing and LoRA selection on today's code (which can drift from the code that trained).
@@ -29,6 +32,7 @@ TRAINED_FILE = "vlft_trained.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INITIAL_ADAPTER = "initial_adapter"
+CARD_FILE = "README.md"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -97,6 +101,9 @@ def write_run_files(model, output_dir: str | os.PathLike, args: dict, *, is_peft
             save_file(tensors, str(out / NON_LORA_FILE), metadata={"format": "pt"})
     (out / TRAINED_FILE).write_text(json.dumps(trained_record(model), indent=1))
     (out / ARGS_FILE).write_text(json.dumps(args, indent=2, sort_keys=True, default=str))
+    # PEFT's save_pretrained has just written its template card (`[More Information Needed]` throughout); every
+    # save gets the short card instead, and the finished run's directory the full one (`write_run_card`)
+    (out / CARD_FILE).write_text(checkpoint_card(args, is_peft=is_peft))
 
 
 def write_initial_adapter(model, path: Path, tensors: dict) -> None:
@@ -164,3 +171,206 @@ def read_media_record(model_dir: str | os.PathLike) -> dict:
     recorded them)."""
     path = Path(model_dir) / MEDIA_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --- the model card (README.md) ---------------------------------------------------------------------------------
+# PEFT's save_pretrained writes its template card into every save (twenty `[More Information Needed]`, and
+# `pipeline_tag: text-generation` for a vision-language model). vlft writes its own after each save: a short one
+# in every checkpoint (`checkpoint_card`, from write_run_files) and, when the run finishes, the full one in the run
+# directory (`write_run_card`, from train/launch.py train_and_save). The front matter is the Hub's model-card
+# metadata (huggingface_hub ModelCardData's fields: base_model, library_name, pipeline_tag, tags).
+STAGE_NAMES = {"sft": "supervised fine-tuning (SFT)", "dpo": "preference tuning (DPO)",
+               "grpo": "reinforcement learning with rewards (GRPO)"}
+_STAGE_UNITS = {"sft": "records", "dpo": "preference pairs", "grpo": "prompts"}
+_VIRTUAL_NAMES = {"p_tuning": "P-Tuning", "prompt_tuning": "prompt tuning"}
+
+
+def training_method(args: dict) -> str:
+    """What kind of training a run's resolved arguments describe, in words: "full fine-tuning", "LoRA on the
+    language model (rank 8, alpha 16)", "QLoRA (4-bit base) ...", "prompt tuning (20 virtual tokens)"."""
+    peft_type = args.get("peft_type") or "lora"
+    if peft_type != "lora":
+        return f"{_VIRTUAL_NAMES.get(peft_type, peft_type)} ({args.get('num_virtual_tokens')} virtual tokens)"
+    parts = [part for flag, part in (("lora_enable", "language model"), ("vision_lora", "vision tower")) if args.get(flag)]
+    if not parts:
+        return "full fine-tuning"
+    kind = "DoRA" if args.get("use_dora") else "LoRA"
+    if args.get("bits", 16) in (4, 8):
+        kind = f"Q{kind} ({args['bits']}-bit base)"
+    return f"{kind} on the {' and '.join(parts)} (rank {args.get('lora_rank')}, alpha {args.get('lora_alpha')})"
+
+
+def _is_adapter(args: dict) -> bool:
+    return bool(args.get("lora_enable") or args.get("vision_lora") or (args.get("peft_type") or "lora") != "lora")
+
+
+def _hub_id(name) -> bool:
+    """A Hub repository id ("Qwen/Qwen2-VL-2B-Instruct"), not a local path: the only kind the Hub's `base_model`
+    metadata accepts."""
+    import re
+
+    return (isinstance(name, str) and not os.path.exists(name)
+            and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None)
+
+
+def _front_matter(args: dict, stage: str | None) -> list[str]:
+    lines = ["---"]
+    if _hub_id(args.get("model_id")):
+        lines.append(f"base_model: {json.dumps(args['model_id'])}")
+    lines += [f"library_name: {'peft' if _is_adapter(args) else 'transformers'}", "pipeline_tag: image-text-to-text",
+              "tags:", "- vlft"]
+    if stage:
+        lines.append(f"- {stage}")
+    return lines + ["---", ""]
+
+
+def _data_files(args: dict) -> list[str]:
+    value = args.get("data_path")
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)] if value else []
+
+
+def checkpoint_card(args: dict, *, is_peft: bool) -> str:
+    """The README.md of every save while a run trains (checkpoint-N; the run directory's is then replaced by
+    `run_card` when the run finishes): what it is a save of, and how to resume from it, merge and predict."""
+    data = ", ".join(f"`{f}`" for f in _data_files(args)) or "(not recorded)"
+    lines = _front_matter(args, None) + [
+        "# vlft checkpoint", "",
+        f"A save made while a vlft run trained: base model `{args.get('model_id')}`, data {data}, "
+        f"{training_method(args)}. The run directory's README.md, written when the run finishes, gives the final "
+        "figures; `vlft_args.json` here holds every argument.", "",
+        "- resume: the run's command with `--resume_from_checkpoint` this folder (or `latest`: the newest complete "
+        "checkpoint)"]
+    mergeable = is_peft and (args.get("peft_type") or "lora") == "lora"
+    if mergeable:
+        lines.append("- merge: `vlft merge --adapter <this folder> --output <new folder>`, then `vllm serve <new folder>`")
+    lines.append("- predict: `vlft predict --model <this folder> --data_path <data> --output <predictions.jsonl>`")
+    return "\n".join(lines) + "\n"
+
+
+def _figure(value) -> str:
+    import math
+
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "not logged"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _series(history: list[dict], key: str) -> list[float]:
+    return [h[key] for h in history if isinstance(h.get(key), (int, float)) and not isinstance(h.get(key), bool)]
+
+
+def run_card(run_dir: str | os.PathLike, args: dict, *, stage: str | None, family: str | None, records: int | None,
+             counts: dict[str, tuple[int, int]] | None, history: list[dict], summary: dict) -> str:
+    """The finished run's README.md (markdown with the Hub's front matter), from: `args` the resolved arguments
+    (vlft_args.json), `stage` sft / dpo / grpo, `family` the family's display name, `records` how many records
+    (DPO: pairs, GRPO: prompts) trained after the checks, `counts` {part: (trainable, frozen)} parameters as
+    models/freezing.py count_parameters gives them, `history` the Trainer's log_history, `summary` the
+    end-of-run summary of train/launch.py train_and_save (steps, train_seconds, first_loss, last_loss,
+    tokens_per_second). The commands name `run_dir` as an absolute path."""
+    import shlex
+
+    run = os.path.abspath(run_dir)
+    q = shlex.quote
+    adapter = _is_adapter(args)
+    virtual = (args.get("peft_type") or "lora") != "lora"
+    stage_name = STAGE_NAMES.get(stage or "", stage or "training")
+    lines = _front_matter(args, stage)
+    method = training_method(args)
+    lines += [f"# {os.path.basename(run)}", "",
+              f"{method[0].upper()}{method[1:]} of `{args.get('model_id')}`{f' ({family})' if family else ''}, "
+              f"by {stage_name} with vlft. Every argument is in `vlft_args.json`; the training curves are in "
+              f"`training_curves.png` (`vlft plot {q(run)}` draws them again).", ""]
+    lines += ["## Data", ""]
+    files = _data_files(args)
+    unit = _STAGE_UNITS.get(stage or "", "records")
+    lines.append(f"- training data: {', '.join(f'`{f}`' for f in files) or '(not recorded)'}"
+                 + (f", {records} {unit} after the checks" if records is not None else ""))
+    if args.get("image_folder"):
+        lines.append(f"- media folder: `{args['image_folder']}`")
+    if args.get("eval_data_path"):
+        lines.append(f"- evaluation data: `{args['eval_data_path']}`")
+    lines.append("")
+
+    lines += ["## What trained", "", f"{method}; learning rate {args.get('learning_rate')}.", ""]
+    if counts:
+        label = {"head": "head/embed"}
+        full = [label.get(p, p) for p, (t, _) in counts.items() if t and not p.startswith("lora:")]
+        frozen = [label.get(p, p) for p, (t, _) in counts.items() if not t and not p.startswith("lora:")]
+        if full:
+            lines += [f"Trained fully: {', '.join(full)}"
+                      + (f" (next to the adapter, in `{NON_LORA_FILE}`; merge applies them)" if adapter else "")
+                      + f". Frozen: {', '.join(frozen) or 'nothing'}.", ""]
+        lines += ["| part | trainable | frozen |", "|---|---:|---:|"]
+        for part, (t, f) in counts.items():
+            lines.append(f"| {label.get(part, part)} | {t:,} | {f:,} |")
+        total_t, total_f = sum(t for t, _ in counts.values()), sum(f for _, f in counts.values())
+        lines += [f"| total | {total_t:,} | {total_f:,} |", "",
+                  f"{100 * total_t / max(1, total_t + total_f):.2f}% of the parameters trained "
+                  "(`lora:<part>`: the adapter's own tensors on that part).", ""]
+
+    epochs = _series(history, "epoch")
+    seconds = summary.get("train_seconds")
+    lines += ["## Final figures", "",
+              f"- steps: {summary.get('steps')}" + (f" ({epochs[-1]:.2f} epochs)" if epochs else ""),
+              f"- training time: {seconds:.1f} s" if isinstance(seconds, (int, float)) else "- training time: not recorded",
+              f"- loss: {_figure(summary.get('first_loss'))} at the first logged step, "
+              f"{_figure(summary.get('last_loss'))} at the last"]
+    for key, label in (("eval_loss", "evaluation loss (last)"), ("rewards/margins", "reward margin (last)"),
+                       ("rewards/accuracies", "preference accuracy (last)")):
+        values = _series(history, key)
+        if values:
+            lines.append(f"- {label}: {_figure(float(values[-1]))}")
+    rewards = _series(history, "reward")
+    if rewards:
+        lines.append(f"- mean reward: {_figure(float(rewards[0]))} at the first logged step, "
+                     f"{_figure(float(rewards[-1]))} at the last")
+    if summary.get("tokens_per_second"):
+        lines.append(f"- throughput: {summary['tokens_per_second']:.0f} tokens/s (non-pad, all processes)")
+    lines.append("")
+
+    predict = f"vlft predict --model {q(run)} --data_path {q(args.get('eval_data_path') or (files or ['DATA'])[0])}"
+    if args.get("image_folder"):
+        predict += f" --image_folder {q(str(args['image_folder']))}"
+    predict += " --output predictions.jsonl"
+    lines += ["## Use it", "", "```bash"]
+    if virtual:
+        lines += ["# virtual tokens are extra inputs, not weights: no merge, no vLLM; vlft predict loads them",
+                  predict]
+    elif adapter:
+        merged = f"{run}-merged"
+        lines += [f"vlft merge --adapter {q(run)} --output {q(merged)}   # [--dtype bf16]; the base model comes "
+                  "from vlft_args.json",
+                  f"vllm serve {q(merged)}   # an OpenAI-compatible server (pip install vllm; a GPU)",
+                  predict + "   # with the adapter, no merge needed"]
+    else:
+        lines += [f"vllm serve {q(run)}   # the directory is the whole model (pip install vllm; a GPU)", predict]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def write_run_card(trainer, summary: dict) -> Path | None:
+    """Write the finished run's README.md (`run_card`) into trainer.args.output_dir, on the process that saves;
+    returns its path. A finished run never fails here: an error is a warning, the run stays saved."""
+    from vlft.utils import log
+
+    if not trainer.args.should_save:
+        return None
+    out = Path(trainer.args.output_dir)
+    try:
+        from vlft.models.freezing import count_parameters
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        family = getattr(trainer, "family", None)
+        dataset = trainer.train_dataset
+        dataset = getattr(dataset, "dataset", dataset) if type(dataset).__name__ == "PackedDataset" else dataset
+        stage = type(trainer).__name__.removesuffix("Trainer").lower() or None
+        text = run_card(out, trainer.vlft_args, stage=stage if stage in STAGE_NAMES else None,
+                        family=getattr(family, "display_name", None),
+                        records=len(dataset) if hasattr(dataset, "__len__") else None,
+                        counts=count_parameters(model, family) if family is not None else None,
+                        history=trainer.state.log_history, summary=summary)
+        (out / CARD_FILE).write_text(text)
+        return out / CARD_FILE
+    except Exception as err:  # the run is saved: a missing card is not worth failing it
+        log(f"warning: could not write {out / CARD_FILE} ({type(err).__name__}: {err}); the run itself is saved")
+        return None

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from vlft.data.formats import load_records
+from vlft.data.formats import BadLine, load_records
 from vlft.errors import DataError, VlftError
 
 RECORDS = [
@@ -71,17 +71,42 @@ def test_invalid_json_list_reports_position(tmp_path):
     assert problem.hint
 
 
-def test_jsonl_lists_every_bad_line(tmp_path):
+def test_jsonl_bad_lines_are_bad_records_in_place(tmp_path):
+    """A JSONL line that is not valid JSON is a bad record: it keeps its place (a BadLine), the records after it keep
+    their numbers (record i = the (i+1)-th non-empty line), and its message says the line and how records count.
+    Before: the file was refused whole, naming only the bad lines."""
     lines = [json.dumps(RECORDS[0]), "", '{"id": 2', json.dumps(RECORDS[1]), "{oops}", ""]
     path = write(tmp_path, "bad.jsonl", "\n".join(lines))
+    records = load_records(path)
+    assert len(records) == 4
+    assert records[0] == RECORDS[0] and records[2] == RECORDS[1]
+    bad = [records[1], records[3]]
+    assert all(isinstance(r, BadLine) for r in bad)
+    assert [r.line for r in bad] == [3, 5]
+    assert [r.problem.index for r in bad] == [1, 3]
+    assert bad[0].problem.message.startswith("invalid JSON at line 3, column")
+    assert bad[1].problem.message.startswith("invalid JSON at line 5, column 2:")
+    assert all(r.problem.file == str(path) and r.problem.hint for r in bad)
+    assert all("records are numbered from 0 over the file's non-empty lines" in r.problem.message for r in bad)
+    assert str(bad[1].problem).startswith(f"{path}: record 3: invalid JSON at line 5, column 2:")
+
+
+def test_jsonl_without_one_valid_line_is_refused_whole(tmp_path):
+    """Not JSONL with a few bad records but no JSONL at all (a CSV, a pretty-printed object with a syntax error):
+    every line is listed in one file-level error, which --skip_bad_samples cannot skip."""
+    path = write(tmp_path, "bad.jsonl", "a,b\n\n1,2\n")
     with pytest.raises(DataError) as info:
         load_records(path)
-    problems = info.value.problems
-    assert [p.index for p in problems] == [1, 3]
-    assert problems[0].message.startswith("invalid JSON at line 3, column")
-    assert problems[1].message.startswith("invalid JSON at line 5, column 2:")
-    assert all(p.file == str(path) and p.hint for p in problems)
-    assert "line 3" in str(info.value) and "line 5" in str(info.value)
+    assert [p.index for p in info.value.problems] == [0, 1]
+    assert "no line of" in str(info.value) and "line 3" in str(info.value)
+    assert str(info.value).endswith("not a file that cannot be read.")
+
+
+def test_jsonl_line_separator_inside_a_string_is_not_a_line_break(tmp_path):
+    """JSON allows U+2028 / U+0085 unescaped in strings; str.splitlines would cut such a record in two."""
+    record = {"id": 1, "conversations": [{"from": "human", "value": "one\u2028two\x85three"}]}
+    path = write(tmp_path, "sep.jsonl", json.dumps(record, ensure_ascii=False) + "\n" + json.dumps(RECORDS[1]) + "\r\n")
+    assert load_records(path) == [record, RECORDS[1]]
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """vlft/train/rewards.py: every built-in reward on right and wrong completions (the length and repetition penalties
 also against TRL 1.16's own implementations as oracles), loading rewards from a file, a module and TRL, and the
-pre-flight `check_rewards` (missing column, wrong length, NaN, errors, the table, TRL's rewards unchanged)."""
+pre-flight `check_rewards` (missing column, wrong length, NaN, errors, the table, TRL's rewards unchanged: those
+reading strings or ids get strings, those reading TRL's conversational completions get that shape)."""
 from __future__ import annotations
 
 import math
@@ -12,9 +13,12 @@ import pytest
 from vlft.errors import VlftError
 from vlft.train.rewards import (
     BUILTIN,
+    CONVERSATIONAL,
+    TEXT,
     accuracy_reward,
     check_rewards,
     choice_reward,
+    conversational_completion,
     count_reward,
     extract_answer,
     format_reward,
@@ -23,6 +27,7 @@ from vlft.train.rewards import (
     overlong_penalty,
     overlong_reward,
     parse_number,
+    preflight_rewards,
     repetition_reward,
 )
 
@@ -464,20 +469,116 @@ def test_check_rewards_async_reward():
 
 
 def test_trl_rewards_through_check_rewards():
-    """TRL's rewards that read completion_ids work unchanged; its conversational ones are refused with the reason."""
+    """TRL's rewards that read completion_ids work unchanged, with strings."""
     from trl.rewards import get_repetition_penalty_reward, get_soft_overlong_punishment
 
     funcs = [("soft_overlong", get_soft_overlong_punishment(max_completion_len=12, soft_punish_cache=8)),
              ("trl_repetition", get_repetition_penalty_reward(ngram_size=2))]
-    table = check_rewards(funcs, None, _samples())
-    rows = [line.split() for line in table.splitlines()[2:]]
+    checked = preflight_rewards(funcs, None, _samples())
+    assert checked.shapes == [TEXT, TEXT]
+    rows = [line.split() for line in checked.table.splitlines()[2:]]
     assert rows[0][-3:] == ["-1", "-0.9091", "-1.909"]  # 12 tokens: at the maximum; ids 1*12: 10 of 11 bigrams repeated
     assert rows[1][-3:] == ["-0.125", "-0.75", "-0.875"]  # 5 tokens: 1 into the 8-token buffer
 
-    funcs = load_reward_funcs(["trl.rewards:think_format_reward"])
-    assert funcs[0][0] == "think_format_reward"
-    with pytest.raises(VlftError, match=r"(?s)'think_format_reward' raised TypeError.*plain strings"):
-        check_rewards(funcs, None, _samples())
+
+def _chat_samples():
+    """Two records with their prompt messages (an image prompt, as vlft's data holds it, and a text prompt)."""
+    return [
+        {"prompt": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many circles?<|im_end|>\n"
+                   "<|im_start|>assistant\n",
+         "messages": [{"role": "system", "content": "Answer briefly."},
+                      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many circles?"}]}],
+         "completion": "<think>\nI see three.\n</think>\nThe answer is \\boxed{3}", "completion_ids": [1] * 12,
+         "columns": {"id": "clevr-1", "solution": "3"}},
+        {"prompt": "How many cubes?", "completion": "The answer is \\boxed{5}", "completion_ids": [1] * 5,
+         "columns": {"id": "clevr-2", "solution": "4"}},
+    ]
+
+
+def test_trls_conversational_rewards_get_trls_conversational_shape():
+    """trl.rewards.think_format_reward reads completion[0]["content"]: the pre-flight finds that it raises on strings,
+    calls it as TRL does for a conversational (vision-language) dataset, and keeps that shape for the run; vlft's
+    built-ins and a function written for strings keep strings."""
+    from trl.rewards import think_format_reward as trl_think_format
+
+    seen = {}
+
+    def strings_only(prompts, completions, **kwargs):
+        seen.update(prompts=prompts, completions=completions)
+        return [float(c.startswith("<think>")) for c in completions]  # str.startswith: fails on a list
+
+    funcs = [*load_reward_funcs(["trl.rewards:think_format_reward", "think_format", "accuracy"]),
+             ("strings_only", strings_only)]
+    checked = preflight_rewards(funcs, None, _chat_samples())
+    assert checked.shapes == [CONVERSATIONAL, TEXT, TEXT, TEXT]
+    rows = [line.split() for line in checked.table.splitlines()[2:4]]
+    # TRL's own rule and vlft's agree: the first completion has a think block, the second has none
+    assert [r[-5:-1] for r in rows] == [["1", "1", "1", "1"], ["0", "0", "0", "0"]]
+    assert trl_think_format([conversational_completion(s["completion"]) for s in _chat_samples()]) == [1.0, 0.0]
+    assert seen["completions"] == [s["completion"] for s in _chat_samples()]  # strings, unchanged
+    assert seen["prompts"] == [s["prompt"] for s in _chat_samples()]
+    assert "conversational completions for think_format_reward" in checked.table
+    assert check_rewards(funcs, None, _chat_samples()) == checked.table
+
+
+def test_the_conversational_call_is_trls():
+    """Prompts as TRL's message lists (every content a list of parts), completions as one assistant message each."""
+    seen = {}
+
+    def chat_spy(prompts, completions, completion_ids, solution, **kwargs):
+        seen.update(prompts=prompts, completions=completions, completion_ids=completion_ids, solution=solution)
+        return [len(c[0]["content"]) / 100 for c in completions]
+
+    checked = preflight_rewards([("chat_spy", chat_spy)], None, _chat_samples())
+    assert checked.shapes == [CONVERSATIONAL]
+    assert seen["completions"] == [[{"role": "assistant", "content": s["completion"]}] for s in _chat_samples()]
+    assert seen["prompts"] == [
+        [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many circles?"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "How many cubes?"}]}]]  # no messages: the prompt text
+    assert seen["completion_ids"] == [[1] * 12, [1] * 5] and seen["solution"] == ["3", "4"]
+    assert _chat_samples()[0]["messages"][0]["content"] == "Answer briefly."  # the records' messages untouched
+
+
+def test_trls_accuracy_rewards_run_or_name_their_missing_package():
+    """trl.rewards.accuracy_reward / reasoning_accuracy_reward need math_verify: with it, they score TRL's
+    conversational completions (the first answer is right); without it, the pre-flight stops with TRL's message
+    and says to install it."""
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        installed = False
+    else:
+        installed = True
+    for spec in ("trl.rewards:accuracy_reward", "trl.rewards:reasoning_accuracy_reward"):
+        funcs = load_reward_funcs([spec])
+        if installed:
+            checked = preflight_rewards(funcs, None, _chat_samples())
+            assert checked.shapes == [CONVERSATIONAL]
+            assert [line.split()[-1] for line in checked.table.splitlines()[2:4]] == ["1", "0"]
+        else:
+            with pytest.raises(VlftError, match=r"(?s)raised ImportError: .*math_verify.*-> install the package"):
+                preflight_rewards(funcs, None, _chat_samples())
+
+
+def test_a_conversational_reward_that_fails_reports_its_own_error():
+    """A function written for TRL's shape that has another bug: the error of the conversational call, with the string
+    call's error beside it; a string function's own bug is reported from the string call."""
+    def chat_bug(completions, **kwargs):
+        return [float(c[0]["content"]) for c in completions]  # ValueError on text
+
+    with pytest.raises(VlftError) as err:
+        check_rewards([("chat_bug", chat_bug)], None, _chat_samples())
+    message = str(err.value)
+    assert "reward 'chat_bug' raised ValueError: could not convert string to float" in message
+    assert "called with TRL's conversational completions" in message and "TypeError: string indices" in message
+
+    def string_bug(completions, **kwargs):
+        return [1 / 0 for _ in completions]
+
+    with pytest.raises(VlftError, match=r"reward 'string_bug' raised ZeroDivisionError") as err:
+        check_rewards([("string_bug", string_bug)], None, _chat_samples())
+    assert "conversational" not in str(err.value)
 
 
 def test_check_rewards_needs_functions_and_samples():

@@ -41,7 +41,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from vlft.constants import IMAGE_TAG, VIDEO_TAG
-from vlft.data.formats import load_records
+from vlft.data.formats import BadLine, load_records
 from vlft.data.reasoning import REASONING_KEYS
 from vlft.errors import DataError, Problem, VlftError
 from vlft.utils import log
@@ -316,6 +316,8 @@ CONVERTERS = {"messages": messages_to_llava, "llava": sharegpt_to_llava}
 def to_llava(record: object, index: int, file: str) -> tuple[object | None, list[Problem]]:
     """One record of any format -> (the LLaVA record, []) or (None, every problem). A record whose format the keys
     do not tell is returned as it is, for the stage's parser to judge."""
+    if isinstance(record, BadLine):  # a JSONL line that is not JSON: a bad record, reported as it is
+        return None, [record.problem]
     fmt = record_format(record)
     if isinstance(record, dict) and record.get("messages") is not None and record.get("conversations") is not None:
         return None, [Problem(file, index, "messages", "the record has both 'messages' and 'conversations'",

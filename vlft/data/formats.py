@@ -1,18 +1,46 @@
-"""Reading LLaVA data files: a JSON list of records, or JSONL with one record per line."""
+"""Reading LLaVA data files: a JSON list of records, or JSONL with one record per line.
+
+Record numbers: a JSON list's records are numbered from 0 in list order; a JSONL file's from 0 over its non-empty
+lines (blank lines are not records), so record i is the (i+1)-th non-empty line. In JSONL a line that is not valid
+JSON is a bad record like any other: it keeps its number (a `BadLine` in its place), is reported with the other
+records' problems and skipped by --skip_bad_samples. A JSON list with a syntax error cannot be cut into records:
+the file is refused whole, as is a JSONL file of which no line is valid JSON (not JSONL at all).
+"""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlft.errors import DataError, Problem, VlftError
 
-# A file is read whole before any record is checked: --skip_bad_samples skips invalid records, not unreadable text.
+# A JSON list is read whole before any record is checked: --skip_bad_samples skips invalid records (a JSONL line that
+# is not valid JSON among them), not a file that cannot be cut into records.
 _UNREADABLE = "Fix the file: --skip_bad_samples skips invalid records, not a file that cannot be read."
 _SHAPE_HINT = 'write the records as a JSON list [{"conversations": [...]}, ...] or as JSONL, one record per line'
+_LINE_HINT = "each line must hold one complete JSON object; a record must not span several lines"
+# said in every bad line's message, so that "record 3" next to "line 5" does not read as a contradiction
+_NUMBERING = "records are numbered from 0 over the file's non-empty lines"
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """The place of a JSONL line that is not valid JSON in the list `load_records` returns: a bad record, whose
+    `problem` names the file, the record index, the line and column, and what to do. Not a dict, so the format
+    detection of data/convert.py passes it on untouched; data/prepare.py reports it with the other records'
+    problems (and --skip_bad_samples skips it)."""
+
+    problem: Problem
+    line: int  # 1-based line number in the file, as an editor counts lines
 
 
 def load_records(path: str | Path) -> list:
-    """Return the raw records of one data file; every syntax error is reported, not only the first."""
+    """Return the raw records of one data file, in file order.
+
+    JSONL: one entry per non-empty line; a line that is not valid JSON is a `BadLine` in its place (see the module
+    docstring for the numbering). Raises VlftError for a missing, empty or non-UTF-8 file, DataError for a JSON list
+    with a syntax error, a JSONL file of which no line is valid JSON (every line listed), or a file of the wrong
+    shape (one object instead of a list of records)."""
     path = Path(path)
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
@@ -35,8 +63,9 @@ def load_records(path: str | Path) -> list:
     return records
 
 
-def _json_problem(file: Path, index: int | None, e: json.JSONDecodeError, lineno: int, hint: str) -> Problem:
-    message = f"invalid JSON at line {lineno}, column {e.colno}: {e.msg}"
+def _json_problem(file: Path, index: int | None, e: json.JSONDecodeError, lineno: int, hint: str,
+                  note: str = "") -> Problem:
+    message = f"invalid JSON at line {lineno}, column {e.colno}: {e.msg}" + (f" ({note})" if note else "")
     return Problem(file=str(file), index=index, field="", message=message, hint=hint)
 
 
@@ -50,7 +79,10 @@ def _load_json_list(text: str, path: Path) -> list:
 
 
 def _load_jsonl(text: str, path: Path) -> list:
-    lines = text.splitlines()
+    # Lines end at "\n" only, as editors count them: str.splitlines would also cut at U+2028, U+0085 and other
+    # characters JSON allows unescaped inside a string, breaking a valid record in two. A "\r" left by Windows line
+    # ends is JSON whitespace.
+    lines = text.split("\n")
     if sum(1 for line in lines if line.strip()) > 1:
         # A pretty-printed object spanning several lines is one document, not JSONL; naming its real shape
         # beats reporting every one of its lines as broken.
@@ -61,20 +93,19 @@ def _load_jsonl(text: str, path: Path) -> list:
         else:
             _raise_wrong_shape(path, whole)
 
-    records, problems = [], []
-    hint = "each line must hold one complete JSON object; a record must not span several lines"
+    records: list = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError as e:
             # the line number in the file, not within the line, so an editor can jump to it
-            problems.append(_json_problem(path, len(records) + len(problems), e, lineno, hint))
-            continue
-        records.append(record)
-    if problems:
-        raise DataError(problems, header=f"{len(problems)} line(s) of {path} are not valid JSON:", advice=_UNREADABLE)
+            records.append(BadLine(_json_problem(path, len(records), e, lineno, _LINE_HINT, _NUMBERING), lineno))
+    bad = [r.problem for r in records if isinstance(r, BadLine)]
+    if bad and len(bad) == len(records):  # no line is JSON: not a JSONL file with some bad records
+        raise DataError(bad, header=f"no line of {path} is valid JSON ({len(bad)} non-empty line(s)); is it a JSON "
+                        "list or JSONL file?", advice=_UNREADABLE)
     if len(records) == 1 and _is_container(records[0]):
         _raise_wrong_shape(path, records[0])
     return records

@@ -7,7 +7,9 @@ preference pairs: prompt + each answer; prompts: the generation prompt). Everyth
 resolution, media probing and decoding (each file once, in threads), tokenisation with the model's template
 (data/encoding.py), the skip / drop policy and one error report naming file, record, id and field. The records'
 top-level keys that the stage does not read are listed once (`key_census`), so a misspelt field is seen, not
-dropped.
+dropped. A JSONL line that is not valid JSON is a bad record like the others (data/formats.py `BadLine`):
+listed with them, skipped by --skip_bad_samples. What --skip_bad_samples may leave out is capped by
+--max_bad_fraction (`max_bad_fraction`): a run that would lose most of its records stops instead.
 
     prepared = prepare_data("train.json", CONVERSATION, processor=processor, image_folder="images/",
                             media=media, max_seq_length=8192)
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from vlft.data.convert import load_llava_records
 from vlft.data.encoding import ChatEncoder, EncodingError, VisionSpec
+from vlft.data.formats import BadLine
 from vlft.data.llava import LLAVA_KEYS, SYSTEM_KEY, Sample, parse_record
 from vlft.data.media import MediaError, image_grid, load_image, resolve_media_path
 from vlft.data.preference import ANSWER_KEYS, PREFERENCE_KEYS, PreferenceSample, parse_preference_record
@@ -273,10 +277,28 @@ def _advice(*, invalid: bool, overlong: bool, skip_bad_samples: bool, reject_ove
     return "\n".join(lines)
 
 
+def _check_bad_fraction(problems: list[Problem], n_records: int, kept: int, limit: float, file: str,
+                        note: str) -> None:
+    """DataError when the records `problems` leave out (each record counted once) are more than `limit` of
+    `n_records`: a run that would lose that much of its data stops, listing why, with the --max_bad_fraction that
+    would let it go on (`kept`: the records it would train on)."""
+    bad = len({p.index for p in problems if p.index is not None})
+    if bad <= limit * n_records:
+        return
+    needed = math.ceil(bad / n_records * 100) / 100  # the smallest two-decimal value that lets this run go on
+    header = (f"--skip_bad_samples would leave out {bad} of the {n_records} records of {file} ({bad / n_records:.0%}), "
+              f"more than --max_bad_fraction {limit:g} allows; stopped rather than train on {kept} record(s):")
+    advice = ("Fix the records above (most records failing at once often means a wrong --data_path, --image_folder or "
+              f"stage), or pass --max_bad_fraction {needed:g} (1 turns the limit off) to train on the {kept} usable "
+              "record(s).")
+    raise DataError(problems, header=(note + "\n" + header) if note else header, advice=advice)
+
+
 def prepare_data(data_path: str, record_format: RecordFormat, *, processor, image_folder: str | None,
                  media: MediaSettings, max_seq_length: int, reject_overlong: bool = False,
                  skip_bad_samples: bool = False, workers: int = 4,
-                 length_flag: str = "--max_seq_length", thinking: Thinking | None = None) -> PreparedData:
+                 length_flag: str = "--max_seq_length", thinking: Thinking | None = None,
+                 max_bad_fraction: float | None = None) -> PreparedData:
     """Parse, resolve, probe and measure every record of `data_path` (JSON list or JSONL in LLaVA or another
     chat format, parquet, arrow or a save_to_disk folder: data/convert.py turns each record into LLaVA first).
 
@@ -284,8 +306,15 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
     `skip_bad_samples`; records with a sequence over `max_seq_length` tokens are dropped and counted, or
     raise DataError under `reject_overlong` (one error lists both kinds); VlftError when no record is left.
     `length_flag` is the flag that set `max_seq_length`, as messages name it (GRPO: --max_prompt_length; TRL's
-    --max_length when given: `length_flag_of`). What the error tells the user to do follows the flags passed."""
+    --max_length when given: `length_flag_of`). What the error tells the user to do follows the flags passed.
+
+    `max_bad_fraction` (--max_bad_fraction; None: no limit): under `skip_bad_samples`, DataError when the invalid
+    records left out are more than this fraction of the file's records, saying how many of how many and how to go
+    on. Over-long records dropped by the length limit do not count: they are valid, and listed as dropped."""
     file = str(data_path)
+    if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
+        raise VlftError(f"--max_bad_fraction {max_bad_fraction:g} must be between 0 and 1 (the largest fraction of the "
+                        "records --skip_bad_samples may leave out)")
     loaded = load_llava_records(data_path)  # any supported format, as LLaVA records (data/convert.py)
     records = loaded.records
     census = key_census(records, record_format)
@@ -295,6 +324,9 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
     parsed = []
     for index, record in enumerate(records):
         if record is None:  # not convertible: its problems are in loaded.problems
+            continue
+        if isinstance(record, BadLine):  # a JSONL line that is not valid JSON: a bad record, reported with the others
+            problems.append(record.problem)
             continue
         sample, found = record_format.parse(record, index, file)
         problems += found
@@ -389,6 +421,10 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
     problems = sorted((loaded.source(p) for p in problems), key=lambda p: (p.index if p.index is not None else -1))
     overlong = [loaded.source(p) for p in overlong]
     invalid, too_long = bool(problems) and not skip_bad_samples, bool(overlong) and reject_overlong
+    everything = [*unique_images, *unique_videos]
+    # every media file missing, all written as relative paths: the folder is wrong, not the records
+    not_found = bool(everything) and all(isinstance(probed[m], MediaError) and _missing(m) and m in relative
+                                         for m in everything)
     if invalid or too_long:
         listed = sorted((problems if invalid else []) + (overlong if too_long else []),
                         key=lambda p: (p.index if p.index is not None else -1))
@@ -396,15 +432,16 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
         if invalid:
             header = (f"{len(problems)} problem(s) and {len(overlong)} record(s) over {too_long_what} in {file}:"
                       if too_long else f"{len(problems)} problem(s) in {file}:")
-            everything = [*unique_images, *unique_videos]
-            if everything and all(isinstance(probed[m], MediaError) and _missing(m) and m in relative
-                                  for m in everything):
+            if not_found:
                 header = _not_found_header(len(everything), image_folder, file) + "\n" + header
         else:
             header = f"{len(overlong)} record(s) in {file} exceed {too_long_what}:"
         raise DataError(listed, header=header, advice=_advice(
             invalid=invalid, overlong=too_long, skip_bad_samples=skip_bad_samples, reject_overlong=reject_overlong,
             length_flag=length_flag))
+    if skip_bad_samples and max_bad_fraction is not None:
+        _check_bad_fraction(problems, len(records), len(out.samples), max_bad_fraction, file,
+                            _not_found_header(len(everything), image_folder, file) if not_found else "")
     out.skipped, out.overlong = problems, overlong
     for p in problems[:10]:
         log(f"skipped: {p}")

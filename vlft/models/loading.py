@@ -5,6 +5,7 @@ import torch
 
 from vlft.errors import VlftError
 from vlft.models.registry import Family, get_family
+from vlft.utils import check_model_source
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -25,6 +26,7 @@ def _wrap_load_error(what: str, model_id: str, err: Exception) -> VlftError:
 def load_family(model_id: str) -> Family:
     from transformers import AutoConfig
 
+    check_model_source(model_id, "model")  # a hub id with no hub: say so now, not after minutes of retries
     try:
         config = AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as err:
@@ -35,6 +37,7 @@ def load_family(model_id: str) -> Family:
 def load_processor(model_id: str):
     from transformers import AutoProcessor
 
+    check_model_source(model_id, "model")
     try:
         processor = AutoProcessor.from_pretrained(model_id)
     except (OSError, ValueError) as err:

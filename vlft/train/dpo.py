@@ -22,25 +22,33 @@ from vlft.data.prepare import length_flag_of, prepare_data
 from vlft.data.reasoning import Thinking
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
-from vlft.train.checkpoints import data_digest
-from vlft.train.launch import check_output_dir, check_training_flags, run_stage, train_and_save
+from vlft.train.checkpoints import data_digest, media_digest
+from vlft.train.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
 from vlft.train.reference import freezing_flags, trained_next_to_lora
 from vlft.train.setup import zero_stage
 from vlft.utils import log
 
 
-def reference_cache_key(*, data_path: str, data, model_id: str, media, model_args, train_args, max_length: int) -> str:
-    """What the reference log-probs depend on, hashed: the data file's bytes and the records kept, the model's
-    files (name, size, modification time; or the hub id), the weights dtype and attention kernel, the media
-    settings (pixel budgets, frame sampling), the length limit and --ld_alpha."""
+def reference_cache_key(*, data_path: str, data, media_sha256: str, model_id: str, media, thinking: Thinking,
+                        chat_template: str | None, model_args, tune_args, train_args, max_length: int) -> str:
+    """What the reference log-probs depend on, hashed (16 hex digits): the data file's bytes and the records kept,
+    the media's contents record by record (`media_sha256`: train/checkpoints.py's `media_digest`; a changed
+    --image_folder or a picture redrawn in place changes it), the tokenisation (the chat template's text and the
+    reasoning flags it is rendered with), the model's files (name, size, modification time; or the hub id), the
+    weights dtype, quantisation and attention kernel, the media settings (pixel budgets, frame sampling), the
+    length limit and --ld_alpha."""
     model = Path(model_id)
     files = (sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.iterdir() if p.is_file())
              if model.is_dir() else model_id)
     parts = {
         "data": data_digest(data_path),  # a file, or every file of a dataset folder
         "records": [s.index for s in data.samples],
+        "media_files": media_sha256,
+        "chat_template": hashlib.sha256((chat_template or "").encode()).hexdigest(),
+        "thinking": thinking.template_kwargs(),
         "model": files,
-        "dtype": "bf16" if train_args.bf16 else "fp32",
+        "dtype": "bf16" if train_args.bf16 else "fp16" if train_args.fp16 else "fp32",
+        "quantisation": [tune_args.bits, tune_args.quant_type, tune_args.double_quant] if tune_args.bits < 16 else None,
         "attn": model_args.attn_implementation,
         "media": repr(media),
         "max_length": max_length,
@@ -80,9 +88,11 @@ def run(argv: list[str]):
         data_args.data_path, fmt.record_format(), processor=processor, image_folder=data_args.image_folder,
         media=media, max_seq_length=max_length, reject_overlong=data_args.reject_overlong,
         skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
-        length_flag=length_flag_of(data_args), thinking=Thinking.from_args(data_args))
+        length_flag=length_flag_of(data_args), thinking=Thinking.from_args(data_args),
+        max_bad_fraction=data_args.max_bad_fraction)
     cut = f"; {len(fmt.truncated)} with answers cut to {length_flag_of(data_args)} {max_length}" if fmt.truncated else ""
     log(f"data: {data.summary()}{cut}")
+    batch_warning(len(data.samples), train_args, what="pairs")
 
     prepared = prepare_model(model_args, tune_args, train_args)  # load, Liger, LoRA, freeze
     if train_args.disable_dropout:
@@ -100,10 +110,14 @@ def run(argv: list[str]):
     if data_args.group_by_length:
         batch = train_args.per_device_train_batch_size * train_args.world_size
         order = lambda epoch: length_grouped_order(data.lengths, batch, train_args.seed + epoch)  # noqa: E731
+    # the pictures' contents, record by record: the reference cache's key and the resume identity
+    media_sha256 = media_digest(data, workers=data_args.check_workers)
     ref_cache = None
     if train_args.precompute_ref_log_probs:
-        key = reference_cache_key(data_path=data_args.data_path, data=data, model_id=model_args.model_id,
-                                  media=media, model_args=model_args, train_args=train_args, max_length=max_length)
+        key = reference_cache_key(
+            data_path=data_args.data_path, data=data, media_sha256=media_sha256, model_id=model_args.model_id,
+            media=media, thinking=Thinking.from_args(data_args), chat_template=dataset.encoder.template,
+            model_args=model_args, tune_args=tune_args, train_args=train_args, max_length=max_length)
         ref_cache = ReferenceCache(train_args.output_dir, key, len(dataset))
 
     trainer = DPOTrainer(
@@ -112,7 +126,7 @@ def run(argv: list[str]):
         tune_args, train_args), family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
         loraplus_lr_ratio=tune_args.loraplus_lr_ratio,
         train_order=order, pixel_norms=(dataset.image_norm, dataset.video_norm), reference=reference,
-        ref_cache=ref_cache)
+        ref_cache=ref_cache, media_sha256=media_sha256)
     return train_and_save(trainer, lora=tune_args.any_lora)
 
 

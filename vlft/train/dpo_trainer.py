@@ -37,7 +37,8 @@ from vlft.utils import log
 class ReferenceCache:
     """Reference log-probs of every pair, [N, 2] float32 (chosen, rejected; nats, LD-weighted when --ld_alpha is
     set), in `<output_dir>/ref_log_probs/<key>.pt`. The key (train/dpo.py: `reference_cache_key`) covers the data,
-    the model and the media settings: a file with this key holds exactly these values."""
+    the media's contents, the tokenisation, the model and the media settings: a file with this key holds exactly
+    these values. --overwrite_output_dir removes the folder before anything loads (train/launch.py)."""
 
     def __init__(self, directory: str | os.PathLike, key: str, n_pairs: int):
         self.path = Path(directory) / "ref_log_probs" / f"{key}.pt"
@@ -75,19 +76,27 @@ class DPOTrainer(VlftTrainerMixin, Trainer):
 
     reference: train/reference.py's AdaptersOff or FrozenCopy, or None with `ref_cache`.
     ref_cache: a ReferenceCache when --precompute_ref_log_probs: filled (or loaded) when training begins,
-        before the first optimizer step, then the only source of reference log-probs."""
+        before the first optimizer step, then the only source of reference log-probs.
+    media_sha256: the training pairs' media contents (train/checkpoints.py: `media_digest`), recorded in the resume
+        identity so that a resume on changed pictures is refused, naming them."""
 
-    def __init__(self, *args, reference=None, ref_cache: ReferenceCache | None = None, **kwargs):
+    def __init__(self, *args, reference=None, ref_cache: ReferenceCache | None = None,
+                 media_sha256: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if reference is None and ref_cache is None:
             raise ValueError("DPOTrainer needs a reference or a reference cache")
         self.reference = reference
         self.ref_cache = ref_cache
+        self.media_sha256 = media_sha256
         # the loss is a mean over this micro-batch's pairs: the Trainer divides it by the accumulation steps
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
         if ref_cache is not None:
             self.add_callback(_PrecomputeReference(self))
+
+    def identity(self) -> dict:
+        """The mixin's resume identity (train/checkpoints.py: run_identity) with the media's contents."""
+        return {**super().identity(), "media_sha256": self.media_sha256}
 
     def count_batch(self, inputs: dict) -> None:
         if not self.args.encode_vision_once:

@@ -20,7 +20,7 @@ from vlft.data.prepare import length_flag_of, prepare_data
 from vlft.data.reasoning import Thinking, prompt_opens_think
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
-from vlft.train.launch import check_output_dir, check_training_flags, run_stage, train_and_save
+from vlft.train.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
 from vlft.train.reference import freezing_flags, trained_next_to_lora
 from vlft.train.setup import zero_stage
 from vlft.train.vllm_rollout import check_vllm_data, check_vllm_flags, check_vllm_length
@@ -48,16 +48,17 @@ def sample_completions(data, encoder, n: int = 4, max_completion_length: int = 5
         completion = f"{reasoning}\n<answer>{answer}</answer>"
         out.append({"prompt": prompt, "completion": completion,
                     "completion_ids": encoder.tokenizer(completion, add_special_tokens=False)["input_ids"],
-                    "columns": {"id": s.id, **s.columns, "max_completion_length": max_completion_length}})
+                    "columns": {"id": s.id, **s.columns, "max_completion_length": max_completion_length},
+                    "messages": s.messages})
     return out
 
 
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
     from vlft.models.loading import load_family, load_processor
-    from vlft.train.grpo_trainer import GRPOTrainer
+    from vlft.train.grpo_trainer import GRPOTrainer, epoch_plan, prompts_per_step
     from vlft.train.reference import make_reference
-    from vlft.train.rewards import check_rewards, load_reward_funcs
+    from vlft.train.rewards import load_reward_funcs, preflight_rewards
     from vlft.train.setup import disable_dropout, load_model_copy, prepare_model, refuse_base_mutating_init
 
     model_args, data_args, tune_args, train_args = parse_args(GRPO_GROUPS, argv, prog="vlft grpo")
@@ -94,15 +95,17 @@ def run(argv: list[str]):
         data_args.data_path, PROMPT, processor=processor, image_folder=data_args.image_folder, media=media,
         max_seq_length=max_prompt, reject_overlong=data_args.reject_overlong,
         skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers, length_flag="--max_prompt_length",
-        thinking=Thinking.from_args(data_args))
+        thinking=Thinking.from_args(data_args), max_bad_fraction=data_args.max_bad_fraction)
     log(f"data: {data.summary()} (prompts; --max_prompt_length {max_prompt})")
     if train_args.use_vllm:
         check_vllm_data(data.samples, data_args.data_path)
+    log(epoch_plan(len(data.samples), train_args)[2])  # TRL's rule: an incomplete last step is left out
+    batch_warning(len(data.samples), train_args, what="prompts", prompts_per_step=prompts_per_step(train_args))
     encoder = ChatEncoder(processor, Thinking.from_args(data_args))
     reward_funcs = load_reward_funcs(train_args.reward_funcs)
     samples = sample_completions(data, encoder, max_completion_length=train_args.max_completion_length)
-    log("rewards on real records with a sample completion (before step 1):\n"
-        + check_rewards(reward_funcs, train_args.reward_weights, samples))
+    checked = preflight_rewards(reward_funcs, train_args.reward_weights, samples)  # and each function's shape
+    log("rewards on real records with a sample completion (before step 1):\n" + checked.table)
 
     prepared = prepare_model(model_args, tune_args, train_args)  # load, Liger, LoRA, freeze
     if train_args.disable_dropout:
@@ -124,8 +127,9 @@ def run(argv: list[str]):
         tune_args, train_args), family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
         loraplus_lr_ratio=tune_args.loraplus_lr_ratio,
         pixel_norms=(dataset.image_norm, dataset.video_norm), reward_funcs=reward_funcs,
-        reward_weights=train_args.reward_weights, samples=data.samples, generation_collator=generation_collator,
-        training_collator=training_collator, encoder=encoder, reference=reference)
+        reward_weights=train_args.reward_weights, reward_shapes=checked.shapes, samples=data.samples,
+        generation_collator=generation_collator, training_collator=training_collator, encoder=encoder,
+        reference=reference)
     return train_and_save(trainer, lora=tune_args.any_lora)
 
 

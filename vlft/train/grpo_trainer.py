@@ -19,8 +19,10 @@ rollout per micro-batch) and keeps each micro-batch's training batch (advantages
 the next N - 1 steps train on those batches again, in the same order, against the log-probs of the policy that
 generated them (`old_per_token_logps`: the first pass's own log-probs, detached; no optimizer step falls between a
 micro-batch's rollout and its first loss, so they are that policy's exactly, without a second forward). The sampler
-(RolloutReuseSampler) yields each step's prompts N times in a row, so an epoch uses every prompt N times and
---max_steps, epochs and the progress bar count optimizer steps as in TRL. A checkpoint inside a cycle holds each
+(PromptStepSampler) yields each step's prompts N times in a row, so an epoch uses every prompt N times and
+--max_steps, epochs and the progress bar count optimizer steps as in TRL. As in TRL, the prompts at the end of an
+epoch's shuffled order that do not fill an optimizer step are left out of that epoch, so every step trains on as many
+completions as configured; `epoch_plan` logs how many at start-up. A checkpoint inside a cycle holds each
 process's kept batches (vlft_rollouts_rank<r>.pt), so a resumed run replays what the straight run would have.
 
 All G completions of a prompt are generated on the process that holds the prompt, so the group statistics need no
@@ -50,7 +52,13 @@ from vlft.errors import VlftError
 from vlft.train.grpo_loss import group_advantages, grpo_loss, reward_stats, sampling_correction, weighted_rewards
 from vlft.train.logprobs import completion_columns, completion_log_probs
 from vlft.train.reference import FrozenCopy
-from vlft.train.rewards import split_completion
+from vlft.train.rewards import (
+    CONVERSATIONAL,
+    TEXT,
+    conversational_completion,
+    conversational_prompt,
+    split_completion,
+)
 from vlft.train.trainer import VlftTrainerMixin
 
 ROLLOUTS_FILE = "vlft_rollouts_rank{rank}.pt"  # a checkpoint inside a --num_iterations cycle: one per process
@@ -59,18 +67,21 @@ ROLLOUTS_FILE = "vlft_rollouts_rank{rank}.pt"  # a checkpoint inside a --num_ite
 class GRPOTrainer(VlftTrainerMixin, Trainer):
     """vlft's GRPO stage. Keyword arguments on top of the mixin's:
 
-    reward_funcs: [(name, function)] (train/rewards.py: load_reward_funcs); reward_weights: one per function.
+    reward_funcs: [(name, function)] (train/rewards.py: load_reward_funcs); reward_weights: one per function;
+    reward_shapes: one per function, rewards.TEXT (strings, the default) or rewards.CONVERSATIONAL (TRL's message
+    lists), as the pre-flight found them (train/rewards.py: preflight_rewards).
     samples: the dataset's PromptSamples (their `columns` reach the reward functions by name).
     generation_collator: SFTCollator with left padding and no dummy media (rollouts);
     training_collator: the stage's SFTCollator (right padding, dummy media in distributed runs).
     encoder: the ChatEncoder (prompt texts for the reward functions).
     reference: train/reference.py's AdaptersOff or FrozenCopy when --beta > 0, else None."""
 
-    def __init__(self, *args, reward_funcs, reward_weights=None, samples, generation_collator, training_collator,
-                 encoder, reference=None, **kwargs):
+    def __init__(self, *args, reward_funcs, reward_weights=None, reward_shapes=None, samples, generation_collator,
+                 training_collator, encoder, reference=None, **kwargs):
         super().__init__(*args, **kwargs)
         a = self.args
         self.reward_funcs = reward_funcs
+        self.reward_shapes = list(reward_shapes or [TEXT] * len(reward_funcs))
         self.reward_weights = torch.tensor(reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)
         self.samples = samples
         self.column_names = sorted({k for s in samples for k in s.columns})
@@ -110,12 +121,9 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         a = self.args
-        if a.num_iterations == 1:
-            return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        block = self._train_batch_size * a.gradient_accumulation_steps * a.world_size  # prompts of one optimizer step
         seed = a.data_seed if a.data_seed is not None else a.seed
-        return RolloutReuseSampler(len(dataset), block, a.num_iterations, seed, self)
+        return PromptStepSampler(len(dataset), prompts_per_step(a), a.num_iterations, seed, self)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self.rollouts, self._micro, self._resumed_from = None, (-1, -1), None
@@ -228,7 +236,9 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
 
     def score(self, items: list[dict], completions: list[torch.Tensor]) -> tuple[torch.Tensor, list[str], list[str]]:
         """Every reward function on this step's completions -> ([N, F] rewards, NaN where a function returned
-        None), with the completion texts and prompt texts."""
+        None), with the completion texts and prompt texts. Each function gets the shape the pre-flight found for it
+        (`reward_shapes`): strings, or TRL's conversational shape (prompts as message lists, completions as
+        [{"role": "assistant", "content": text}])."""
         g = self.args.num_generations
         tokenizer = self.encoder.tokenizer
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
@@ -245,9 +255,14 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
                   "log_extra": lambda column, values: None}
         columns.setdefault("max_completion_length", self.args.max_completion_length)  # the built-in overlong reads it
         per_func = torch.full((len(texts), len(self.reward_funcs)), math.nan)
+        ids = [c.tolist() for c in completions]
         for f, (name, func) in enumerate(self.reward_funcs):
-            values = func(prompts=prompts, completions=texts, completion_ids=[c.tolist() for c in completions],
-                          **columns, **extras)
+            if self.reward_shapes[f] == CONVERSATIONAL:  # TRL's shape for chat prompts; new lists for every call
+                shaped = {"prompts": [conversational_prompt(s.messages) for s in samples],
+                          "completions": [conversational_completion(t) for t in texts]}
+            else:
+                shaped = {"prompts": prompts, "completions": texts}
+            values = func(**shaped, completion_ids=ids, **columns, **extras)
             if not isinstance(values, (list, tuple)) or len(values) != len(texts):
                 got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
                 raise VlftError(f"reward {name!r} returned {got} value(s) for {len(texts)} completions at step "
@@ -417,30 +432,60 @@ def _finite(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-class RolloutReuseSampler(torch.utils.data.Sampler):
-    """--num_iterations N > 1: the epoch's shuffled prompts in blocks of one optimizer step's prompts on all
-    processes (prompts per micro-batch x accumulation steps x processes), each block yielded N times in a row, so
-    every process gets the same prompts, micro-batch by micro-batch, on the N steps of a cycle (TRL's RepeatSampler).
-    An epoch is then N times as many steps and uses each prompt N times, as in TRL. A last, incomplete block is
-    filled with prompts from the epoch's start (TRL drops it): no prompt is left out of an epoch. The order of
-    epoch e depends on (seed + e) alone, the same on every process and in a resumed run."""
+def prompts_per_step(args) -> int:
+    """Prompts of one optimizer step over all processes: per_device_train_batch_size / num_generations (prompts per
+    micro-batch) x gradient_accumulation_steps x processes. TRL's generation batch in prompts
+    (generation_batch_size / num_generations, with steps_per_generation = gradient_accumulation_steps)."""
+    return args.per_device_train_batch_size // args.num_generations * args.gradient_accumulation_steps * args.world_size
+
+
+def epoch_plan(prompts: int, args) -> tuple[int, int, str]:
+    """(optimizer steps per epoch, prompts left out of each epoch, a log line saying both with the numbers).
+
+    TRL's rule (trl/trainer/utils.py RepeatSampler, which GRPOTrainer builds with batch_size = one optimizer step's
+    prompts): an epoch's shuffled prompts are cut into blocks of `prompts_per_step(args)`, an incomplete last block
+    is dropped, and each block trains `num_iterations` steps. VlftError when the data holds fewer prompts than one
+    step takes (an epoch would have no step), naming the flags to lower."""
+    block = prompts_per_step(args)
+    micro = args.per_device_train_batch_size // args.num_generations
+    blocks, left = divmod(prompts, block)
+    how = (f"{block} a step: --per_device_train_batch_size {args.per_device_train_batch_size} / --num_generations "
+           f"{args.num_generations} = {micro} a micro-batch x {args.gradient_accumulation_steps} accumulation "
+           f"step(s) x {args.world_size} process(es)")
+    if blocks == 0:
+        raise VlftError(f"GRPO: the data holds {prompts} usable prompt(s), fewer than one optimizer step takes ({how}); "
+                        "an epoch would have no step -> lower --gradient_accumulation_steps or "
+                        "--per_device_train_batch_size, or add prompts")
+    steps = blocks * args.num_iterations
+    line = f"GRPO: {prompts} prompts, {how}: {steps} optimizer step(s) per epoch"
+    if args.num_iterations > 1:
+        line += f" ({blocks} rollouts, each trained on {args.num_iterations} times)"
+    if left:
+        line += (f"; {left} prompt(s) of each epoch's shuffled order are left out, as in TRL (an incomplete step is "
+                 f"dropped; the order, so the prompts left out, changes every epoch). For every prompt in every "
+                 f"epoch, give a multiple of {block} prompts")
+    return steps, left, line
+
+
+class PromptStepSampler(torch.utils.data.Sampler):
+    """The epoch's shuffled prompts in blocks of one optimizer step's prompts on all processes (`prompts_per_step`),
+    each block yielded `repeats` (--num_iterations, TRL's mu) times in a row, so that every process gets the same
+    prompts, micro-batch by micro-batch, on the N steps of a cycle; an epoch is then N times as many steps and uses
+    each prompt N times. A last, incomplete block is dropped, as TRL's RepeatSampler drops it (a step with fewer
+    prompts would train on fewer completions than configured; `epoch_plan` logs how many prompts that leaves out).
+    The order of epoch e depends on (seed + e) alone, the same on every process and in a resumed run."""
 
     def __init__(self, size: int, block: int, repeats: int, seed: int, trainer):
         self.size, self.block, self.repeats, self.seed = size, block, repeats, seed
         self.trainer = trainer
 
-    def _blocks(self) -> int:
-        return max(1, math.ceil(self.size / self.block))
-
     def __len__(self) -> int:
-        return self._blocks() * self.block * self.repeats
+        return self.size // self.block * self.block * self.repeats
 
     def __iter__(self):
         epoch = int(self.trainer.state.epoch or 0)
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        total = self._blocks() * self.block
-        order = (order * math.ceil(total / self.size))[:total]
-        for start in range(0, total, self.block):
+        for start in range(0, self.size // self.block * self.block, self.block):
             block = order[start:start + self.block]
             for _ in range(self.repeats):
                 yield from block

@@ -79,7 +79,11 @@ def shutdown_distributed(wait: bool = True) -> bool:
 def check_output_dir(train_args) -> None:
     """Before anything loads: nothing the user wrote is overwritten (a non-empty --output_dir needs
     --overwrite_output_dir or a resume), --output_dir is writable, `--resume_from_checkpoint latest` is resolved
-    to the newest complete checkpoint (train/checkpoints.py), and what a killed save left behind is removed."""
+    to the newest complete checkpoint (train/checkpoints.py), and what a killed save left behind is removed.
+    --overwrite_output_dir (without a resume) starts a new run: DPO's cached reference log-probs of the old one
+    (`ref_log_probs/`) are removed, so nothing of it is read back."""
+    import shutil
+
     from vlft.train.checkpoints import check_writable, clear_staging, resolve_resume, user_files
 
     out = train_args.output_dir
@@ -92,6 +96,10 @@ def check_output_dir(train_args) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         check_writable(out)
         clear_staging(out)
+        cache = os.path.join(out, "ref_log_probs")
+        if train_args.overwrite_output_dir and not resume and os.path.isdir(cache):
+            log(f"--overwrite_output_dir: removing {cache}, the reference log-probs of the run written there before")
+            shutil.rmtree(cache)
 
 
 # --report_to name -> the package it needs (HF's Trainer finds a missing one only after the model has loaded)
@@ -141,6 +149,51 @@ def check_training_flags(data_args, train_args, *, stage: str) -> None:
                         "in --data_path's format), or drop the flag(s)")
 
 
+def batch_warning(items: int, train_args, *, what: str = "records", prompts_per_step: int | None = None) -> str | None:
+    """At start-up: warn (log and return the line) when one optimizer step's batch takes the whole data, so that an
+    epoch is a single step (the scripts' GLOBAL_BATCH_SIZE=64 on a 10-record pilot: 3 epochs, 3 steps, each on 10
+    records, not 64). None, and nothing logged, when an epoch holds more than one batch, or one item makes a batch of
+    one (a deliberate smoke test).
+
+    SFT / DPO: `items` are the training set's items (`what`: records, packed rows, pairs); the global batch is
+    --per_device_train_batch_size x --gradient_accumulation_steps x processes, and the steps per epoch follow HF's
+    Trainer (transformers 5.x `set_initial_training_values`): ceil(micro-batches per process / accumulation steps),
+    at least 1, where accelerate gives each process ceil(ceil(items / per-device batch) / processes) micro-batches
+    (floor with --dataloader_drop_last). GRPO: `items` are prompts and `prompts_per_step` is one step's prompts
+    (train/grpo_trainer.py `prompts_per_step`); an epoch is items // prompts_per_step batches of prompts, TRL's rule
+    (its RepeatSampler drops an incomplete last one), each trained on --num_iterations times."""
+    bs, accum, world = (train_args.per_device_train_batch_size, train_args.gradient_accumulation_steps,
+                        train_args.world_size)
+    if prompts_per_step is None:
+        per_step, unit = bs * accum * world, what
+        how = f"--per_device_train_batch_size {bs} x --gradient_accumulation_steps {accum} x {world} process(es)"
+        micro = (items // bs) // world if train_args.dataloader_drop_last else math.ceil(math.ceil(items / bs) / world)
+        batches = steps_per_epoch = max(math.ceil(micro / accum), 1)
+    else:
+        per_step, unit = prompts_per_step, "prompts"
+        how = (f"--per_device_train_batch_size {bs} / --num_generations {train_args.num_generations} x "
+               f"--gradient_accumulation_steps {accum} x {world} process(es)")
+        batches = items // per_step
+        steps_per_epoch = batches * train_args.num_iterations
+    if batches != 1 or per_step == 1:
+        return None
+    if train_args.max_steps > 0:
+        total, source = train_args.max_steps, f"--max_steps {train_args.max_steps}"
+    else:
+        total = math.ceil(train_args.num_train_epochs * steps_per_epoch)
+        source = f"--num_train_epochs {train_args.num_train_epochs:g}"
+    per_epoch = ("one optimizer step per epoch" if steps_per_epoch == 1 else
+                 f"one batch of prompts per epoch, trained on in {steps_per_epoch} steps (--num_iterations)")
+    have = f"{items} {what if items != 1 else what[:-1]}"  # records, pairs, prompts, packed rows: one of each
+    fewer = f", on {have} instead of {per_step}" if per_step > items else ""
+    smaller = ("make the global batch smaller than the data: lower --gradient_accumulation_steps or "
+               "--per_device_train_batch_size (the scripts: GLOBAL_BATCH_SIZE), or " if items > 1 else "")
+    line = (f"warning: {have} and a global batch of {per_step} {unit} ({how}): {per_epoch}{fewer}, {total} optimizer "
+            f"step(s) in all ({source}) -> for more steps, {smaller}give more data")
+    log(line)
+    return line
+
+
 def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
     """Train (resuming when --resume_from_checkpoint is set, after checking the checkpoint belongs to this run),
     save the final model and state, and log one end-of-run summary. Returns (summary, trainer); the summary's
@@ -188,6 +241,8 @@ def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
         "output_dir": os.path.abspath(args.output_dir),
         "lora": lora,
     }
+    from vlft.run_dir import write_run_card
+    write_run_card(trainer, summary)  # README.md in place of PEFT's empty card; a failure is a warning
     log(
         f"done: {summary['steps']} steps in {elapsed:.1f}s; loss {summary['first_loss']:.4f} -> "
         f"{summary['last_loss']:.4f}; {summary['tokens_per_second']:.0f} tokens/s (non-pad, all processes)"

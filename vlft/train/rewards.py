@@ -11,12 +11,15 @@ generated text), `completion_ids` the generated token ids, and every other colum
 `trainer_state`, `log_extra` and `log_metric`; `check_rewards` passes them too. A function must therefore take
 `**kwargs`. `None` means "not applicable to this completion" (TRL turns it into NaN and leaves it out of the sum).
 
-Note on TRL's own rewards: `trl.rewards.think_format_reward`, `accuracy_reward` and `reasoning_accuracy_reward` read
-`completion[0]["content"]`, i.e. they expect conversational completions (a list of message dicts), and fail on
-vlft's plain strings; `check_rewards` says so (the built-in `think_format` is TRL's rule on strings). TRL's
-factories that read only `completion_ids` (`get_soft_overlong_punishment(...)`, `get_repetition_penalty_reward(...)`)
-work unchanged. The built-ins below accept both forms (a conversational completion is read as the text of its last
-message).
+Two shapes, as TRL has two (trl/trainer/grpo_trainer.py, `_generate`): for a standard prompt TRL passes the prompt
+and completion as strings (`TEXT`); for a conversational prompt - and a vision-language dataset is conversational in
+TRL - the prompt as its message list and each completion as one assistant message, `[{"role": "assistant", "content":
+text}]` (`CONVERSATIONAL`). TRL's own `think_format_reward`, `accuracy_reward` and `reasoning_accuracy_reward` read
+`completion[0]["content"]`, so they need the second; most user functions are written for strings. The pre-flight
+(`preflight_rewards`) finds each function's shape: it calls it with strings and, only when that raises, with TRL's
+conversational shape; the one that works is used for the whole run (`RewardCheck.shapes`, logged with the table).
+A function that works with strings keeps getting strings. The built-ins below take strings (they read the rendered
+prompt to tell an opened think block) and also accept a conversational completion (the text of its last message).
 
 Built-ins (`BUILTIN`, names as given to `--reward_funcs`): `format`, `think_format`, `accuracy`, `count`, `choice`,
 `iou`, `overlong`, `repetition`. Each docstring states its rule and where the rule comes from.
@@ -45,6 +48,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +79,29 @@ def opens_think(prompt: Any) -> bool:
     (`prompt_opens_think`); False for None or a conversational prompt (a list of messages holds no generation
     prompt)."""
     return isinstance(prompt, str) and prompt_opens_think(prompt)
+
+
+TEXT = "text"  # prompts and completions as strings: TRL's standard format
+CONVERSATIONAL = "conversational"  # prompts as message lists, completions as [assistant message]: TRL's chat format
+
+
+def conversational_prompt(messages: list[dict]) -> list[dict]:
+    """A prompt's messages in the form TRL's GRPOTrainer passes reward functions for a vision-language dataset
+    (after `prepare_multimodal_messages`): every content a list of parts, a string content becoming one text part,
+    media as `{"type": "image"}` / `{"type": "video"}` parts (vlft passes no pixels: the record's `images` and
+    `videos` paths are in completions.jsonl). A new list (a function may change it freely)."""
+    out = []
+    for message in messages:
+        content = message.get("content", "")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else [dict(p) for p in content]
+        out.append({**message, "content": parts})
+    return out
+
+
+def conversational_completion(text: str) -> list[dict]:
+    """One completion as TRL passes it for a conversational prompt: a list holding one assistant message whose
+    content is the decoded text (TRL's `[{"role": "assistant", "content": content}]`)."""
+    return [{"role": "assistant", "content": text}]
 
 
 def split_completion(completion: Any, prompt: Any = None) -> tuple[str | None, str]:
@@ -700,22 +727,45 @@ def _excerpt(text: str, width: int = 40) -> str:
     return flat if len(flat) <= width else flat[:width - 3] + "..."
 
 
-def check_rewards(funcs: list[tuple[str, Callable]], weights: list[float] | None, samples: list[dict]) -> str:
-    """Pre-flight, before training step 1: call every reward on real records with a sample completion.
+@dataclass
+class RewardCheck:
+    """What the pre-flight found: the printable table, and each function's shape (`TEXT` or `CONVERSATIONAL`, in the
+    order of the functions), which the trainer passes it for the whole run."""
 
-    `samples`: one dict per record, {"prompt": str, "completion": str, "completion_ids": list[int],
-    "columns": dict[str, object]} (columns = that record's extra keys). The call is TRL's: `prompts`, `completions`
-    and `completion_ids` as lists over the samples, every column as a keyword list (a column missing from some records
+    table: str
+    shapes: list[str]
+
+
+def check_rewards(funcs: list[tuple[str, Callable]], weights: list[float] | None, samples: list[dict]) -> str:
+    """`preflight_rewards(...)`'s table alone."""
+    return preflight_rewards(funcs, weights, samples).table
+
+
+def preflight_rewards(funcs: list[tuple[str, Callable]], weights: list[float] | None,
+                      samples: list[dict]) -> RewardCheck:
+    """Pre-flight, before training step 1: call every reward on real records with a sample completion, and find the
+    shape each one takes.
+
+    `samples`: one dict per record, {"prompt": str (the rendered prompt), "completion": str, "completion_ids":
+    list[int], "columns": dict[str, object], "messages": list[dict] (optional: the prompt's messages; default one
+    user turn holding `prompt`)}; columns = that record's extra keys. The call is TRL's: `prompts`, `completions` and
+    `completion_ids` as lists over the samples, every column as a keyword list (a column missing from some records
     is passed with None for those), plus `trainer_state`, `log_extra` and `log_metric` as GRPOTrainer passes them.
+
+    Shapes (TRL's two, see the module docstring): each function is called with strings (`TEXT`); only if that raises,
+    again with the prompts as message lists and each completion as `[{"role": "assistant", "content": text}]`
+    (`CONVERSATIONAL`, TRL's shape for conversational - vision-language - prompts, which `trl.rewards`' own functions
+    read). The first shape that returns a valid list is the function's for the run.
 
     VlftError when: `weights` is given and its length differs from the number of functions (names --reward_weights);
     a function lacks a column it requires (names the function, the argument and the columns the data has); it
-    raises (names the function, the error and where); it returns something that is not a list/tuple of one value per
-    sample (names expected and got); a value is not int/float/bool/None, or not finite (names the function, index
-    and value). Returns a printable table for the log: one row per sample (record id if the records have `id`, an
-    excerpt of the completion - of its reasoning and of its answer (`split_completion` against the sample's prompt)
-    in two columns when a completion has reasoning -, each reward's value, and the weighted total as the trainer sums
-    it).
+    raises in both shapes (names the function, the error and where: the conversational call's error when the string
+    call failed on the shape, else the string call's); it returns something that is not a list/tuple of one value
+    per sample (names expected and got); a value is not int/float/bool/None, or not finite (names the function,
+    index and value). The table has one row per sample (record id if the records have `id`, an excerpt of the
+    completion - of its reasoning and of its answer (`split_completion` against the sample's prompt) in two columns
+    when a completion has reasoning -, each reward's value, and the weighted total as the trainer sums it), and a
+    line naming the functions that get conversational completions.
     """
     if not funcs:
         raise VlftError("no reward functions -> pass --reward_funcs (e.g. format accuracy)")
@@ -744,6 +794,11 @@ def check_rewards(funcs: list[tuple[str, Callable]], weights: list[float] | None
                    **_trainer_extras()}
     passed = set(call_kwargs)
 
+    def conversational_kwargs() -> dict:
+        messages = [s.get("messages") or [{"role": "user", "content": str(s.get("prompt") or "")}] for s in samples]
+        return {**call_kwargs, "prompts": [conversational_prompt(m) for m in messages],
+                "completions": [conversational_completion(completion_text(c)) for c in completions]}
+
     def missing_error(name: str, missing: list[str]) -> VlftError:
         args = ", ".join(f"'{a}'" for a in missing)
         return VlftError(f"reward '{name}' needs the argument {args}, which is no column of the data; the records have "
@@ -752,6 +807,7 @@ def check_rewards(funcs: list[tuple[str, Callable]], weights: list[float] | None
                          f"columns there")
 
     results: list[list] = []
+    shapes: list[str] = []
     for name, func in funcs:
         try:
             signature = inspect.signature(func)
@@ -768,17 +824,19 @@ def check_rewards(funcs: list[tuple[str, Callable]], weights: list[float] | None
                                 f"{e} -> a reward function must take **kwargs (TRL passes every column and trainer_state, "
                                 f"log_extra, log_metric by keyword); a factory (e.g. trl.rewards.get_soft_overlong_punishment)"
                                 f" must be called first, in your own file") from e
+        shape = TEXT
         try:
-            out = func(**call_kwargs)
-            if inspect.isawaitable(out):
-                out = asyncio.run(_await(out))
-        except TypeError as e:
-            missing = _missing_arguments(e, passed)
+            out = _call(func, call_kwargs)
+        except Exception as text_error:
+            missing = _missing_arguments(text_error, passed) if isinstance(text_error, TypeError) else []
             if missing:
-                raise missing_error(name, missing) from e
-            raise VlftError(_raised(name, e, partial)) from e
-        except Exception as e:
-            raise VlftError(_raised(name, e, partial)) from e
+                raise missing_error(name, missing) from text_error
+            try:  # TRL's shape for conversational prompts (trl.rewards' own functions read completion[0]["content"])
+                out, shape = _call(func, conversational_kwargs()), CONVERSATIONAL
+            except Exception as chat_error:
+                if _shape_error(text_error):
+                    raise VlftError(_raised(name, chat_error, partial, after=text_error)) from chat_error
+                raise VlftError(_raised(name, text_error, partial)) from text_error
         if not isinstance(out, (list, tuple)):
             raise VlftError(f"reward '{name}' returned a {type(out).__name__}; expected a list of {n} values (one per "
                             f"completion) -> return a list of floats (None where the reward does not apply)")
@@ -793,19 +851,44 @@ def check_rewards(funcs: list[tuple[str, Callable]], weights: list[float] | None
                 raise VlftError(f"reward '{name}' returned {value} at index {i} -> return a finite number, or None where "
                                 f"the reward does not apply (a NaN would poison the group's advantages)")
         results.append(list(out))
-    return _table(funcs, weights, samples, results)
+        shapes.append(shape)
+    table = _table(funcs, weights, samples, results)
+    chat = [name for (name, _), shape in zip(funcs, shapes) if shape == CONVERSATIONAL]
+    if chat:
+        table += (f"\n  conversational completions for {', '.join(chat)}: it raised on plain strings, so it gets TRL's "
+                  "shape for chat prompts (prompts as message lists, each completion [{'role': 'assistant', "
+                  "'content': text}]) for the whole run")
+    return RewardCheck(table, shapes)
+
+
+def _call(func: Callable, kwargs: dict):
+    out = func(**kwargs)
+    if inspect.isawaitable(out):
+        out = asyncio.run(_await(out))
+    return out
+
+
+def _shape_error(e: BaseException) -> bool:
+    """Whether an error of a call with string completions looks like a function that wants message dicts
+    (`completion[0]["content"]` on a string: "string indices must be integers"; `.get` on a str; a KeyError)."""
+    text = str(e)
+    return (isinstance(e, TypeError) and ("string indices" in text or "'str'" in text)) or \
+        (isinstance(e, AttributeError) and "'str' object" in text) or isinstance(e, KeyError)
 
 
 async def _await(awaitable):
     return await awaitable
 
 
-def _raised(name: str, e: Exception, partial: list[str]) -> str:
+def _raised(name: str, e: Exception, partial: list[str], after: Exception | None = None) -> str:
+    """The pre-flight's message for a function that raised; `after`: the error of the string call that came first,
+    when `e` is the conversational call's."""
     text = f"reward '{name}' raised {type(e).__name__}: {e}\n{_where(e)}"
-    if isinstance(e, (TypeError, KeyError)) and ("string indices" in str(e) or "content" in str(e)):
-        text += ("-> it seems to expect conversational completions (a list of message dicts, completion[0]['content']);"
-                 " vlft passes completions as plain strings (TRL's standard format): use a reward that reads strings, "
-                 "e.g. vlft's built-in 'think_format' instead of trl.rewards.think_format_reward")
+    if after is not None:
+        text += (f"  (called with TRL's conversational completions, [{{'role': 'assistant', 'content': text}}], after "
+                 f"plain strings had failed with {type(after).__name__}: {after})\n")
+    if isinstance(e, ImportError):
+        text += "-> install the package it imports in this environment (the message names it)"
     else:
         text += "-> fix the reward function (it was called on the records in the table of the start-up check)"
     if partial:

@@ -19,7 +19,7 @@ from vlft.data.prepare import length_flag_of, prepare_sft_data
 from vlft.data.reasoning import Thinking
 from vlft.data.sft import PackedDataset, SFTDataset
 from vlft.models.processor_media import apply_media_settings
-from vlft.train.launch import check_output_dir, check_training_flags, run_stage, train_and_save
+from vlft.train.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
 from vlft.utils import log
 
 
@@ -45,10 +45,12 @@ def run(argv: list[str]):
             path, processor=processor, image_folder=data_args.image_folder, media=media,
             max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
             skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
-            length_flag=length_flag_of(data_args), thinking=thinking)
+            length_flag=length_flag_of(data_args), thinking=thinking, max_bad_fraction=data_args.max_bad_fraction)
 
     data = prepare(data_args.data_path)
     log(f"data: {data.summary()}")
+    rows = plan_packs(data.lengths, data_args.max_seq_length) if data_args.packing else data.samples  # the items
+    batch_warning(len(rows), train_args, what="packed rows" if data_args.packing else "records")
     encoder = ChatEncoder(processor, thinking)
     for line in reasoning_report(quick_reasoning_counts(encoder, data.samples), encoder.reasoning, thinking):
         log(line)
