@@ -176,7 +176,8 @@ shared_settings() {
   GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-$BF16}"  # on for GPU runs
   NUM_WORKERS="${NUM_WORKERS:-4}"
   SAVE_STEPS="${SAVE_STEPS:-500}"
-  LOGGING_STEPS="${LOGGING_STEPS:-1}"
+  LOGGING_STEPS="${LOGGING_STEPS:-1}"                  # every step to TensorBoard and OUTPUT_DIR/log.jsonl
+  LOG_LINE_STEPS="${LOG_LINE_STEPS:-10}"               # one readable line on the terminal every N steps
   REPORT_TO="${REPORT_TO:-$(default_report_to)}"       # tensorboard when installed, else none; or wandb
   EVAL_DATA="${EVAL_DATA:-}"                           # held-out records (DATA's format): eval_loss every EVAL_STEPS
   EVAL_STEPS="${EVAL_STEPS:-$SAVE_STEPS}"              # steps between evaluations (SFT only)
@@ -209,6 +210,7 @@ training_flags() {
     --bf16 "$BF16" --use_liger "$USE_LIGER" --attn_implementation "$ATTN" \
     --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
     --weight_decay 0.0 --warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps "$LOGGING_STEPS" \
+    --log_line_steps "$LOG_LINE_STEPS" \
     --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 3 \
     --dataloader_num_workers "$NUM_WORKERS" --report_to "$REPORT_TO"
 }

@@ -287,3 +287,118 @@ def test_the_libraries_start_up_noise_is_silenced_and_deepspeeds_kept_for_deepsp
     loud = subprocess.run([sys.executable, "-c", code, "--deepspeed", "zero2.json"], capture_output=True, text=True,
                           timeout=300)
     assert "Setting accelerator to CPU" in loud.stdout + loud.stderr
+
+
+# --- the argparse commands (merge, plot, plan, tiny-model) -------------------------------------------------------
+
+ARGPARSE_COMMANDS = [name for name in COMMANDS if name not in FLAG_GROUPS and name not in ("sft", "dpo", "grpo")]
+
+
+def run_cli_in_subprocess(argv: list[str]) -> tuple[int, dict, str, str]:
+    """`vlft ARGV` in a fresh interpreter, SystemExit included: (exit status, which of torch / transformers / any
+    transformers model module got imported, stdout, stderr)."""
+    code = ("import json, sys\nfrom vlft.cli import main\n"
+            "try:\n    rc = main(json.loads(sys.argv[1]))\nexcept SystemExit as exit:\n    rc = exit.code\n"
+            "sys.stdout.flush()\n"
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules, "
+            "'model_code': sorted(m for m in sys.modules if m.startswith('transformers.models.'))}), file=sys.stderr)\n"
+            "sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True, timeout=120)
+    *err, imported = proc.stderr.strip().splitlines() or [""]
+    return proc.returncode, json.loads(imported), proc.stdout, "\n".join(err)
+
+
+def test_the_table_lists_every_argparse_command():
+    assert sorted(ARGPARSE_COMMANDS) == ["merge", "plan", "plot", "tiny-model"]
+
+
+@pytest.mark.parametrize("command", ARGPARSE_COMMANDS)
+def test_help_of_an_argparse_command_imports_neither_torch_nor_transformers(command):
+    """Before: `vlft plan --help` and `vlft tiny-model --help` imported torch (the family table asked transformers
+    for each family's class, which imports the model code), 9-22 s on a busy machine."""
+    rc, imported, out, err = run_cli_in_subprocess([command, "--help"])
+    assert rc == 0, err
+    assert out.startswith(f"usage: vlft {command} ")
+    assert imported == {"torch": False, "transformers": False, "model_code": []}
+
+
+def test_the_family_table_imports_no_model_code_and_checks_classes_when_a_family_is_used():
+    code = ("import json, sys\nfrom vlft.models.families import FAMILIES, family_available\n"
+            "before = 'transformers' in sys.modules\n"
+            "available = {name: family_available(f) for name, f in FAMILIES.items()}\n"
+            "print(json.dumps([before, available, 'torch' in sys.modules, "
+            "sorted(m for m in sys.modules if m.startswith('transformers.models.'))]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    before, available, torch_imported, model_code = json.loads(proc.stdout)
+    assert before is False and torch_imported is False and model_code == []
+    assert sorted(available) == ["qwen2_5_vl", "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe"]
+    import transformers
+
+    from vlft.models.families import FAMILIES, family_available
+
+    # the oracle: what importing the class says (this transformers has every family)
+    assert available == {name: hasattr(transformers, f.model_class) for name, f in FAMILIES.items()}
+    assert all(family_available(f) for f in FAMILIES.values())
+
+
+def test_a_family_this_transformers_lacks_is_refused_when_used_with_what_to_do(monkeypatch, tmp_path):
+    import dataclasses
+
+    import transformers
+
+    from vlft.models import families
+    from vlft.models.tiny import main as tiny_main
+
+    missing = dataclasses.replace(families.FAMILIES["qwen3_5"], model_class="Qwen9VLForConditionalGeneration")
+    monkeypatch.setitem(families.FAMILIES, "qwen3_5", missing)
+    assert not families.family_available(missing) and not hasattr(transformers, missing.model_class)
+    with pytest.raises(VlftError) as info:
+        families.get_family("qwen3_5")
+    message = str(info.value)
+    assert message.startswith("Qwen3.5 (qwen3_5) needs transformers' Qwen9VLForConditionalGeneration, which the "
+                              f"installed transformers {transformers.__version__} does not have")
+    assert "pip install -U transformers" in message
+    assert families.get_family("qwen2_vl") is families.FAMILIES["qwen2_vl"]  # the others still load
+    with pytest.raises(VlftError, match="Qwen9VLForConditionalGeneration"):  # what `vlft tiny-model` runs
+        tiny_main([str(tmp_path / "m"), "--family", "qwen3_5"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, argv, typo, meant", [
+    ("merge", ["--adapter", "run", "--outptu", "merged"], "--outptu", "--output"),  # --output is required: the
+    ("plot", ["run", "--outpt", "curves.png"], "--outpt", "--output"),           # typo is named, not "missing"
+    ("plan", ["--famly", "qwen2_vl", "--size", "2B"], "--famly", "--family"),
+    ("tiny-model", ["out", "--sed=3"], "--sed", "--seed"),
+])
+def test_a_mistyped_flag_of_an_argparse_command_is_named_with_the_nearest(command, argv, typo, meant, tmp_path):
+    rc, imported, _, err = run_cli_in_subprocess([command] + argv)
+    assert rc == 2
+    assert err == (f"vlft {command}: error: unknown flag {typo} (did you mean {meant}?); run with --help for the list "
+                   "of flags"), err  # the dataclass commands' line, and nothing else (no usage, no traceback)
+    if command != "plan":  # plan knows vlft sft's flags too: it reads them from vlft.config (transformers)
+        assert imported["torch"] is False
+
+
+def test_flag_parser_errors_are_one_line_with_status_2(capsys):
+    from vlft.utils import FlagParser
+
+    parser = FlagParser(prog="vlft demo")
+    parser.add_argument("out_dir")
+    parser.add_argument("--family", choices=["qwen2_vl", "qwen3_vl"])
+    parser.add_argument("--seed", type=int, default=0)
+    assert vars(parser.parse_args(["d", "--fam", "qwen3_vl", "--seed=4"])) == {  # a prefix is argparse's to take
+        "out_dir": "d", "family": "qwen3_vl", "seed": 4}
+    cases = {
+        ("d", "--family", "llava"): "argument --family: invalid choice: 'llava' (choose from 'qwen2_vl', 'qwen3_vl') "
+                                    "(run with --help for the list of flags)",
+        ("d", "e"): "unexpected value(s) e (run with --help for the list of flags)",
+        ("d", "--zzzz", "--sed", "1"): "unknown flags --zzzz, --sed (did you mean --seed?); run with --help for "
+                                        "the list of flags",
+        ("d", "-x"): "unknown flag -x; run with --help for the list of flags",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(list(argv))
+        assert info.value.code == 2
+        assert capsys.readouterr().err == f"vlft demo: error: {message}\n", argv

@@ -161,7 +161,7 @@ def test_script_arguments_parse(tmp_path, script, demo):
     model_id = str(tmp_path / "cache" / TINY) if demo else "Qwen/Qwen2-VL-2B-Instruct"
     assert values["model_id"] == model_id
     video = script == "finetune_video.sh"
-    assert values["data_path"] == str(REPO / "data_examples" / ("llava_video_demo.json" if video else "llava_demo.json"))
+    assert values["data_path"] == [str(REPO / "data_examples" / ("llava_video_demo.json" if video else "llava_demo.json"))]
     assert values["image_folder"] == str(REPO / "data_examples" / ("" if video else "images")).rstrip("/")
     assert values["output_dir"] == str(tmp_path / "out")
     assert values["lr_scheduler_type"] == "cosine" and values["warmup_ratio"] == 0.03
@@ -480,13 +480,13 @@ def test_dpo_script_arguments_parse(tmp_path, demo):
     values = flat(groups)
     if demo:
         assert values["model_id"] == str(tmp_path / "cache" / TINY)
-        assert values["data_path"] == str(REPO / "data_examples" / "dpo_demo.json")
+        assert values["data_path"] == [str(REPO / "data_examples" / "dpo_demo.json")]
         assert values["image_folder"] == str(REPO / "data_examples")
         expected = dict(num_train_epochs=6, learning_rate=5e-3, lora_rank=16, lora_alpha=32,
                         per_device_train_batch_size=2, gradient_accumulation_steps=1, dataloader_num_workers=0)
     else:
         assert (values["model_id"], values["data_path"], values["image_folder"]) == (
-            "/ckpt/merged-sft", str(pairs), str(tmp_path))
+            "/ckpt/merged-sft", [str(pairs)], str(tmp_path))
         expected = dict(num_train_epochs=1, learning_rate=5e-6, lora_rank=64, lora_alpha=64,
                         per_device_train_batch_size=2, gradient_accumulation_steps=16, dataloader_num_workers=4)
     expected.update(lora_enable=True, lora_dropout=0.0, freeze_vision_tower=True, freeze_merger=False, beta=0.1,
@@ -548,7 +548,7 @@ def test_grpo_script_arguments_parse(tmp_path, demo):
     values = flat(groups)
     if demo:
         assert values["model_id"] == str(tmp_path / "cache" / TINY)
-        assert values["data_path"] == str(REPO / "data_examples" / "grpo_demo.json")
+        assert values["data_path"] == [str(REPO / "data_examples" / "grpo_demo.json")]
         assert values["image_folder"] == str(REPO / "data_examples")
         expected = dict(num_generations=4, per_device_train_batch_size=8, gradient_accumulation_steps=1,
                         max_completion_length=8, learning_rate=5e-2, lora_rank=16, lora_alpha=32,
@@ -556,7 +556,7 @@ def test_grpo_script_arguments_parse(tmp_path, demo):
                         reward_weights=None, dataloader_num_workers=0, num_train_epochs=3)
     else:
         assert (values["model_id"], values["data_path"], values["image_folder"]) == (
-            "/ckpt/merged-sft", str(prompts), str(tmp_path))
+            "/ckpt/merged-sft", [str(prompts)], str(tmp_path))
         expected = dict(num_generations=8, per_device_train_batch_size=8, gradient_accumulation_steps=8,
                         max_completion_length=512, learning_rate=1e-6, lora_rank=64, lora_alpha=64,
                         reward_funcs=["format", "my_rewards.py:box_reward"], reward_weights=[0.5, 1.0],

@@ -98,6 +98,6 @@ def test_finetune_lora_script_trains_on_the_thinking_example(qwen3_5, tmp_path):
                  "vlft_args.json", "vlft_trained.json", "tokenizer.json", "chat_template.jinja"]:
         assert (out / name).is_file(), name
     args = json.loads((out / "vlft_args.json").read_text())
-    assert args["data_path"] == EXAMPLE and args["model_id"] == str(qwen3_5)
+    assert args["data_path"] == [EXAMPLE] and args["model_id"] == str(qwen3_5)
     assert (args["enable_thinking"], args["train_empty_think"]) == (None, False)  # the template's own mode
     assert "reasoning_content" in (out / "chat_template.jinja").read_text()  # the thinking template travels with it

@@ -1,7 +1,8 @@
 """`vlft check-data`: run a stage's data preparation (data/prepare.py) against a model's processor, without
 loading the model or training: every record parsed, every image and video decoded, every sequence measured.
 
-    vlft check-data --model_id DIR --data_path data.json --image_folder images/ [--stage sft|dpo|grpo|predict]
+    vlft check-data --model_id DIR --data_path data.json [more.jsonl#1000 ...] --image_folder images/ \
+        [--stage sft|dpo|grpo|predict]
 
 For SFT data and a thinking model (a chat template that renders reasoning in a think block, Qwen3.5's), it also
 says how many records train on reasoning and how many on answers without it, how many turns' reasoning the template
@@ -11,7 +12,6 @@ answer without reasoning (`reasoning_report`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from vlft.errors import VlftError
 from vlft.utils import log
@@ -21,6 +21,9 @@ PLAIN_WARN_SHARE = 0.5
 # the share of reasoning examples Unsloth's Qwen3 fine-tuning guide advises keeping so that the model keeps reasoning
 # ("use a 75% reasoning to 25% non-reasoning dataset ratio"; docs.unsloth.ai, Qwen3: how to run and fine-tune)
 KEEP_REASONING_SHARE = 0.75
+# the seed of the #N / #p draws check-data reports (data/mixture.py): --seed's default in the training stages, so the
+# mix it shows is the one a run without --seed takes
+CHECK_SEED = 42
 
 
 @dataclass
@@ -126,7 +129,8 @@ def quick_reasoning_counts(encoder, samples) -> ReasoningCounts:
 def main(argv: list[str] | None = None) -> int:
     from vlft.config import DataArguments, ModelArguments, family_for, parse_args, validate
     from vlft.data.encoding import ChatEncoder
-    from vlft.data.prepare import RECORD_FORMATS, length_flag_of, prepare_data
+    from vlft.data.mixture import parse_data_paths, prepare_mixture
+    from vlft.data.prepare import RECORD_FORMATS, length_flag_of
     from vlft.data.reasoning import Thinking
     from vlft.models.loading import load_family, load_processor
 
@@ -134,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    prog="vlft check-data")
     if not model_args.model_id or not data_args.data_path:
         raise VlftError("vlft check-data needs --model_id and --data_path")
-    if not Path(data_args.data_path).exists():
-        raise VlftError(f"--data_path {data_args.data_path}: file not found")
+    parse_data_paths(data_args.data_path)  # every file there, every #N / #p readable, before the model's files load
     validate(model_args, data_args, family=family_for(model_args))
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
@@ -150,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
         preference = PreferenceFormat(data_args.max_seq_length, check_args.truncation_mode)
         record_format, truncated = preference.record_format(), preference.truncated
-    prepared = prepare_data(
-        data_args.data_path, record_format, processor=processor,
+    # each file checked and reported on its own, then the mix a run would take (with --seed's default, 42)
+    prepared = prepare_mixture(
+        data_args.data_path, record_format, seed=CHECK_SEED, processor=processor,
         image_folder=data_args.image_folder, media=media, max_seq_length=data_args.max_seq_length,
         reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
         workers=data_args.check_workers, length_flag=length_flag_of(data_args), thinking=thinking,

@@ -33,7 +33,14 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str | None = field(default=None, metadata={"help": "LLaVA-format JSON list or JSONL file."})
+    data_path: list[str] | None = field(
+        default=None,
+        metadata={"help": "One or more data files (JSON list, JSONL, parquet, arrow, save_to_disk folder), each "
+                          "optionally with #N (N records, drawn with --seed; above the file's size the file repeats) "
+                          "or #p (0 < p < 1: that share of its records): a.json b.jsonl#1000 c.parquet#0.5, or one "
+                          "string separated by commas or spaces. Each file is checked on its own; the mix is logged "
+                          "(data/mixture.py). --eval_data_path takes one file; predict and preview one file whole."},
+    )
     eval_data_path: str | None = field(
         default=None,
         metadata={"help": "Held-out records in --data_path's format, checked at start-up like it (same --image_folder "
@@ -300,6 +307,11 @@ class VlftArgumentsMixin:
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: vlft's collator builds the batch."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    log_line_steps: int = field(
+        default=10, metadata={"help": "Print one readable line of the latest figures every N steps (and at the first "
+                                      "and last); 0: none. Every --logging_steps entry still goes to the reporters "
+                                      "and to <output_dir>/log.jsonl."}
+    )
     prediction_loss_only: bool = field(
         default=True, metadata={"help": "Evaluation keeps the loss only: vlft computes no metric from the logits, and "
                                         "gathering them (vocabulary x tokens per record) would fill the memory."}

@@ -33,7 +33,7 @@ from vlft.run_dir import (
     read_run_args,
     read_trained,
 )
-from vlft.utils import log
+from vlft.utils import FlagParser, log
 
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 
@@ -240,8 +240,8 @@ def readable_by_all(folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlft merge", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="vlft merge", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="a LoRA run directory or a checkpoint-N inside it")
     parser.add_argument("--output", required=True, help="directory to create for the merged model")
     parser.add_argument("--base_model", default=None, help="base model id or path (default: the run's --model_id)")

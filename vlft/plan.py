@@ -86,6 +86,7 @@ from pathlib import Path
 
 from vlft.errors import VlftError
 from vlft.models.families.base import FULL_ATTENTION, LINEAR_ATTENTION, TextShape
+from vlft.utils import FlagParser
 
 GB = 1e9
 DEFAULT_OVERHEAD_GB = 2.0  # CUDA context, cuBLAS workspaces, NCCL buffers, fragmentation (see module docstring)
@@ -730,32 +731,35 @@ def measure_data(model_id: str, data_args) -> DataTokens:
     Raises VlftError when `model_id` is no local directory with a processor (the measurement needs the model's
     processor); DataError (the one vlft sft gives) for bad records unless --skip_bad_samples, as in vlft sft."""
     from vlft.data.encoding import ChatEncoder
-    from vlft.data.prepare import length_flag_of, prepare_sft_data
+    from vlft.data.mixture import data_files, parse_data_paths, prepare_mixture
+    from vlft.data.prepare import CONVERSATION, length_flag_of
     from vlft.data.reasoning import Thinking
     from vlft.models.loading import load_family, load_processor
     from vlft.models.processor_media import apply_media_settings
 
+    files = " ".join(data_files(data_args.data_path))
     if not model_id or not Path(model_id).expanduser().is_dir():
-        raise VlftError(f"--data_path {data_args.data_path}: measuring the data needs the model's processor; give "
+        raise VlftError(f"--data_path {files}: measuring the data needs the model's processor; give "
                         "--model_id as a local checkpoint directory (not --family/--size or a hub id), or give "
                         "--image_tokens instead of --data_path")
-    if not Path(data_args.data_path).exists():
-        raise VlftError(f"--data_path {data_args.data_path}: file not found")
+    parse_data_paths(data_args.data_path)  # every file there, every #N / #p readable
     processor = load_processor(model_id)
     media = data_args.media_settings(load_family(model_id))
     apply_media_settings(processor, media)
     thinking = Thinking.from_args(data_args)
-    prepared = prepare_sft_data(data_args.data_path, processor=processor, image_folder=data_args.image_folder,
-                                media=media, max_seq_length=data_args.max_seq_length,
-                                reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
-                                workers=data_args.check_workers, length_flag=length_flag_of(data_args),
-                                thinking=thinking)
+    # the mix vlft sft trains on (each file checked on its own, then its #N / #p; --seed's default draws)
+    prepared = prepare_mixture(data_args.data_path, CONVERSATION, seed=42, processor=processor,
+                               image_folder=data_args.image_folder, media=media, max_seq_length=data_args.max_seq_length,
+                               reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
+                               workers=data_args.check_workers, length_flag=length_flag_of(data_args),
+                               thinking=thinking)
     merge = ChatEncoder(processor, thinking).merge_size
+    unusable = prepared.n_records - getattr(prepared, "usable", len(prepared.samples))  # MixedData: before selection
     return DataTokens(
-        file=str(data_args.data_path), records=prepared.n_records,
+        file=files, records=len(prepared.samples) + unusable,  # a mix's repeats counted as records
         image_tokens=tuple(sum(vision_tokens(s, merge) for s in specs) for specs in prepared.image_specs),
         video_tokens=tuple(sum(vision_tokens(s, merge) for s in specs) for specs in prepared.video_specs),
-        longest=max(prepared.lengths), unusable=prepared.n_records - len(prepared.samples),
+        longest=max(prepared.lengths), unusable=unusable,
         lengths=tuple(prepared.lengths))
 
 
@@ -867,8 +871,8 @@ def split_flags(argv: list[str]) -> list[tuple[str, list[str]]]:
 
 
 # --- the command ----------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> FlagParser:
+    parser = FlagParser(
         prog="vlft plan", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other vlft sft flag is accepted too: what trains (--unfreeze_topk_llm, --use_dora, ...) and the "
                "media settings (--image_max_pixels, --fps, ...) go into the trainable table and the data "
@@ -891,8 +895,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image_tokens", type=int, default=None,
                      help="vision tokens per sample (LLM tokens, after merging); default: measured from --data_path, "
                           f"else {DEFAULT_IMAGE_TOKENS} (capped at half of --max_seq_length); 0 plans text only")
-    run.add_argument("--data_path", help="measure the vision tokens per record from this data file, as vlft sft does "
-                     "(needs --model_id as a local directory)")
+    run.add_argument("--data_path", nargs="+", help="measure the vision tokens per record from these data files "
+                     "(with #N / #p as in vlft sft), as vlft sft does (needs --model_id as a local directory)")
     run.add_argument("--image_folder", help="where the data's relative media paths start (as in vlft sft)")
     run.add_argument("--overhead_gb", type=float, default=DEFAULT_OVERHEAD_GB,
                      help="fixed per-GPU overhead: CUDA context, workspaces, NCCL, fragmentation")
@@ -945,8 +949,6 @@ def settings_from_args(args) -> Settings:
 def other_flags(extra: list[str]) -> tuple[list[str], list[str], list[str], str | None]:
     """vlft sft's flags that plan has no option of its own for, sorted: (TuneArguments tokens, DataArguments tokens,
     ignored flag names, --deepspeed's value). Raises VlftError for a flag vlft sft does not know, with the closest."""
-    import difflib
-
     from vlft.config import SFT_GROUPS, DataArguments, TuneArguments
 
     def names(cls):
@@ -964,9 +966,9 @@ def other_flags(extra: list[str]) -> tuple[list[str], list[str], list[str], str 
         elif name in sft:
             ignored.append(f"--{name}")
         else:
-            close = difflib.get_close_matches(name, sorted(sft | {a.dest for a in build_parser()._actions}), n=1)
-            raise VlftError(f"unknown flag --{name}" + (f"; did you mean --{close[0]}?" if close else "")
-                            + " (vlft plan --help)")
+            from vlft.cli import unknown_flag_error
+
+            raise VlftError(unknown_flag_error([f"--{name}"], sft | build_parser().known_flags()))
     return tune, data, ignored, deepspeed
 
 
@@ -974,11 +976,11 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     from dataclasses import replace
 
-    from vlft.config import DataArguments, TuneArguments, parse_command
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    from vlft.config import DataArguments, TuneArguments, parse_command  # after --help: it imports transformers
+
     assumed = []
     if args.script:
         launched = script_argv(args.script, args.num_gpus)
@@ -999,7 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.data_path and args.image_tokens is None:
         data_args = parse_command((DataArguments,), data_tokens + [
-            "--data_path", args.data_path, "--max_seq_length", str(args.max_seq_length)]
+            "--data_path", *args.data_path, "--max_seq_length", str(args.max_seq_length)]
             + (["--image_folder", args.image_folder] if args.image_folder else []), prog="vlft plan")[0][0]
         measured = measure_data(args.model_id, data_args)
         args.image_tokens = measured.per_sample(data_args.packing, args.max_seq_length)
@@ -1012,7 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         vision_line = f"vision tokens: {args.image_tokens} per sample (--image_tokens)"
         if args.data_path:
-            vision_line += f"; --data_path {args.data_path} not measured, --image_tokens wins"
+            vision_line += f"; --data_path {' '.join(args.data_path)} not measured, --image_tokens wins"
 
     s = settings_from_args(args)
     plan = estimate(shape, s)

@@ -32,7 +32,6 @@ imports vlft is left alone.
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import math
@@ -40,7 +39,7 @@ import os
 from pathlib import Path
 
 from vlft.errors import VlftError
-from vlft.utils import log
+from vlft.utils import FlagParser, log
 
 PLOT_FILE = "training_curves.png"
 STATE_FILE = "trainer_state.json"
@@ -210,8 +209,8 @@ def plot_finished_run(trainer) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlft plot", description="Draw a run's training curves (loss, learning "
-                                     "rate, grad norm, tokens/s, eval loss, DPO/GRPO rewards) from its trainer_state.json.")
+    parser = FlagParser(prog="vlft plot", description="Draw a run's training curves (loss, learning "
+                        "rate, grad norm, tokens/s, eval loss, DPO/GRPO rewards) from its trainer_state.json.")
     parser.add_argument("run_dir", help="a run's --output_dir, or one of its checkpoint-N folders")
     parser.add_argument("--output", default=None, help=f"PNG to write (default: RUN_DIR/{PLOT_FILE})")
     args = parser.parse_args(argv)

@@ -131,18 +131,22 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
     from vlft.constants import END_OF_REPLY_TOKENS
     from vlft.data.collator import SFTCollator
     from vlft.data.encoding import special_token_ids
+    from vlft.data.mixture import single_data_path
     from vlft.data.prepare import length_flag_of, prepare_sft_data
     from vlft.data.reasoning import Thinking
     from vlft.data.sft import SFTDataset
     from vlft.models.loading import load_processor
 
+    data_path = single_data_path(  # a training run's several files or #N selection do not apply here
+        data_args.data_path, command="vlft predict",
+        why="it answers every record of the file, each output row numbered by its record there")
     out_path = Path(pred_args.output)
     if out_path.exists() and not pred_args.overwrite:
         raise VlftError(f"--output {out_path} already exists; choose another file or pass --overwrite true")
     processor = load_processor(pred_args.model)
     media = data_args.media_settings(_family(pred_args))  # pixel defaults in the family's units
     thinking = Thinking.from_args(data_args)
-    checked = prepare_sft_data(data_args.data_path, processor=processor, image_folder=data_args.image_folder,
+    checked = prepare_sft_data(data_path, processor=processor, image_folder=data_args.image_folder,
                                media=media, max_seq_length=data_args.max_seq_length,
                                reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
                                workers=data_args.check_workers, require_answer=False,

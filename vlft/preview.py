@@ -623,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
                                                          list(argv or []), prog="vlft preview")
     if not model_args.model_id or not data_args.data_path:
         raise VlftError("vlft preview needs --model_id and --data_path")
+    from vlft.data.mixture import single_data_path
+
+    data_args.data_path = single_data_path(  # --num_records and --ids choose records of one file
+        data_args.data_path, command="vlft preview", why="--num_records and --ids choose records by their place in it")
     if args.ids is not None and "num_records" in given:
         raise VlftError("--ids and --num_records both choose the records to show; give one of them")
     output = Path(args.output)

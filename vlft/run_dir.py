@@ -225,8 +225,16 @@ def _front_matter(args: dict, stage: str | None) -> list[str]:
 
 
 def _data_files(args: dict) -> list[str]:
+    """The --data_path entries as given, each with its `#N` / `#p` selection (data/mixture.py)."""
     value = args.get("data_path")
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)] if value else []
+
+
+def _first_data_file(files: list[str]) -> str:
+    """The first data file without its selection: predict reads a file whole."""
+    from vlft.data.mixture import split_selection
+
+    return split_selection(files[0])[0] if files else "DATA"
 
 
 def checkpoint_card(args: dict, *, is_peft: bool) -> str:
@@ -328,7 +336,7 @@ def run_card(run_dir: str | os.PathLike, args: dict, *, stage: str | None, famil
         lines.append(f"- throughput: {summary['tokens_per_second']:.0f} tokens/s (non-pad, all processes)")
     lines.append("")
 
-    predict = f"vlft predict --model {q(run)} --data_path {q(args.get('eval_data_path') or (files or ['DATA'])[0])}"
+    predict = f"vlft predict --model {q(run)} --data_path {q(args.get('eval_data_path') or _first_data_file(files))}"
     if args.get("image_folder"):
         predict += f" --image_folder {q(str(args['image_folder']))}"
     predict += " --output predictions.jsonl"

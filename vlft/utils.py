@@ -1,6 +1,7 @@
 """Small helpers shared by every stage."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -22,6 +23,51 @@ def closest_flag(name: str, known) -> str | None:
 
     match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
     return match[0] if match else None
+
+
+class FlagParser(argparse.ArgumentParser):
+    """The argparse parser of the commands that do not parse dataclasses (merge, plot, plan, tiny-model), with the
+    errors of those that do (vlft.config.parse_command): one line `PROG: error: MESSAGE`, no usage dump, exit status
+    2 (argparse's), an unknown flag named with the nearest known one (vlft.cli.unknown_flag_error, closest_flag)."""
+
+    def known_flags(self) -> set[str]:
+        """This parser's flag names, without the leading dashes."""
+        return {option.lstrip("-") for action in self._actions for option in action.option_strings
+                if option.startswith("--")}
+
+    def unknown_flags(self, argv: list[str]) -> list[str]:
+        """The `--` flags of `argv` (as typed, without `=value`) that are no flag of this parser nor a prefix of one
+        (argparse takes an unambiguous prefix); read before parsing, so that a mistyped required flag is named
+        rather than reported missing."""
+        known = self.known_flags()
+        unknown = []
+        for arg in argv:
+            if arg == "--":
+                break
+            name = arg[2:].split("=", 1)[0]
+            if arg.startswith("--") and not any(flag.startswith(name) for flag in known):
+                unknown.append(arg.split("=", 1)[0])
+        return unknown
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's parse_args, with the flags it does not know refused with the nearest one, where argparse
+        would say `unrecognized arguments` (or, for a mistyped required flag, that the flag is missing)."""
+        argv = sys.argv[1:] if args is None else list(args)
+        flags = self.unknown_flags(argv)
+        if not flags:
+            parsed, extra = self.parse_known_args(argv, namespace)
+            flags = [arg.split("=", 1)[0] for arg in extra if arg.startswith("-")]
+            if extra and not flags:
+                self.error(f"unexpected value(s) {' '.join(extra)}")
+        if flags:
+            from vlft.cli import unknown_flag_error
+
+            self.exit(2, f"{self.prog}: error: {unknown_flag_error(flags, self.known_flags())}\n")
+        return parsed
+
+    def error(self, message: str):
+        """Exit with status 2 after one line naming the problem (argparse's contract: error() does not return)."""
+        self.exit(2, f"{self.prog}: error: {message} (run with --help for the list of flags)\n")
 
 
 def quiet_third_party(argv: list[str]) -> None:

@@ -330,7 +330,7 @@ def test_merge_and_adapter_loading_carry_expert_adapters_and_router(moe_runs, tm
     model_dir, runs = moe_runs
     out, trainer = runs["router"]
     processor = load_processor(str(model_dir))
-    checked = prepare_sft_data(trainer.vlft_args["data_path"], processor=processor, image_folder=str(DEMO_IMAGES),
+    checked = prepare_sft_data(trainer.vlft_args["data_path"][0], processor=processor, image_folder=str(DEMO_IMAGES),
                                media=DEMO_MEDIA, max_seq_length=4096)
     ds = SFTDataset(checked.samples, checked.image_paths, processor, media=DEMO_MEDIA)
     adapted, family, _ = load_adapted_model(out)

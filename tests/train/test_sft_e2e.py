@@ -64,7 +64,7 @@ def test_lora_run_writes_adapter_processor_and_args(lora_run, tiny_model_dir):
     assert not (out / "model.safetensors").exists()
     args = json.loads((out / "vlft_args.json").read_text())
     assert args["lora_enable"] is True and args["lora_rank"] == 8
-    assert args["model_id"] == str(tiny_model_dir) and args["data_path"] == str(DEMO_DATA)
+    assert args["model_id"] == str(tiny_model_dir) and args["data_path"] == [str(DEMO_DATA)]
     assert summary["steps"] == 20
     assert math.isfinite(summary["first_loss"]) and summary["last_loss"] < summary["first_loss"] - 0.5
     assert summary["tokens_per_second"] > 0

@@ -3,6 +3,6 @@
 The descriptors live in vlft/models/families/ (one module per family); the family is always read from the
 checkpoint's config, never guessed from its path.
 """
-from vlft.models.families import FAMILIES, Family, MoELayout, TextShape, VisionShape, get_family
+from vlft.models.families import FAMILIES, Family, MoELayout, TextShape, VisionShape, family_available, get_family
 
-__all__ = ["FAMILIES", "Family", "MoELayout", "TextShape", "VisionShape", "get_family"]
+__all__ = ["FAMILIES", "Family", "MoELayout", "TextShape", "VisionShape", "family_available", "get_family"]

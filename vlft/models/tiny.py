@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vlft.constants import ENDOFTEXT, IM_END, IMAGE_PAD, QWEN_SPECIAL_TOKENS, VIDEO_PAD, VISION_END, VISION_START
 from vlft.models.registry import get_family
-from vlft.utils import log
+from vlft.utils import FlagParser, log
 
 PATCH = 8  # vision patch size (real models: 14 or 16); small so tiny images give a few tokens
 MERGE = 2  # spatial merge size, as in the real models
@@ -195,8 +195,8 @@ def save_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_vl", *, see
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlft tiny-model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="vlft tiny-model", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="directory to create")
     parser.add_argument("--family", default="qwen2_vl", choices=FAMILIES)
     parser.add_argument("--chat_template", default=None, choices=chat_template_names(),

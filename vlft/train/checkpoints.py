@@ -83,7 +83,7 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 # What a run writes into --output_dir before its first checkpoint: the staging area of a killed save, DPO's cached
 # reference log-probs, GRPO's completions log, TensorBoard's event folders. A run killed before its first checkpoint
 # leaves only these, and `latest` then starts it again from step 0.
-RUN_LEFTOVERS = {STAGING_DIR, "ref_log_probs", "completions.jsonl", "runs"}
+RUN_LEFTOVERS = {STAGING_DIR, "ref_log_probs", "completions.jsonl", "log.jsonl", "runs"}
 
 
 def user_files(output_dir: str | os.PathLike) -> list[str]:
@@ -246,18 +246,21 @@ def config_digest(config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def data_digest(data_path: str) -> dict:
-    """{name: sha256} of the data a --data_path names: a file (comma-separated files), or every file of a folder
-    (a Hugging Face `save_to_disk` dataset)."""
+def data_digest(data_path) -> dict:
+    """{name: sha256} of the data a --data_path names (a list of entries, or one string of entries separated by
+    commas or spaces: data/mixture.py): each file, or every file of a folder (a Hugging Face `save_to_disk`
+    dataset). An entry's selection (`#1000`, `#0.5`) is part of its name, so a changed count is a changed identity."""
+    from vlft.data.mixture import data_specs
+
     data = {}
-    for path in data_path.split(","):
-        path = path.strip()
-        if path and os.path.isfile(path):
-            data[os.path.basename(path)] = file_digest(path)
-        elif path and os.path.isdir(path):
+    for path, suffix in data_specs(data_path):
+        mark = "" if suffix is None else f"#{suffix}"
+        if os.path.isfile(path):
+            data[os.path.basename(path) + mark] = file_digest(path)
+        elif os.path.isdir(path):
             for file in sorted(Path(path).rglob("*")):
                 if file.is_file():
-                    data[str(file.relative_to(Path(path).parent))] = file_digest(file)
+                    data[str(file.relative_to(Path(path).parent)) + mark] = file_digest(file)
     return data
 
 
@@ -337,7 +340,7 @@ def run_identity(vlft_args: dict, *, records: int, trained: dict, world_size: in
     return {
         "args": {k: vlft_args[k] for k in IDENTITY_ARGS if k in vlft_args},
         "model_id": vlft_args.get("model_id"),
-        "data_sha256": data_digest(str(vlft_args.get("data_path") or "")),
+        "data_sha256": data_digest(vlft_args.get("data_path")),
         "media_sha256": media,
         "image_folder": vlft_args.get("image_folder"),
         "model_config_sha256": config_digest(model_config) if model_config is not None else None,

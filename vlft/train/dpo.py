@@ -17,8 +17,9 @@ from pathlib import Path
 from vlft.config import DPO_GROUPS, family_for, parse_args, resolved_args, validate
 from vlft.data.collator import SFTCollator
 from vlft.data.dpo import PreferenceCollator, PreferenceDataset, PreferenceFormat
+from vlft.data.mixture import prepare_mixture, record_keys
 from vlft.data.packing import length_grouped_order
-from vlft.data.prepare import length_flag_of, prepare_data
+from vlft.data.prepare import length_flag_of
 from vlft.data.reasoning import Thinking
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
@@ -29,9 +30,10 @@ from vlft.train.setup import zero_stage
 from vlft.utils import log
 
 
-def reference_cache_key(*, data_path: str, data, media_sha256: str, model_id: str, media, thinking: Thinking,
+def reference_cache_key(*, data_path, data, media_sha256: str, model_id: str, media, thinking: Thinking,
                         chat_template: str | None, model_args, tune_args, train_args, max_length: int) -> str:
-    """What the reference log-probs depend on, hashed (16 hex digits): the data file's bytes and the records kept,
+    """What the reference log-probs depend on, hashed (16 hex digits): the data files' bytes (each with its #N / #p)
+    and the records kept, in order (data/mixture.py `record_keys`: a mix's file of each pair too),
     the media's contents record by record (`media_sha256`: train/checkpoints.py's `media_digest`; a changed
     --image_folder or a picture redrawn in place changes it), the tokenisation (the chat template's text and the
     reasoning flags it is rendered with), the model's files (name, size, modification time; or the hub id), the
@@ -41,8 +43,8 @@ def reference_cache_key(*, data_path: str, data, media_sha256: str, model_id: st
     files = (sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.iterdir() if p.is_file())
              if model.is_dir() else model_id)
     parts = {
-        "data": data_digest(data_path),  # a file, or every file of a dataset folder
-        "records": [s.index for s in data.samples],
+        "data": data_digest(data_path),  # each file (with its #N / #p), or every file of a dataset folder
+        "records": record_keys(data),  # each pair's file and record, in order, repeats included
         "media_files": media_sha256,
         "chat_template": hashlib.sha256((chat_template or "").encode()).hexdigest(),
         "thinking": thinking.template_kwargs(),
@@ -84,9 +86,10 @@ def run(argv: list[str]):
     apply_media_settings(processor, media)  # saved with every checkpoint: servers resize as training did
     max_length = data_args.max_seq_length
     fmt = PreferenceFormat(max_length, train_args.truncation_mode)
-    data = prepare_data(
-        data_args.data_path, fmt.record_format(), processor=processor, image_folder=data_args.image_folder,
-        media=media, max_seq_length=max_length, reject_overlong=data_args.reject_overlong,
+    data = prepare_mixture(  # one or more files, each checked on its own, then each one's #N / #p selection
+        data_args.data_path, fmt.record_format(), seed=train_args.seed, processor=processor,
+        image_folder=data_args.image_folder, media=media, max_seq_length=max_length,
+        reject_overlong=data_args.reject_overlong,
         skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
         length_flag=length_flag_of(data_args), thinking=Thinking.from_args(data_args),
         max_bad_fraction=data_args.max_bad_fraction)

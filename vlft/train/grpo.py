@@ -16,7 +16,8 @@ from vlft.config import GRPO_GROUPS, family_for, parse_args, resolved_args, vali
 from vlft.data.collator import SFTCollator
 from vlft.data.encoding import ChatEncoder
 from vlft.data.grpo import PROMPT, PromptDataset, first_items
-from vlft.data.prepare import length_flag_of, prepare_data
+from vlft.data.mixture import data_files, prepare_mixture
+from vlft.data.prepare import length_flag_of
 from vlft.data.reasoning import Thinking, prompt_opens_think
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
@@ -91,14 +92,14 @@ def run(argv: list[str]):
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))
     apply_media_settings(processor, media)  # saved with every checkpoint: servers resize as training did
-    data = prepare_data(
-        data_args.data_path, PROMPT, processor=processor, image_folder=data_args.image_folder, media=media,
-        max_seq_length=max_prompt, reject_overlong=data_args.reject_overlong,
+    data = prepare_mixture(  # one or more files, each checked on its own, then each one's #N / #p selection
+        data_args.data_path, PROMPT, seed=train_args.seed, processor=processor, image_folder=data_args.image_folder,
+        media=media, max_seq_length=max_prompt, reject_overlong=data_args.reject_overlong,
         skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers, length_flag="--max_prompt_length",
         thinking=Thinking.from_args(data_args), max_bad_fraction=data_args.max_bad_fraction)
     log(f"data: {data.summary()} (prompts; --max_prompt_length {max_prompt})")
     if train_args.use_vllm:
-        check_vllm_data(data.samples, data_args.data_path)
+        check_vllm_data(data.samples, ", ".join(data_files(data_args.data_path)))
     log(epoch_plan(len(data.samples), train_args)[2])  # TRL's rule: an incomplete last step is left out
     batch_warning(len(data.samples), train_args, what="prompts", prompts_per_step=prompts_per_step(train_args))
     encoder = ChatEncoder(processor, Thinking.from_args(data_args))

@@ -14,8 +14,9 @@ from vlft.check import quick_reasoning_counts, reasoning_report
 from vlft.config import SFT_GROUPS, family_for, parse_args, resolved_args, validate
 from vlft.data.collator import PackingCollator, SFTCollator
 from vlft.data.encoding import ChatEncoder
+from vlft.data.mixture import prepare_mixture
 from vlft.data.packing import length_grouped_order, plan_packs
-from vlft.data.prepare import length_flag_of, prepare_sft_data
+from vlft.data.prepare import CONVERSATION, length_flag_of, prepare_sft_data
 from vlft.data.reasoning import Thinking
 from vlft.data.sft import PackedDataset, SFTDataset
 from vlft.models.processor_media import apply_media_settings
@@ -40,14 +41,15 @@ def run(argv: list[str]):
 
     thinking = Thinking.from_args(data_args)
 
-    def prepare(path):  # the training and the eval records: the same checks, media settings and length limit
+    def prepare(path, *_):  # each training file and the eval records: the same checks, media settings and length limit
         return prepare_sft_data(
             path, processor=processor, image_folder=data_args.image_folder, media=media,
             max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
             skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
             length_flag=length_flag_of(data_args), thinking=thinking, max_bad_fraction=data_args.max_bad_fraction)
 
-    data = prepare(data_args.data_path)
+    # one or more files, each checked on its own, then each one's #N / #p selection (data/mixture.py)
+    data = prepare_mixture(data_args.data_path, CONVERSATION, seed=train_args.seed, prepare=prepare)
     log(f"data: {data.summary()}")
     rows = plan_packs(data.lengths, data_args.max_seq_length) if data_args.packing else data.samples  # the items
     batch_warning(len(rows), train_args, what="packed rows" if data_args.packing else "records")

@@ -10,6 +10,8 @@
   packed rows' per-record positions), so the model keeps its library forward;
 - counting of what trained (non-pad tokens, records, vision patches and attention pairs) and the throughput
   callback wired to those counts, so every run logs tokens/s and MFU with the vision tower in it;
+- what a run prints and logs (train/callbacks.py: use_log_lines): the progress bar, a readable line every
+  --log_line_steps steps in place of HF's dict per log, and every log entry in <output_dir>/log.jsonl;
 - vlft's files in every save (run_dir.py: fully trained non-LoRA weights, what trained, resolved arguments);
 - checkpoints written atomically, with the run's identity for resume checks, and the final save staged the same
   way (train/checkpoints.py);
@@ -28,7 +30,7 @@ from vlft.models.freezing import is_lora_param
 from vlft.run_dir import bare_name, read_non_lora, write_run_files
 from vlft.train.model_inputs import model_inputs
 from vlft.train.optim import build_param_groups, groups_table
-from vlft.train.throughput import ThroughputCallback, use_tokens_progress_bar
+from vlft.train.throughput import ThroughputCallback
 from vlft.utils import log
 
 
@@ -98,9 +100,11 @@ class VlftTrainerMixin:
             vision_tokens=lambda: int(c.patches), vision_pairs=lambda: int(c.pairs))
         # right after DefaultFlowCallback: the figures it adds to a log line reach the reporters and the printer
         self.callback_handler.callbacks.insert(1, self.throughput)
-        use_tokens_progress_bar(self)  # tokens/s in the progress bar's postfix, next to HF's time left
-        from vlft.train.callbacks import ReleaseSharedMemoryCallback
+        from vlft.train.callbacks import ReleaseSharedMemoryCallback, use_log_lines
 
+        # the progress bar (tokens/s in its postfix) without HF's dict, a readable line every --log_line_steps
+        # steps, every log entry in <output_dir>/log.jsonl
+        use_log_lines(self)
         self.add_callback(ReleaseSharedMemoryCallback())
 
     def create_optimizer(self, model=None):
