@@ -779,8 +779,8 @@ def trainable_table(config, tune) -> tuple[str, int]:
     import transformers
 
     from vlft.models.freezing import apply_freeze, count_parameters, parameter_table, topk_layers
-    from vlft.models.lora import apply_lora, lora_targets
     from vlft.models.registry import get_family
+    from vlft.train.setup import attach_adapters
 
     family = get_family(config.model_type)
     t = tune
@@ -788,21 +788,7 @@ def trainable_table(config, tune) -> tuple[str, int]:
         model = getattr(transformers, family.model_class)(config)
         topk = topk_layers(model, family, unfreeze_topk_llm=t.unfreeze_topk_llm,
                            unfreeze_topk_vision=t.unfreeze_topk_vision)
-        peft_trainable: set[str] = set()
-        if t.virtual_tokens:
-            from vlft.models.virtual_tokens import apply_virtual_tokens, virtual_token_config
-
-            model = apply_virtual_tokens(model, virtual_token_config(
-                t.peft_type, t.num_virtual_tokens, encoder_hidden_size=t.encoder_hidden_size,
-                encoder_reparameterization_type=t.encoder_reparameterization_type))
-            peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        elif t.any_lora:
-            targets = lora_targets(model, family, llm=t.lora_enable, vision=t.vision_lora,
-                                   exclude=t.lora_namespan_exclude, num_llm_modules=t.num_lora_modules,
-                                   skip_layers=topk, experts=t.lora_target_experts)
-            model = apply_lora(model, targets=targets, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
-                               bias=t.lora_bias, use_dora=t.use_dora, use_rslora=t.use_rslora)
-            peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        model, peft_trainable = attach_adapters(model, family, t, topk)
     apply_freeze(model, family, freeze_vision_tower=t.vision_frozen, freeze_merger=t.merger_frozen,
                  freeze_llm=t.llm_frozen, unfreeze_topk_llm=t.unfreeze_topk_llm,
                  unfreeze_topk_vision=t.unfreeze_topk_vision, always_train=peft_trainable, train_router=t.train_router)

@@ -21,6 +21,31 @@ class PreparedModel:
     callbacks: list = field(default_factory=list)
 
 
+
+def attach_adapters(model, family, t, topk: set, init: bool | str = True):
+    """The PEFT step of `prepare_model`, also what `vlft plan` builds on the meta device: virtual tokens (P-Tuning /
+    prompt / prefix tuning) or LoRA on the targets the tune flags `t` choose (`topk`: the layers the --unfreeze_topk_*
+    flags train fully, left to full training rather than adapted). Returns (model, the parameter names PEFT made
+    trainable: adapters, and biases under --lora_bias), which the freeze step keeps trainable; (model, empty set)
+    when neither is asked."""
+    from vlft.models.lora import apply_lora, lora_targets
+
+    if t.virtual_tokens:
+        from vlft.models.virtual_tokens import apply_virtual_tokens, virtual_token_config
+
+        model = apply_virtual_tokens(model, virtual_token_config(
+            t.peft_type, t.num_virtual_tokens, encoder_hidden_size=t.encoder_hidden_size,
+            encoder_reparameterization_type=t.encoder_reparameterization_type))
+    elif t.any_lora:
+        targets = lora_targets(model, family, llm=t.lora_enable, vision=t.vision_lora, exclude=t.lora_namespan_exclude,
+                               num_llm_modules=t.num_lora_modules, skip_layers=topk, experts=t.lora_target_experts)
+        model = apply_lora(model, targets=targets, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
+                           bias=t.lora_bias, use_dora=t.use_dora, use_rslora=t.use_rslora, init_lora_weights=init)
+    else:
+        return model, set()
+    return model, {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
     """Load, patch, LoRA, freeze, in that order: Liger patches the bare model's modules (LoRA then wraps its
     linears, whose calls the patched forwards keep); PEFT freezes the whole base model, so the freeze flags
@@ -29,7 +54,7 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
 
     from vlft.models.freezing import apply_freeze, parameter_table, topk_layers
     from vlft.models.loading import load_model
-    from vlft.models.lora import apply_lora, lora_init_value, lora_targets, mutates_base
+    from vlft.models.lora import lora_init_value, mutates_base
     from vlft.models.patches import skip_frozen_vision_graph, vision_input_require_grads
     from vlft.train.callbacks import FrozenVisionCallback
 
@@ -62,19 +87,8 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
     # weights before loading them (zero.Init), which draws from the generator on some families (Qwen3.5's
     # A_log), so without this one process and ZeRO-3 would start from different LoRA weights.
     set_seed(train_args.seed)
-    peft_trainable: set[str] = set()
-    if t.virtual_tokens:
-        from vlft.models.virtual_tokens import apply_virtual_tokens, virtual_token_config
-
-        model = apply_virtual_tokens(model, virtual_token_config(
-            t.peft_type, t.num_virtual_tokens, encoder_hidden_size=t.encoder_hidden_size,
-            encoder_reparameterization_type=t.encoder_reparameterization_type))
-        peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    elif t.any_lora:
-        targets = lora_targets(model, family, llm=t.lora_enable, vision=t.vision_lora, exclude=t.lora_namespan_exclude,
-                               num_llm_modules=t.num_lora_modules, skip_layers=topk, experts=t.lora_target_experts)
-        model = apply_lora(model, targets=targets, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
-                           bias=t.lora_bias, use_dora=t.use_dora, use_rslora=t.use_rslora, init_lora_weights=init)
+    model, peft_trainable = attach_adapters(model, family, t, topk, init)
+    if t.any_lora and not t.virtual_tokens:
         if mutates_base(init):
             # PiSSA / OLoRA moved part of each adapted weight into the adapter; merge needs the adapter as it was
             # created to express the training as a plain LoRA update of the original weights (run_dir.py)
@@ -82,8 +96,6 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
 
             model.vlft_initial_adapter = {k: v.detach().to("cpu", copy=True)
                                           for k, v in get_peft_model_state_dict(model).items()}
-        # what PEFT chose to train (adapters, and biases under --lora_bias) stays trainable
-        peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     apply_freeze(model, family, freeze_vision_tower=t.vision_frozen, freeze_merger=t.merger_frozen,
                  freeze_llm=t.llm_frozen, unfreeze_topk_llm=t.unfreeze_topk_llm,
                  unfreeze_topk_vision=t.unfreeze_topk_vision, always_train=peft_trainable, train_router=t.train_router)
