@@ -62,7 +62,6 @@ def test_several_unknown_flags_are_named_together_and_far_ones_get_no_guess():
 @pytest.mark.parametrize("argv", [
     ["--learning-rate", "1"],  # HfArgumentParser's dashed spelling
     ["--learning_rate=1"],
-    ["--lora_r", "4"],  # an unambiguous prefix: argparse takes it
     ["--no_double_quant"],  # HfArgumentParser's negation of a true bool
     ["--config", "--whatever.yaml"],  # the value of --config is a path, whatever it looks like
     ["--lora_namespan_exclude", "a", "-1", "--", "--not-a-flag"],
@@ -387,8 +386,11 @@ def test_flag_parser_errors_are_one_line_with_status_2(capsys):
     parser.add_argument("out_dir")
     parser.add_argument("--family", choices=["qwen2_vl", "qwen3_vl"])
     parser.add_argument("--seed", type=int, default=0)
-    assert vars(parser.parse_args(["d", "--fam", "qwen3_vl", "--seed=4"])) == {  # a prefix is argparse's to take
+    assert vars(parser.parse_args(["d", "--family", "qwen3_vl", "--seed=4"])) == {
         "out_dir": "d", "family": "qwen3_vl", "seed": 4}
+    with pytest.raises(SystemExit) as exit_:  # no abbreviations: a prefix is an unknown flag
+        parser.parse_args(["d", "--fam", "qwen3_vl"])
+    assert exit_.value.code == 2 and "unknown flag --fam (did you mean --family?)" in capsys.readouterr().err
     cases = {
         ("d", "--family", "llava"): "argument --family: invalid choice: 'llava' (choose from 'qwen2_vl', 'qwen3_vl') "
                                     "(run with --help for the list of flags)",
@@ -402,3 +404,18 @@ def test_flag_parser_errors_are_one_line_with_status_2(capsys):
             parser.parse_args(list(argv))
         assert info.value.code == 2
         assert capsys.readouterr().err == f"vlft demo: error: {message}\n", argv
+
+
+def test_abbreviations_and_peer_spellings_are_refused_with_the_vlft_name():
+    """argparse's prefix matching read LLaMA-Factory's `--lora_target all` as --lora_target_experts and `--lora_r 4`
+    as --lora_rank; flags count by their full names, and a peer tool's spelling gets vlft's."""
+    from vlft.config import SFT_GROUPS, parse_args
+
+    with pytest.raises(VlftError) as info:
+        check_flag_names("sft", ["--lora_r", "4", "--lora_target", "all", "--cutoff_len", "2048"])
+    message = str(info.value)
+    assert "--lora_r (did you mean --lora_rank?)" in message
+    assert "--lora_target (vlft targets every linear layer" in message
+    assert "--cutoff_len (LLaMA-Factory's name; here --max_seq_length)" in message
+    with pytest.raises(VlftError, match="--lora_r"):  # the full parser too, past the early check
+        parse_args(SFT_GROUPS, ["--output_dir", "o", "--lora_r", "4"])

@@ -606,6 +606,7 @@ def test_grpo_demo_writes_completions_and_merges(tmp_path, cache):
     match = re.search(r"\[vlft\] done: (\d+) steps", proc.stderr)
     assert match and int(match.group(1)) == 9, proc.stderr[-3000:]  # 7 prompts, 2 a step: 3 steps an epoch, 3 epochs
     assert "GRPO: 7 prompts, 2 a step" in proc.stderr
+    assert re.search(r"done: 9 steps in [\d.]+s; loss \S+ -> \S+; reward [\d.]+ -> [\d.]+;", proc.stderr)
 
     records = {r["id"]: r for r in json.loads((REPO / "data_examples" / "grpo_demo.json").read_text())}
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]

@@ -127,21 +127,40 @@ def known_flags(command: str) -> set[str] | None:
     return names
 
 
+# Flags of LLaMA-Factory / ms-swift that vlft spells differently or does without: what to write instead
+PEER_FLAGS = {
+    "cutoff_len": "LLaMA-Factory's name; here --max_seq_length",
+    "model_name_or_path": "here --model_id",
+    "dataset": "here --data_path (several files: a.json b.json#1000)",
+    "dataset_dir": "here --data_path with the file's path, and --image_folder for relative media",
+    "lora_target": "vlft targets every linear layer of the language model; --lora_namespan_exclude leaves some out, "
+                   "--vision_lora adds the vision tower",
+    "finetuning_type": "here --lora_enable true (LoRA) or nothing (full)",
+    "template": "vlft renders with the model's own chat template",
+    "train_type": "ms-swift's name; here --lora_enable true (LoRA) or nothing (full)",
+    "freeze_vit": "ms-swift's name; here --freeze_vision_tower",
+    "freeze_aligner": "ms-swift's name; here --freeze_merger",
+}
+
+
 def unknown_flag_error(flags: list[str], known) -> str:
     """One message for the unknown `flags` (as typed), each with the nearest known flag when one is close."""
     from vlft.utils import closest_flag
 
     parts = []
     for flag in flags:
-        near = closest_flag(flag.lstrip("-").replace("-", "_"), known)
-        parts.append(f"{flag} (did you mean --{near}?)" if near else flag)
+        name = flag.lstrip("-").replace("-", "_")
+        peer = PEER_FLAGS.get(name)
+        near = closest_flag(name, known)
+        parts.append(f"{flag} ({peer})" if peer else f"{flag} (did you mean --{near}?)" if near else flag)
     noun = "flag" if len(flags) == 1 else "flags"
     return f"unknown {noun} {', '.join(parts)}; run with --help for the list of flags"
 
 
 def check_flag_names(command: str, argv: list[str]) -> None:
-    """Refuse a flag `command` does not have, before its module is imported. An unambiguous prefix of a known flag
-    passes (argparse accepts it; the full parser decides). Raises VlftError with the nearest flag."""
+    """Refuse a flag `command` does not have, before its module is imported; flags count by their full names only
+    (the parsers take no abbreviations). Raises VlftError with the nearest flag, or the vlft name of a flag another
+    tool spells differently (PEER_FLAGS)."""
     known = known_flags(command)
     if known is None:
         return
@@ -156,7 +175,7 @@ def check_flag_names(command: str, argv: list[str]) -> None:
         if arg == "-h":
             continue
         name = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
-        if not arg.startswith("--") or not any(k.startswith(name) for k in known):
+        if not arg.startswith("--") or name not in known:
             unknown.append(arg.split("=", 1)[0])
     if unknown:
         raise VlftError(unknown_flag_error(unknown, known))

@@ -623,7 +623,8 @@ def parse_command(groups: tuple[type, ...], argv: list[str], prog: str = "vlft")
     When a group is a TrainingArguments subclass and the run is distributed with DeepSpeed, DeepSpeed's process
     group is started before that group is built (train/launch.py: `init_distributed_early` says why)."""
     argv = list(argv)
-    parser = HfArgumentParser(groups, prog=prog, formatter_class=_HelpFormatter)
+    # full flag names only: argparse's prefix matching took LLaMA-Factory's lora_target for --lora_target_experts
+    parser = HfArgumentParser(groups, prog=prog, formatter_class=_HelpFormatter, allow_abbrev=False)
     parser.error = _raise_parse_error  # a one-line VlftError instead of argparse's usage dump
     if "--config" in argv:
         i = argv.index("--config")

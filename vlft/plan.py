@@ -374,7 +374,7 @@ class Settings:
     zero: Zero = BUILTIN_ZERO["none"]
     num_gpus: int = 1
     per_device_train_batch_size: int = 1
-    max_seq_length: int = 2048
+    max_seq_length: int = 8192  # vlft sft's default (DataArguments), so a plan without the flag plans what sft runs
     image_tokens: int = 0
     lora_enable: bool = False
     vision_lora: bool = False
@@ -877,7 +877,8 @@ def build_parser() -> FlagParser:
     run.add_argument("--num_gpus", type=int, default=1, help="GPUs in the job (ZeRO partitions across all of them)")
     run.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory of one GPU, GB (1e9 bytes)")
     run.add_argument("--per_device_train_batch_size", type=int, default=1)
-    run.add_argument("--max_seq_length", type=int, default=2048, help="tokens per sample, vision tokens included")
+    run.add_argument("--max_seq_length", type=int, default=8192,
+                     help="tokens per sample, vision tokens included (vlft sft's default)")
     run.add_argument("--image_tokens", type=int, default=None,
                      help="vision tokens per sample (LLM tokens, after merging); default: measured from --data_path, "
                           f"else {DEFAULT_IMAGE_TOKENS} (capped at half of --max_seq_length); 0 plans text only")

@@ -232,9 +232,10 @@ def _data_files(args: dict) -> list[str]:
 
 def _first_data_file(files: list[str]) -> str:
     """The first data file without its selection: predict reads a file whole."""
-    from vlft.data.mixture import split_selection
+    from vlft.data.mixture import data_files
 
-    return split_selection(files[0])[0] if files else "DATA"
+    names = data_files(files) if files else []
+    return names[0] if names else "DATA"
 
 
 def checkpoint_card(args: dict, *, is_peft: bool) -> str:

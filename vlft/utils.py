@@ -28,7 +28,13 @@ def closest_flag(name: str, known) -> str | None:
 class FlagParser(argparse.ArgumentParser):
     """The argparse parser of the commands that do not parse dataclasses (merge, plot, plan, tiny-model), with the
     errors of those that do (vlft.config.parse_command): one line `PROG: error: MESSAGE`, no usage dump, exit status
-    2 (argparse's), an unknown flag named with the nearest known one (vlft.cli.unknown_flag_error, closest_flag)."""
+    2 (argparse's), an unknown flag named with the nearest known one (vlft.cli.unknown_flag_error, closest_flag).
+    Flags are taken by their full names only: argparse's prefix matching would read LLaMA-Factory's lora_target flag
+    as another flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def known_flags(self) -> set[str]:
         """This parser's flag names, without the leading dashes."""
@@ -36,16 +42,15 @@ class FlagParser(argparse.ArgumentParser):
                 if option.startswith("--")}
 
     def unknown_flags(self, argv: list[str]) -> list[str]:
-        """The `--` flags of `argv` (as typed, without `=value`) that are no flag of this parser nor a prefix of one
-        (argparse takes an unambiguous prefix); read before parsing, so that a mistyped required flag is named
-        rather than reported missing."""
+        """The `--` flags of `argv` (as typed, without `=value`) that are no flag of this parser; read before
+        parsing, so that a mistyped required flag is named rather than reported missing."""
         known = self.known_flags()
         unknown = []
         for arg in argv:
             if arg == "--":
                 break
             name = arg[2:].split("=", 1)[0]
-            if arg.startswith("--") and not any(flag.startswith(name) for flag in known):
+            if arg.startswith("--") and name not in known:
                 unknown.append(arg.split("=", 1)[0])
         return unknown
 

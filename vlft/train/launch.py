@@ -243,9 +243,11 @@ def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
     }
     from vlft.run_dir import write_run_card
     write_run_card(trainer, summary)  # README.md in place of PEFT's empty card; a failure is a warning
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]  # GRPO: what to watch, not its loss
+    reward = f"; reward {rewards[0]:.4f} -> {rewards[-1]:.4f}" if rewards else ""
     log(
         f"done: {summary['steps']} steps in {elapsed:.1f}s; loss {summary['first_loss']:.4f} -> "
-        f"{summary['last_loss']:.4f}; {summary['tokens_per_second']:.0f} tokens/s (non-pad, all processes)"
+        f"{summary['last_loss']:.4f}{reward}; {summary['tokens_per_second']:.0f} tokens/s (non-pad, all processes)"
         + (f"; resumed at step {preemption.started_at}: {summary['steps'] - preemption.started_at} steps ran in "
            "that time" if preemption.started_at else "") + "\n"
         f"       {'adapter' if lora else 'model'}, processor and {ARGS_FILE} in {summary['output_dir']}"
