@@ -174,7 +174,8 @@ shared_settings() {
   USE_LIGER="${USE_LIGER:-$(default_liger)}"
   ATTN="${ATTN:-sdpa}"                                 # flash_attention_2 if installed
   GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-$BF16}"  # on for GPU runs
-  NUM_WORKERS="${NUM_WORKERS:-4}"
+  CORES="$(nproc 2>/dev/null || echo 4)"
+  NUM_WORKERS="${NUM_WORKERS:-$(( CORES < 4 ? CORES : 4 ))}"  # loader workers per process: 4, or the cores there are
   SAVE_STEPS="${SAVE_STEPS:-500}"
   LOGGING_STEPS="${LOGGING_STEPS:-1}"                  # every step to TensorBoard and OUTPUT_DIR/log.jsonl
   LOG_LINE_STEPS="${LOG_LINE_STEPS:-10}"               # one readable line on the terminal every N steps

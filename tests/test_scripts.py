@@ -28,6 +28,8 @@ DPO_FIELDS = {f.name for g in DPO_GROUPS for f in dataclasses.fields(g) if f.ini
 GRPO_FIELDS = {f.name for g in GRPO_GROUPS for f in dataclasses.fields(g) if f.init}
 TINY = "tiny-qwen2_vl"
 
+WORKERS = min(4, len(os.sched_getaffinity(0)))  # the scripts' loader workers: 4, or the cores there are (nproc)
+
 
 def test_the_sft_scripts_are_found():
     assert SFT_SCRIPTS == ["finetune.sh", "finetune_lora.sh", "finetune_lora_vision.sh", "finetune_video.sh"]
@@ -122,13 +124,13 @@ EXPECTED = {
         dict(num_train_epochs=20, learning_rate=1e-3, per_device_train_batch_size=2, gradient_accumulation_steps=1,
              dataloader_num_workers=0, lora_enable=False, freeze_vision_tower=False),
         dict(num_train_epochs=1, learning_rate=1e-5, per_device_train_batch_size=4, gradient_accumulation_steps=16,
-             dataloader_num_workers=4, lora_enable=False, freeze_vision_tower=False, vision_lr=2e-6),
+             dataloader_num_workers=WORKERS, lora_enable=False, freeze_vision_tower=False, vision_lr=2e-6),
     ),
     "finetune_lora.sh": (
         dict(num_train_epochs=30, learning_rate=5e-3, per_device_train_batch_size=2, gradient_accumulation_steps=1,
              dataloader_num_workers=0, lora_enable=True, lora_rank=16, lora_alpha=32, freeze_vision_tower=True),
         dict(num_train_epochs=1, learning_rate=1e-4, per_device_train_batch_size=4, gradient_accumulation_steps=16,
-             dataloader_num_workers=4, lora_enable=True, lora_rank=64, lora_alpha=64, freeze_vision_tower=True),
+             dataloader_num_workers=WORKERS, lora_enable=True, lora_rank=64, lora_alpha=64, freeze_vision_tower=True),
     ),
     "finetune_video.sh": (
         dict(num_train_epochs=20, learning_rate=1e-3, lora_enable=False, vision_lr=None, video_min_pixels=1024,
@@ -488,7 +490,7 @@ def test_dpo_script_arguments_parse(tmp_path, demo):
         assert (values["model_id"], values["data_path"], values["image_folder"]) == (
             "/ckpt/merged-sft", [str(pairs)], str(tmp_path))
         expected = dict(num_train_epochs=1, learning_rate=5e-6, lora_rank=64, lora_alpha=64,
-                        per_device_train_batch_size=2, gradient_accumulation_steps=16, dataloader_num_workers=4)
+                        per_device_train_batch_size=2, gradient_accumulation_steps=16, dataloader_num_workers=WORKERS)
     expected.update(lora_enable=True, lora_dropout=0.0, freeze_vision_tower=True, freeze_merger=False, beta=0.1,
                     loss_type=["sigmoid"], precompute_ref_log_probs=False, truncation_mode="keep_start",
                     packing=False, output_dir=str(tmp_path / "out"))
@@ -560,7 +562,7 @@ def test_grpo_script_arguments_parse(tmp_path, demo):
         expected = dict(num_generations=8, per_device_train_batch_size=8, gradient_accumulation_steps=8,
                         max_completion_length=512, learning_rate=1e-6, lora_rank=64, lora_alpha=64,
                         reward_funcs=["format", "my_rewards.py:box_reward"], reward_weights=[0.5, 1.0],
-                        dataloader_num_workers=4, num_train_epochs=1)
+                        dataloader_num_workers=WORKERS, num_train_epochs=1)
     expected.update(lora_enable=True, lora_dropout=0.0, freeze_vision_tower=True,
                     freeze_merger=False, beta=0.0, loss_type="dapo", temperature=1.0, packing=False,
                     output_dir=str(tmp_path / "out"))
