@@ -159,3 +159,15 @@ def plotting():
             del os.environ["VLFT_PLOT"]
         else:
             os.environ["VLFT_PLOT"] = before
+
+
+@pytest.fixture
+def stop_after_data(monkeypatch):
+    """The stages stop right after their start-up checks, before the model (or GRPO's reward functions) load."""
+    from vlft.errors import VlftError
+
+    def stop(*args, **kwargs):
+        raise VlftError("stopped by the test after the data check")
+
+    monkeypatch.setattr("vlft.train.setup.prepare_model", stop)
+    monkeypatch.setattr("vlft.train.rewards.load_reward_funcs", stop)

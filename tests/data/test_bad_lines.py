@@ -120,16 +120,6 @@ STAGE_RECORDS = {  # one usable record of each stage's format, text only
 }
 
 
-@pytest.fixture
-def stop_after_data(monkeypatch):
-    """The stages stop right after their start-up data check, before the model (or GRPO's reward functions) load."""
-    def stop(*args, **kwargs):
-        raise VlftError("stopped by the test after the data check")
-
-    monkeypatch.setattr("vlft.train.setup.prepare_model", stop)
-    monkeypatch.setattr("vlft.train.rewards.load_reward_funcs", stop)
-
-
 @pytest.mark.parametrize("stage", ["sft", "dpo", "grpo"])
 def test_each_stage_applies_the_limit_before_the_model_loads(stage, tmp_path, tiny_model_dir, capsys,
                                                              stop_after_data):

@@ -12,7 +12,6 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from vlft.cli import main
-from vlft.errors import VlftError
 from vlft.train.grpo_trainer import prompts_per_step
 from vlft.train.launch import batch_warning
 
@@ -92,16 +91,6 @@ def test_grpo_counts_prompts_per_step(capsys):
     assert "one batch of prompts per epoch, trained on in 2 steps (--num_iterations), 6 optimizer step(s)" in line
     assert batch_warning(4, args, what="prompts", prompts_per_step=2) is None  # two steps an epoch
     assert "warning" in capsys.readouterr().err
-
-
-@pytest.fixture
-def stop_after_data(monkeypatch):
-    """The stages stop right after their start-up checks, before the model (or GRPO's reward functions) load."""
-    def stop(*args, **kwargs):
-        raise VlftError("stopped by the test after the data check")
-
-    monkeypatch.setattr("vlft.train.setup.prepare_model", stop)
-    monkeypatch.setattr("vlft.train.rewards.load_reward_funcs", stop)
 
 
 RECORD = {  # one record of each stage's format, text only
