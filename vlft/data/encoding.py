@@ -125,12 +125,15 @@ class ChatEncoder:
     `thinking` (data/reasoning.py): the reasoning flags, passed to the template in every render and checked against
     what the template can do (VlftError naming the flag)."""
 
-    def __init__(self, processor, thinking: Thinking | None = None):
+    def __init__(self, processor, thinking: Thinking | None = None, verify: bool = True):
         self.tokenizer = processor.tokenizer
         self.template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         if not self.template:
             raise VlftError("the processor has no chat template; use an Instruct checkpoint or add chat_template.jinja")
         self.processor = processor
+        # the plain render that proves the marked one faithful: once per record at start-up (data preparation);
+        # the datasets' encoders, on the training hot path, skip it (verify=False) for records already proven
+        self.verify = verify
         self.thinking = thinking or Thinking()
         self.template_kwargs = self.thinking.template_kwargs()
         self.reasoning = probe_template(self._apply, self.template, self.template_kwargs)
@@ -231,7 +234,7 @@ class ChatEncoder:
             raise EncodingError(f"the chat template rendered {len(found_turns)} of {len(turns)} assistant messages"
                                 + ("" if missing is None else "; it drops this one"), missing,
                                 "write the answer so that the template keeps it; vlft supports the Qwen-VL templates")
-        if out != self._apply(plain, **self.template_kwargs):
+        if self.verify and out != self._apply(plain, **self.template_kwargs):
             raise EncodingError("the chat template renders this conversation differently once vlft marks its answers",
                                 None, "use the model's own Qwen chat template")
         spans, dropped = [], []

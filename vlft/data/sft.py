@@ -27,7 +27,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.samples = samples
         self.image_paths = image_paths  # resolved paths, parallel to samples
         self.video_sources = video_sources or [[] for _ in samples]  # resolved files / frame folders / frame lists
-        self.encoder = ChatEncoder(processor, thinking)
+        self.encoder = ChatEncoder(processor, thinking, verify=False)  # prepare_data rendered every record already
         self.image_temporal_patch_size = getattr(processor.image_processor, "temporal_patch_size", 2)
         self.image_norm = PixelNorm.of(processor.image_processor)
         video_processor = getattr(processor, "video_processor", None)
