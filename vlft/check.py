@@ -113,14 +113,16 @@ def reasoning_report(counts: ReasoningCounts, probe, thinking) -> list[str]:
 def quick_reasoning_counts(encoder, samples) -> ReasoningCounts:
     """`count_reasoning` without rendering (for start-up at any data size): a record trains on reasoning when its
     last answer carries some (the turn every Qwen3.5 template renders with its think block); dropped history
-    reasoning is check-data's to report."""
-    from vlft.data.reasoning import message_reasoning
+    reasoning is check-data's to report. `samples`: a list of samples, or data/prepare.py's PreparedData, whose
+    stored REASONED flags answer without reading a record."""
+    from vlft.data.prepare import _reasoned
+    from vlft.data.store import REASONED
 
-    def reasoned(sample) -> bool:
-        last = next((m for m in reversed(sample.messages) if m["role"] == "assistant"), None)
-        return last is not None and bool((message_reasoning(last)[0] or "").strip())
-
-    n = sum(map(reasoned, samples))
+    count = samples.count_flag(REASONED) if hasattr(samples, "count_flag") else None
+    if count is None:
+        samples = getattr(samples, "samples", samples)
+        count = sum(map(_reasoned, samples))
+    n, samples = count, getattr(samples, "samples", samples)
     if encoder.reasoning.knows_reasoning:
         return ReasoningCounts(len(samples), n, 0, 0, 0)
     return ReasoningCounts(len(samples), 0, 0, 0, n)
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlft.data.mixture import parse_data_paths, prepare_mixture
     from vlft.data.prepare import RECORD_FORMATS, length_flag_of
     from vlft.data.reasoning import Thinking
+    from vlft.data.store import CUT
     from vlft.models.loading import load_family, load_processor
 
     check_args, model_args, data_args = parse_args((CheckArguments, ModelArguments, DataArguments), argv or [],
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
     thinking = Thinking.from_args(data_args)
-    record_format, truncated = RECORD_FORMATS.get(check_args.stage), None
+    record_format = RECORD_FORMATS.get(check_args.stage)
     if check_args.stage == "grpo":  # prompts; they are limited by --max_prompt_length in `vlft grpo`
         from vlft.data.grpo import PROMPT
 
@@ -152,16 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         from vlft.data.dpo import PreferenceFormat
 
         preference = PreferenceFormat(data_args.max_seq_length, check_args.truncation_mode)
-        record_format, truncated = preference.record_format(), preference.truncated
+        record_format = preference.record_format()
     # each file checked and reported on its own, then the mix a run would take (with --seed's default, 42)
     prepared = prepare_mixture(
         data_args.data_path, record_format, seed=CHECK_SEED, processor=processor,
         image_folder=data_args.image_folder, media=media, max_seq_length=data_args.max_seq_length,
         reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
-        workers=data_args.check_workers, length_flag=length_flag_of(data_args), thinking=thinking,
+        **data_args.preparation(), length_flag=length_flag_of(data_args), thinking=thinking,
         max_bad_fraction=data_args.max_bad_fraction,
     )
-    cut = f"; {len(truncated)} with answers to be cut to {length_flag_of(data_args)}" if truncated else ""
+    truncated = prepared.count_flag(CUT) if check_args.stage == "dpo" else 0
+    cut = f"; {truncated} with answers to be cut to {length_flag_of(data_args)}" if truncated else ""
     log(f"{check_args.stage} data: {prepared.summary()}{cut}")
     if check_args.stage == "sft":  # the stage that trains on the file's answers, every assistant turn of them
         encoder = ChatEncoder(processor, thinking)

@@ -77,6 +77,23 @@ class DataArguments:
                           "--max_seq_length are not counted."},
     )
     check_workers: int = field(default=4, metadata={"help": "Threads that decode images during the start-up data check."})
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Processes that prepare the data (parse, decode-check, tokenise) the first time; default: "
+                          "the CPUs this process may use, up to 32. One process per job does it; the others wait."},
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "LLaMA-Factory's name for --dataset_num_proc."}
+    )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where prepared data indexes are kept and found again (default: $VLFT_CACHE/prepared, else "
+                          "~/.cache/vlft/prepared); on a file system every node sees, a multi-node job prepares once."},
+    )
+    no_data_cache: bool = field(
+        default=False,
+        metadata={"help": "Prepare the data afresh in every process and keep nothing (no cache read or written)."},
+    )
     packing: bool = field(
         default=False,
         metadata={"help": "Pack records into rows of up to --max_seq_length tokens (per-record mRoPE, no cross-record "
@@ -132,6 +149,21 @@ class DataArguments:
                 raise ValueError(f"--max_length {self.max_length} contradicts --max_seq_length {self.max_seq_length}; "
                                  "give one of them")
             self.max_seq_length = self.max_length
+        if self.preprocessing_num_workers is not None:
+            if self.dataset_num_proc not in (None, self.preprocessing_num_workers):
+                raise ValueError(f"--preprocessing_num_workers {self.preprocessing_num_workers} contradicts "
+                                 f"--dataset_num_proc {self.dataset_num_proc}; give one of them")
+            self.dataset_num_proc = self.preprocessing_num_workers
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ValueError(f"--dataset_num_proc {self.dataset_num_proc} must be at least 1")
+
+    def preparation(self) -> dict:
+        """The keyword arguments of data/prepare.py `prepare_data` that say how to prepare (not what): processes,
+        decoding threads and the cache folder (None under --no_data_cache)."""
+        from vlft.data.index import default_cache_dir, default_num_proc
+
+        return {"num_proc": self.dataset_num_proc or default_num_proc(), "workers": self.check_workers,
+                "cache_dir": None if self.no_data_cache else (self.data_cache_dir or default_cache_dir())}
 
     def _pixel_budget_problems(self, defaulted: frozenset[str] = frozenset()) -> list[str]:
         """What is wrong with the pixel budgets set so far (unset ones are skipped); `defaulted` names the fields

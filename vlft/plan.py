@@ -751,7 +751,7 @@ def measure_data(model_id: str, data_args) -> DataTokens:
     prepared = prepare_mixture(data_args.data_path, CONVERSATION, seed=42, processor=processor,
                                image_folder=data_args.image_folder, media=media, max_seq_length=data_args.max_seq_length,
                                reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
-                               workers=data_args.check_workers, length_flag=length_flag_of(data_args),
+                               **data_args.preparation(), length_flag=length_flag_of(data_args),
                                thinking=thinking)
     merge = ChatEncoder(processor, thinking).merge_size
     unusable = prepared.n_records - getattr(prepared, "usable", len(prepared.samples))  # MixedData: before selection

@@ -149,7 +149,7 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
     checked = prepare_sft_data(data_path, processor=processor, image_folder=data_args.image_folder,
                                media=media, max_seq_length=data_args.max_seq_length,
                                reject_overlong=data_args.reject_overlong, skip_bad_samples=data_args.skip_bad_samples,
-                               workers=data_args.check_workers, require_answer=False,
+                               **data_args.preparation(), require_answer=False,
                                length_flag=length_flag_of(data_args), thinking=thinking)
     prompts, references, reference_answers = [], [], []
     for sample in checked.samples:

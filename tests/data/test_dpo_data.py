@@ -16,6 +16,7 @@ from vlft.data.dpo import PreferenceCollator, PreferenceDataset, PreferenceForma
 from vlft.data.encoding import ChatEncoder
 from vlft.data.prepare import prepare_data
 from vlft.data.sft import SFTDataset
+from vlft.data.store import CUT
 from vlft.train.dpo_loss import preference_loss, sequence_logps
 from vlft.train.dpo_trainer import completion_log_probs
 from vlft.train.model_inputs import model_inputs
@@ -108,7 +109,7 @@ def test_keep_start_cuts_answers_and_drop_drops(processor, tmp_path):
 
     data, fmt = prepare(path, processor, max_length=limit, mode="keep_start")
     assert [s.id for s in data.samples] == ["long", "short"]  # the prompt is never cut: that record is dropped
-    assert fmt.truncated == [0] and [p.index for p in data.overlong] == [2]
+    assert data.flagged(CUT) == [0] and [p.index for p in data.overlong] == [2]  # cut: the store's CUT flag
     item = dataset(data, processor, max_length=limit)[0]
     assert len(item["prompt_ids"]) + len(item["chosen_ids"]) == limit == data.lengths[0]
     assert item["chosen_mask"].tolist() == [1] * 10  # the first 10 answer tokens, all learned
@@ -117,7 +118,7 @@ def test_keep_start_cuts_answers_and_drop_drops(processor, tmp_path):
     assert item["rejected_ids"].tolist() == full.completion_ids[1]  # the short answer is untouched
 
     data, fmt = prepare(path, processor, max_length=limit, mode="drop")
-    assert [s.id for s in data.samples] == ["short"] and fmt.truncated == []
+    assert [s.id for s in data.samples] == ["short"] and data.flagged(CUT) == []
     assert sorted(p.index for p in data.overlong) == [0, 2]
 
 

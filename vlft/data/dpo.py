@@ -13,7 +13,7 @@ room for one answer token is dropped under either mode.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,11 +35,11 @@ IMAGE_KEYS, VIDEO_KEYS = MEDIA_KEYS[:2], MEDIA_KEYS[2:]
 class PreferenceFormat:
     """The DPO record format for data preparation (data/prepare.py), with the over-long policy: the lengths it
     reports are those the pair will have after truncation, so preparation drops exactly the pairs that cannot
-    fit. `truncated` collects the indices of records whose answers will be cut."""
+    fit. A pair whose answers will be cut gets lengths marked `cut` (`CutLengths`): data preparation keeps that as the
+    record's data/store.py CUT flag (`PreparedData.count_flag(CUT)` counts them)."""
 
     max_length: int
     truncation_mode: str = "keep_start"
-    truncated: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         if self.truncation_mode not in TRUNCATION_MODES:
@@ -50,12 +50,18 @@ class PreferenceFormat:
         full = tuple(p + c for p, c in parts)
         if (self.truncation_mode == "keep_start" and max(full) > self.max_length
                 and max(p for p, _ in parts) < self.max_length):
-            self.truncated.append(sample.index)
-            return tuple(min(n, self.max_length) for n in full)
+            return CutLengths(min(n, self.max_length) for n in full)
         return full
 
     def record_format(self) -> RecordFormat:
-        return RecordFormat("preference", parse_preference_record, self.lengths)
+        return RecordFormat("preference", parse_preference_record, self.lengths,
+                            cache_key=f"preference:{self.max_length}:{self.truncation_mode}")
+
+
+class CutLengths(tuple):
+    """The lengths of a pair whose answers truncation will cut (`PreferenceFormat.lengths`)."""
+
+    cut = True
 
 
 class PreferenceDataset(SFTDataset):

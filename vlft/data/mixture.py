@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vlft.data.prepare import PreparedData, RecordFormat, prepare_data
+from vlft.data.store import Picked
 from vlft.errors import DataError, VlftError
 from vlft.utils import log
 
@@ -178,7 +179,7 @@ class MixPart:
 # PreparedData's fields parallel to `samples`: what the selection takes record by record (tests/data/test_mixture.py
 # checks that every list field of PreparedData is either here or a list of problems)
 PARALLEL_FIELDS = ("samples", "image_paths", "sequence_lengths", "video_sources", "image_specs", "video_specs",
-                   "rejected_media")
+                   "rejected_media", "flags")
 PROBLEM_FIELDS = ("skipped", "overlong")
 
 
@@ -211,7 +212,7 @@ def record_keys(data: PreparedData) -> list:
     file name, record index] for MixedData (so that files given in another order give other keys), the record index
     for the data of one file."""
     if not isinstance(data, MixedData):
-        return [s.index for s in data.samples]
+        return data.record_indices
     return [[position, os.path.basename(data.parts[position].source.path), index] for position, index in data.origins]
 
 
@@ -273,16 +274,17 @@ def prepare_mixture(data_path, record_format: RecordFormat, *, seed: int, flag: 
     first = prepared[os.path.realpath(sources[0].path)]
     out = MixedData([], [], [], 0, length_flag=first.length_flag)
     seen: set[str] = set()
+    parts: dict[str, list] = {name: [] for name in PARALLEL_FIELDS}
     for position, source in enumerate(sources):
         key = os.path.realpath(source.path)
         data = prepared[key]
         usable = len(data.samples)
         picked = select_records(usable, source, source_rng(seed, position))
         log(f"data {source.written}: {data.summary()}; {_selection_note(source, usable, len(picked), seed)}")
-        for name in PARALLEL_FIELDS:
-            values = getattr(data, name)
-            getattr(out, name).extend(values[i] for i in picked)
-        out.origins.extend((position, data.samples[i].index) for i in picked)
+        for name in PARALLEL_FIELDS:  # views, not copies: a store-backed file stays on disk (data/store.py)
+            parts[name].append((getattr(data, name), picked))
+        indices = data.record_indices
+        out.origins.extend((position, indices[i]) for i in picked)
         if key not in seen:  # a file given twice counts its records and problems once
             seen.add(key)
             out.n_records += data.n_records
@@ -290,6 +292,11 @@ def prepare_mixture(data_path, record_format: RecordFormat, *, seed: int, flag: 
             out.skipped += data.skipped
             out.overlong += data.overlong
         out.parts.append(MixPart(source, data.n_records, usable, len(picked)))
+    flagged = all(len(values) == len(data.samples) for (values, _), data in
+                  zip(parts["flags"], (prepared[os.path.realpath(s.path)] for s in sources)))
+    for name, pieces in parts.items():
+        if name != "flags" or flagged:  # data built by hand carries no flags
+            setattr(out, name, Picked(pieces))
     if len(sources) > 1:
         log(mix_line(out.parts))
     return out

@@ -21,19 +21,18 @@ import dataclasses
 import difflib
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from vlft.data.convert import load_llava_records
 from vlft.data.encoding import ChatEncoder, EncodingError, VisionSpec
 from vlft.data.formats import BadLine
 from vlft.data.llava import LLAVA_KEYS, SYSTEM_KEY, Sample, parse_record
-from vlft.data.media import MediaError, image_grid, load_image, resolve_media_path
+from vlft.data.media import MediaError, image_grid, probe_image_size, resolve_media_path
 from vlft.data.preference import ANSWER_KEYS, PREFERENCE_KEYS, PreferenceSample, parse_preference_record
-from vlft.data.reasoning import Thinking
+from vlft.data.reasoning import Thinking, message_reasoning
 from vlft.data.video import check_video
 from vlft.errors import DataError, Problem, VlftError
 from vlft.utils import log
@@ -81,6 +80,9 @@ class RecordFormat:
     # every other key once as unused
     keys: frozenset[str] | None = None
     columns: bool = False  # the other keys are passed on (GRPO's reward columns), listed as such, not as unused
+    # what the cache of prepared indexes (data/index.py) knows this format by: its parser and lengths, with any
+    # setting they read; None: never cached (prepared again on each call)
+    cache_key: str | None = None
 
     @property
     def used_keys(self) -> frozenset[str] | None:
@@ -147,34 +149,95 @@ def _parse_conversation_or_prompt(record: object, index: int, file: str):
 
 # SFT: LLaVA conversations ending with a gpt turn. Prediction: the last turn may be human (no reference).
 CONVERSATION = RecordFormat("conversation", partial(parse_record, require_answer=True), _conversation_lengths,
-                            keys=LLAVA_KEYS)
+                            keys=LLAVA_KEYS, cache_key="conversation")
 CONVERSATION_OR_PROMPT = RecordFormat("conversation or prompt", _parse_conversation_or_prompt, _conversation_lengths,
-                                      keys=LLAVA_KEYS | {"prompt"})
+                                      keys=LLAVA_KEYS | {"prompt"}, cache_key="conversation-or-prompt")
 # DPO: a prompt with a chosen and a rejected answer (data/preference.py); one sequence per answer
-PREFERENCE = RecordFormat("preference", parse_preference_record, _preference_lengths, keys=PREFERENCE_KEYS)
+PREFERENCE = RecordFormat("preference", parse_preference_record, _preference_lengths, keys=PREFERENCE_KEYS,
+                          cache_key="preference")
 RECORD_FORMATS = {"sft": CONVERSATION, "predict": CONVERSATION_OR_PROMPT, "dpo": PREFERENCE}
+
+
+class LengthRows(Sequence):
+    """Rows `rows` of a store's int32 [n_records, k] token counts, as tuples (`PreparedData.sequence_lengths`)."""
+
+    def __init__(self, lengths, rows):
+        import numpy as np
+
+        self.array = np.asarray(lengths)[np.asarray(rows, dtype=np.int64)] if len(rows) else np.zeros((0, 1), np.int32)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return tuple(int(n) for n in self.array[i])
+
+    def longest(self) -> list[int]:
+        return self.array.max(axis=1).tolist() if len(self.array) else []
 
 
 @dataclass
 class PreparedData:
-    """The usable records of one file, in file order, with their media resolved and measured."""
+    """The usable records of one file, in file order, with their media resolved and measured. From data
+    preparation the per-record fields are read-only sequences over a memory-mapped store (data/store.py Column):
+    len, [i] and iteration, no Python object per record held; built by hand they may be lists."""
 
-    samples: list  # the stage parser's samples (Sample for conversations)
-    image_paths: list[list[str]]  # resolved, parallel to samples
-    sequence_lengths: list[tuple[int, ...]]  # tokens of each encoded sequence of a record, vision tokens included
+    samples: Sequence  # the stage parser's samples (Sample for conversations)
+    image_paths: Sequence[list[str]]  # resolved, parallel to samples
+    sequence_lengths: Sequence[tuple[int, ...]]  # tokens of each encoded sequence of a record, vision tokens included
     n_records: int
     skipped: list[Problem] = field(default_factory=list)  # invalid records left out (--skip_bad_samples)
     overlong: list[Problem] = field(default_factory=list)  # records longer than max_seq_length, left out
     length_flag: str = "--max_seq_length"  # the flag that set the length limit, as messages name it
-    video_sources: list[list] = field(default_factory=list)  # resolved videos, parallel to samples
-    image_specs: list[list[VisionSpec]] = field(default_factory=list)  # grid of each image, parallel to samples
-    video_specs: list[list[VisionSpec]] = field(default_factory=list)  # grid and timing of each video
+    video_sources: Sequence[list] = field(default_factory=list)  # resolved videos, parallel to samples
+    image_specs: Sequence[list[VisionSpec]] = field(default_factory=list)  # grid of each image, parallel to samples
+    video_specs: Sequence[list[VisionSpec]] = field(default_factory=list)  # grid and timing of each video
     # image-side preference pairs: the rejected sequence's resolved (images, videos), else None; parallel to samples
-    rejected_media: list[tuple[list, list] | None] = field(default_factory=list)
+    rejected_media: Sequence[tuple[list, list] | None] = field(default_factory=list)
+    # data/store.py REASONED / CUT bits of each record, parallel to samples (empty when built by hand)
+    flags: Sequence[int] = field(default_factory=list)
+    # each sample's record index in its file (None: read from samples[i].index)
+    indices: Sequence[int] | None = None
+
+    @classmethod
+    def from_store(cls, store, rows, *, length_flag: str = "--max_seq_length") -> PreparedData:
+        """The records `rows` (record indices, ascending) of an open store (data/store.py)."""
+        import numpy as np
+
+        from vlft.data.store import Column
+
+        rows = np.asarray(rows, dtype=np.int64)
+        which = np.zeros(len(rows), np.int8)
+        column = partial(Column, [store], which, rows)
+        return cls(column(0), column(1), LengthRows(store.lengths, rows), store.n_records, length_flag=length_flag,
+                   video_sources=column(2), image_specs=column(3), video_specs=column(4), rejected_media=column(5),
+                   flags=np.asarray(store.flags)[rows] if len(rows) else np.zeros(0, np.uint8), indices=rows)
+
+    @property
+    def record_indices(self) -> list[int]:
+        """Each sample's record index in its file, without unpickling the samples when the store knows them."""
+        if self.indices is not None:
+            return [int(i) for i in self.indices]
+        return [s.index for s in self.samples]
+
+    def flagged(self, bit: int) -> list[int]:
+        """The record indices of the samples with a data/store.py flag bit set (CUT: DPO pairs whose answers
+        truncation cuts), in sample order."""
+        return [i for i, f in zip(self.record_indices, self.flags) if int(f) & bit]
+
+    def count_flag(self, bit: int) -> int | None:
+        """How many samples have a data/store.py flag bit set; None when the data carries no flags."""
+        if len(self.flags) != len(self.samples):
+            return None
+        return sum(1 for f in self.flags if int(f) & bit)
 
     @property
     def lengths(self) -> list[int]:
         """The longest sequence of each record: what batching, packing and length grouping plan with."""
+        if isinstance(self.sequence_lengths, LengthRows):
+            return self.sequence_lengths.longest()
         return [max(n) for n in self.sequence_lengths]
 
     def summary(self) -> str:
@@ -183,17 +246,18 @@ class PreparedData:
             text += f"; {len(self.skipped)} problem(s) skipped"
         if self.overlong:
             text += f"; {len(self.overlong)} over {self.length_flag} dropped"
-        if self.sequence_lengths:
+        if len(self.sequence_lengths):
             s = sorted(self.lengths)
             text += f"; tokens per record min {s[0]} / median {s[len(s) // 2]} / max {s[-1]}"
         return text
 
 
 def probe_image(path: str, encoder: ChatEncoder, media: MediaSettings) -> VisionSpec | MediaError:
-    """Decode the whole image (catches truncation) and return the grid it will have."""
+    """Decode the whole compressed image (catches truncation; JPEG at 1/8 scale: data/media.py `probe_image_size`)
+    and return the grid it will have."""
     try:
-        img = load_image(path)
-        return VisionSpec(image_grid(img.height, img.width, patch_size=encoder.patch_size, merge_size=encoder.merge_size,
+        height, width = probe_image_size(path)
+        return VisionSpec(image_grid(height, width, patch_size=encoder.patch_size, merge_size=encoder.merge_size,
                                      min_pixels=media.image_min_pixels, max_pixels=media.image_max_pixels))
     except MediaError as err:
         return err
@@ -298,7 +362,8 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
                  media: MediaSettings, max_seq_length: int, reject_overlong: bool = False,
                  skip_bad_samples: bool = False, workers: int = 4,
                  length_flag: str = "--max_seq_length", thinking: Thinking | None = None,
-                 max_bad_fraction: float | None = None) -> PreparedData:
+                 max_bad_fraction: float | None = None, num_proc: int = 1,
+                 cache_dir: str | Path | None = None) -> PreparedData:
     """Parse, resolve, probe and measure every record of `data_path` (JSON list or JSONL in LLaVA or another
     chat format, parquet, arrow or a save_to_disk folder: data/convert.py turns each record into LLaVA first).
 
@@ -310,26 +375,111 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
 
     `max_bad_fraction` (--max_bad_fraction; None: no limit): under `skip_bad_samples`, DataError when the invalid
     records left out are more than this fraction of the file's records, saying how many of how many and how to go
-    on. Over-long records dropped by the length limit do not count: they are valid, and listed as dropped."""
+    on. Over-long records dropped by the length limit do not count: they are valid, and listed as dropped.
+
+    The work is done once per job and kept (data/index.py `prepared_store`): `num_proc` processes (--dataset_num_proc)
+    prepare the records, `workers` threads each decode media; with `cache_dir` (--data_cache_dir) the result is
+    cached there, and a later call with the same inputs loads it (and prepares again only the records whose media
+    files changed). What is cached is the finding before any policy: the length limit, --skip_bad_samples,
+    --reject_overlong and --max_bad_fraction apply here, on every call."""
+    from vlft.data.index import prepared_store
+
     file = str(data_path)
     if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
         raise VlftError(f"--max_bad_fraction {max_bad_fraction:g} must be between 0 and 1 (the largest fraction of the "
                         "records --skip_bad_samples may leave out)")
-    loaded = load_llava_records(data_path)  # any supported format, as LLaVA records (data/convert.py)
-    records = loaded.records
-    census = key_census(records, record_format)
-    if census:
-        log(f"{file}: {census}")
-    problems: list[Problem] = list(loaded.problems)
+    store = prepared_store(data_path, record_format, processor=processor, image_folder=image_folder, media=media,
+                           thinking=thinking, workers=workers, num_proc=num_proc, cache_dir=cache_dir)
+    return apply_policy(store, file, max_seq_length=max_seq_length, reject_overlong=reject_overlong,
+                        skip_bad_samples=skip_bad_samples, length_flag=length_flag, max_bad_fraction=max_bad_fraction,
+                        image_folder=image_folder)
+
+
+def apply_policy(store, file: str, *, max_seq_length: int, reject_overlong: bool, skip_bad_samples: bool,
+                 length_flag: str, max_bad_fraction: float | None, image_folder: str | None) -> PreparedData:
+    """The PreparedData of a store (data/store.py) under the run's length limit and skip policy; raises as
+    `prepare_data` says."""
+    import numpy as np
+
+    from vlft.data.store import OK
+
+    if store.meta.get("census"):
+        log(f"{file}: {store.meta['census']}")
+    status, lengths = np.asarray(store.status), np.asarray(store.lengths)
+    usable = status == OK
+    longest = lengths.max(axis=1) if len(lengths) else np.zeros(0, np.int32)
+    too_long_mask = usable & (longest > max_seq_length)
+    keep = np.nonzero(usable & ~too_long_mask)[0]
+    problems = sorted((p for found in store.problems.values() for p in found),
+                      key=lambda p: (p.index if p.index is not None else -1))
+    overlong = []
+    for i in np.nonzero(too_long_mask)[0]:
+        sample = store.record(int(i))[0]
+        overlong.append(Problem(
+            file, int(i), "", f"{int(longest[i])} tokens (vision tokens included) > {length_flag} {max_seq_length}",
+            f"raise {length_flag}, lower the pixel budgets or frame counts, or split the conversation", sample.id))
+    n_records = store.n_records
+    n_media, n_missing = store.meta.get("n_media_entries", 0), store.meta.get("n_missing_relative", 0)
+    not_found = n_media > 0 and n_missing == n_media  # every media file missing, all relative: the folder is wrong
+    n_unique = len(store.media) if not_found else 0
+    invalid, too_long = bool(problems) and not skip_bad_samples, bool(overlong) and reject_overlong
+    if invalid or too_long:
+        listed = sorted((problems if invalid else []) + (overlong if too_long else []),
+                        key=lambda p: (p.index if p.index is not None else -1))
+        too_long_what = f"{length_flag} {max_seq_length} (--reject_overlong is set)"
+        if invalid:
+            header = (f"{len(problems)} problem(s) and {len(overlong)} record(s) over {too_long_what} in {file}:"
+                      if too_long else f"{len(problems)} problem(s) in {file}:")
+            if not_found:
+                header = _not_found_header(n_unique, image_folder, file) + "\n" + header
+        else:
+            header = f"{len(overlong)} record(s) in {file} exceed {too_long_what}:"
+        raise DataError(listed, header=header, advice=_advice(
+            invalid=invalid, overlong=too_long, skip_bad_samples=skip_bad_samples, reject_overlong=reject_overlong,
+            length_flag=length_flag))
+    if skip_bad_samples and max_bad_fraction is not None:
+        _check_bad_fraction(problems, n_records, len(keep), max_bad_fraction, file,
+                            _not_found_header(n_unique, image_folder, file) if not_found else "")
+    out = PreparedData.from_store(store, keep, length_flag=length_flag)
+    out.skipped, out.overlong = problems, overlong
+    for p in problems[:10]:
+        log(f"skipped: {p}")
+    for p in overlong[:10]:
+        log(f"dropped: {p}")
+    if not len(out.samples):
+        raise VlftError(f"no usable records left in {file} ({out.summary()})")
+    return out
+
+
+def prepare_records(job, indices) -> list:
+    """data/store.py RecordResults of the records `indices` of `job` (data/index.py `Job`: the converted records,
+    the format, the encoder and settings): parse, resolve, probe each media file once (in `job.workers` threads:
+    PIL and PyAV release the GIL while decoding), measure. Pure of global state, so processes can split a file."""
+    from vlft.data.store import CUT, REASONED, RecordResult, file_stat, media_files, record_digest
+
+    file, image_folder, record_format, encoder, media = (job.file, job.image_folder, job.record_format, job.encoder,
+                                                         job.media)
+    results: dict[int, RecordResult] = {}
+    problems: dict[int, list[Problem]] = {}
+
+    def add(problem: Problem) -> None:
+        problems.setdefault(problem.index, []).append(problem)
+
     parsed = []
-    for index, record in enumerate(records):
+    for index in indices:
+        record = job.records[index]
+        results[index] = RecordResult(index)
         if record is None:  # not convertible: its problems are in loaded.problems
+            for p in job.record_problems.get(index, []):
+                add(p)
             continue
         if isinstance(record, BadLine):  # a JSONL line that is not valid JSON: a bad record, reported with the others
-            problems.append(record.problem)
+            add(record.problem)
             continue
+        results[index].digest = record_digest(record)
         sample, found = record_format.parse(record, index, file)
-        problems += found
+        for p in found:
+            add(p)
         if sample is not None:
             parsed.append(sample)
 
@@ -350,29 +500,29 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
             del (other_images if kind == "image" else other_videos)[s.index]
         parsed[i] = dataclasses.replace(s, **{f"rejected_{kind}s": None for kind in same})
         if s.completions[0] == s.completions[1] and s.index not in other_images and s.index not in other_videos:
-            problems.append(Problem(file, s.index, f"rejected_{same[0]}", f"'rejected_{same[0]}' names the same file "
-                                    f"as '{same[0]}' and the rejected answer is the chosen one, so the pair teaches "
-                                    "nothing", "give the rejected sequence another picture, or a different answer",
-                                    s.id))
+            add(Problem(file, s.index, f"rejected_{same[0]}", f"'rejected_{same[0]}' names the same file as "
+                        f"'{same[0]}' and the rejected answer is the chosen one, so the pair teaches nothing",
+                        "give the rejected sequence another picture, or a different answer", s.id))
             parsed[i] = None
     parsed = [s for s in parsed if s is not None]
-    # the media written as relative paths: the only ones --image_folder decides where to find
-    relative = {resolved for s in parsed for resolved, raw in zip(
-        [*images[s.index], *videos[s.index], *other_images.get(s.index, []), *other_videos.get(s.index, [])],
-        [*s.images, *s.videos, *(getattr(s, "rejected_images", None) or []), *(getattr(s, "rejected_videos", None) or [])])
-        if _relative(raw)}
-    unique_images = sorted({p for paths in [*images.values(), *other_images.values()] for p in paths})
-    unique_videos = sorted({v for sources in [*videos.values(), *other_videos.values()] for v in sources}, key=str)
-    encoder = ChatEncoder(processor, thinking)
-    if unique_videos and getattr(processor, "video_processor", None) is None:
+    unique_images = sorted({p for s in parsed for p in [*images[s.index], *other_images.get(s.index, [])]})
+    unique_videos = sorted({v for s in parsed for v in [*videos[s.index], *other_videos.get(s.index, [])]}, key=str)
+    if unique_videos and getattr(job.processor, "video_processor", None) is None:
         raise VlftError(f"{file} has video records but the processor of this model has no video processor")
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL and PyAV release the GIL while decoding
-        probed = dict(zip(unique_images, pool.map(lambda p: probe_image(p, encoder, media), unique_images)))
-        probed.update(zip(unique_videos, pool.map(lambda v: probe_video(v, encoder, media), unique_videos)))
+    stats = {}
+    for source in [*unique_images, *unique_videos]:  # before decoding: a file changed meanwhile is seen as changed
+        stats[source] = [(f, file_stat(f)) for f in media_files(source)]
+    probe = job.probe_image
+    if job.workers > 1 and len(unique_images) + len(unique_videos) > 1:
+        with ThreadPoolExecutor(max_workers=job.workers) as pool:
+            probed = dict(zip(unique_images, pool.map(lambda p: probe(p, encoder, media), unique_images)))
+            probed.update(zip(unique_videos, pool.map(lambda v: probe_video(v, encoder, media), unique_videos)))
+    else:
+        probed = {p: probe(p, encoder, media) for p in unique_images}
+        probed.update((v, probe_video(v, encoder, media)) for v in unique_videos)
 
-    out = PreparedData([], [], [], len(records), length_flag=length_flag)
-    overlong: list[Problem] = []
     for sample in parsed:
+        result = results[sample.index]
         specs: dict[str, list[VisionSpec]] = {"image": [], "video": [], "rejected_image": [], "rejected_video": []}
         bad = False
         for key, kind, sources, written in (
@@ -381,14 +531,20 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
                 ("rejected_image", "image", other_images.get(sample.index, []), getattr(sample, "rejected_images", None)),
                 ("rejected_video", "video", other_videos.get(sample.index, []), getattr(sample, "rejected_videos", None))):
             for j, source in enumerate(sources):
-                result = probed[source]
-                if isinstance(result, MediaError):
+                for f, stat in stats[source]:
+                    result.media.append(f)
+                    result.stats.append(stat)
+                result.n_media += 1
+                outcome = probed[source]
+                if isinstance(outcome, MediaError):
                     bad = True
-                    hint = (_missing_hint(kind, written[j], image_folder, file) if _missing(source)
+                    missing = _missing(source)
+                    result.n_missing_relative += int(missing and _relative(written[j]))
+                    hint = (_missing_hint(kind, written[j], image_folder, file) if missing
                             else f"replace the {kind} or remove the record")
-                    problems.append(Problem(file, sample.index, f"{key}[{j}]", str(result), hint, sample.id))
+                    add(Problem(file, sample.index, f"{key}[{j}]", str(outcome), hint, sample.id))
                 else:
-                    specs[key].append(result)
+                    specs[key].append(outcome)
         if bad:
             continue
         other = None
@@ -396,60 +552,34 @@ def prepare_data(data_path: str, record_format: RecordFormat, *, processor, imag
             other = (specs["rejected_image"] if sample.index in other_images else specs["image"],
                      specs["rejected_video"] if sample.index in other_videos else specs["video"])
         try:
-            lengths = tuple(record_format.sequence_lengths(encoder, sample, specs["image"], specs["video"],
-                                                           **({} if other is None else {"rejected": other})))
+            lengths = record_format.sequence_lengths(encoder, sample, specs["image"], specs["video"],
+                                                     **({} if other is None else {"rejected": other}))
         except EncodingError as e:  # the template drops or rewrites an answer: named here, before the model loads
-            problems.append(Problem(file, sample.index, _encoding_field(e, sample), str(e), e.hint, sample.id))
+            add(Problem(file, sample.index, _encoding_field(e, sample), str(e), e.hint, sample.id))
             continue
-        if max(lengths) > max_seq_length:
-            overlong.append(Problem(
-                file, sample.index, "", f"{max(lengths)} tokens (vision tokens included) > {length_flag} "
-                f"{max_seq_length}", f"raise {length_flag}, lower the pixel budgets or frame counts, or split the "
-                "conversation", sample.id))
-            continue
-        out.samples.append(sample)
-        out.image_paths.append(images[sample.index])
-        out.video_sources.append([list(v) if isinstance(v, tuple) else v for v in videos[sample.index]])
-        out.sequence_lengths.append(lengths)
-        out.image_specs.append(specs["image"])
-        out.video_specs.append(specs["video"])
-        out.rejected_media.append(None if other is None else (
-            other_images.get(sample.index, images[sample.index]),
-            [list(v) if isinstance(v, tuple) else v for v in other_videos.get(sample.index, videos[sample.index])]))
+        result.lengths = tuple(int(n) for n in lengths)
+        result.flags = (REASONED if _reasoned(sample) else 0) | (CUT if getattr(lengths, "cut", False) else 0)
+        result.payload = (
+            sample, images[sample.index], [list(v) if isinstance(v, tuple) else v for v in videos[sample.index]],
+            specs["image"], specs["video"],
+            None if other is None else (
+                other_images.get(sample.index, images[sample.index]),
+                [list(v) if isinstance(v, tuple) else v for v in other_videos.get(sample.index, videos[sample.index])]))
+    for index, found in problems.items():
+        # named by the fields the user wrote (messages[1].content, images[0]), not by their LLaVA equivalents
+        results[index].problems = [job.loaded.source(p) for p in found]
+        results[index].payload = None
+    return [results[i] for i in indices]
 
-    # named by the fields the user wrote (messages[1].content, images[0]), not by their LLaVA equivalents
-    problems = sorted((loaded.source(p) for p in problems), key=lambda p: (p.index if p.index is not None else -1))
-    overlong = [loaded.source(p) for p in overlong]
-    invalid, too_long = bool(problems) and not skip_bad_samples, bool(overlong) and reject_overlong
-    everything = [*unique_images, *unique_videos]
-    # every media file missing, all written as relative paths: the folder is wrong, not the records
-    not_found = bool(everything) and all(isinstance(probed[m], MediaError) and _missing(m) and m in relative
-                                         for m in everything)
-    if invalid or too_long:
-        listed = sorted((problems if invalid else []) + (overlong if too_long else []),
-                        key=lambda p: (p.index if p.index is not None else -1))
-        too_long_what = f"{length_flag} {max_seq_length} (--reject_overlong is set)"
-        if invalid:
-            header = (f"{len(problems)} problem(s) and {len(overlong)} record(s) over {too_long_what} in {file}:"
-                      if too_long else f"{len(problems)} problem(s) in {file}:")
-            if not_found:
-                header = _not_found_header(len(everything), image_folder, file) + "\n" + header
-        else:
-            header = f"{len(overlong)} record(s) in {file} exceed {too_long_what}:"
-        raise DataError(listed, header=header, advice=_advice(
-            invalid=invalid, overlong=too_long, skip_bad_samples=skip_bad_samples, reject_overlong=reject_overlong,
-            length_flag=length_flag))
-    if skip_bad_samples and max_bad_fraction is not None:
-        _check_bad_fraction(problems, len(records), len(out.samples), max_bad_fraction, file,
-                            _not_found_header(len(everything), image_folder, file) if not_found else "")
-    out.skipped, out.overlong = problems, overlong
-    for p in problems[:10]:
-        log(f"skipped: {p}")
-    for p in overlong[:10]:
-        log(f"dropped: {p}")
-    if not out.samples:
-        raise VlftError(f"no usable records left in {file} ({out.summary()})")
-    return out
+
+def _reasoned(sample) -> bool:
+    """Whether the sample's last answer carries reasoning (the turn every Qwen3.5 template renders with its think
+    block): check.py `quick_reasoning_counts` reads it from the index instead of the messages."""
+    messages = getattr(sample, "messages", None) or []
+    last = next((m for m in reversed(messages) if m.get("role") == "assistant"), None)
+    if last is None:
+        return False
+    return bool((message_reasoning(last)[0] or "").strip())
 
 
 def prepare_sft_data(data_path: str, *, require_answer: bool = True, **kwargs) -> PreparedData:

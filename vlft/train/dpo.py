@@ -21,6 +21,7 @@ from vlft.data.mixture import prepare_mixture, record_keys
 from vlft.data.packing import length_grouped_order
 from vlft.data.prepare import length_flag_of
 from vlft.data.reasoning import Thinking
+from vlft.data.store import CUT
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
 from vlft.train.checkpoints import data_digest, media_digest
@@ -90,10 +91,11 @@ def run(argv: list[str]):
         data_args.data_path, fmt.record_format(), seed=train_args.seed, processor=processor,
         image_folder=data_args.image_folder, media=media, max_seq_length=max_length,
         reject_overlong=data_args.reject_overlong,
-        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
+        skip_bad_samples=data_args.skip_bad_samples, **data_args.preparation(),
         length_flag=length_flag_of(data_args), thinking=Thinking.from_args(data_args),
         max_bad_fraction=data_args.max_bad_fraction)
-    cut = f"; {len(fmt.truncated)} with answers cut to {length_flag_of(data_args)} {max_length}" if fmt.truncated else ""
+    truncated = data.count_flag(CUT)
+    cut = f"; {truncated} with answers cut to {length_flag_of(data_args)} {max_length}" if truncated else ""
     log(f"data: {data.summary()}{cut}")
     batch_warning(len(data.samples), train_args, what="pairs")
 

@@ -95,7 +95,7 @@ def run(argv: list[str]):
     data = prepare_mixture(  # one or more files, each checked on its own, then each one's #N / #p selection
         data_args.data_path, PROMPT, seed=train_args.seed, processor=processor, image_folder=data_args.image_folder,
         media=media, max_seq_length=max_prompt, reject_overlong=data_args.reject_overlong,
-        skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers, length_flag="--max_prompt_length",
+        skip_bad_samples=data_args.skip_bad_samples, **data_args.preparation(), length_flag="--max_prompt_length",
         thinking=Thinking.from_args(data_args), max_bad_fraction=data_args.max_bad_fraction)
     log(f"data: {data.summary()} (prompts; --max_prompt_length {max_prompt})")
     if train_args.use_vllm:

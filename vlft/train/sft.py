@@ -45,7 +45,7 @@ def run(argv: list[str]):
         return prepare_sft_data(
             path, processor=processor, image_folder=data_args.image_folder, media=media,
             max_seq_length=data_args.max_seq_length, reject_overlong=data_args.reject_overlong,
-            skip_bad_samples=data_args.skip_bad_samples, workers=data_args.check_workers,
+            skip_bad_samples=data_args.skip_bad_samples, **data_args.preparation(),
             length_flag=length_flag_of(data_args), thinking=thinking, max_bad_fraction=data_args.max_bad_fraction)
 
     # one or more files, each checked on its own, then each one's #N / #p selection (data/mixture.py)
@@ -54,7 +54,7 @@ def run(argv: list[str]):
     rows = plan_packs(data.lengths, data_args.max_seq_length) if data_args.packing else data.samples  # the items
     batch_warning(len(rows), train_args, what="packed rows" if data_args.packing else "records")
     encoder = ChatEncoder(processor, thinking)
-    for line in reasoning_report(quick_reasoning_counts(encoder, data.samples), encoder.reasoning, thinking):
+    for line in reasoning_report(quick_reasoning_counts(encoder, data), encoder.reasoning, thinking):
         log(line)
     eval_data = prepare(data_args.eval_data_path) if data_args.eval_data_path else None
     if eval_data is not None:
