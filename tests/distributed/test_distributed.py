@@ -169,3 +169,21 @@ def test_zero3_packed_equals_one_process_padded(family, tiny_model_factory, four
     (packed,) = losses(out)
     print(f"\nZeRO-3 packed {packed} vs one process padded {summary['first_loss']}")
     assert abs(packed - summary["first_loss"]) < 1e-5
+
+
+@pytest.mark.parametrize("zero", [None, "zero2"])
+def test_two_ranks_prepare_the_data_once_then_load_it(zero, tiny_model_dir, tmp_path):
+    """Both ranks ask for the prepared index (torchrun, and DeepSpeed whose process group is up before the data):
+    one prepares while the other waits on the lock file; a second launch prepares nothing."""
+    cache = tmp_path / "cache"
+
+    def run(out):
+        return launch(["--model_id", str(tiny_model_dir), "--data_path", str(REPO / "data_examples" / "llava_demo.json"),
+                       "--image_folder", str(DEMO_IMAGES), "--output_dir", str(out), "--max_steps", "1",
+                       "--per_device_train_batch_size", "1", "--lora_enable", "true", "--save_strategy", "no",
+                       "--disable_tqdm", "true", "--data_cache_dir", str(cache)], zero=zero)
+
+    first = run(tmp_path / "a").stderr
+    assert first.count("data: preparing 10 record(s)") == 1, first[-3000:]
+    second = run(tmp_path / "b").stderr
+    assert "data: preparing" not in second and "loaded from" in second, second[-3000:]

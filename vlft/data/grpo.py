@@ -78,7 +78,7 @@ def _prompt_lengths(encoder, sample: PromptSample, images, videos) -> tuple[int,
     return (len(encoder.encode_prompt(sample.messages, images, videos).input_ids),)
 
 
-PROMPT = RecordFormat("prompt", parse_prompt_record, _prompt_lengths, keys=RECORD_KEYS, columns=True)
+PROMPT = RecordFormat("prompt", parse_prompt_record, _prompt_lengths, keys=RECORD_KEYS, columns=True, cache_key="prompt")
 
 
 class PromptDataset(SFTDataset):

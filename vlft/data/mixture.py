@@ -211,8 +211,9 @@ def record_keys(data: PreparedData) -> list:
     """A key per training item that names its record across files, in training order: [position in --data_path,
     file name, record index] for MixedData (so that files given in another order give other keys), the record index
     for the data of one file."""
-    if not isinstance(data, MixedData):
-        return data.record_indices
+    if not isinstance(data, MixedData):  # PreparedData knows them without reading its samples
+        indices = getattr(data, "record_indices", None)
+        return indices if indices is not None else [s.index for s in data.samples]
     return [[position, os.path.basename(data.parts[position].source.path), index] for position, index in data.origins]
 
 
