@@ -405,6 +405,34 @@ class ChatEncoder:
                 out.extend(self._text_ids(piece))
         return out
 
+    def lengths(self, items: Sequence[tuple], add_generation_prompt: bool = False) -> list[int | EncodingError]:
+        """Token counts (vision tokens included) of many conversations, each `(messages, image specs, video specs)`:
+        `len(self.encode(messages, images, videos, add_generation_prompt).input_ids)` for each, or the EncodingError
+        its render raises, in order. Each conversation is rendered (and verified) as `encode` renders it; the texts
+        are then tokenised in one call of the fast tokenizer's batch encoding, which gives the ids one call per text
+        gives (no padding, no special tokens added: tests/data/test_encoding_lengths.py), without building labels.
+        Raises VlftError when the template produced another number of media placeholders than media given."""
+        texts, out = [], []
+        for messages, _, _ in items:
+            try:
+                texts.append(self.render(messages, add_generation_prompt).text)
+                out.append(None)
+            except EncodingError as e:
+                out.append(e)
+        batch = iter(self.tokenizer([t for t in texts], add_special_tokens=False)["input_ids"] if texts else [])
+        for k, (_, images, videos) in enumerate(items):
+            if out[k] is not None:
+                continue
+            ids = next(batch)
+            n = len(ids)
+            for pad, kind, given in ((self.image_pad_id, "image", images), (self.video_pad_id, "video", videos)):
+                found = ids.count(pad)
+                if found != len(given):
+                    raise VlftError(f"the chat template produced {found} {kind} placeholders for {len(given)} {kind}s")
+                n += sum(len(self.expansion(kind, given, j)) for j in range(len(given))) - found
+            out[k] = n
+        return out
+
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - one encoder per dataset, lives as long as it
     def _text_ids(self, piece: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(piece, add_special_tokens=False)["input_ids"])

@@ -78,7 +78,14 @@ def _prompt_lengths(encoder, sample: PromptSample, images, videos) -> tuple[int,
     return (len(encoder.encode_prompt(sample.messages, images, videos).input_ids),)
 
 
-PROMPT = RecordFormat("prompt", parse_prompt_record, _prompt_lengths, keys=RECORD_KEYS, columns=True, cache_key="prompt")
+def _prompt_batch(encoder, items) -> list:
+    """`_prompt_lengths` of many (sample, image specs, video specs) at once (ChatEncoder.lengths)."""
+    found = encoder.lengths([(s.messages, images, videos) for s, images, videos in items], add_generation_prompt=True)
+    return [n if isinstance(n, Exception) else (n,) for n in found]
+
+
+PROMPT = RecordFormat("prompt", parse_prompt_record, _prompt_lengths, keys=RECORD_KEYS, columns=True,
+                      cache_key="prompt", batch_lengths=_prompt_batch)
 
 
 class PromptDataset(SFTDataset):

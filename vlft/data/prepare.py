@@ -83,6 +83,9 @@ class RecordFormat:
     # what the cache of prepared indexes (data/index.py) knows this format by: its parser and lengths, with any
     # setting they read; None: never cached (prepared again on each call)
     cache_key: str | None = None
+    # `sequence_lengths` of many records at once, [(sample, image specs, video specs)] -> [lengths or EncodingError]
+    # (one batch tokenisation); only for formats whose lengths take no rejected media
+    batch_lengths: Callable[..., list] | None = None
 
     @property
     def used_keys(self) -> frozenset[str] | None:
@@ -121,6 +124,13 @@ def _conversation_lengths(encoder: ChatEncoder, sample: Sample, images, videos) 
     return (len(encoder.encode_conversation(sample.messages, images, videos).input_ids),)
 
 
+def _conversation_batch(encoder: ChatEncoder, items) -> list:
+    """`_conversation_lengths` of many (sample, image specs, video specs) at once (ChatEncoder.lengths: one batch
+    tokenisation); an EncodingError in place of a record's lengths."""
+    found = encoder.lengths([(sample.messages, images, videos) for sample, images, videos in items])
+    return [n if isinstance(n, EncodingError) else (n,) for n in found]
+
+
 def _preference_lengths(encoder: ChatEncoder, sample: PreferenceSample, images, videos, rejected=None) -> tuple[int, ...]:
     return tuple(p + c for p, c in preference_parts(encoder, sample, images, videos, rejected))
 
@@ -149,9 +159,10 @@ def _parse_conversation_or_prompt(record: object, index: int, file: str):
 
 # SFT: LLaVA conversations ending with a gpt turn. Prediction: the last turn may be human (no reference).
 CONVERSATION = RecordFormat("conversation", partial(parse_record, require_answer=True), _conversation_lengths,
-                            keys=LLAVA_KEYS, cache_key="conversation")
+                            keys=LLAVA_KEYS, cache_key="conversation", batch_lengths=_conversation_batch)
 CONVERSATION_OR_PROMPT = RecordFormat("conversation or prompt", _parse_conversation_or_prompt, _conversation_lengths,
-                                      keys=LLAVA_KEYS | {"prompt"}, cache_key="conversation-or-prompt")
+                                      keys=LLAVA_KEYS | {"prompt"}, cache_key="conversation-or-prompt",
+                                      batch_lengths=_conversation_batch)
 # DPO: a prompt with a chosen and a rejected answer (data/preference.py); one sequence per answer
 PREFERENCE = RecordFormat("preference", parse_preference_record, _preference_lengths, keys=PREFERENCE_KEYS,
                           cache_key="preference")
@@ -521,6 +532,7 @@ def prepare_records(job, indices) -> list:
         probed = {p: probe(p, encoder, media) for p in unique_images}
         probed.update((v, probe_video(v, encoder, media)) for v in unique_videos)
 
+    measured = []  # (sample, specs, other): the records whose media are all usable
     for sample in parsed:
         result = results[sample.index]
         specs: dict[str, list[VisionSpec]] = {"image": [], "video": [], "rejected_image": [], "rejected_video": []}
@@ -551,12 +563,23 @@ def prepare_records(job, indices) -> list:
         if sample.index in other_images or sample.index in other_videos:
             other = (specs["rejected_image"] if sample.index in other_images else specs["image"],
                      specs["rejected_video"] if sample.index in other_videos else specs["video"])
-        try:
-            lengths = record_format.sequence_lengths(encoder, sample, specs["image"], specs["video"],
-                                                     **({} if other is None else {"rejected": other}))
-        except EncodingError as e:  # the template drops or rewrites an answer: named here, before the model loads
-            add(Problem(file, sample.index, _encoding_field(e, sample), str(e), e.hint, sample.id))
+        measured.append((sample, specs, other))
+
+    if record_format.batch_lengths is not None and all(other is None for _, _, other in measured):
+        all_lengths = record_format.batch_lengths(encoder, [(s, sp["image"], sp["video"]) for s, sp, _ in measured])
+    else:
+        all_lengths = []
+        for sample, specs, other in measured:
+            try:
+                all_lengths.append(record_format.sequence_lengths(encoder, sample, specs["image"], specs["video"],
+                                                                  **({} if other is None else {"rejected": other})))
+            except EncodingError as e:
+                all_lengths.append(e)
+    for (sample, specs, other), lengths in zip(measured, all_lengths):
+        if isinstance(lengths, EncodingError):  # the template drops or rewrites an answer: named before the model loads
+            add(Problem(file, sample.index, _encoding_field(lengths, sample), str(lengths), lengths.hint, sample.id))
             continue
+        result = results[sample.index]
         result.lengths = tuple(int(n) for n in lengths)
         result.flags = (REASONED if _reasoned(sample) else 0) | (CUT if getattr(lengths, "cut", False) else 0)
         result.payload = (
