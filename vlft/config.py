@@ -162,7 +162,10 @@ class DataArguments:
         decoding threads and the cache folder (None under --no_data_cache)."""
         from vlft.data.index import default_cache_dir, default_num_proc
 
-        return {"num_proc": self.dataset_num_proc or default_num_proc(), "workers": self.check_workers,
+        num_proc = self.dataset_num_proc or default_num_proc()
+        if self.no_data_cache and self.dataset_num_proc is None:  # every rank of the node prepares: share the CPUs
+            num_proc = max(1, num_proc // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return {"num_proc": num_proc, "workers": self.check_workers,
                 "cache_dir": None if self.no_data_cache else (self.data_cache_dir or default_cache_dir())}
 
     def _pixel_budget_problems(self, defaulted: frozenset[str] = frozenset()) -> list[str]:

@@ -235,3 +235,27 @@ def test_two_processes_prepare_once(data_dir, tiny_model_dir, tmp_path):
     assert sum(err.count(PREPARING) for _, err in outputs) == 1
     ids = [line for out, _ in outputs for line in out.splitlines() if line.startswith("IDS")]
     assert len(ids) == 2 and ids[0] == ids[1]
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named_with_the_way_out(data_dir, processor, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(Exception) as err:
+        prepare(data_dir, processor, blocked / "cache")
+    assert type(err.value).__name__ == "VlftError"
+    assert "--data_cache_dir" in str(err.value) and "--no_data_cache true" in str(err.value)
+
+
+def test_the_flags_say_how_to_prepare(monkeypatch):
+    from vlft.config import DataArguments
+
+    monkeypatch.setenv("VLFT_CACHE", "/somewhere")
+    args = DataArguments(data_path=["a.json"], preprocessing_num_workers=3)  # LLaMA-Factory's spelling
+    assert args.preparation() == {"num_proc": 3, "workers": 4, "cache_dir": Path("/somewhere/prepared")}
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(index_module, "default_num_proc", lambda: 8)
+    assert DataArguments(data_path=["a.json"], no_data_cache=True).preparation()["num_proc"] == 4
+    assert DataArguments(data_path=["a.json"], data_cache_dir="/c").preparation() == {
+        "num_proc": 8, "workers": 4, "cache_dir": "/c"}
+    with pytest.raises(ValueError, match="contradicts"):
+        DataArguments(data_path=["a.json"], dataset_num_proc=2, preprocessing_num_workers=3)

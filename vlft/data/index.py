@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlft.errors import Problem
+from vlft.errors import Problem, VlftError
 from vlft.utils import log
 
 CONTENT_HASH_LIMIT = 256 * 1024**2  # data files up to this size are keyed by their bytes too, not only their stat
@@ -178,6 +178,15 @@ def prepared_store(data_path, record_format, *, processor, image_folder, media, 
     if final.exists():
         built = False
     else:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-test.{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise VlftError(f"--data_cache_dir {root} cannot be written ({e.strerror or e}): pass --data_cache_dir "
+                            "with a folder this job can write (shared by every node for one preparation per job), "
+                            "or --no_data_cache true to prepare in every process and keep nothing") from None
         built = build_once(final, build, what=f"the prepared index of {file}")
         if built:
             _write_pointer(pointer, key)
