@@ -264,8 +264,8 @@ class PreparedData:
 
 
 def probe_image(path: str, encoder: ChatEncoder, media: MediaSettings) -> VisionSpec | MediaError:
-    """Decode the whole compressed image (catches truncation; JPEG at 1/8 scale: data/media.py `probe_image_size`)
-    and return the grid it will have."""
+    """Check that the image decodes (data/media.py `probe_image_size`: a baseline JPEG by its marker structure, no
+    decode; any other file decoded, JPEG at 1/8 scale) and return the grid it will have."""
     try:
         height, width = probe_image_size(path)
         return VisionSpec(image_grid(height, width, patch_size=encoder.patch_size, merge_size=encoder.merge_size,
