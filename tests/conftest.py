@@ -31,6 +31,15 @@ def _demo_media():
 DEMO_MEDIA = _demo_media()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """One prepared-data cache per test session (data/index.py), also for the commands tests start: a warm cache
+    left by an earlier session never stands in for a preparation a test means to run."""
+    folder = tmp_path_factory.mktemp("data_cache")
+    os.environ["VLFT_DATA_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_models_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

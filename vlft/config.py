@@ -87,8 +87,9 @@ class DataArguments:
     )
     data_cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Where prepared data indexes are kept and found again (default: $VLFT_CACHE/prepared, else "
-                          "~/.cache/vlft/prepared); on a file system every node sees, a multi-node job prepares once."},
+        metadata={"help": "Where prepared data indexes are kept and found again (default: $VLFT_DATA_CACHE, else "
+                          "$VLFT_CACHE/prepared, else ~/.cache/vlft/prepared); on a file system every node sees, a "
+                          "multi-node job prepares once."},
     )
     no_data_cache: bool = field(
         default=False,

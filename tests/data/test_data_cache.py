@@ -249,6 +249,7 @@ def test_a_cache_folder_that_cannot_be_written_is_named_with_the_way_out(data_di
 def test_the_flags_say_how_to_prepare(monkeypatch):
     from vlft.config import DataArguments
 
+    monkeypatch.delenv("VLFT_DATA_CACHE")
     monkeypatch.setenv("VLFT_CACHE", "/somewhere")
     args = DataArguments(data_path=["a.json"], preprocessing_num_workers=3)  # LLaMA-Factory's spelling
     assert args.preparation() == {"num_proc": 3, "workers": 4, "cache_dir": Path("/somewhere/prepared")}

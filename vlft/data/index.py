@@ -2,7 +2,8 @@
 
 `prepared_store` returns the store (data/store.py) of one data file for one set of inputs:
 
-- **Cached** under --data_cache_dir (default $VLFT_CACHE/prepared, else ~/.cache/vlft/prepared), in a folder named by
+- **Cached** under --data_cache_dir (default $VLFT_DATA_CACHE, else $VLFT_CACHE/prepared, else
+  ~/.cache/vlft/prepared), in a folder named by
   a key of everything the result depends on: the data file (its stat, and its bytes up to 256 MiB), the record
   format and the settings it reads, the processor (chat template, tokenizer vocabulary and special tokens, patch,
   merge and temporal patch sizes), the media settings, the thinking flags, --image_folder, vlft's version and the
@@ -51,7 +52,9 @@ PROGRESS_EVERY_S = 5.0
 
 
 def default_cache_dir() -> Path:
-    """$VLFT_CACHE/prepared, or ~/.cache/vlft/prepared."""
+    """$VLFT_DATA_CACHE, else $VLFT_CACHE/prepared, else ~/.cache/vlft/prepared."""
+    if os.environ.get("VLFT_DATA_CACHE"):
+        return Path(os.environ["VLFT_DATA_CACHE"])
     root = os.environ.get("VLFT_CACHE") or str(Path.home() / ".cache" / "vlft")
     return Path(root) / "prepared"
 
