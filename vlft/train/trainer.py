@@ -72,7 +72,10 @@ class VlftTrainerMixin:
     loraplus_lr_ratio: LoRA+ (train/optim.py): LoRA B matrices learn at this multiple of their part's rate.
     train_order: epoch -> list of dataset indices (length grouping), or None for the Trainer's sampler.
     pixel_norms: (image, video) callables mapping uint8 patch rows to the processor's float values
-        (data/pixels.py: PixelNorm); None when the dataset sends float pixels."""
+        (data/pixels.py: PixelNorm); None when the dataset sends float pixels.
+
+    Every private Trainer method overridden here or in a stage's trainer has a row in train/overrides.py
+    (PRIVATE_TRAINER_OVERRIDES), whose test checks it against the installed transformers."""
 
     def __init__(self, *args, vlft_args: dict | None = None, family=None, vision_lr: float | None = None,
                  merger_lr: float | None = None, loraplus_lr_ratio: float | None = None, train_order=None,
