@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import pickle
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -592,6 +593,9 @@ def prepare_records(job, indices) -> list:
         # named by the fields the user wrote (messages[1].content, images[0]), not by their LLaVA equivalents
         results[index].problems = [job.loaded.source(p) for p in found]
         results[index].payload = None
+    for result in results.values():  # pickled here, in the preparing process: the one writing only copies bytes
+        if result.payload is not None:
+            result.blob, result.payload = pickle.dumps(result.payload, protocol=pickle.HIGHEST_PROTOCOL), None
     return [results[i] for i in indices]
 
 

@@ -49,6 +49,7 @@ class RecordResult:
 
     index: int
     payload: tuple | None = None  # (sample, image_paths, video_sources, image_specs, video_specs, rejected_media)
+    blob: bytes | None = None  # the payload already pickled (by a preparing process: the writer only copies it)
     problems: list[Problem] = field(default_factory=list)
     lengths: tuple[int, ...] = ()
     flags: int = 0
@@ -110,8 +111,8 @@ def write_store(folder: Path, results: Iterable[RecordResult], n_records: int, m
     position = 0
     with open(folder / "payload.bin", "wb") as out:
         for r in results:
-            if r.payload is not None:
-                blob = pickle.dumps(r.payload, protocol=pickle.HIGHEST_PROTOCOL)
+            if r.payload is not None or r.blob is not None:
+                blob = r.blob if r.blob is not None else pickle.dumps(r.payload, protocol=pickle.HIGHEST_PROTOCOL)
                 out.write(blob)
                 starts[r.index] = (position, len(blob))
                 position += len(blob)
@@ -236,10 +237,11 @@ class Store:
         problems = [p if new == index else dataclasses.replace(p, index=new) for p in self.problems.get(index, [])]
         ids = np.asarray(self.media_rows[self.media_offsets[index]:self.media_offsets[index + 1]])
         n_media, n_missing = (int(x) for x in self.media_counts[index])
-        return RecordResult(new, payload, problems, tuple(int(n) for n in self.lengths[index]) if payload else (),
-                            int(self.flags[index]), [self.media[i] for i in ids],
-                            [tuple(int(x) for x in self.media_stat[i]) for i in ids], bytes(self.digests[index]),
-                            n_media, n_missing)
+        return RecordResult(new, payload=payload, problems=problems,
+                            lengths=tuple(int(n) for n in self.lengths[index]) if payload else (),
+                            flags=int(self.flags[index]), media=[self.media[i] for i in ids],
+                            stats=[tuple(int(x) for x in self.media_stat[i]) for i in ids],
+                            digest=bytes(self.digests[index]), n_media=n_media, n_missing_relative=n_missing)
 
     def current_media_stats(self) -> np.ndarray:
         """int64 [n_media, 3]: the stat of each media file now."""
