@@ -60,7 +60,7 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
 
     run_dir = Path(run_dir)
     if not is_adapter_run(run_dir):
-        raise VlftError(f"{run_dir} holds no adapter (adapter_config.json); full fine-tuning runs are already "
+        raise VlftError(f"{run_dir} holds no adapter ({ADAPTER_CONFIG}); full fine-tuning runs are already "
                         "plain checkpoints: load them directly")
     if is_virtual_token_run(run_dir):
         raise VlftError(f"{run_dir} trained virtual tokens (P-Tuning / prompt tuning): they are extra inputs placed "
@@ -98,11 +98,11 @@ def load_adapted_model(run_dir: str | Path, *, base_model: str | None = None, dt
     peft_model = wrap_peft(model, config)
     result = set_peft_model_state_dict(peft_model, adapter)
     if result.unexpected_keys:
-        raise VlftError(f"{run_dir}/adapter_model.safetensors holds keys the model has no place for: "
+        raise VlftError(f"{run_dir}/{ADAPTER_WEIGHTS} holds keys the model has no place for: "
                         f"{', '.join(sorted(result.unexpected_keys)[:8])}")
     missing_lora = sorted(k for k in result.missing_keys if ".lora_" in k)
     if missing_lora:
-        raise VlftError(f"{run_dir}/adapter_model.safetensors lacks adapter weights: {', '.join(missing_lora[:8])}")
+        raise VlftError(f"{run_dir}/{ADAPTER_WEIGHTS} lacks adapter weights: {', '.join(missing_lora[:8])}")
     check_adapted_targets(run_dir, peft_model)
     if dtype not in ("auto", "fp32"):
         peft_model.to(DTYPES[dtype])

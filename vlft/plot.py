@@ -39,10 +39,9 @@ import os
 from pathlib import Path
 
 from vlft.errors import VlftError
+from vlft.run_dir import PLOT_FILE, STATE_FILE
 from vlft.utils import FlagParser, log
 
-PLOT_FILE = "training_curves.png"
-STATE_FILE = "trainer_state.json"
 SERIES_KEY = "vlft series"  # PNG text keyword prefix: "vlft series 0", "vlft series 1", ...
 
 # (panel title, metric names or fnmatch patterns drawn on it, y label)

@@ -17,6 +17,10 @@ file names of their own.
 
 Why `vlft_trained.json`: merge must check the saved weights against what *did* train, not against a
 re-run of the freezing and LoRA selection on today's code (which can drift from the code that trained).
+
+Every name a run, a checkpoint, merge or predict writes lives here, as one constant below (each says who writes it
+and who reads it); other modules import the constant and never spell the name (tests/test_run_names.py checks).
+This module imports only the standard library at import time, so any module can import it without a cycle.
 """
 from __future__ import annotations
 
@@ -24,16 +28,58 @@ import json
 import os
 from pathlib import Path
 
-from vlft.models.freezing import is_lora_param
+# --- the names a run writes ---------------------------------------------------------------------------------------
+# Every public str constant of this section is a file or folder name (a `{...}` field: a template, filled with
+# str.format). tests/test_run_names.py fails when one is spelled as a literal anywhere else in vlft/.
 
-ARGS_FILE = "vlft_args.json"
-NON_LORA_FILE = "non_lora_trainables.safetensors"
-TRAINED_FILE = "vlft_trained.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-INITIAL_ADAPTER = "initial_adapter"
-CARD_FILE = "README.md"
-_PEFT_PREFIX = "base_model.model."
+# vlft's own files, in the run directory and in every checkpoint-N (written by `write_run_files` on each save)
+ARGS_FILE = "vlft_args.json"  # the resolved arguments; read by `read_run_args` (merge, predict, preview, --config)
+NON_LORA_FILE = "non_lora_trainables.safetensors"  # LoRA runs' fully trained weights; read by merge, a resume
+TRAINED_FILE = "vlft_trained.json"  # what trained (`trained_record`); read by merge (`read_trained`)
+INITIAL_ADAPTER = "initial_adapter"  # PiSSA / OLoRA: the adapter as created (folder); read by merge's conversion
+CARD_FILE = "README.md"  # the model card (`checkpoint_card`, `write_run_card`); read by people and the Hub
+
+# PEFT's and transformers' names for what their save_pretrained writes (peft.utils.constants CONFIG_NAME /
+# SAFETENSORS_WEIGHTS_NAME, transformers.utils SAFE_WEIGHTS_NAME / SAFE_WEIGHTS_INDEX_NAME), spelled here so that
+# vlft's readers need not import those packages
+ADAPTER_CONFIG = "adapter_config.json"  # written by PEFT; read by merge, predict (`is_adapter_run`), models/virtual_tokens.py
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # written by PEFT (and `write_initial_adapter`); read by merge, virtual tokens
+MODEL_WEIGHTS = "model.safetensors"  # a full model's single weights file (save_pretrained); read by models/extra_keys.py
+MODEL_INDEX = "model.safetensors.index.json"  # a sharded model's weight map; written by save_pretrained, and updated
+# by models/extra_keys.py `carry_extra_tensors` (merge, a full run's final save), which also writes these shards:
+EXTRA_SHARD = "model-extra-{index:05d}-of-{count:05d}.safetensors"  # the base model's tensors transformers drops
+
+# what a run writes into --output_dir beside the weights and checkpoints
+LOG_FILE = "log.jsonl"  # every log entry, one JSON line each (train/callbacks.py MetricsFileCallback); read by people
+COMPLETIONS_FILE = "completions.jsonl"  # GRPO's completions and rewards per step (train/grpo_trainer.py); read by people
+REF_CACHE_DIR = "ref_log_probs"  # DPO's precomputed reference log-probs, `<key>.pt` inside (train/dpo_trainer.py
+# ReferenceCache writes and reads them; train/launch.py removes the folder under --overwrite_output_dir)
+PLOT_FILE = "training_curves.png"  # the curves (vlft/plot.py, at the end of every stage and `vlft plot`); read by plot
+LOGGING_DIR = "runs"  # transformers' default TensorBoard logging_dir (integrations default_logdir); read by TensorBoard
+
+# checkpoints (train/checkpoints.py publishes them; train/trainer.py stages them)
+CHECKPOINT_PREFIX = "checkpoint-"  # `checkpoint-N`, N the global step: transformers' PREFIX_CHECKPOINT_DIR + "-"
+STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME: written by the Trainer (and train/trainer.py
+# when it names the best checkpoint's final place); read by train/checkpoints.py (a complete checkpoint) and plot
+RESUME_FILE = "vlft_resume.json"  # what must not change across a resume; written and read by train/checkpoints.py
+ROLLOUTS_FILE = "vlft_rollouts_rank{rank}.pt"  # GRPO, inside a --num_iterations cycle: one per process; written and
+# read by train/grpo_trainer.py
+STAGING_DIR = ".vlft-staging"  # saves are written here and renamed into place (train/trainer.py, train/checkpoints.py)
+FINAL_STAGING = "final"  # the final save's folder inside STAGING_DIR, moved into --output_dir (train/trainer.py)
+WRITE_PROBE_PREFIX = ".vlft-write-test-"  # + the process id: rank 0's writability probe, removed at once
+# (train/checkpoints.py check_writable; `user_files` ignores it)
+LATEST = "latest"  # --resume_from_checkpoint's word for the newest complete checkpoint (train/checkpoints.py)
+
+# a merged model's record of the media settings training used (it has no vlft_args.json); written by merge
+# (models/processor_media.py write_media_record), read by predict (`read_media_record`)
+MEDIA_FILE = "vlft_media.json"
+
+# What a run writes into --output_dir before its first checkpoint: the staging area of a killed save, DPO's cached
+# reference log-probs, GRPO's completions log, the log lines, TensorBoard's event folders. A run killed before its
+# first checkpoint leaves only these, and `latest` then starts it again from step 0 (train/checkpoints.py).
+RUN_LEFTOVERS = frozenset({STAGING_DIR, REF_CACHE_DIR, COMPLETIONS_FILE, LOG_FILE, LOGGING_DIR})
+
+_PEFT_PREFIX = "base_model.model."  # not a file: PEFT's prefix of the wrapped model's parameter names
 
 
 def bare_name(name: str) -> str:
@@ -47,6 +93,8 @@ def non_lora_trainables(model, state_dict: dict | None = None) -> dict:
 
     Under DeepSpeed the Trainer hands over the gathered `state_dict` (ZeRO-3 partitions leave empty local
     tensors); its values are used then, and a trainable weight missing from it is an error."""
+    from vlft.models.freezing import is_lora_param
+
     out = {}
     for name, param in model.named_parameters():
         if not param.requires_grad or is_lora_param(name):
@@ -66,6 +114,8 @@ def trained_record(model) -> dict:
     """What trains in `model` now: {"non_lora": sorted bare names of fully trained weights, "lora_modules": sorted
     bare names of what carries a trainable adapter, as models/lora.py `lora_targets` names it (modules, and the
     routed experts' parameters adapted through PEFT's target_parameters, e.g. `...mlp.experts.gate_up_proj`)}."""
+    from vlft.models.freezing import is_lora_param
+
     non_lora = [bare_name(n) for n, p in model.named_parameters() if p.requires_grad and not is_lora_param(n)]
     return {"non_lora": sorted(non_lora), "lora_modules": adapted_targets(model, trainable_only=True)}
 
@@ -161,10 +211,6 @@ def read_adapter(run_dir: str | os.PathLike) -> dict:
     return load_file(str(Path(run_dir) / ADAPTER_WEIGHTS))
 
 
-# A merged model's record of the media settings training used (it has no vlft_args.json); written by merge,
-# read by predict (vlft/models/processor_media.py).
-MEDIA_FILE = "vlft_media.json"
-
 
 def read_media_record(model_dir: str | os.PathLike) -> dict:
     """The media settings a merged model carries ({} when it has none: a base model, or merged before vlft
@@ -245,9 +291,9 @@ def checkpoint_card(args: dict, *, is_peft: bool) -> str:
     lines = _front_matter(args, None) + [
         "# vlft checkpoint", "",
         f"A save made while a vlft run trained: base model `{args.get('model_id')}`, data {data}, "
-        f"{training_method(args)}. The run directory's README.md, written when the run finishes, gives the final "
-        "figures; `vlft_args.json` here holds every argument.", "",
-        "- resume: the run's command with `--resume_from_checkpoint` this folder (or `latest`: the newest complete "
+        f"{training_method(args)}. The run directory's {CARD_FILE}, written when the run finishes, gives the final "
+        f"figures; `{ARGS_FILE}` here holds every argument.", "",
+        f"- resume: the run's command with `--resume_from_checkpoint` this folder (or `{LATEST}`: the newest complete "
         "checkpoint)"]
     mergeable = is_peft and (args.get("peft_type") or "lora") == "lora"
     if mergeable:
@@ -287,8 +333,8 @@ def run_card(run_dir: str | os.PathLike, args: dict, *, stage: str | None, famil
     method = training_method(args)
     lines += [f"# {os.path.basename(run)}", "",
               f"{method[0].upper()}{method[1:]} of `{args.get('model_id')}`{f' ({family})' if family else ''}, "
-              f"by {stage_name} with vlft. Every argument is in `vlft_args.json`; the training curves are in "
-              f"`training_curves.png` (`vlft plot {q(run)}` draws them again).", ""]
+              f"by {stage_name} with vlft. Every argument is in `{ARGS_FILE}`; the training curves are in "
+              f"`{PLOT_FILE}` (`vlft plot {q(run)}` draws them again).", ""]
     lines += ["## Data", ""]
     files = _data_files(args)
     unit = _STAGE_UNITS.get(stage or "", "records")
@@ -348,7 +394,7 @@ def run_card(run_dir: str | os.PathLike, args: dict, *, stage: str | None, famil
     elif adapter:
         merged = f"{run}-merged"
         lines += [f"vlft merge --adapter {q(run)} --output {q(merged)}   # [--dtype bf16]; the base model comes "
-                  "from vlft_args.json",
+                  f"from {ARGS_FILE}",
                   f"vllm serve {q(merged)}   # an OpenAI-compatible server (pip install vllm; a GPU)",
                   predict + "   # with the adapter, no merge needed"]
     else:

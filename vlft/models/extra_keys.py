@@ -20,10 +20,10 @@ import os
 from pathlib import Path
 
 from vlft.errors import VlftError
+from vlft.run_dir import EXTRA_SHARD
+from vlft.run_dir import MODEL_INDEX as INDEX
+from vlft.run_dir import MODEL_WEIGHTS as WEIGHTS
 from vlft.utils import log
-
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 
 
 def local_model_dir(base: str | os.PathLike) -> Path:
@@ -111,7 +111,7 @@ def carry_extra_tensors(base: str | os.PathLike, output_dir: str | os.PathLike, 
         raise VlftError(f"cannot read the weights just saved in {out}: {err}") from None
     weight_map = dict(current)
     for i, file in enumerate(groups, 1):
-        path, name = source / file, f"model-extra-{i:05d}-of-{len(groups):05d}.safetensors"
+        path, name = source / file, EXTRA_SHARD.format(index=i, count=len(groups))
         try:
             with safe_open(str(path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in groups[file]}

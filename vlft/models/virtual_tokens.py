@@ -34,6 +34,8 @@ import warnings
 import torch
 from peft import PeftModelForCausalLM
 
+from vlft.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
 VIRTUAL_SLOT_ID = 0  # a text token id ("!" in Qwen's vocabulary); only its position and type (text) are used
 
 
@@ -142,9 +144,9 @@ def load_virtual_tokens(model, run_dir) -> VirtualTokenModel:
     peft_model = apply_virtual_tokens(model, config)
     # PEFT saves the V virtual embeddings themselves ('prompt_embeddings': for P-Tuning the encoder's output, not
     # the encoder) and, in inference mode, uses them as they are; loading is a strict load_state_dict
-    state = load_file(str(Path(run_dir) / "adapter_model.safetensors"))
+    state = load_file(str(Path(run_dir) / ADAPTER_WEIGHTS))
     if set(state) != {"prompt_embeddings"}:
-        raise ValueError(f"{run_dir}/adapter_model.safetensors holds {sorted(state)[:4]}, not PEFT's prompt_embeddings")
+        raise ValueError(f"{run_dir}/{ADAPTER_WEIGHTS} holds {sorted(state)[:4]}, not PEFT's prompt_embeddings")
     set_peft_model_state_dict(peft_model, state)
     return peft_model.eval()
 
@@ -154,5 +156,5 @@ def is_virtual_token_run(run_dir) -> bool:
     import json
     from pathlib import Path
 
-    path = Path(run_dir) / "adapter_config.json"
+    path = Path(run_dir) / ADAPTER_CONFIG
     return path.is_file() and json.loads(path.read_text()).get("peft_type") in ("P_TUNING", "PROMPT_TUNING")

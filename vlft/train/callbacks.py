@@ -13,6 +13,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from vlft.errors import VlftError
 from vlft.models.patches import uncheckpoint_frozen_blocks
+from vlft.run_dir import LOG_FILE
 from vlft.train.throughput import TokensProgressCallback
 
 
@@ -40,8 +41,6 @@ class ReleaseSharedMemoryCallback(TrainerCallback):
 
 
 # --- what a run prints and what it logs to a file -------------------------------------------------------------------
-
-LOG_FILE = "log.jsonl"
 
 
 class _NoDictLine(ProgressCallback):

@@ -34,12 +34,19 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from vlft.errors import VlftError
+from vlft.run_dir import (
+    ARGS_FILE,
+    CHECKPOINT_PREFIX,
+    LATEST,
+    RESUME_FILE,
+    RUN_LEFTOVERS,
+    STAGING_DIR,
+    STATE_FILE,
+    WRITE_PROBE_PREFIX,
+)
 from vlft.utils import log
 
-STAGING_DIR = ".vlft-staging"
-RESUME_FILE = "vlft_resume.json"
-LATEST = "latest"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_CHECKPOINT = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 
 # Resolved arguments that must be equal for a resumed run to be the same run (when both runs have them).
 # Paths are not compared (a resume may spell them differently, or the model may have moved): the data files' contents
@@ -69,7 +76,7 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     found = []
     for entry in root.iterdir():
         match = _CHECKPOINT.match(entry.name)
-        if match and entry.is_dir() and (entry / "trainer_state.json").is_file():
+        if match and entry.is_dir() and (entry / STATE_FILE).is_file():
             found.append((int(match.group(1)), entry))
     return [path for _, path in sorted(found)]
 
@@ -80,18 +87,12 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-# What a run writes into --output_dir before its first checkpoint: the staging area of a killed save, DPO's cached
-# reference log-probs, GRPO's completions log, TensorBoard's event folders. A run killed before its first checkpoint
-# leaves only these, and `latest` then starts it again from step 0.
-RUN_LEFTOVERS = {STAGING_DIR, "ref_log_probs", "completions.jsonl", "log.jsonl", "runs"}
-
-
 def user_files(output_dir: str | os.PathLike) -> list[str]:
     """What a directory holds besides what a run writes before its first checkpoint (RUN_LEFTOVERS)."""
     root = Path(output_dir)
     # `.vlft-write-test-*`: rank 0's writability probe (check_writable), which another rank may see for a moment
     return sorted(p.name for p in root.iterdir()
-                  if p.name not in RUN_LEFTOVERS and not p.name.startswith(".vlft-write-test-")) if root.is_dir() else []
+                  if p.name not in RUN_LEFTOVERS and not p.name.startswith(WRITE_PROBE_PREFIX)) if root.is_dir() else []
 
 
 def resolve_resume(train_args) -> str | None:
@@ -121,9 +122,9 @@ def resolve_resume(train_args) -> str | None:
     if not path.is_dir():
         raise VlftError(f"--resume_from_checkpoint {value}: no such directory; pass a checkpoint-N folder of the run "
                         "or `latest`")
-    if not (path / "trainer_state.json").is_file():
+    if not (path / STATE_FILE).is_file():
         raise VlftError(f"--resume_from_checkpoint {value} is not a complete checkpoint (it has no "
-                        "trainer_state.json); pass a checkpoint-N folder of the run, or `latest`")
+                        f"{STATE_FILE}); pass a checkpoint-N folder of the run, or `latest`")
     return str(path)
 
 
@@ -144,7 +145,7 @@ def check_writable(output_dir: str | os.PathLike) -> None:
     while not parent.exists() and parent != parent.parent:
         created.append(parent)
         parent = parent.parent
-    probe = out / f".vlft-write-test-{os.getpid()}"
+    probe = out / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
@@ -399,7 +400,7 @@ def check_resume(checkpoint: str, identity: dict) -> None:
     if diffs:
         raise VlftError(f"cannot resume from {checkpoint}: this run is not the run that wrote it:\n  - "
                         + "\n  - ".join(diffs)
-                        + "\nResume with the data and flags that run was started with (its vlft_args.json works as "
+                        + f"\nResume with the data and flags that run was started with (its {ARGS_FILE} works as "
                           "--config), or start a new run in a new --output_dir")
 
 

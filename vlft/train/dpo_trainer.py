@@ -22,6 +22,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from vlft.errors import VlftError
+from vlft.run_dir import REF_CACHE_DIR
 from vlft.train.dpo_loss import preference_loss, reward_metrics, sequence_logps
 from vlft.train.logprobs import (  # noqa: F401 (encode_vision_once re-exported)
     MEDIA_COPIES,
@@ -41,7 +42,7 @@ class ReferenceCache:
     these values. --overwrite_output_dir removes the folder before anything loads (train/launch.py)."""
 
     def __init__(self, directory: str | os.PathLike, key: str, n_pairs: int):
-        self.path = Path(directory) / "ref_log_probs" / f"{key}.pt"
+        self.path = Path(directory) / REF_CACHE_DIR / f"{key}.pt"
         self.key = key
         self.n_pairs = n_pairs
         self.values: torch.Tensor | None = None

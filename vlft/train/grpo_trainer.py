@@ -49,6 +49,7 @@ from vlft.constants import END_OF_REPLY_TOKENS, VISION_TOKENS
 from vlft.data.encoding import special_token_ids
 from vlft.data.grpo import generation_rows, training_rows
 from vlft.errors import VlftError
+from vlft.run_dir import COMPLETIONS_FILE, ROLLOUTS_FILE
 from vlft.train.grpo_loss import group_advantages, grpo_loss, reward_stats, sampling_correction, weighted_rewards
 from vlft.train.logprobs import completion_columns, completion_log_probs
 from vlft.train.reference import FrozenCopy
@@ -60,8 +61,6 @@ from vlft.train.rewards import (
     split_completion,
 )
 from vlft.train.trainer import VlftTrainerMixin
-
-ROLLOUTS_FILE = "vlft_rollouts_rank{rank}.pt"  # a checkpoint inside a --num_iterations cycle: one per process
 
 
 class GRPOTrainer(VlftTrainerMixin, Trainer):
@@ -103,7 +102,7 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
             max_new_tokens=a.max_completion_length, do_sample=True, temperature=a.temperature, top_p=a.top_p,
             top_k=a.top_k, eos_token_id=self.end_ids, pad_token_id=tokenizer.pad_token_id,
             use_cache=True)  # top_k 0 = off, as in TRL (None would let transformers apply its default, 50)
-        self.completions_path = Path(a.output_dir) / "completions.jsonl"
+        self.completions_path = Path(a.output_dir) / COMPLETIONS_FILE
         self.keep_generation_logits = False  # tests: keep the sampling logits of the last rollout
         self.last_rollout: dict | None = None
         self.vllm = None  # --use_vllm: train/vllm_rollout.py's VllmRollout generates instead of model.generate

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from vlft.errors import VlftError
-from vlft.run_dir import ARGS_FILE
+from vlft.run_dir import ARGS_FILE, REF_CACHE_DIR
 from vlft.utils import log
 
 
@@ -96,7 +96,7 @@ def check_output_dir(train_args) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         check_writable(out)
         clear_staging(out)
-        cache = os.path.join(out, "ref_log_probs")
+        cache = os.path.join(out, REF_CACHE_DIR)
         if train_args.overwrite_output_dir and not resume and os.path.isdir(cache):
             log(f"--overwrite_output_dir: removing {cache}, the reference log-probs of the run written there before")
             shutil.rmtree(cache)

@@ -27,7 +27,15 @@ from transformers import Trainer
 
 from vlft.errors import VlftError
 from vlft.models.freezing import is_lora_param
-from vlft.run_dir import bare_name, read_non_lora, write_run_files
+from vlft.run_dir import (
+    CHECKPOINT_PREFIX,
+    FINAL_STAGING,
+    NON_LORA_FILE,
+    STATE_FILE,
+    bare_name,
+    read_non_lora,
+    write_run_files,
+)
 from vlft.train.model_inputs import model_inputs
 from vlft.train.optim import build_param_groups, groups_table
 from vlft.train.throughput import ThroughputCallback
@@ -304,7 +312,7 @@ class VlftTrainerMixin:
         from vlft.train.checkpoints import STAGING_DIR, any_rank, barrier, publish_checkpoint, remove_if_empty, save_failed
 
         run_dir = Path(super()._get_output_dir(trial))
-        name = f"checkpoint-{self.state.global_step}"
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         self._check_finite_weights(name)
         staging = run_dir / STAGING_DIR
         self._staging = str(staging)
@@ -314,12 +322,12 @@ class VlftTrainerMixin:
             # HF names the best checkpoint under the folder it saved into (staging): name its final place, in
             # memory and in this checkpoint's state file (a resume reads it from there)
             best_step = self.state.best_global_step
-            best = run_dir / f"checkpoint-{best_step}" if best_step else None
+            best = run_dir / f"{CHECKPOINT_PREFIX}{best_step}" if best_step else None
             if best is not None and (best.name == name or best.exists()) and \
                     self.state.best_model_checkpoint != str(best):
                 self.state.best_model_checkpoint = str(best)
                 if self.args.should_save:
-                    self.state.save_to_json(str(staging / name / "trainer_state.json"))
+                    self.state.save_to_json(str(staging / name / STATE_FILE))
             self.save_process_state(staging / name)
         except OSError as err:
             failure = err
@@ -347,7 +355,7 @@ class VlftTrainerMixin:
 
         self._check_finite_weights("the final model")
         out = Path(output_dir)
-        staged = out / STAGING_DIR / "final"
+        staged = out / STAGING_DIR / FINAL_STAGING
         if self.args.should_save:
             shutil_rmtree(staged)
         barrier()
@@ -405,7 +413,7 @@ class VlftTrainerMixin:
         saved = read_non_lora(resume_from_checkpoint)
         if saved.keys() != expected:
             missing, extra = sorted(expected - saved.keys()), sorted(saved.keys() - expected)
-            raise VlftError(f"cannot resume from {resume_from_checkpoint}: its non_lora_trainables.safetensors does "
+            raise VlftError(f"cannot resume from {resume_from_checkpoint}: its {NON_LORA_FILE} does "
                             f"not hold this run's fully trained weights (missing {missing[:4]}, unexpected "
                             f"{extra[:4]}); resume with the flags that run was started with")
         params = {bare_name(n): p for n, p in target.named_parameters()}
