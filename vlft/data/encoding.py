@@ -429,9 +429,14 @@ class ChatEncoder:
                 found = ids.count(pad)
                 if found != len(given):
                     raise VlftError(f"the chat template produced {found} {kind} placeholders for {len(given)} {kind}s")
-                n += sum(len(self.expansion(kind, given, j)) for j in range(len(given))) - found
+                n += sum(self._expansion_length(kind, spec) for spec in given) - found
             out[k] = n
         return out
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one encoder per dataset, lives as long as it
+    def _expansion_length(self, kind: str, spec: VisionSpec) -> int:
+        """len(expansion(kind, [spec], 0)): a spec's tokens depend on the spec alone, and many media share one."""
+        return len(self.expansion(kind, (spec,), 0))
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - one encoder per dataset, lives as long as it
     def _text_ids(self, piece: str) -> tuple[int, ...]:
