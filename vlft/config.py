@@ -155,6 +155,9 @@ class DataArguments:
                 raise ValueError(f"--preprocessing_num_workers {self.preprocessing_num_workers} contradicts "
                                  f"--dataset_num_proc {self.dataset_num_proc}; give one of them")
             self.dataset_num_proc = self.preprocessing_num_workers
+        if self.no_data_cache and self.data_cache_dir:
+            raise ValueError(f"--data_cache_dir {self.data_cache_dir} and --no_data_cache true contradict each other: "
+                             "keep the cache folder, or turn the cache off")
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise ValueError(f"--dataset_num_proc {self.dataset_num_proc} must be at least 1")
 

@@ -260,3 +260,33 @@ def test_the_flags_say_how_to_prepare(monkeypatch):
         "num_proc": 8, "workers": 4, "cache_dir": "/c"}
     with pytest.raises(ValueError, match="contradicts"):
         DataArguments(data_path=["a.json"], dataset_num_proc=2, preprocessing_num_workers=3)
+    with pytest.raises(ValueError, match="contradict each other"):
+        DataArguments(data_path=["a.json"], no_data_cache=True, data_cache_dir="/c")
+
+
+def test_a_read_only_cache_that_needs_a_new_generation_says_so(data_dir, processor, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    prepare(data_dir, processor, cache)
+    Image.new("RGB", (300, 200), "blue").save(data_dir / "images" / "green_circle.png")
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "touch", read_only)
+    with pytest.raises(Exception) as err:
+        prepare(data_dir, processor, cache)
+    assert type(err.value).__name__ == "VlftError" and "cannot be written (Read-only file system)" in str(err.value)
+
+
+def test_relative_paths_from_another_folder_are_another_index(data_dir, processor, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    monkeypatch.chdir(data_dir)
+    relative = prepare(data_dir, processor, cache, path="data.json", image_folder="images")
+    capsys.readouterr()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # absolute paths now: no media "changed", the same records
+    absolute = prepare(data_dir, processor, cache)
+    err = capsys.readouterr().err
+    assert "changed since" not in err
+    assert [s.id for s in absolute.samples] == [s.id for s in relative.samples]
+    assert all(Path(p).is_file() for paths in absolute.image_paths for p in paths)

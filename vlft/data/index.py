@@ -166,6 +166,8 @@ def prepared_store(data_path, record_format, *, processor, image_folder, media, 
         return Store(folder)
     root = Path(cache_dir)
     settings = _settings(record_format, processor, media, thinking, image_folder)
+    if not Path(image_folder or data_path).is_absolute():  # relative media paths resolve against the working folder
+        settings["cwd"] = os.getcwd()
     key = _digest({"settings": settings, "data": data_fingerprint(data_path)})
     final = root / key
     pointer = root / "sources" / f"{_digest([settings, os.path.realpath(data_path)])}.json"
@@ -181,15 +183,7 @@ def prepared_store(data_path, record_format, *, processor, image_folder, media, 
     if final.exists():
         built = False
     else:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            probe = root / f".write-test.{os.getpid()}"
-            probe.touch()
-            probe.unlink()
-        except OSError as e:
-            raise VlftError(f"--data_cache_dir {root} cannot be written ({e.strerror or e}): pass --data_cache_dir "
-                            "with a folder this job can write (shared by every node for one preparation per job), "
-                            "or --no_data_cache true to prepare in every process and keep nothing") from None
+        _check_writable(root)
         built = build_once(final, build, what=f"the prepared index of {file}")
         if built:
             _write_pointer(pointer, key)
@@ -203,6 +197,7 @@ def prepared_store(data_path, record_format, *, processor, image_folder, media, 
             redo = store.records_using(changed)
             log(f"data cache: {len(changed)} media file(s) of {file} changed since its index was built (e.g. "
                 f"{store.media[int(changed[0])]}): preparing the {len(redo)} record(s) that read them again")
+            _check_writable(root)
             built = build_once(generation, lambda folder: build(folder, previous=store, into=generation),
                                what=f"the prepared index of {file}")
         store = Store(generation)
@@ -210,6 +205,19 @@ def prepared_store(data_path, record_format, *, processor, image_folder, media, 
         log(f"data cache: the prepared index of {file} ({store.n_records} records) loaded from {store.folder} in "
             f"{time.perf_counter() - started:.1f} s")
     return store
+
+
+def _check_writable(root: Path) -> None:
+    """VlftError naming the flags when the cache folder cannot be written (an index must be built there)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise VlftError(f"--data_cache_dir {root} cannot be written ({e.strerror or e}): pass --data_cache_dir "
+                        "with a folder this job can write (shared by every node for one preparation per job), "
+                        "or --no_data_cache true to prepare in every process and keep nothing") from None
 
 
 def _previous_store(pointer: Path, root: Path, key: str):

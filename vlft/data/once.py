@@ -34,14 +34,16 @@ _UNREADABLE_HEARTBEATS = 3
 
 
 def build_once(final: Path, build: Callable[[Path], None], *, what: str, poll_s: float = 0.2,
-               stale_s: float = 120.0, heartbeat_s: float = 5.0, wait_log_s: float = 30.0) -> bool:
+               stale_s: float = 120.0, heartbeat_s: float = 5.0, wait_log_s: float = 30.0,
+               first_log_s: float = 3.0) -> bool:
     """Make sure the directory `final` exists, calling `build` in exactly one of the processes that ask at once.
 
     `build(tmp)` fills the empty directory `tmp` (`final.parent / f".{final.name}.{host}.{pid}.tmp"`), which is then
     renamed to `final`. `what` names the result in log lines ("waiting for <what>: ..."). Times are seconds:
     `poll_s` between looks at the lock, `heartbeat_s` between the holder's refreshes of the lock's mtime, `stale_s`
     after which a lock not refreshed belongs to a dead holder (keep it well above `heartbeat_s`: a loaded shared
-    file system may delay a refresh), `wait_log_s` between "waiting" lines (vlft.utils.log: rank 0 only).
+    file system may delay a refresh), `wait_log_s` between "waiting" lines (vlft.utils.log: rank 0 only), the first
+    after `first_log_s` (a wait that short says nothing; a long one says so at once, so it never looks like a hang).
 
     Returns True when this process built `final`, False when it already existed or another process built it.
     Whatever `build` raises (KeyboardInterrupt included) is re-raised after its tmp directory and the lock are
@@ -52,7 +54,7 @@ def build_once(final: Path, build: Callable[[Path], None], *, what: str, poll_s:
     lock = final.parent / (final.name + ".lock")
     final.parent.mkdir(parents=True, exist_ok=True)
     host, pid = socket.gethostname(), os.getpid()
-    next_log = time.monotonic() + wait_log_s
+    next_log = time.monotonic() + min(first_log_s, wait_log_s)
     while True:
         if final.exists():
             return False
@@ -69,7 +71,7 @@ def build_once(final: Path, build: Callable[[Path], None], *, what: str, poll_s:
             continue
         if time.monotonic() >= next_log:
             log(f"waiting for {what}: being prepared by {_describe(holder, stat)} ({lock})")
-            next_log = time.monotonic() + wait_log_s
+            next_log = time.monotonic() + min(first_log_s, wait_log_s)
         time.sleep(poll_s)
 
 
