@@ -14,7 +14,7 @@ compares, on the same weights:
 
 - `alone`: each record in a batch of its own (no padding: the library's forward, fla's non-varlen kernels);
 - `leaky`: the packed rows with vlft's packed position ids but without the patch (records share conv and state);
-- `packed`: the packed rows through vlft.train.model_inputs, which applies the patch (fla's varlen kernels).
+- `packed`: the packed rows through vlft.train.core.model_inputs, which applies the patch (fla's varlen kernels).
 
 Reading the table: `logit rel` is the largest |logit difference| to `alone` over every record token, over the
 largest |logit| of `alone`; `loss rel` the largest relative difference of a record's summed token loss; `grad cos`
@@ -134,7 +134,7 @@ def check_family(family: str, args) -> dict:
 
     from vlft.data.packing import plan_packs
     from vlft.models.patches import unwrap_model
-    from vlft.train.model_inputs import model_inputs, pack_position_ids
+    from vlft.train.core.model_inputs import model_inputs, pack_position_ids
 
     model, text_vocab = build(family, tiny=args.tiny, device=args.device)
     model.train()

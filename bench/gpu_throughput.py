@@ -28,7 +28,7 @@ reports through its own ThroughputCallback, as every user's run does.
 
 How to read the table: medians over the logged steps after the first --warmup (compilation, allocator warm-up);
 `tokens/s` counts non-pad tokens (image tokens included), `samples/s` records; `MFU` is model FLOPs (the estimate
-in vlft/train/throughput.py: 6N per token for the LLM and head, attention at the mean record length, 2N or 6N per
+in vlft/train/core/throughput.py: 6N per token for the LLM and head, attention at the mean record length, 2N or 6N per
 vision patch) over the GPU's dense bf16 peak; `peak GB` is torch.cuda.max_memory_allocated (1e9 bytes). Targets,
 printed next to the figures: vlft MFU >= 45% in full SFT, vlft tokens/s >= 2x vanilla, vlft peak memory <= 0.5x
 vanilla. The script exits 1 when a run fails, not when a target is missed. A dry run's figures are those of a

@@ -94,8 +94,8 @@ def child(spec: dict) -> dict:
     import psutil
     import torch
 
-    import vlft.train.setup as setup
-    import vlft.train.sft as sft
+    import vlft.train.core.setup as setup
+    import vlft.train.sft.run as sft
 
     cuda = spec["device"] == "cuda"
     seen: dict = {}

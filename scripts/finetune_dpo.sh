@@ -2,7 +2,7 @@
 # DPO on preference pairs (data/preference.py: a LLaVA prompt with "chosen" and "rejected" answers, or 2U1's flat
 # "prompt" form), usually after SFT: MODEL is then the merged SFT model (scripts/merge_lora.sh).
 # LoRA on the language model by default (LORA_ENABLE=false: full fine-tuning, with a frozen reference copy);
-# the merger trains fully next to it and the reference keeps its starting weights (train/reference.py).
+# the merger trains fully next to it and the reference keeps its starting weights (train/preference/reference.py).
 # With no settings it runs the offline demo (tiny model + data_examples/dpo_demo.json) on whatever this machine has.
 # MODEL: any Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense or MoE) or Qwen3.5 (dense or MoE) checkpoint, e.g. Qwen/Qwen3.5-9B;
 # the family comes from its config.json (README: the model table).

@@ -178,5 +178,5 @@ def stop_after_data(monkeypatch):
     def stop(*args, **kwargs):
         raise VlftError("stopped by the test after the data check")
 
-    monkeypatch.setattr("vlft.train.setup.prepare_model", stop)
-    monkeypatch.setattr("vlft.train.rewards.load_reward_funcs", stop)
+    monkeypatch.setattr("vlft.train.core.setup.prepare_model", stop)
+    monkeypatch.setattr("vlft.train.grpo.rewards.load_reward_funcs", stop)

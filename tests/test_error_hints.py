@@ -220,9 +220,9 @@ ZERO3_LORA = ("--lora_enable", "true", "--freeze_merger", "true", "--freeze_visi
 def test_dpo_zero3_hint_freezes_what_trains_not_what_is_frozen(tmp_path, cli, monkeypatch):
     """Before: 'Or freeze them (--freeze_merger true ...)' to a run with --freeze_merger true, where
     --unfreeze_topk_llm was what trained next to LoRA."""
-    import vlft.train.dpo
+    import vlft.train.dpo.run
 
-    monkeypatch.setattr(vlft.train.dpo, "zero_stage", lambda args: 3)
+    monkeypatch.setattr(vlft.train.dpo.run, "zero_stage", lambda args: 3)
     rc, err = cli("dpo", "--model_id", "m", "--data_path", "d.json", "--output_dir", tmp_path / "out", *ZERO3_LORA)
     assert rc == 2
     assert "(--unfreeze_topk_llm 1) needs --precompute_ref_log_probs true" in err
@@ -231,9 +231,9 @@ def test_dpo_zero3_hint_freezes_what_trains_not_what_is_frozen(tmp_path, cli, mo
 
 
 def test_grpo_zero3_hint_freezes_what_trains(tmp_path, cli, monkeypatch):
-    import vlft.train.grpo
+    import vlft.train.grpo.run
 
-    monkeypatch.setattr(vlft.train.grpo, "zero_stage", lambda args: 3)
+    monkeypatch.setattr(vlft.train.grpo.run, "zero_stage", lambda args: 3)
     rc, err = cli(*grpo_argv(tmp_path, "--beta", 0.04, *ZERO3_LORA))
     assert rc == 2
     assert "freeze them (--unfreeze_topk_llm 0), or use --beta 0" in err
@@ -245,7 +245,7 @@ def test_grpo_reference_check_does_not_offer_a_dpo_flag():
     import torch.nn as nn
     from peft import LoraConfig, get_peft_model
 
-    from vlft.train.reference import make_reference
+    from vlft.train.preference.reference import make_reference
 
     model = get_peft_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), LoraConfig(target_modules=["0"], r=2))
     model.base_model.model[1].weight.requires_grad_(True)  # trained fully next to the adapter

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from vlft.errors import VlftError
 from vlft.merge import merge
 from vlft.models.extra_keys import INDEX, WEIGHTS, carry_extra_tensors, carry_into_final_save
-from vlft.train.sft import run
+from vlft.train.sft.run import run
 
 MTP = ("mtp.",)
 

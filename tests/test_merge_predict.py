@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from vlft.errors import VlftError
 from vlft.merge import load_adapted_model, merge
 from vlft.predict import main as predict_main
-from vlft.train.sft import run
+from vlft.train.sft.run import run
 
 
 def train_lora(model_dir, out, *extra):

@@ -335,7 +335,7 @@ def test_trainable_table_is_the_one_sft_prints(flags, tiny_model_dir, capsys):
 
     from vlft.config import ModelArguments, TuneArguments, parse_args
     from vlft.models.freezing import parameter_table
-    from vlft.train.setup import prepare_model
+    from vlft.train.core.setup import prepare_model
 
     (tune,) = parse_args((TuneArguments,), flags)
     prepared = prepare_model(ModelArguments(model_id=str(tiny_model_dir)), tune,

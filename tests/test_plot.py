@@ -13,7 +13,7 @@ from PIL import Image
 from vlft import plot
 from vlft.cli import main
 from vlft.plot import PLOT_FILE, collect_series, panels_for, read_series
-from vlft.train.sft import run
+from vlft.train.sft.run import run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SFT = ["--data_path", str(DEMO_DATA), "--image_folder", str(DEMO_IMAGES), "--per_device_train_batch_size", "2",
@@ -100,7 +100,7 @@ def test_a_plot_failure_leaves_the_run_finished(tiny_model_dir, tmp_path, monkey
 
 
 def test_dpo_run_plots_margins_and_accuracies(tiny_model_dir, tmp_path, monkeypatch):
-    from vlft.train.dpo import run as dpo
+    from vlft.train.dpo.run import run as dpo
 
     monkeypatch.setenv("VLFT_PLOT", "1")
 

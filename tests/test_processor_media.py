@@ -23,7 +23,7 @@ from vlft.merge import merge
 from vlft.models.processor_media import apply_media_settings, media_settings_from_args
 from vlft.predict import main as predict_main
 from vlft.run_dir import MEDIA_FILE, read_run_args
-from vlft.train.sft import run
+from vlft.train.sft.run import run
 
 SOURCE_FPS, SOURCE_FRAMES, WIDTH, HEIGHT = 10, 30, 130, 94  # a 3 s clip, sides off the tiny model's 16-pixel factor
 # Non-default budgets: images 128x128 -> 64x64 (the base processor: 128x128); frames capped by the total budget.

@@ -15,7 +15,7 @@ PEFT_PLACEHOLDER = "[More Information Needed]"
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, tmp_path_factory):
-    from vlft.train.sft import run
+    from vlft.train.sft.run import run
 
     out = tmp_path_factory.mktemp("runs") / "card-run"
     summary, trainer = run(["--model_id", str(tiny_model_dir), "--output_dir", str(out), "--lora_enable", "true",

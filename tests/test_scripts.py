@@ -588,7 +588,7 @@ def test_grpo_demo_writes_completions_and_merges(tmp_path, cache):
     learnable reward rising; merge_lora.sh folds the run into a model plain transformers loads and runs."""
     import importlib.util
 
-    from vlft.train.rewards import count_reward
+    from vlft.train.grpo.rewards import count_reward
 
     spec = importlib.util.spec_from_file_location("grpo_demo_rewards", REPO / "data_examples" / "grpo_demo_rewards.py")
     demo_rewards = importlib.util.module_from_spec(spec)

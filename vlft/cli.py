@@ -15,9 +15,9 @@ import sys
 from vlft.errors import VlftError
 
 COMMANDS = {
-    "sft": ("vlft.train.sft", "supervised fine-tuning (full or LoRA) on LLaVA-format data"),
-    "dpo": ("vlft.train.dpo", "direct preference optimisation (full or LoRA) on preference pairs"),
-    "grpo": ("vlft.train.grpo", "GRPO (RL with reward functions) on prompts, full or LoRA"),
+    "sft": ("vlft.train.sft.run", "supervised fine-tuning (full or LoRA) on LLaVA-format data"),
+    "dpo": ("vlft.train.dpo.run", "direct preference optimisation (full or LoRA) on preference pairs"),
+    "grpo": ("vlft.train.grpo.run", "GRPO (RL with reward functions) on prompts, full or LoRA"),
     "merge": ("vlft.merge", "merge a LoRA run into a plain Hugging Face checkpoint"),
     "predict": ("vlft.predict", "generate answers for LLaVA records with a run, a merged or a base model"),
     "plot": ("vlft.plot", "draw a run's training curves (loss, lr, grad norm, tokens/s, eval, rewards) to a PNG"),

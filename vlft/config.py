@@ -292,7 +292,7 @@ class TuneArguments:
         default=False, metadata={"help": "Liger kernels (RMSNorm, SwiGLU, fused linear cross-entropy); GPU only."}
     )
     tune_merger: bool | None = field(default=None, metadata={"help": "2U1 spelling: tune_merger x = --freeze_merger (not x)."})
-    # mixture-of-experts families (Qwen3-VL-MoE, Qwen3.5-MoE): models/lora.py, models/freezing.py, train/setup.py
+    # mixture-of-experts families (Qwen3-VL-MoE, Qwen3.5-MoE): models/lora.py, models/freezing.py, train/core/setup.py
     lora_target_experts: bool = field(
         default=True,
         metadata={"help": "MoE models: --lora_enable also adapts the routed experts' fused weights (one LoRA per "
@@ -420,7 +420,7 @@ class SFTConfig(VlftArgumentsMixin, TrainingArguments):
 @dataclass
 class DPOConfig(VlftArgumentsMixin, TrainingArguments):
     """HF TrainingArguments with vlft's additions and the DPO stage's flags, under TRL's `DPOConfig` names and
-    defaults (trl 1.16) for what vlft implements: the loss (train/dpo_loss.py), the reference, truncation."""
+    defaults (trl 1.16) for what vlft implements: the loss (train/dpo/loss.py), the reference, truncation."""
 
     beta: float = field(default=0.1, metadata={"help": "DPO's beta: how far the policy may move from the reference "
                                                        "(higher = closer)."})
@@ -468,7 +468,7 @@ class DPOConfig(VlftArgumentsMixin, TrainingArguments):
         super().__post_init__()
 
     def problems(self) -> list[str]:
-        from vlft.train.dpo_loss import check_loss_config
+        from vlft.train.dpo.loss import check_loss_config
 
         errors = super().problems() + check_loss_config(self.loss_type, self.loss_weights, self.beta, self.label_smoothing)
         if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
@@ -481,7 +481,7 @@ class DPOConfig(VlftArgumentsMixin, TrainingArguments):
 @dataclass
 class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
     """HF TrainingArguments with vlft's additions and the GRPO stage's flags, under TRL's `GRPOConfig` names and
-    defaults (trl 1.16) for what vlft implements (train/grpo_loss.py, train/rewards.py, train/grpo_trainer.py).
+    defaults (trl 1.16) for what vlft implements (train/grpo/loss.py, train/grpo/rewards.py, train/grpo/trainer.py).
     As in TRL, --per_device_train_batch_size counts completions: prompts per step = it / --num_generations."""
 
     num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt (the group)."})
@@ -517,7 +517,7 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward (default 1)."})
     log_completions: bool = field(
         default=True, metadata={"help": "Write every step's completions and rewards to <output_dir>/completions.jsonl."})
-    # vLLM generation (train/vllm_rollout.py): TRL's GRPOConfig names and defaults, except where noted
+    # vLLM generation (train/grpo/vllm_rollout.py): TRL's GRPOConfig names and defaults, except where noted
     use_vllm: bool = field(
         default=False, metadata={"help": "Generate the completions with vLLM (pip install vllm; images and text prompts, "
                                          "not video) instead of transformers' generate."})
@@ -576,7 +576,7 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
         if self.num_iterations < 1:
             errors.append(f"--num_iterations {self.num_iterations}: must be >= 1 (optimizer steps per generated batch; "
                           "use 1, the default, for one)")
-        from vlft.train.vllm_rollout import flag_problems
+        from vlft.train.grpo.vllm_rollout import flag_problems
 
         errors += flag_problems(self, {f.name: f.default for f in dataclasses.fields(self)})
         if self.max_completion_length < 1:
@@ -660,7 +660,7 @@ def parse_command(groups: tuple[type, ...], argv: list[str], prog: str = "vlft")
     tell a user's choice from a default.
 
     When a group is a TrainingArguments subclass and the run is distributed with DeepSpeed, DeepSpeed's process
-    group is started before that group is built (train/launch.py: `init_distributed_early` says why)."""
+    group is started before that group is built (train/core/launch.py: `init_distributed_early` says why)."""
     argv = list(argv)
     # full flag names only: argparse's prefix matching took LLaMA-Factory's lora_target for --lora_target_experts
     parser = HfArgumentParser(groups, prog=prog, formatter_class=_HelpFormatter, allow_abbrev=False)
@@ -673,7 +673,7 @@ def parse_command(groups: tuple[type, ...], argv: list[str], prog: str = "vlft")
         argv = config_argv + argv[:i] + argv[i + 2:]  # command-line flags come last, so they win
     given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
     if any(issubclass(g, TrainingArguments) for g in groups):
-        from vlft.train.launch import init_distributed_early
+        from vlft.train.core.launch import init_distributed_early
 
         init_distributed_early(deepspeed="deepspeed" in given)
     try:

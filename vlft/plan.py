@@ -233,7 +233,7 @@ def model_shape(config) -> ModelShape:
 
     from vlft.models.lora import lora_targets
     from vlft.models.registry import get_family
-    from vlft.train.throughput import is_routed_expert
+    from vlft.train.core.throughput import is_routed_expert
 
     family = get_family(config.model_type)
     Model = getattr(transformers, family.model_class)
@@ -469,7 +469,7 @@ def quantised_bytes(params: int, rows: int, bits: int, double_quant: bool = True
 
 def mixer_values(shape: ModelShape, layer: LayerShape) -> float:
     """Values a decoder layer's token mixer (attention or Gated DeltaNet) keeps per token (module docstring)."""
-    from vlft.train.throughput import DELTA_RULE_CHUNK
+    from vlft.train.core.throughput import DELTA_RULE_CHUNK
 
     if layer.kind == LINEAR_ATTENTION:
         t = shape.text
@@ -772,7 +772,7 @@ NOT_ESTIMATED = ("use_dora", "unfreeze_topk_llm", "unfreeze_topk_vision", "train
 
 def trainable_table(config, tune) -> tuple[str, int]:
     """(vlft sft's per-part table, trainable parameters) for `config` with `tune` (TuneArguments), built the way
-    train/setup.py prepare_model builds the model (LoRA with the same targets, then the freeze flags), on PyTorch's
+    train/core/setup.py prepare_model builds the model (LoRA with the same targets, then the freeze flags), on PyTorch's
     meta device: no memory, no weights, no download. Liger and quantisation change no count (count_parameters
     counts quantised weights at their logical size)."""
     import torch
@@ -780,7 +780,7 @@ def trainable_table(config, tune) -> tuple[str, int]:
 
     from vlft.models.freezing import apply_freeze, count_parameters, parameter_table, topk_layers
     from vlft.models.registry import get_family
-    from vlft.train.setup import attach_adapters
+    from vlft.train.core.setup import attach_adapters
 
     family = get_family(config.model_type)
     t = tune

@@ -3,7 +3,7 @@
     vlft plot output/run1                      # -> output/run1/training_curves.png
     vlft plot output/run1/checkpoint-500 --output curves.png   # a run still in progress: its newest checkpoint
 
-Every stage draws `training_curves.png` into its run directory when it finishes (train/launch.py:
+Every stage draws `training_curves.png` into its run directory when it finishes (train/core/launch.py:
 `train_and_save` calls `plot_finished_run`); `vlft plot` draws it again, e.g. from a checkpoint of a run still
 training, or after a run whose plot failed.
 
@@ -12,7 +12,7 @@ One panel per metric the log history holds, in this order, panels without data l
     loss                  `loss` per logged step, `eval_loss` (--eval_data_path) on the same axes
     learning rate         `learning_rate`
     gradient norm         `grad_norm`
-    tokens/s              `tokens_per_second` (train/throughput.py: non-pad tokens, whole job)
+    tokens/s              `tokens_per_second` (train/core/throughput.py: non-pad tokens, whole job)
     reward                GRPO: `reward` (weighted sum of the reward functions, mean over completions)
     reward per function   GRPO: `rewards/<function>/mean`, one line each
     reward margin         DPO: `rewards/margins` (chosen minus rejected implicit reward)
@@ -194,7 +194,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
 
 def plot_finished_run(trainer) -> Path | None:
-    """The end of every run (train/launch.py): draw the curves into the run directory on the main process.
+    """The end of every run (train/core/launch.py): draw the curves into the run directory on the main process.
     A finished run never fails here: any error is logged as a warning with the command that draws it later."""
     if not trainer.is_world_process_zero() or os.environ.get("VLFT_PLOT", "1") == "0":
         return None  # VLFT_PLOT=0: no drawing (the test suite's runs; about 1 s each)

@@ -50,25 +50,25 @@ MODEL_INDEX = "model.safetensors.index.json"  # a sharded model's weight map; wr
 EXTRA_SHARD = "model-extra-{index:05d}-of-{count:05d}.safetensors"  # the base model's tensors transformers drops
 
 # what a run writes into --output_dir beside the weights and checkpoints
-LOG_FILE = "log.jsonl"  # every log entry, one JSON line each (train/callbacks.py MetricsFileCallback); read by people
-COMPLETIONS_FILE = "completions.jsonl"  # GRPO's completions and rewards per step (train/grpo_trainer.py); read by people
-REF_CACHE_DIR = "ref_log_probs"  # DPO's precomputed reference log-probs, `<key>.pt` inside (train/dpo_trainer.py
-# ReferenceCache writes and reads them; train/launch.py removes the folder under --overwrite_output_dir)
+LOG_FILE = "log.jsonl"  # every log entry, one JSON line each (train/core/callbacks.py MetricsFileCallback); read by people
+COMPLETIONS_FILE = "completions.jsonl"  # GRPO's completions and rewards per step (train/grpo/trainer.py); read by people
+REF_CACHE_DIR = "ref_log_probs"  # DPO's precomputed reference log-probs, `<key>.pt` inside (train/dpo/trainer.py
+# ReferenceCache writes and reads them; train/core/launch.py removes the folder under --overwrite_output_dir)
 PLOT_FILE = "training_curves.png"  # the curves (vlft/plot.py, at the end of every stage and `vlft plot`); read by plot
 LOGGING_DIR = "runs"  # transformers' default TensorBoard logging_dir (integrations default_logdir); read by TensorBoard
 
-# checkpoints (train/checkpoints.py publishes them; train/trainer.py stages them)
+# checkpoints (train/core/checkpoints.py publishes them; train/core/trainer.py stages them)
 CHECKPOINT_PREFIX = "checkpoint-"  # `checkpoint-N`, N the global step: transformers' PREFIX_CHECKPOINT_DIR + "-"
-STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME: written by the Trainer (and train/trainer.py
-# when it names the best checkpoint's final place); read by train/checkpoints.py (a complete checkpoint) and plot
-RESUME_FILE = "vlft_resume.json"  # what must not change across a resume; written and read by train/checkpoints.py
+STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME: written by the Trainer (and train/core/trainer.py
+# when it names the best checkpoint's final place); read by train/core/checkpoints.py (a complete checkpoint) and plot
+RESUME_FILE = "vlft_resume.json"  # what must not change across a resume; written and read by train/core/checkpoints.py
 ROLLOUTS_FILE = "vlft_rollouts_rank{rank}.pt"  # GRPO, inside a --num_iterations cycle: one per process; written and
-# read by train/grpo_trainer.py
-STAGING_DIR = ".vlft-staging"  # saves are written here and renamed into place (train/trainer.py, train/checkpoints.py)
-FINAL_STAGING = "final"  # the final save's folder inside STAGING_DIR, moved into --output_dir (train/trainer.py)
+# read by train/grpo/trainer.py
+STAGING_DIR = ".vlft-staging"  # saves are written here and renamed into place (train/core/trainer.py, train/core/checkpoints.py)
+FINAL_STAGING = "final"  # the final save's folder inside STAGING_DIR, moved into --output_dir (train/core/trainer.py)
 WRITE_PROBE_PREFIX = ".vlft-write-test-"  # + the process id: rank 0's writability probe, removed at once
-# (train/checkpoints.py check_writable; `user_files` ignores it)
-LATEST = "latest"  # --resume_from_checkpoint's word for the newest complete checkpoint (train/checkpoints.py)
+# (train/core/checkpoints.py check_writable; `user_files` ignores it)
+LATEST = "latest"  # --resume_from_checkpoint's word for the newest complete checkpoint (train/core/checkpoints.py)
 
 # a merged model's record of the media settings training used (it has no vlft_args.json); written by merge
 # (models/processor_media.py write_media_record), read by predict (`read_media_record`)
@@ -76,7 +76,7 @@ MEDIA_FILE = "vlft_media.json"
 
 # What a run writes into --output_dir before its first checkpoint: the staging area of a killed save, DPO's cached
 # reference log-probs, GRPO's completions log, the log lines, TensorBoard's event folders. A run killed before its
-# first checkpoint leaves only these, and `latest` then starts it again from step 0 (train/checkpoints.py).
+# first checkpoint leaves only these, and `latest` then starts it again from step 0 (train/core/checkpoints.py).
 RUN_LEFTOVERS = frozenset({STAGING_DIR, REF_CACHE_DIR, COMPLETIONS_FILE, LOG_FILE, LOGGING_DIR})
 
 _PEFT_PREFIX = "base_model.model."  # not a file: PEFT's prefix of the wrapped model's parameter names
@@ -223,7 +223,7 @@ def read_media_record(model_dir: str | os.PathLike) -> dict:
 # PEFT's save_pretrained writes its template card into every save (twenty `[More Information Needed]`, and
 # `pipeline_tag: text-generation` for a vision-language model). vlft writes its own after each save: a short one
 # in every checkpoint (`checkpoint_card`, from write_run_files) and, when the run finishes, the full one in the run
-# directory (`write_run_card`, from train/launch.py train_and_save). The front matter is the Hub's model-card
+# directory (`write_run_card`, from train/core/launch.py train_and_save). The front matter is the Hub's model-card
 # metadata (huggingface_hub ModelCardData's fields: base_model, library_name, pipeline_tag, tags).
 STAGE_NAMES = {"sft": "supervised fine-tuning (SFT)", "dpo": "preference tuning (DPO)",
                "grpo": "reinforcement learning with rewards (GRPO)"}
@@ -320,7 +320,7 @@ def run_card(run_dir: str | os.PathLike, args: dict, *, stage: str | None, famil
     (vlft_args.json), `stage` sft / dpo / grpo, `family` the family's display name, `records` how many records
     (DPO: pairs, GRPO: prompts) trained after the checks, `counts` {part: (trainable, frozen)} parameters as
     models/freezing.py count_parameters gives them, `history` the Trainer's log_history, `summary` the
-    end-of-run summary of train/launch.py train_and_save (steps, train_seconds, first_loss, last_loss,
+    end-of-run summary of train/core/launch.py train_and_save (steps, train_seconds, first_loss, last_loss,
     tokens_per_second). The commands name `run_dir` as an absolute path."""
     import shlex
 

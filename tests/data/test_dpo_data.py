@@ -17,9 +17,9 @@ from vlft.data.encoding import ChatEncoder
 from vlft.data.prepare import prepare_data
 from vlft.data.sft import SFTDataset
 from vlft.data.store import CUT
-from vlft.train.dpo_loss import preference_loss, sequence_logps
-from vlft.train.dpo_trainer import completion_log_probs
-from vlft.train.model_inputs import model_inputs
+from vlft.train.core.model_inputs import model_inputs
+from vlft.train.dpo.loss import preference_loss, sequence_logps
+from vlft.train.dpo.trainer import completion_log_probs
 
 DPO_DEMO = REPO / "data_examples" / "dpo_demo.json"
 

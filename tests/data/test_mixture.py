@@ -290,7 +290,7 @@ def test_media_paths_resolve_per_file(tmp_path, checks):
 
 
 def test_resume_and_reference_cache_identities_include_each_files_selection(tmp_path):
-    from vlft.train.checkpoints import data_digest, file_digest
+    from vlft.train.core.checkpoints import data_digest, file_digest
 
     a, b = write(tmp_path / "a.json", [chat(0)]), write(tmp_path / "b.json", [chat(1)])
     assert data_digest([a, f"{b}#10"]) == {"a.json": file_digest(a), "b.json#10": file_digest(b)}
@@ -303,7 +303,7 @@ def test_resume_and_reference_cache_identities_include_each_files_selection(tmp_
 
 
 def test_sft_trains_on_two_files_with_a_count(tiny_model_dir, tmp_path, capsys):
-    from vlft.train.sft import run
+    from vlft.train.sft.run import run
 
     images = [r for r in json.loads(DEMO_DATA.read_text()) if "image" in r]
     a = write(tmp_path / "pictures.json", images)
@@ -371,7 +371,7 @@ def test_the_dpo_reference_cache_key_names_each_pairs_file(tmp_path):
     from types import SimpleNamespace
 
     from vlft.data.reasoning import Thinking
-    from vlft.train.dpo import reference_cache_key
+    from vlft.train.dpo.run import reference_cache_key
 
     a = write(tmp_path / "a.json", [chat(i, "a") for i in range(4)])
     b = write(tmp_path / "b.json", [chat(i, "b") for i in range(4)])

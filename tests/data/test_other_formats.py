@@ -102,7 +102,7 @@ def test_save_to_disk_folder_with_image_feature(processor, tmp_path):
 
 
 def test_sft_run_on_a_converted_format_has_the_llava_loss(tiny_model_dir, tmp_path):
-    from vlft.train.sft import run
+    from vlft.train.sft.run import run
 
     def first_loss(data, name):
         summary, _ = run(["--model_id", str(tiny_model_dir), "--data_path", str(data), "--image_folder",

@@ -1,5 +1,5 @@
 """uint8 patch rows (data/pixels.py) against the processors they stand in for, and the on-device
-normalisation (train/model_inputs.py: model_inputs) against the processor's float path: the
+normalisation (train/core/model_inputs.py: model_inputs) against the processor's float path: the
 values, the loss and the gradients must be the same, bit for bit where the arithmetic is the same."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from vlft.data.pixels import PixelNorm, image_to_tensor, patchify, resize
 from vlft.data.prepare import prepare_sft_data
 from vlft.data.sft import SFTDataset
 from vlft.models.loading import load_model, load_processor
-from vlft.train.model_inputs import model_inputs
+from vlft.train.core.model_inputs import model_inputs
 
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"
 

@@ -15,7 +15,7 @@ import torch
 from conftest import DEMO_IMAGES, REPO
 from safetensors.torch import load_file
 
-from vlft.train.sft import run
+from vlft.train.sft.run import run
 
 pytestmark = pytest.mark.distributed
 

@@ -15,7 +15,7 @@ from conftest import REPO
 from launcher import launch
 from safetensors.torch import load_file
 
-from vlft.train.dpo import run
+from vlft.train.dpo.run import run
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-5

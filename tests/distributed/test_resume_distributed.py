@@ -9,7 +9,7 @@ import launcher
 import pytest
 from conftest import DEMO_DATA, DEMO_IMAGES, REPO, assert_same_run, logged_losses
 
-from vlft.train.checkpoints import STAGING_DIR, complete_checkpoints
+from vlft.train.core.checkpoints import STAGING_DIR, complete_checkpoints
 
 pytestmark = pytest.mark.distributed
 

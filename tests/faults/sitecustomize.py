@@ -28,7 +28,7 @@ if _FAULT and _IS_RANK:
         finally:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    import vlft.train.trainer as _trainer
+    import vlft.train.core.trainer as _trainer
 
     if _mode in ("kill_step", "term_step", "int_step"):
         _step_fn = _trainer.VlftTrainerMixin.training_step

@@ -225,7 +225,7 @@ def test_router_aux_loss_is_refused_for_dpo(tmp_path):
 
 
 def sft(model_dir, data, out, *extra):
-    from vlft.train.sft import run
+    from vlft.train.sft.run import run
 
     return run(["--model_id", str(model_dir), "--data_path", str(data), "--image_folder", str(DEMO_IMAGES),
                 "--output_dir", str(out), "--lora_enable", "true", "--lora_rank", str(RANK), "--lora_alpha", "8",

@@ -12,8 +12,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from vlft.cli import main
-from vlft.train.grpo_trainer import prompts_per_step
-from vlft.train.launch import batch_warning
+from vlft.train.core.launch import batch_warning
+from vlft.train.grpo.trainer import prompts_per_step
 
 
 def training_args(tmp_path, batch: int, accumulation: int, **kw) -> TrainingArguments:

@@ -14,7 +14,7 @@ from vlft.data.prepare import prepare_sft_data
 from vlft.data.sft import SFTDataset
 from vlft.models.loading import load_model, load_processor
 from vlft.models.patches import skip_frozen_vision_graph, uncheckpoint_frozen_blocks
-from vlft.train.sft import run
+from vlft.train.sft.run import run
 
 NO_GRAD_WARNING = "None of the inputs have requires_grad"
 

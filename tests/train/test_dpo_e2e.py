@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, demo_subset_file
 
 from vlft.errors import VlftError
-from vlft.train.dpo import run
+from vlft.train.dpo.run import run
 
 DPO_DEMO = REPO / "data_examples" / "dpo_demo.json"
 FOUR_PAIRS = ("image", "multi_image", "history", "text_only_2u1_flat")  # the demo's image and text pairs
@@ -71,7 +71,7 @@ def step0_runs(tiny_model_dir, tmp_path_factory):
     ("full_sigmoid", math.log(2)),  # full fine-tuning: the reference is a frozen copy
 ])
 def test_step0_loss_is_the_closed_form(step0_runs, name, expected):
-    from vlft.train.reference import AdaptersOff, FrozenCopy
+    from vlft.train.preference.reference import AdaptersOff, FrozenCopy
 
     trainer = step0_runs(name)
     assert isinstance(trainer.reference, FrozenCopy if name.startswith("full") else AdaptersOff)
@@ -141,8 +141,8 @@ def online_run(tiny_model_dir, tmp_path_factory):
 
 def test_lora_reference_stays_the_base_model_while_the_merger_trains(online_run, tiny_model_dir):
     from vlft.models.loading import load_model
-    from vlft.train.dpo_loss import sequence_logps
-    from vlft.train.dpo_trainer import completion_log_probs
+    from vlft.train.dpo.loss import sequence_logps
+    from vlft.train.dpo.trainer import completion_log_probs
 
     _, trainer = online_run
     model = trainer.model.eval()
@@ -249,8 +249,8 @@ def test_run_dir_has_sft_shape_and_merges_into_a_plain_checkpoint(four_pair_run,
     from transformers import AutoModelForImageTextToText
 
     from vlft.merge import main as merge_main
-    from vlft.train.dpo_loss import sequence_logps
-    from vlft.train.dpo_trainer import completion_log_probs
+    from vlft.train.dpo.loss import sequence_logps
+    from vlft.train.dpo.trainer import completion_log_probs
 
     out, trainer = four_pair_run
     for name in ("adapter_model.safetensors", "adapter_config.json", "non_lora_trainables.safetensors",

@@ -1,4 +1,4 @@
-"""vlft/train/dpo_loss.py against its oracle, TRL 1.16's own `DPOTrainer._compute_loss`: on the same fixed per-token
+"""vlft/train/dpo/loss.py against its oracle, TRL 1.16's own `DPOTrainer._compute_loss`: on the same fixed per-token
 log-probs, every loss type (alone, with LD-DPO weighting, and combined as in RPO) gives the same loss, the same
 gradient and the same logged reward metrics. Plus closed forms at policy == reference and the config checks."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from trl import DPOTrainer
 
-from vlft.train.dpo_loss import LOSS_TYPES, check_loss_config, preference_loss, reward_metrics, sequence_logps
+from vlft.train.dpo.loss import LOSS_TYPES, check_loss_config, preference_loss, reward_metrics, sequence_logps
 
 B, T = 3, 14
 # (prompt length, chosen length, rejected length) per pair. The last pair has no prompt, so its first completion

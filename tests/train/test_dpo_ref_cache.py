@@ -1,6 +1,6 @@
 """The precomputed DPO reference follows the pictures (issue 24, silent fault 2).
 
-The cache key and the resume identity hold the media's contents record by record (train/checkpoints.py:
+The cache key and the resume identity hold the media's contents record by record (train/core/checkpoints.py:
 media_digest), so a cache computed on other pictures is never read back: pointing --image_folder at other images
 of the same names, or redrawing one in place with its size and modification time unchanged, recomputes the
 reference, and the step-1 loss is then its closed form log 2 (sigmoid loss, policy == reference before the first
@@ -20,8 +20,8 @@ from PIL import Image
 
 from vlft.data.reasoning import Thinking
 from vlft.errors import VlftError
-from vlft.train.checkpoints import identity_differences, media_digest
-from vlft.train.dpo import reference_cache_key, run
+from vlft.train.core.checkpoints import identity_differences, media_digest
+from vlft.train.dpo.run import reference_cache_key, run
 
 NAMES = ("pic_0.png", "pic_1.png")
 PAIRS = [{"id": f"pair{i}", "image": name,

@@ -1,4 +1,4 @@
-"""Encoding each pair's pictures once (train/dpo_trainer.py: encode_vision_once) gives the plain path's loss and
+"""Encoding each pair's pictures once (train/dpo/trainer.py: encode_vision_once) gives the plain path's loss and
 gradients, for every family (the hybrid Qwen3.5 and the MoE ones included), on a batch mixing image, multi-image,
 video, history and text-only pairs, with and without the distributed dummy media; and the tower really runs on half
 the pictures."""
@@ -13,9 +13,9 @@ from conftest import DEMO_MEDIA, FAMILIES, REPO
 from vlft.data.collator import SFTCollator
 from vlft.data.dpo import PreferenceCollator, PreferenceDataset, PreferenceFormat
 from vlft.data.prepare import prepare_data
-from vlft.train.dpo_loss import preference_loss, sequence_logps
-from vlft.train.dpo_trainer import completion_log_probs
-from vlft.train.model_inputs import model_inputs
+from vlft.train.core.model_inputs import model_inputs
+from vlft.train.dpo.loss import preference_loss, sequence_logps
+from vlft.train.dpo.trainer import completion_log_probs
 
 DPO_DEMO = REPO / "data_examples" / "dpo_demo.json"
 

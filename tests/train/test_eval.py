@@ -15,8 +15,8 @@ from conftest import DEMO_DATA, DEMO_IMAGES, final_weights, plotting
 from vlft.config import SFT_GROUPS, parse_args
 from vlft.errors import DataError, VlftError
 from vlft.plot import PLOT_FILE, read_series
-from vlft.train.launch import check_training_flags
-from vlft.train.sft import run
+from vlft.train.core.launch import check_training_flags
+from vlft.train.sft.run import run
 
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1", "--seed", "0"]
 
@@ -101,7 +101,7 @@ def test_evaluation_without_eval_data_is_refused_before_loading(flags, expected,
 
 
 def test_dpo_refuses_eval_data(tiny_model_dir, eval_file, tmp_path):
-    from vlft.train.dpo import run as dpo
+    from vlft.train.dpo.run import run as dpo
 
     with pytest.raises(VlftError, match="--eval_data_path: vlft dpo does not evaluate during training yet"):
         dpo(["--model_id", str(tiny_model_dir), "--data_path", str(DEMO_DATA), "--eval_data_path", str(eval_file),

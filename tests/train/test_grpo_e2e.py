@@ -19,9 +19,9 @@ from conftest import FAMILIES, REPO, demo_subset_file
 
 from vlft.data.grpo import training_rows
 from vlft.errors import VlftError
-from vlft.train.grpo import run
-from vlft.train.logprobs import completion_log_probs
-from vlft.train.rewards import split_completion
+from vlft.train.grpo.rewards import split_completion
+from vlft.train.grpo.run import run
+from vlft.train.preference.logprobs import completion_log_probs
 
 GRPO_DEMO = REPO / "data_examples" / "grpo_demo.json"
 MIXED = ("count_1", "count_5_two_images", "video", "text_only")  # image, two images, video, text
@@ -382,7 +382,7 @@ def test_a_reward_of_the_wrong_length_stops_before_the_model_loads(tiny_model_di
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the reward check")
 
-    monkeypatch.setattr("vlft.train.setup.prepare_model", no_model)
+    monkeypatch.setattr("vlft.train.core.setup.prepare_model", no_model)
     out = tmp_path / "out"
     with pytest.raises(VlftError, match=r"reward 'short' returned (\d+) value\(s\) for (\d+) completions; "
                                         r"expected length \2, got \1"):
@@ -393,7 +393,7 @@ def test_a_reward_of_the_wrong_length_stops_before_the_model_loads(tiny_model_di
 def test_a_reward_needing_a_missing_column_names_it_and_the_columns(tiny_model_dir, tmp_path, monkeypatch):
     (tmp_path / "box.py").write_text("def box_reward(completions, box, **kwargs):\n    return [0.0] * len(box)\n")
     data = write_json(tmp_path / "prompts.json", PLUMBING)
-    monkeypatch.setattr("vlft.train.setup.prepare_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("vlft.train.core.setup.prepare_model", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
     with pytest.raises(VlftError) as info:
         grpo(tiny_model_dir, out, data, "--reward_funcs", f"{tmp_path / 'box.py'}:box_reward", *COMMON)
@@ -456,7 +456,7 @@ def test_a_learnable_reward_rises(tiny_model_dir, text_prompts, tmp_path):
 # ------------------------------------------------------------------ 5. beta > 0: the KL to the reference
 @pytest.mark.parametrize("tuning", ["lora", "full"])
 def test_kl_is_logged_and_zero_at_step_1(tiny_model_dir, text_prompts, tmp_path, tuning):
-    from vlft.train.reference import AdaptersOff, FrozenCopy
+    from vlft.train.preference.reference import AdaptersOff, FrozenCopy
 
     # a reward the random model's completions differ in, so that the policy moves after step 1
     (tmp_path / "parity.py").write_text("def parity(completion_ids, **kwargs):\n"

@@ -1,4 +1,4 @@
-"""How `vlft grpo` cuts an epoch into optimizer steps (train/grpo_trainer.py: PromptStepSampler, epoch_plan): TRL's
+"""How `vlft grpo` cuts an epoch into optimizer steps (train/grpo/trainer.py: PromptStepSampler, epoch_plan): TRL's
 rule (trl/trainer/utils.py RepeatSampler, batch_size = one step's prompts): the epoch's shuffled prompts in blocks
 of one optimizer step, an incomplete last block dropped, every block yielded --num_iterations times. So every step
 trains on as many completions as configured, and the start-up log says how many prompts each epoch leaves out.
@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from vlft.errors import VlftError
-from vlft.train.grpo import run
-from vlft.train.grpo_trainer import PromptStepSampler, epoch_plan, prompts_per_step
+from vlft.train.grpo.run import run
+from vlft.train.grpo.trainer import PromptStepSampler, epoch_plan, prompts_per_step
 
 
 def args(per_device=8, generations=4, accumulation=1, world=1, iterations=1):

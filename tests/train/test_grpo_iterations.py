@@ -15,8 +15,8 @@ import torch
 from conftest import assert_same_run, logged_losses
 
 from vlft.errors import VlftError
-from vlft.train import grpo_trainer
-from vlft.train.grpo import run
+from vlft.train.grpo import trainer as grpo_trainer
+from vlft.train.grpo.run import run
 
 QUESTIONS = ["What is two plus two?", "Name a primary colour.", "What is the capital of France?", "Tell me a fact.",
              "Which one is larger?", "Which way does it point?"]

@@ -1,4 +1,4 @@
-"""vlft/train/grpo_loss.py against its oracle, TRL 1.16's own `GRPOTrainer._compute_loss`: on the same fixed per-token
+"""vlft/train/grpo/loss.py against its oracle, TRL 1.16's own `GRPOTrainer._compute_loss`: on the same fixed per-token
 log-probs, every loss type at both importance-sampling levels, with and without KL, on- and off-policy with clipping
 active, gives the same loss, gradient and logged metrics. Plus closed forms at ratio 1, the gradient against an
 independent plain formula, zero gradient on clipped tokens, the first pass of a kept rollout (--num_iterations > 1)
@@ -15,7 +15,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd as trl_nanstd
 
-from vlft.train.grpo_loss import (
+from vlft.train.grpo.loss import (
     CLIPPED_LOSS_TYPES,
     LOSS_TYPES,
     SCALE_REWARDS,
@@ -199,7 +199,7 @@ def test_sampling_correction_in_the_loss_matches_trl(loss_type, level, shape):
 
 
 def test_sampling_correction_closed_forms():
-    from vlft.train.grpo_loss import sampling_correction
+    from vlft.train.grpo.loss import sampling_correction
 
     old = torch.tensor([[-1.0, -2.0, -3.0, -4.0]], dtype=torch.float64)
     sampler = torch.tensor([[-1.5, -2.0, float("nan"), -3.0]], dtype=torch.float64)  # NaN: a token vLLM did not emit

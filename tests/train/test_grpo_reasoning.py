@@ -12,9 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vlft.train.grpo import sample_completions
-from vlft.train.grpo_trainer import GRPOTrainer
-from vlft.train.rewards import (
+from vlft.train.grpo.rewards import (
     BUILTIN,
     accuracy_reward,
     check_rewards,
@@ -26,6 +24,8 @@ from vlft.train.rewards import (
     split_completion,
     think_format_reward,
 )
+from vlft.train.grpo.run import sample_completions
+from vlft.train.grpo.trainer import GRPOTrainer
 
 PLAIN = "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
 OPENED = PLAIN + "<think>\n"  # Qwen3.5's thinking generation prompt

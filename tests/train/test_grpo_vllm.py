@@ -1,6 +1,6 @@
 """`vlft grpo --use_vllm` without vLLM (not installed here, and it needs a GPU): the plumbing around TRL's
 VLLMGeneration, with a fake generator put in its place through the documented injection point
-(`vlft.train.vllm_rollout.generator_factory`). The fake records what it is handed and answers with completions of
+(`vlft.train.grpo.vllm_rollout.generator_factory`). The fake records what it is handed and answers with completions of
 its own choosing; the tests check the prompt ids, the images (pixel for pixel against vlft's own resize), the
 weight syncs per optimizer step, the completions reaching the training rows, the per-step image-token check in both
 modes, and the start-up refusals by flag name."""
@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import REPO, demo_subset_file
 
-import vlft.train.grpo_trainer as grpo_trainer
-import vlft.train.vllm_rollout as vllm_rollout
+import vlft.train.grpo.trainer as grpo_trainer
+import vlft.train.grpo.vllm_rollout as vllm_rollout
 from vlft.constants import IGNORE_INDEX
 from vlft.data.media import fit_image, load_image
 from vlft.data.pixels import patchify
 from vlft.errors import VlftError
-from vlft.train.grpo import run
+from vlft.train.grpo.run import run
 
 GRPO_DEMO = REPO / "data_examples" / "grpo_demo.json"
 COMMON = ["--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1", "--seed", "0",
@@ -330,7 +330,7 @@ def test_combination_refusals(tmp_path, fake, flags, expected):
 
 
 def test_video_records_are_refused_before_the_model_loads(tiny_model_dir, tmp_path, fake, monkeypatch):
-    import vlft.train.setup as setup
+    import vlft.train.core.setup as setup
 
     monkeypatch.setattr(setup, "prepare_model", lambda *a, **k: pytest.fail("the model was loaded"))
     data = demo_file(tmp_path, ["count_1", "video", "text_only"])

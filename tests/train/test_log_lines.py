@@ -15,7 +15,7 @@ import pytest
 from conftest import DEMO_DATA, DEMO_IMAGES, REPO, demo_subset_file, logged_losses
 
 from vlft.errors import VlftError
-from vlft.train.callbacks import LOG_FILE, LogLineCallback, MetricsFileCallback, drop_lines_after_step
+from vlft.train.core.callbacks import LOG_FILE, LogLineCallback, MetricsFileCallback, drop_lines_after_step
 
 LINE = re.compile(r"^\[vlft\] step (\d+)/(\d+) \| (.*)$", re.M)
 HF_DICT = re.compile(r"\{'(loss|train_runtime|eval_loss)': ")
@@ -64,7 +64,7 @@ def captured_run(run, argv: list[str]):
 
 @pytest.fixture(scope="module", params=[False, True], ids=["progress_bar", "disable_tqdm"])
 def sft_run(request, tiny_model_dir, tmp_path_factory):
-    from vlft.train.sft import run
+    from vlft.train.sft.run import run
 
     out = tmp_path_factory.mktemp("runs") / "sft"
     trainer, stdout, stderr = captured_run(run, [
@@ -112,7 +112,7 @@ def test_log_file_holds_every_entry_of_the_history(sft_run):
 
 # ------------------------------------------------------------------ DPO and GRPO: their key figures
 def test_dpo_line_shows_reward_margin_and_accuracy(tiny_model_dir, tmp_path):
-    from vlft.train.dpo import run
+    from vlft.train.dpo.run import run
 
     out = tmp_path / "dpo"
     data = demo_subset_file(REPO / "data_examples" / "dpo_demo.json", ("image", "text_only_2u1_flat"),
@@ -133,14 +133,14 @@ def test_dpo_line_shows_reward_margin_and_accuracy(tiny_model_dir, tmp_path):
 
 
 def test_grpo_line_shows_the_mean_reward_and_each_function(tiny_model_dir, tmp_path):
-    from vlft.train.grpo import run
+    from vlft.train.grpo.run import run
 
     out = tmp_path / "grpo"
     data = demo_subset_file(REPO / "data_examples" / "grpo_demo.json", ("count_1", "text_only"),
                             tmp_path / "prompts.json")
     # two rewards with different, non-zero means (the built-ins score the untrained tiny model 0)
     (tmp_path / "rewards.py").write_text(
-        "from vlft.train.rewards import completion_text\n"
+        "from vlft.train.grpo.rewards import completion_text\n"
         "def chars(completions, **kwargs):\n    return [len(completion_text(c)) / 10 for c in completions]\n"
         "def quarter(completions, **kwargs):\n    return [0.25] * len(completions)\n")
     _, _, stderr = captured_run(run, [

@@ -4,7 +4,7 @@ The language-model loss of a step is the sum of its trained tokens' losses over 
 `num_items_in_batch`). Models whose forward takes that count (Qwen2-VL, Qwen2.5-VL) get it from the Trainer;
 Qwen3-VL, Qwen3-VL-MoE and Qwen3.5 declare `accepts_loss_kwargs = False`, and the Trainer then averages per
 micro-batch means, so a token in a short micro-batch would weigh more than one in a long one. vlft rescales their
-loss instead (train/trainer.py: `VlftTrainerMixin.compute_loss`). One step over the same 4 records as one micro-batch
+loss instead (train/core/trainer.py: `VlftTrainerMixin.compute_loss`). One step over the same 4 records as one micro-batch
 of 4 or as 4 accumulated micro-batches of 1 must then log the same loss and move the weights the same way (SGD);
 tests/distributed checks the same across processes."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import pytest
 from conftest import DEMO_IMAGES, REPO, final_weights, max_weight_difference
 
-from vlft.train.sft import run
+from vlft.train.sft.run import run
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from vlft.data.packing import plan_packs
 from vlft.data.prepare import prepare_sft_data
 from vlft.data.sft import SFTDataset
 from vlft.models.loading import load_model, load_processor
-from vlft.train.model_inputs import model_inputs
-from vlft.train.sft import run
+from vlft.train.core.model_inputs import model_inputs
+from vlft.train.sft.run import run
 
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"
 

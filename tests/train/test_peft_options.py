@@ -13,8 +13,8 @@ from vlft.config import TuneArguments, _tune_errors
 from vlft.models.loading import load_model
 from vlft.models.lora import apply_lora, lora_targets
 from vlft.models.registry import get_family
-from vlft.train.optim import build_param_groups
-from vlft.train.sft import run
+from vlft.train.core.optim import build_param_groups
+from vlft.train.sft.run import run
 
 RANK, ALPHA, LR = 4, 8, 3e-3
 

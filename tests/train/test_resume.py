@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import DEMO_IMAGES, logged_losses
 
-from vlft.train.sft import run
+from vlft.train.sft.run import run
 
 SETTINGS = {
     # the first finding: non_lora_trainables.safetensors was in the checkpoint but nothing loaded it

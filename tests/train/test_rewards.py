@@ -1,4 +1,4 @@
-"""vlft/train/rewards.py: every built-in reward on right and wrong completions (the length and repetition penalties
+"""vlft/train/grpo/rewards.py: every built-in reward on right and wrong completions (the length and repetition penalties
 also against TRL 1.16's own implementations as oracles), loading rewards from a file, a module and TRL, and the
 pre-flight `check_rewards` (missing column, wrong length, NaN, errors, the table, TRL's rewards unchanged: those
 reading strings or ids get strings, those reading TRL's conversational completions get that shape)."""
@@ -11,7 +11,7 @@ import types
 import pytest
 
 from vlft.errors import VlftError
-from vlft.train.rewards import (
+from vlft.train.grpo.rewards import (
     BUILTIN,
     CONVERSATIONAL,
     TEXT,
@@ -329,7 +329,7 @@ def test_load_builtins_file_and_module(tmp_path, monkeypatch):
     ("{file}:nope", [":nope'", "has no 'nope'", "length_reward", "needs_bbox"]),
     ("{file}:NOT_A_FUNCTION", ["NOT_A_FUNCTION", "not a function"]),
     ("{broken}:f", ["broken.py:f", "ZeroDivisionError", "fix the file"]),
-    ("vlft.train.rewards:", ["empty"]),
+    ("vlft.train.grpo.rewards:", ["empty"]),
 ])
 def test_load_bad_specs_name_the_spec(spec, words, tmp_path):
     (tmp_path / "good.py").write_text(REWARD_FILE)

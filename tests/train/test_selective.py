@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from vlft.models.loading import load_model
 from vlft.models.registry import get_family
-from vlft.train.sft import run
+from vlft.train.sft.run import run
 
 LR, VISION_LR, MERGER_LR = 3e-3, 1e-3, 2e-3
 

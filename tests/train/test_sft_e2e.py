@@ -11,7 +11,7 @@ from conftest import DEMO_DATA, DEMO_IMAGES, DEMO_MEDIA
 from safetensors.torch import load_file
 
 from vlft.errors import VlftError
-from vlft.train.sft import run
+from vlft.train.sft.run import run
 
 COMMON = ["--data_path", str(DEMO_DATA), "--image_folder", str(DEMO_IMAGES), "--per_device_train_batch_size", "2",
           "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "1", "--seed", "0"]

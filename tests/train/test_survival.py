@@ -22,8 +22,8 @@ from conftest import DEMO_DATA, DEMO_IMAGES, REPO, assert_same_run, logged_losse
 from safetensors.torch import load_file
 
 from vlft.errors import VlftError
-from vlft.train.checkpoints import STAGING_DIR, complete_checkpoints
-from vlft.train.sft import run
+from vlft.train.core.checkpoints import STAGING_DIR, complete_checkpoints
+from vlft.train.sft.run import run
 
 STEPS, SAVE_EVERY = 6, 2
 
@@ -126,7 +126,7 @@ def test_a_stop_signal_saves_a_checkpoint_exits_0_and_resumes_onto_the_same_curv
 
 def nan_loss_at(monkeypatch, step: int, seen: dict | None = None):
     """Make the loss of training step `step` (1-based, as logged) NaN; record a trainable weight per step."""
-    from vlft.train.trainer import SFTTrainer
+    from vlft.train.core.trainer import SFTTrainer
 
     compute = SFTTrainer.compute_loss
 
@@ -231,7 +231,7 @@ def test_a_resume_that_is_not_the_same_run_says_what_differs(tiny_model_dir, tmp
 
 
 def test_nan_gradient_with_a_finite_loss_is_caught_before_the_optimizer_step(tiny_model_dir, tmp_path, monkeypatch):
-    from vlft.train.trainer import SFTTrainer
+    from vlft.train.core.trainer import SFTTrainer
 
     step_fn = SFTTrainer.training_step
 
@@ -255,7 +255,7 @@ def test_sigusr1_sigterm_and_ctrl_c_request_a_save_and_a_stop_at_the_step_end():
 
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from vlft.train.checkpoints import PreemptionCallback
+    from vlft.train.core.checkpoints import PreemptionCallback
 
     for name in ("SIGUSR1", "SIGTERM", "SIGINT"):
         callback, control = PreemptionCallback(), TrainerControl()
@@ -286,7 +286,7 @@ def test_sigusr1_sigterm_and_ctrl_c_request_a_save_and_a_stop_at_the_step_end():
 
 
 def test_a_final_save_that_cannot_be_written_keeps_the_checkpoints(tiny_model_dir, tmp_path, monkeypatch):
-    from vlft.train.trainer import SFTTrainer
+    from vlft.train.core.trainer import SFTTrainer
 
     save_model = SFTTrainer.save_model
 
@@ -344,7 +344,7 @@ def test_which_nonfinite_steps_stop_the_run(fp16, loss, norm, stops):
     """The rule of VlftTrainerMixin._get_grad_norm on its own (fp16 needs a GPU, so no run here exercises it)."""
     from types import SimpleNamespace
 
-    from vlft.train.trainer import NonFiniteError, VlftTrainerMixin
+    from vlft.train.core.trainer import NonFiniteError, VlftTrainerMixin
 
     class Base:
         def _get_grad_norm(self, model, grad_norm=None):

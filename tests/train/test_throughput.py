@@ -10,7 +10,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from vlft.models.registry import get_family
 from vlft.models.tiny import build_model, build_tokenizer
-from vlft.train.throughput import ThroughputCallback, estimate_flops, peak_bf16_flops
+from vlft.train.core.throughput import ThroughputCallback, estimate_flops, peak_bf16_flops
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +316,7 @@ def test_summary_is_logged_at_train_end(tokenizers, monkeypatch, capsys):
 def test_in_a_real_trainer_the_history_carries_the_figures(tokenizers, tmp_path, capsys):
     """Two steps of SFTTrainer on text-only rows: the keys reach trainer_state's log history, the summary is
     logged, and the token rate matches the trainer's own count."""
-    from vlft.train.trainer import SFTTrainer
+    from vlft.train.core.trainer import SFTTrainer
 
     model = tiny(tokenizers)
     rows = [{"input_ids": torch.arange(10 + k) % 100, "attention_mask": torch.ones(10 + k, dtype=torch.long),
@@ -350,7 +350,7 @@ def test_a_real_sft_run_counts_the_vision_tower(tiny_model_dir, tmp_path):
     from PIL import Image
 
     from vlft.models.loading import load_processor
-    from vlft.train.sft import run
+    from vlft.train.sft.run import run
 
     summary, trainer = run(["--model_id", str(tiny_model_dir), "--data_path", str(DEMO_DATA), "--image_folder",
                             str(DEMO_IMAGES), "--output_dir", str(tmp_path / "o"), "--lora_enable", "true",
@@ -389,7 +389,7 @@ def test_a_real_sft_run_counts_the_vision_tower(tiny_model_dir, tmp_path):
 def test_progress_bar_postfix_shows_tokens_per_second(capsys):
     """HF's bar already shows elapsed < time left; TokensProgressCallback adds the latest tokens/s and loss to its
     postfix, and an evaluation line (no tokens/s) keeps the last tokens/s shown."""
-    from vlft.train.throughput import TokensProgressCallback
+    from vlft.train.core.throughput import TokensProgressCallback
 
     args, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerControl()
     state = TrainerState(max_steps=10, is_world_process_zero=True)
@@ -410,7 +410,7 @@ def test_progress_bar_postfix_shows_tokens_per_second(capsys):
 def test_the_trainer_progress_bar_is_replaced_once():
     from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback
 
-    from vlft.train.throughput import TokensProgressCallback, use_tokens_progress_bar
+    from vlft.train.core.throughput import TokensProgressCallback, use_tokens_progress_bar
 
     def trainer(*callbacks):
         handler = CallbackHandler(list(callbacks), None, None, None, None)

@@ -1,4 +1,4 @@
-"""The table of private `transformers.Trainer` methods vlft overrides (vlft/train/overrides.py) against the installed
+"""The table of private `transformers.Trainer` methods vlft overrides (vlft/train/core/overrides.py) against the installed
 Trainer and against vlft's trainer classes: a transformers upgrade that renames such a method, changes its
 parameters or stops calling it, and a new override that is not tabled, fail here instead of silently bypassing
 vlft's behaviour (or raising a TypeError mid-run)."""
@@ -12,7 +12,7 @@ import inspect
 from conftest import REPO
 from transformers import Trainer
 
-from vlft.train.overrides import (
+from vlft.train.core.overrides import (
     PRIVATE_TRAINER_OVERRIDES,
     TRAINERS,
     Param,
@@ -133,7 +133,7 @@ def test_every_private_override_is_tabled_and_every_row_is_overridden():
 
 
 def test_an_untabled_override_and_a_wrong_row_are_reported():
-    from vlft.train.trainer import SFTTrainer
+    from vlft.train.core.trainer import SFTTrainer
 
     class Extra(SFTTrainer):
         def _get_eval_sampler(self, eval_dataset):  # a private Trainer method the table does not list

@@ -7,7 +7,7 @@ import math
 import pytest
 from conftest import FAMILIES, REPO
 
-from vlft.train.sft import run
+from vlft.train.sft.run import run
 
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"
 

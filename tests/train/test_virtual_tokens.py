@@ -15,7 +15,7 @@ from conftest import DEMO_DATA, DEMO_IMAGES, DEMO_MEDIA, FAMILIES, REPO
 from vlft.errors import VlftError
 from vlft.models.loading import load_model
 from vlft.models.virtual_tokens import apply_virtual_tokens, virtual_token_config
-from vlft.train.sft import run
+from vlft.train.sft.run import run
 
 VIDEO_DATA = REPO / "data_examples" / "llava_video_demo.json"
 RECORDS = {"video": 0, "image": 6, "text": 7, "image_and_video": 5}  # indices in VIDEO_DATA

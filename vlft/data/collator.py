@@ -128,7 +128,7 @@ class PackingCollator:
     Each row is its records' tokens back to back, right-padded to the longest row; vision tensors follow
     record order. No attention mask is built: instead `pack_layout` [B, R, 4] gives, per row, each segment's
     (tokens, images, videos, is_record) (the row's padding is a last segment of its own), from which the model side
-    (train/model_inputs.py) computes per-record mRoPE positions with the model's own rope-index
+    (train/core/model_inputs.py) computes per-record mRoPE positions with the model's own rope-index
     function; transformers then builds a block-diagonal causal mask from the text positions restarting at 0,
     so attention never crosses a record boundary."""
 

@@ -130,7 +130,7 @@ class PreferenceCollator:
     features it may reuse, itself when it must be encoded. A rejected row showing the prompt's pictures points at
     the chosen row's copies; an image-side pair's rejected pictures (`rejected_media`) point at themselves; any
     dummy media of a distributed batch (data/collator.py: DummyMedia) come after the n. With these the trainer
-    encodes each distinct picture once (train/logprobs.py: encode_vision_once).
+    encodes each distinct picture once (train/preference/logprobs.py: encode_vision_once).
     `base` is the stage's SFTCollator (SFTCollator.for_model), which does the padding and the media."""
 
     def __init__(self, base: SFTCollator):

@@ -5,7 +5,7 @@ then cuts the image into rows of `channels x temporal_patch_size x patch_size**2
 repeated `temporal_patch_size` times). We do the same steps in the same order with the same kernels, with
 one change: normalisation can wait. Patch rows stay uint8 through the DataLoader workers, the collator, the
 shared-memory hop to the training process and the copy to the GPU, and `PixelNorm` turns them into the
-processor's float32 values there (train/model_inputs.py: `model_inputs`, called by the trainer). That is 4x fewer bytes
+processor's float32 values there (train/core/model_inputs.py: `model_inputs`, called by the trainer). That is 4x fewer bytes
 on every one of those hops, and no float pass over tens of megabytes per record on a CPU core; the values
 the model sees are bit for bit those of the processor (tests/data/test_pixels.py).
 """

@@ -18,7 +18,7 @@ class SFTDataset(torch.utils.data.Dataset):
     patchified here (in the DataLoader workers); everything that can fail was already tried by the check.
 
     `raw_pixels=True` keeps `pixel_values` / `pixel_values_videos` as uint8 patch rows, to be normalised on the
-    device (data/pixels.py says why; the trainer's input preparation does it: train/model_inputs.py); otherwise they
+    device (data/pixels.py says why; the trainer's input preparation does it: train/core/model_inputs.py); otherwise they
     are the float32 values the processor itself would give."""
 
     def __init__(self, samples: list[Sample], image_paths: list[list[str]], processor, *, media: MediaSettings,
@@ -41,7 +41,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
-        item: dict = {"record": i}  # the dataset index: a failing training step names its records (train/trainer.py)
+        item: dict = {"record": i}  # the dataset index: a failing training step names its records (train/core/trainer.py)
         try:
             image_specs = self._images(self.image_paths[i], item)
             video_specs = self._videos(self.video_sources[i], item)

@@ -23,7 +23,7 @@ LINEAR_ATTENTION = "linear_attention"  # Gated DeltaNet (Qwen3.5): a recurrent s
 
 @dataclass(frozen=True)
 class VisionShape:
-    """The vision tower's shape as the FLOPs model (vlft.train.throughput) needs it, read from a vision_config."""
+    """The vision tower's shape as the FLOPs model (vlft.train.core.throughput) needs it, read from a vision_config."""
 
     depth: int  # vision blocks
     width: int  # hidden size of the blocks (attention and residual width)

@@ -7,7 +7,7 @@ those tests; tests/models/test_patch_table.py checks that every tabled test exis
 function of this package is missing from the table.
 
 Data features that let the model take vlft's own inputs (packed rows, uint8 pixels) are not patches of a
-library and live with the training code: vlft/train/model_inputs.py.
+library and live with the training code: vlft/train/core/model_inputs.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Packed rows through Gated DeltaNet (linear-attention) layers (`separate_packed_records`).
 
-Why: with `--packing` a row holds several records back to back (vlft/train/model_inputs.py). Full-attention
+Why: with `--packing` a row holds several records back to back (vlft/train/core/model_inputs.py). Full-attention
 layers keep them apart because transformers builds a block-diagonal mask from the text position ids, which
 restart at 0 for every record (masking_utils.find_packed_sequence_indices). The Gated DeltaNet layers of
 Qwen3.5 and Qwen3.5-MoE (`Qwen3_5GatedDeltaNet`, `Qwen3_5MoeGatedDeltaNet`) never see those position ids: the

@@ -20,7 +20,7 @@ are an echo of ours, so they prove nothing there), before the request is sent.
 Video is not supported (VLLMGeneration has no video input): such records are refused at start-up. The sampler's
 log-prob of every completion token is kept (`sampling_logps`, NaN for a token vLLM did not emit) for TRL's
 importance-sampling correction (--vllm_importance_sampling_correction, on by default as in TRL), which the loss
-applies (train/grpo_loss.py: sampling_correction).
+applies (train/grpo/loss.py: sampling_correction).
 
 Injection point (tests, or another backend): `generator_factory`, a module attribute called once per trainer with
 VLLMGeneration's keyword arguments; it must return an object with `sync_weights()` and

@@ -4,10 +4,10 @@ answers, with reward functions written for TRL (full or LoRA).
     vlft grpo --model_id output/merged/sft --data_path prompts.json --image_folder images/ \
         --output_dir output/grpo_run --lora_enable true --reward_funcs format accuracy --num_generations 8
 
-The order of the other stages (train/sft.py): arguments, data preparation (every prompt checked before the model
+The order of the other stages (train/sft/run.py): arguments, data preparation (every prompt checked before the model
 loads), the reward functions loaded and called once on real records with a sample completion (a missing column
-or a wrong return fails here, not after the first rollout), model set-up (train/setup.py), the reference when
---beta > 0 (train/reference.py), then the trainer (train/grpo_trainer.py). The run directory has an SFT run's
+or a wrong return fails here, not after the first rollout), model set-up (train/core/setup.py), the reference when
+--beta > 0 (train/preference/reference.py), then the trainer (train/grpo/trainer.py). The run directory has an SFT run's
 shape, so `vlft merge` and `vlft predict` take it unchanged.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ from vlft.data.prepare import length_flag_of
 from vlft.data.reasoning import Thinking, prompt_opens_think
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
-from vlft.train.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
-from vlft.train.reference import freezing_flags, trained_next_to_lora
-from vlft.train.setup import zero_stage
-from vlft.train.vllm_rollout import check_vllm_data, check_vllm_flags, check_vllm_length
+from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
+from vlft.train.core.setup import zero_stage
+from vlft.train.grpo.vllm_rollout import check_vllm_data, check_vllm_flags, check_vllm_length
+from vlft.train.preference.reference import freezing_flags, trained_next_to_lora
 from vlft.utils import log
 
 
@@ -57,10 +57,10 @@ def sample_completions(data, encoder, n: int = 4, max_completion_length: int = 5
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
     from vlft.models.loading import load_family, load_processor
-    from vlft.train.grpo_trainer import GRPOTrainer, epoch_plan, prompts_per_step
-    from vlft.train.reference import make_reference
-    from vlft.train.rewards import load_reward_funcs, preflight_rewards
-    from vlft.train.setup import disable_dropout, load_model_copy, prepare_model, refuse_base_mutating_init
+    from vlft.train.core.setup import disable_dropout, load_model_copy, prepare_model, refuse_base_mutating_init
+    from vlft.train.grpo.rewards import load_reward_funcs, preflight_rewards
+    from vlft.train.grpo.trainer import GRPOTrainer, epoch_plan, prompts_per_step
+    from vlft.train.preference.reference import make_reference
 
     model_args, data_args, tune_args, train_args = parse_args(GRPO_GROUPS, argv, prog="vlft grpo")
     validate(model_args, data_args, tune_args, train_args, family=family_for(model_args))

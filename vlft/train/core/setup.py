@@ -56,7 +56,7 @@ def prepare_model(model_args, tune_args, train_args) -> PreparedModel:
     from vlft.models.loading import load_model
     from vlft.models.lora import lora_init_value, mutates_base
     from vlft.models.patches import skip_frozen_vision_graph, vision_input_require_grads
-    from vlft.train.callbacks import FrozenVisionCallback
+    from vlft.train.core.callbacks import FrozenVisionCallback
 
     set_seed(train_args.seed)  # LoRA initialisation is random too
     t = tune_args
@@ -153,7 +153,7 @@ def disable_dropout(model) -> None:
 
 def load_model_copy(model_args, tune_args, train_args):
     """A second copy of the starting model, loaded like the policy (dtype, attention, Liger kernels): the frozen
-    reference of full fine-tuning (train/reference.py). Under ZeRO-3 it is sharded like the policy."""
+    reference of full fine-tuning (train/preference/reference.py). Under ZeRO-3 it is sharded like the policy."""
     from vlft.models.loading import load_model
 
     copy, _ = load_model(model_args.model_id, dtype=weights_dtype(train_args),

@@ -13,7 +13,7 @@ AdaptersOff  LoRA / QLoRA: the policy itself with its adapters disabled (PEFT `d
              back: a pointer swap of `param.data`, no copy. Under ZeRO-3 the parameters are shards owned by
              DeepSpeed, so that combination needs --precompute_ref_log_probs (refused at start-up otherwise).
 None         --precompute_ref_log_probs: the log-probs come from a cache computed before the first optimizer
-             step (train/dpo_trainer.py), when the policy still is the starting model; no second model is kept.
+             step (train/dpo/trainer.py), when the policy still is the starting model; no second model is kept.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class FrozenCopy:
 
 
 def make_reference(prepared, *, load_copy, precompute: bool, zero_stage: int, can_precompute: bool = True):
-    """The reference for a prepared policy (train/setup.py's PreparedModel): AdaptersOff under LoRA, else a
+    """The reference for a prepared policy (train/core/setup.py's PreparedModel): AdaptersOff under LoRA, else a
     FrozenCopy from `load_copy()` (a callable loading the starting model like the policy), or None when
     the log-probs are precomputed and the policy at step 0 gives them (full fine-tuning). Under LoRA the
     AdaptersOff object is returned even with precompute: the reference pass runs through it.
@@ -127,7 +127,7 @@ def _trained_next_to_lora(tune_args) -> list[tuple[str, str]]:
 
 def trained_next_to_lora(tune_args) -> list[str]:
     """The flags that make parameters train fully next to LoRA adapters (their starting values must stay the
-    reference: train/reference.py); empty without LoRA."""
+    reference: train/preference/reference.py); empty without LoRA."""
     return [cause for cause, _ in _trained_next_to_lora(tune_args)]
 
 

@@ -32,9 +32,9 @@ POSITIONAL_OR_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
 # vlft's Trainer subclasses, "module:class". Their MROs' vlft classes (mixins included) are where overrides live.
 TRAINERS: tuple[str, ...] = (
-    "vlft.train.trainer:SFTTrainer",
-    "vlft.train.dpo_trainer:DPOTrainer",
-    "vlft.train.grpo_trainer:GRPOTrainer",
+    "vlft.train.core.trainer:SFTTrainer",
+    "vlft.train.dpo.trainer:DPOTrainer",
+    "vlft.train.grpo.trainer:GRPOTrainer",
 )
 
 
@@ -91,7 +91,7 @@ PRIVATE_TRAINER_OVERRIDES: tuple[PrivateOverride, ...] = (
         callers=("training_step", "prediction_step"),
         classes=("VlftTrainerMixin", "GRPOTrainer"),
         why="the model's inputs from vlft's batches on the device (uint8 pixels normalised, packed rows' mRoPE "
-            "positions: train/model_inputs.py); GRPO: a batch of prompts becomes its rollout batch here"),
+            "positions: train/core/model_inputs.py); GRPO: a batch of prompts becomes its rollout batch here"),
     PrivateOverride(
         name="_load_from_checkpoint", params=(Param("resume_from_checkpoint"), Param("model", None)),
         callers=("train", "_prepare_for_training"),
@@ -166,7 +166,7 @@ def uncovered_overrides(classes, trainer_cls=None, table: tuple[PrivateOverride,
             if attr.startswith("_") and not attr.startswith("__") and hasattr(trainer_cls, attr) and \
                     (attr, cls_name) not in listed:
                 problems.append(f"{cls.__module__}.{cls.__qualname__}.{attr} overrides the Trainer's private {attr}, "
-                                "which PRIVATE_TRAINER_OVERRIDES (vlft/train/overrides.py) does not list for it")
+                                "which PRIVATE_TRAINER_OVERRIDES (vlft/train/core/overrides.py) does not list for it")
     for row in table:
         for cls_name in row.classes:
             if cls_name in own and row.name not in vars(own[cls_name]):

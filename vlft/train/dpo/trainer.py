@@ -1,15 +1,15 @@
-"""The DPO trainer: HF's Trainer with vlft's additions (train/trainer.py) and a preference loss.
+"""The DPO trainer: HF's Trainer with vlft's additions (train/core/trainer.py) and a preference loss.
 
 Why not `VlftTrainerMixin + trl.DPOTrainer`: TRL 1.16's DPOTrainer takes only a `datasets.Dataset`, tokenises
 and collates images itself (its own processor call and layout, no video), replaces the model's forward with a fused
 LM head, caches reference log-probs by the `datasets` fingerprint, and inlines its losses in `_compute_loss`. vlft
 keeps its own data path (one chat encoder, bit-exact pixels, video timing, mRoPE, the distributed dummy media) and
 the model's library forward, so the DPO trainer is vlft's: the losses are TRL's formulas under TRL's names
-(train/dpo_loss.py, proven equal to TRL's `_compute_loss` in tests/train/test_dpo_loss.py), the metrics TRL's.
+(train/dpo/loss.py, proven equal to TRL's `_compute_loss` in tests/train/test_dpo_loss.py), the metrics TRL's.
 
 A batch (data/dpo.py) holds 2B rows, [chosen; rejected], with labels on the completion tokens. One forward of
 the policy gives each row's summed completion log-prob; the reference's come from a second forward without
-gradients (train/reference.py) or from the precomputed cache (`ReferenceCache`).
+gradients (train/preference/reference.py) or from the precomputed cache (`ReferenceCache`).
 """
 from __future__ import annotations
 
@@ -23,23 +23,23 @@ from transformers import Trainer, TrainerCallback
 
 from vlft.errors import VlftError
 from vlft.run_dir import REF_CACHE_DIR
-from vlft.train.dpo_loss import preference_loss, reward_metrics, sequence_logps
-from vlft.train.logprobs import (  # noqa: F401 (encode_vision_once re-exported)
+from vlft.train.core.trainer import VlftTrainerMixin
+from vlft.train.dpo.loss import preference_loss, reward_metrics, sequence_logps
+from vlft.train.preference.logprobs import (  # noqa: F401 (encode_vision_once re-exported)
     MEDIA_COPIES,
     completion_log_probs,
     encode_vision_once,
     picture_sources,
 )
-from vlft.train.reference import AdaptersOff, FrozenCopy
-from vlft.train.trainer import VlftTrainerMixin
+from vlft.train.preference.reference import AdaptersOff, FrozenCopy
 from vlft.utils import log
 
 
 class ReferenceCache:
     """Reference log-probs of every pair, [N, 2] float32 (chosen, rejected; nats, LD-weighted when --ld_alpha is
-    set), in `<output_dir>/ref_log_probs/<key>.pt`. The key (train/dpo.py: `reference_cache_key`) covers the data,
+    set), in `<output_dir>/ref_log_probs/<key>.pt`. The key (train/dpo/run.py: `reference_cache_key`) covers the data,
     the media's contents, the tokenisation, the model and the media settings: a file with this key holds exactly
-    these values. --overwrite_output_dir removes the folder before anything loads (train/launch.py)."""
+    these values. --overwrite_output_dir removes the folder before anything loads (train/core/launch.py)."""
 
     def __init__(self, directory: str | os.PathLike, key: str, n_pairs: int):
         self.path = Path(directory) / REF_CACHE_DIR / f"{key}.pt"
@@ -75,10 +75,10 @@ class _PrecomputeReference(TrainerCallback):
 class DPOTrainer(VlftTrainerMixin, Trainer):
     """vlft's DPO stage. Keyword arguments on top of the mixin's:
 
-    reference: train/reference.py's AdaptersOff or FrozenCopy, or None with `ref_cache`.
+    reference: train/preference/reference.py's AdaptersOff or FrozenCopy, or None with `ref_cache`.
     ref_cache: a ReferenceCache when --precompute_ref_log_probs: filled (or loaded) when training begins,
         before the first optimizer step, then the only source of reference log-probs.
-    media_sha256: the training pairs' media contents (train/checkpoints.py: `media_digest`), recorded in the resume
+    media_sha256: the training pairs' media contents (train/core/checkpoints.py: `media_digest`), recorded in the resume
         identity so that a resume on changed pictures is refused, naming them."""
 
     def __init__(self, *args, reference=None, ref_cache: ReferenceCache | None = None,
@@ -96,7 +96,7 @@ class DPOTrainer(VlftTrainerMixin, Trainer):
             self.add_callback(_PrecomputeReference(self))
 
     def identity(self) -> dict:
-        """The mixin's resume identity (train/checkpoints.py: run_identity) with the media's contents."""
+        """The mixin's resume identity (train/core/checkpoints.py: run_identity) with the media's contents."""
         return {**super().identity(), "media_sha256": self.media_sha256}
 
     def count_batch(self, inputs: dict) -> None:

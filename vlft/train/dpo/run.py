@@ -3,9 +3,9 @@
     vlft dpo --model_id output/sft_run --data_path pairs.json --image_folder images/ \
         --output_dir output/dpo_run --lora_enable true --beta 0.1 --loss_type sigmoid --bf16 true
 
-The same order as SFT (train/sft.py): arguments, data preparation (every pair checked before the model loads),
-model set-up (train/setup.py, one definition for every stage), then the reference (train/reference.py), the data
-pipeline (data/dpo.py) and the trainer (train/dpo_trainer.py). The run directory has an SFT run's shape, so
+The same order as SFT (train/sft/run.py): arguments, data preparation (every pair checked before the model loads),
+model set-up (train/core/setup.py, one definition for every stage), then the reference (train/preference/reference.py), the data
+pipeline (data/dpo.py) and the trainer (train/dpo/trainer.py). The run directory has an SFT run's shape, so
 `vlft merge` and `vlft predict` take it unchanged.
 """
 from __future__ import annotations
@@ -24,10 +24,10 @@ from vlft.data.reasoning import Thinking
 from vlft.data.store import CUT
 from vlft.errors import VlftError
 from vlft.models.processor_media import apply_media_settings
-from vlft.train.checkpoints import data_digest, media_digest
-from vlft.train.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
-from vlft.train.reference import freezing_flags, trained_next_to_lora
-from vlft.train.setup import zero_stage
+from vlft.train.core.checkpoints import data_digest, media_digest
+from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
+from vlft.train.core.setup import zero_stage
+from vlft.train.preference.reference import freezing_flags, trained_next_to_lora
 from vlft.utils import log
 
 
@@ -35,7 +35,7 @@ def reference_cache_key(*, data_path, data, media_sha256: str, model_id: str, me
                         chat_template: str | None, model_args, tune_args, train_args, max_length: int) -> str:
     """What the reference log-probs depend on, hashed (16 hex digits): the data files' bytes (each with its #N / #p)
     and the records kept, in order (data/mixture.py `record_keys`: a mix's file of each pair too),
-    the media's contents record by record (`media_sha256`: train/checkpoints.py's `media_digest`; a changed
+    the media's contents record by record (`media_sha256`: train/core/checkpoints.py's `media_digest`; a changed
     --image_folder or a picture redrawn in place changes it), the tokenisation (the chat template's text and the
     reasoning flags it is rendered with), the model's files (name, size, modification time; or the hub id), the
     weights dtype, quantisation and attention kernel, the media settings (pixel budgets, frame sampling), the
@@ -64,9 +64,9 @@ def reference_cache_key(*, data_path, data, media_sha256: str, model_id: str, me
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
     from vlft.models.loading import load_family, load_processor
-    from vlft.train.dpo_trainer import DPOTrainer, ReferenceCache
-    from vlft.train.reference import make_reference
-    from vlft.train.setup import disable_dropout, load_model_copy, prepare_model, refuse_base_mutating_init
+    from vlft.train.core.setup import disable_dropout, load_model_copy, prepare_model, refuse_base_mutating_init
+    from vlft.train.dpo.trainer import DPOTrainer, ReferenceCache
+    from vlft.train.preference.reference import make_reference
 
     model_args, data_args, tune_args, train_args = parse_args(DPO_GROUPS, argv, prog="vlft dpo")
     validate(model_args, data_args, tune_args, train_args, family=family_for(model_args))

@@ -5,7 +5,7 @@
 
 The order matters: arguments are checked and the data is prepared before the model is loaded (a bad record
 costs seconds, not a model load); the model set-up applies LoRA before the freeze flags, because PEFT freezes
-the whole base model and the merger or tower may still need to train next to it (train/setup.py). Held-out
+the whole base model and the merger or tower may still need to train next to it (train/core/setup.py). Held-out
 records (--eval_data_path) go through the same start-up check, before the model loads too.
 """
 from __future__ import annotations
@@ -20,15 +20,15 @@ from vlft.data.prepare import CONVERSATION, length_flag_of, prepare_sft_data
 from vlft.data.reasoning import Thinking
 from vlft.data.sft import PackedDataset, SFTDataset
 from vlft.models.processor_media import apply_media_settings
-from vlft.train.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
+from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
 from vlft.utils import log
 
 
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
     from vlft.models.loading import load_family, load_processor
-    from vlft.train.setup import prepare_model
-    from vlft.train.trainer import SFTTrainer
+    from vlft.train.core.setup import prepare_model
+    from vlft.train.core.trainer import SFTTrainer
 
     model_args, data_args, tune_args, train_args = parse_args(SFT_GROUPS, argv, prog="vlft sft")
     validate(model_args, data_args, tune_args, train_args, family=family_for(model_args))

@@ -418,7 +418,7 @@ class PreemptionCallback(TrainerCallback):
     def __init__(self):
         self.requested: str | None = None
         # the ranks' agreement on `requested` for the step in progress, when the trainer already took it in its
-        # per-step collective (train/trainer.py: _get_grad_norm); None: take it here
+        # per-step collective (train/core/trainer.py: _get_grad_norm); None: take it here
         self.agreed: bool | None = None
         self.stopped_by: str | None = None
         self.stopped_at: int | None = None

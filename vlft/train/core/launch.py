@@ -79,12 +79,12 @@ def shutdown_distributed(wait: bool = True) -> bool:
 def check_output_dir(train_args) -> None:
     """Before anything loads: nothing the user wrote is overwritten (a non-empty --output_dir needs
     --overwrite_output_dir or a resume), --output_dir is writable, `--resume_from_checkpoint latest` is resolved
-    to the newest complete checkpoint (train/checkpoints.py), and what a killed save left behind is removed.
+    to the newest complete checkpoint (train/core/checkpoints.py), and what a killed save left behind is removed.
     --overwrite_output_dir (without a resume) starts a new run: DPO's cached reference log-probs of the old one
     (`ref_log_probs/`) are removed, so nothing of it is read back."""
     import shutil
 
-    from vlft.train.checkpoints import check_writable, clear_staging, resolve_resume, user_files
+    from vlft.train.core.checkpoints import check_writable, clear_staging, resolve_resume, user_files
 
     out = train_args.output_dir
     resume = resolve_resume(train_args)
@@ -160,7 +160,7 @@ def batch_warning(items: int, train_args, *, what: str = "records", prompts_per_
     Trainer (transformers 5.x `set_initial_training_values`): ceil(micro-batches per process / accumulation steps),
     at least 1, where accelerate gives each process ceil(ceil(items / per-device batch) / processes) micro-batches
     (floor with --dataloader_drop_last). GRPO: `items` are prompts and `prompts_per_step` is one step's prompts
-    (train/grpo_trainer.py `prompts_per_step`); an epoch is items // prompts_per_step batches of prompts, TRL's rule
+    (train/grpo/trainer.py `prompts_per_step`); an epoch is items // prompts_per_step batches of prompts, TRL's rule
     (its RepeatSampler drops an incomplete last one), each trained on --num_iterations times."""
     bs, accum, world = (train_args.per_device_train_batch_size, train_args.gradient_accumulation_steps,
                         train_args.world_size)
@@ -201,7 +201,7 @@ def train_and_save(trainer, *, lora: bool) -> tuple[dict, object]:
 
     On SIGTERM / SIGUSR1 the run saves a checkpoint at the end of the step in progress and returns with
     `summary["preempted"]` set (no final save: the run is not finished) and the line that resumes it."""
-    from vlft.train.checkpoints import PreemptionCallback, check_resume, latest_checkpoint
+    from vlft.train.core.checkpoints import PreemptionCallback, check_resume, latest_checkpoint
 
     args = trainer.args
     if args.resume_from_checkpoint:

@@ -6,15 +6,15 @@
 
 - parameter groups with a learning rate per part (`vision_lr`, `merger_lr`) and no decay on biases and norms;
 - a given per-epoch order (length-grouped batches) instead of the Trainer's shuffling;
-- the model's inputs prepared from vlft's batches on the device (train/model_inputs.py: uint8 pixels normalised,
+- the model's inputs prepared from vlft's batches on the device (train/core/model_inputs.py: uint8 pixels normalised,
   packed rows' per-record positions), so the model keeps its library forward;
 - counting of what trained (non-pad tokens, records, vision patches and attention pairs) and the throughput
   callback wired to those counts, so every run logs tokens/s and MFU with the vision tower in it;
-- what a run prints and logs (train/callbacks.py: use_log_lines): the progress bar, a readable line every
+- what a run prints and logs (train/core/callbacks.py: use_log_lines): the progress bar, a readable line every
   --log_line_steps steps in place of HF's dict per log, and every log entry in <output_dir>/log.jsonl;
 - vlft's files in every save (run_dir.py: fully trained non-LoRA weights, what trained, resolved arguments);
 - checkpoints written atomically, with the run's identity for resume checks, and the final save staged the same
-  way (train/checkpoints.py);
+  way (train/core/checkpoints.py);
 - a step whose loss or gradients are not finite is caught before the optimizer applies it: the run stops naming
   the step and its records (or skips it, up to --skip_nonfinite_steps), and non-finite weights are never saved.
 """
@@ -36,9 +36,9 @@ from vlft.run_dir import (
     read_non_lora,
     write_run_files,
 )
-from vlft.train.model_inputs import model_inputs
-from vlft.train.optim import build_param_groups, groups_table
-from vlft.train.throughput import ThroughputCallback
+from vlft.train.core.model_inputs import model_inputs
+from vlft.train.core.optim import build_param_groups, groups_table
+from vlft.train.core.throughput import ThroughputCallback
 from vlft.utils import log
 
 
@@ -77,12 +77,12 @@ class VlftTrainerMixin:
     vlft_args: the resolved arguments, saved as vlft_args.json with every checkpoint.
     family: the model's registry entry (models/registry.py), for the parameter groups and the FLOPs estimate.
     vision_lr, merger_lr: learning rates of the vision tower and the merger(s) (None: the main one).
-    loraplus_lr_ratio: LoRA+ (train/optim.py): LoRA B matrices learn at this multiple of their part's rate.
+    loraplus_lr_ratio: LoRA+ (train/core/optim.py): LoRA B matrices learn at this multiple of their part's rate.
     train_order: epoch -> list of dataset indices (length grouping), or None for the Trainer's sampler.
     pixel_norms: (image, video) callables mapping uint8 patch rows to the processor's float values
         (data/pixels.py: PixelNorm); None when the dataset sends float pixels.
 
-    Every private Trainer method overridden here or in a stage's trainer has a row in train/overrides.py
+    Every private Trainer method overridden here or in a stage's trainer has a row in train/core/overrides.py
     (PRIVATE_TRAINER_OVERRIDES), whose test checks it against the installed transformers."""
 
     def __init__(self, *args, vlft_args: dict | None = None, family=None, vision_lr: float | None = None,
@@ -111,7 +111,7 @@ class VlftTrainerMixin:
             vision_tokens=lambda: int(c.patches), vision_pairs=lambda: int(c.pairs))
         # right after DefaultFlowCallback: the figures it adds to a log line reach the reporters and the printer
         self.callback_handler.callbacks.insert(1, self.throughput)
-        from vlft.train.callbacks import ReleaseSharedMemoryCallback, use_log_lines
+        from vlft.train.core.callbacks import ReleaseSharedMemoryCallback, use_log_lines
 
         # the progress bar (tokens/s in its postfix) without HF's dict, a readable line every --log_line_steps
         # steps, every log entry in <output_dir>/log.jsonl
@@ -227,7 +227,7 @@ class VlftTrainerMixin:
         if self.args.fp16:  # an overflowing fp16 step is the loss scaler's to skip (and to lower its scale for)
             norm_finite = torch.tensor(True)
         records, self._step_records, self._step_finite = self._step_records, [], None
-        from vlft.train.checkpoints import any_ranks
+        from vlft.train.core.checkpoints import any_ranks
 
         preemption = self.preemption
         # one collective per step for both agreements: a non-finite step, and a stop signal (PreemptionCallback)
@@ -242,8 +242,8 @@ class VlftTrainerMixin:
 
     @property
     def preemption(self):
-        """The run's PreemptionCallback (train/checkpoints.py), or None."""
-        from vlft.train.checkpoints import PreemptionCallback
+        """The run's PreemptionCallback (train/core/checkpoints.py), or None."""
+        from vlft.train.core.checkpoints import PreemptionCallback
 
         return next((c for c in self.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
 
@@ -259,7 +259,7 @@ class VlftTrainerMixin:
             log(f"step {step}: {what} is not finite; step skipped ({self.nonfinite_skipped} of "
                 f"--skip_nonfinite_steps {allowed}); records in its batch: {labels}")
             return
-        from vlft.train.checkpoints import latest_checkpoint
+        from vlft.train.core.checkpoints import latest_checkpoint
 
         last = latest_checkpoint(self.args.output_dir)
         kept = f"the last checkpoint, {last}, holds finite weights" if last else "no checkpoint had been written"
@@ -293,7 +293,7 @@ class VlftTrainerMixin:
         checks = [torch.isfinite(t).all().to(self.args.device) for _, t in trained]
         finite = torch.stack(checks).tolist() if checks else []  # one device-to-host copy
         bad = [n for (n, _), ok in zip(trained, finite) if not ok]
-        from vlft.train.checkpoints import any_rank
+        from vlft.train.core.checkpoints import any_rank
 
         if any_rank(bool(bad), self.args.device):
             raise NonFiniteError(f"refusing to save {what}: trainable weights are not finite ({', '.join(bad[:3])}); "
@@ -306,10 +306,10 @@ class VlftTrainerMixin:
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint, written under <output_dir>/.vlft-staging and renamed into place when every
-        rank has finished; then the rotation of --save_total_limit (train/checkpoints.py says why)."""
+        rank has finished; then the rotation of --save_total_limit (train/core/checkpoints.py says why)."""
         from transformers.trainer_utils import rotate_checkpoints
 
-        from vlft.train.checkpoints import STAGING_DIR, any_rank, barrier, publish_checkpoint, remove_if_empty, save_failed
+        from vlft.train.core.checkpoints import STAGING_DIR, any_rank, barrier, publish_checkpoint, remove_if_empty, save_failed
 
         run_dir = Path(super()._get_output_dir(trial))
         name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
@@ -350,8 +350,8 @@ class VlftTrainerMixin:
         calls it, into the staged checkpoint folder, so the file is published with the checkpoint or not at all)."""
 
     def save_final(self, output_dir: str) -> None:
-        """The end-of-run save, staged and then moved into `output_dir` (see train/checkpoints.py)."""
-        from vlft.train.checkpoints import STAGING_DIR, any_rank, barrier, publish_final, remove_if_empty, save_failed
+        """The end-of-run save, staged and then moved into `output_dir` (see train/core/checkpoints.py)."""
+        from vlft.train.core.checkpoints import STAGING_DIR, any_rank, barrier, publish_final, remove_if_empty, save_failed
 
         self._check_finite_weights("the final model")
         out = Path(output_dir)
@@ -378,9 +378,9 @@ class VlftTrainerMixin:
         barrier()
 
     def identity(self) -> dict:
-        """This run's resume identity (train/checkpoints.py: run_identity)."""
+        """This run's resume identity (train/core/checkpoints.py: run_identity)."""
         from vlft.run_dir import trained_record
-        from vlft.train.checkpoints import run_identity
+        from vlft.train.core.checkpoints import run_identity
 
         model = self.accelerator.unwrap_model(self.model)
         return run_identity(self.vlft_args, records=len(self.train_dataset) if self.train_dataset is not None else 0,
@@ -443,7 +443,7 @@ class VlftTrainerMixin:
             gathered = state_dict if self.is_deepspeed_enabled else None
             write_run_files(model, output_dir or self.args.output_dir, self.vlft_args,
                             is_peft=isinstance(model, PeftModel), state_dict=gathered)
-            from vlft.train.checkpoints import write_identity
+            from vlft.train.core.checkpoints import write_identity
 
             write_identity(output_dir or self.args.output_dir, self.identity())
 

@@ -1,4 +1,4 @@
-"""The GRPO trainer: HF's Trainer with vlft's additions (train/trainer.py), rollouts and a clipped policy-gradient
+"""The GRPO trainer: HF's Trainer with vlft's additions (train/core/trainer.py), rollouts and a clipped policy-gradient
 loss (GRPO, arXiv 2402.03300; DAPO 2503.14476; Dr. GRPO 2503.20783; GSPO 2507.18071).
 
 Why not `VlftTrainerMixin + trl.GRPOTrainer`: TRL 1.16's GRPOTrainer takes only a `datasets.Dataset` and builds the
@@ -9,10 +9,10 @@ so media would not go through vlft's preparation. Here each step, for the B prom
    `generate` on the unwrapped model (TRL's `unwrap_model_for_generation`: ZeRO-3 weights gathered, so ranks
    with and without media never wait on each other inside `generate`);
 2. completions cut after their first end-of-turn token; texts decoded; every reward function called with TRL's
-   signature (train/rewards.py), the weighted sum turned into group advantages (train/grpo_loss.py);
+   signature (train/grpo/rewards.py), the weighted sum turned into group advantages (train/grpo/loss.py);
 3. training rows: prompt + completion, right-padded by the same SFT collator (distributed dummy media included),
    labels on the completion tokens, and the reference's per-token log-probs when --beta > 0;
-4. the loss (train/grpo_loss.py, TRL's formulas) on the policy's log-probs from one forward of those rows.
+4. the loss (train/grpo/loss.py, TRL's formulas) on the policy's log-probs from one forward of those rows.
 
 With --num_iterations N > 1 (TRL's mu) a cycle is N optimizer steps: its first step generates (steps 1-4 above, one
 rollout per micro-batch) and keeps each micro-batch's training batch (advantages and reference log-probs included);
@@ -29,7 +29,7 @@ All G completions of a prompt are generated on the process that holds the prompt
 communication. Logged: TRL's metric names (reward, reward_std, rewards/<f>/mean|std, frac_reward_zero_std,
 completions/mean_length, completions/clipped_ratio, clip_ratio/*, kl) and `completions.jsonl` in the run directory
 (a row per completion: step, record, id, media, the completion text, its `reasoning` - None without a think block - and
-`answer` as the rewards read them (train/rewards.py: split_completion), truncated, the total and each reward); the
+`answer` as the rewards read them (train/grpo/rewards.py: split_completion), truncated, the total and each reward); the
 reward and completion metrics and completions.jsonl once per rollout (replayed steps log the loss metrics only).
 """
 from __future__ import annotations
@@ -50,30 +50,30 @@ from vlft.data.encoding import special_token_ids
 from vlft.data.grpo import generation_rows, training_rows
 from vlft.errors import VlftError
 from vlft.run_dir import COMPLETIONS_FILE, ROLLOUTS_FILE
-from vlft.train.grpo_loss import group_advantages, grpo_loss, reward_stats, sampling_correction, weighted_rewards
-from vlft.train.logprobs import completion_columns, completion_log_probs
-from vlft.train.reference import FrozenCopy
-from vlft.train.rewards import (
+from vlft.train.core.trainer import VlftTrainerMixin
+from vlft.train.grpo.loss import group_advantages, grpo_loss, reward_stats, sampling_correction, weighted_rewards
+from vlft.train.grpo.rewards import (
     CONVERSATIONAL,
     TEXT,
     conversational_completion,
     conversational_prompt,
     split_completion,
 )
-from vlft.train.trainer import VlftTrainerMixin
+from vlft.train.preference.logprobs import completion_columns, completion_log_probs
+from vlft.train.preference.reference import FrozenCopy
 
 
 class GRPOTrainer(VlftTrainerMixin, Trainer):
     """vlft's GRPO stage. Keyword arguments on top of the mixin's:
 
-    reward_funcs: [(name, function)] (train/rewards.py: load_reward_funcs); reward_weights: one per function;
+    reward_funcs: [(name, function)] (train/grpo/rewards.py: load_reward_funcs); reward_weights: one per function;
     reward_shapes: one per function, rewards.TEXT (strings, the default) or rewards.CONVERSATIONAL (TRL's message
-    lists), as the pre-flight found them (train/rewards.py: preflight_rewards).
+    lists), as the pre-flight found them (train/grpo/rewards.py: preflight_rewards).
     samples: the dataset's PromptSamples (their `columns` reach the reward functions by name).
     generation_collator: SFTCollator with left padding and no dummy media (rollouts);
     training_collator: the stage's SFTCollator (right padding, dummy media in distributed runs).
     encoder: the ChatEncoder (prompt texts for the reward functions).
-    reference: train/reference.py's AdaptersOff or FrozenCopy when --beta > 0, else None."""
+    reference: train/preference/reference.py's AdaptersOff or FrozenCopy when --beta > 0, else None."""
 
     def __init__(self, *args, reward_funcs, reward_weights=None, reward_shapes=None, samples, generation_collator,
                  training_collator, encoder, reference=None, **kwargs):
@@ -105,9 +105,9 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         self.completions_path = Path(a.output_dir) / COMPLETIONS_FILE
         self.keep_generation_logits = False  # tests: keep the sampling logits of the last rollout
         self.last_rollout: dict | None = None
-        self.vllm = None  # --use_vllm: train/vllm_rollout.py's VllmRollout generates instead of model.generate
+        self.vllm = None  # --use_vllm: train/grpo/vllm_rollout.py's VllmRollout generates instead of model.generate
         if a.use_vllm:
-            from vlft.train.vllm_rollout import VllmRollout
+            from vlft.train.grpo.vllm_rollout import VllmRollout
 
             self.vllm = VllmRollout(self)
         # --num_iterations > 1: the cycle's kept training batches {"step": the global_step that generated them,
@@ -365,7 +365,7 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         per_token, mask = completion_log_probs(model, inputs, temperature=a.temperature)
         old = inputs.get("old_per_token_logps")  # None on the first pass over a rollout: ratio 1 (TRL's detach)
         sampling_ratio = None
-        if "sampling_logps" in inputs:  # vLLM rollouts: TRL's importance-sampling correction (train/grpo_loss.py)
+        if "sampling_logps" in inputs:  # vLLM rollouts: TRL's importance-sampling correction (train/grpo/loss.py)
             sampling = inputs["sampling_logps"][:, completion_columns(inputs["labels"]) + 1].to(per_token.dtype)
             behaviour = per_token.detach() if old is None else old  # the policy that sampled, as the trainer sees it
             sampling_ratio = sampling_correction(

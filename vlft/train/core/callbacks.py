@@ -14,7 +14,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from vlft.errors import VlftError
 from vlft.models.patches import uncheckpoint_frozen_blocks
 from vlft.run_dir import LOG_FILE
-from vlft.train.throughput import TokensProgressCallback
+from vlft.train.core.throughput import TokensProgressCallback
 
 
 class FrozenVisionCallback(TrainerCallback):
@@ -29,12 +29,12 @@ class FrozenVisionCallback(TrainerCallback):
 class ReleaseSharedMemoryCallback(TrainerCallback):
     """A single-process DeepSpeed run (the CPU rehearsal with one process) starts its process group only when the
     Trainer wraps the model, after `init_distributed_early` had nothing to do: unlink its CPU all-reduce segment's
-    name once training begins (train/launch.py: release_cpu_allreduce_names says why; a no-op elsewhere)."""
+    name once training begins (train/core/launch.py: release_cpu_allreduce_names says why; a no-op elsewhere)."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         import torch
 
-        from vlft.train.launch import release_cpu_allreduce_names
+        from vlft.train.core.launch import release_cpu_allreduce_names
 
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             release_cpu_allreduce_names()
