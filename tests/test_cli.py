@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from vlft.cli import COMMANDS, main
-from vlft.config import SFT_GROUPS, parse_args
+from vlft.config import parse_args
 from vlft.errors import VlftError
+from vlft.train.sft.config import GROUPS as SFT_GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data_examples" / "llava_demo.json"

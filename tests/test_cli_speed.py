@@ -13,7 +13,7 @@ import time
 import pytest
 
 from vlft import utils
-from vlft.cli import COMMANDS, FLAG_GROUPS, MODEL_FLAGS, check_flag_names, known_flags, main
+from vlft.cli import COMMANDS, FLAG_GROUPS, check_flag_names, known_flags, main, model_flags
 from vlft.errors import VlftError
 
 DATACLASS_COMMANDS = list(FLAG_GROUPS)
@@ -88,9 +88,13 @@ def test_the_early_flag_list_is_the_parsers(command):
 def test_the_table_names_the_groups_each_command_parses(monkeypatch):
     """FLAG_GROUPS are the groups each command's main passes to the parser, and name every command that parses with
     vlft.config (the others use argparse)."""
-    import vlft.config as config
+    import importlib
 
-    for name, groups in (("sft", config.SFT_GROUPS), ("dpo", config.DPO_GROUPS), ("grpo", config.GRPO_GROUPS)):
+    import vlft.config as config
+    from vlft.stages import STAGES, TRAINING_STAGES
+
+    for name in TRAINING_STAGES:  # each stage's run parses its config module's GROUPS
+        groups = importlib.import_module(STAGES[name].config.split(":")[0]).GROUPS
         assert [f"{g.__module__}:{g.__name__}" for g in groups] == list(FLAG_GROUPS[name])
 
     class Seen(Exception):
@@ -102,7 +106,7 @@ def test_the_table_names_the_groups_each_command_parses(monkeypatch):
     monkeypatch.setattr(config, "parse_command", capture)
     monkeypatch.setattr(config, "parse_args", capture)
     for name, (module, _) in COMMANDS.items():
-        if name in ("sft", "dpo", "grpo"):
+        if name in TRAINING_STAGES:
             continue
         try:
             importlib.import_module(module).main(["--help"] if name not in FLAG_GROUPS else [])
@@ -115,7 +119,8 @@ def test_the_table_names_the_groups_each_command_parses(monkeypatch):
 
 
 def test_an_unknown_flag_from_a_full_parse_gets_the_suggestion_too(tmp_path):
-    from vlft.config import SFT_GROUPS, parse_args
+    from vlft.config import parse_args
+    from vlft.train.sft.config import GROUPS as SFT_GROUPS
 
     with pytest.raises(VlftError, match=r"unknown flag --lerning_rate \(did you mean --learning_rate\?\)"):
         parse_args(SFT_GROUPS, ["--output_dir", str(tmp_path), "--lerning_rate", "1"])
@@ -213,11 +218,14 @@ def test_a_hub_id_without_a_hub_fails_fast_with_what_to_do(monkeypatch, tmp_path
     assert "local checkpoint directory instead (--model_id /path/to/model" in err and "HF_HUB_OFFLINE=1" in err
 
 
-@pytest.mark.parametrize("command, flag", [(command, flag) for command, flags in MODEL_FLAGS.items() for flag in flags])
+@pytest.mark.parametrize("command, flag", [(command, flag) for command in COMMANDS for flag in model_flags(command)])
 def test_every_model_flag_is_checked_before_the_import(online, monkeypatch, command, flag, capsys):
     monkeypatch.setattr(utils, "hub_reachable", lambda: False)
     # the check comes first: the command's module would not even import
-    monkeypatch.setitem(COMMANDS, command, ("vlft.no_such_module", ""))
+    import vlft.cli as cli
+
+    table = {**cli.commands(), command: ("vlft.no_such_module", "")}
+    monkeypatch.setattr(cli, "commands", lambda: table)
     assert main([command, f"{flag}=org/model"]) == 2
     assert f"vlft {command}: error: {flag} org/model: not a local directory" in capsys.readouterr().err
 
@@ -409,7 +417,8 @@ def test_flag_parser_errors_are_one_line_with_status_2(capsys):
 def test_abbreviations_and_peer_spellings_are_refused_with_the_vlft_name():
     """argparse's prefix matching read LLaMA-Factory's `--lora_target all` as --lora_target_experts and `--lora_r 4`
     as --lora_rank; flags count by their full names, and a peer tool's spelling gets vlft's."""
-    from vlft.config import SFT_GROUPS, parse_args
+    from vlft.config import parse_args
+    from vlft.train.sft.config import GROUPS as SFT_GROUPS
 
     with pytest.raises(VlftError) as info:
         check_flag_names("sft", ["--lora_r", "4", "--lora_target", "all", "--cutoff_len", "2048"])

@@ -6,8 +6,9 @@ import shlex
 
 import pytest
 
-from vlft.config import SFT_GROUPS, parse_args, validate
+from vlft.config import parse_args, validate
 from vlft.errors import VlftError
+from vlft.train.sft.config import GROUPS as SFT_GROUPS
 
 BASE = ["--model_id", "m", "--data_path", "d.json", "--output_dir", "o"]
 
@@ -137,7 +138,7 @@ def test_the_arguments_mixin_goes_on_trls_configs(config_name, tmp_path):
 
     import trl
 
-    from vlft.config import VlftArgumentsMixin
+    from vlft.train.core.arguments import VlftArgumentsMixin
 
     base = getattr(trl, config_name)
     config_cls = dataclass(type(f"Vlft{config_name}", (VlftArgumentsMixin, base), {}))
@@ -150,7 +151,7 @@ def test_the_arguments_mixin_goes_on_trls_configs(config_name, tmp_path):
 
 
 def test_grpo_num_iterations_above_one_passes_and_below_one_is_named():
-    from vlft.config import GRPO_GROUPS
+    from vlft.train.grpo.config import GROUPS as GRPO_GROUPS
 
     groups = parse_args(GRPO_GROUPS, [*BASE, "--num_iterations", "3", "--use_cpu", "true"])
     validate(*groups)

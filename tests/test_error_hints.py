@@ -279,7 +279,7 @@ def test_unfreeze_topk_next_to_an_explicit_unfreeze(part, flags, expected):
 
 def test_grpo_num_iterations_message_shows_the_value(tmp_path):
     """Before: '--num_iterations > 1 is not available' for --num_iterations 0."""
-    from vlft.config import GRPOConfig
+    from vlft.train.grpo.config import GRPOConfig
 
     args = GRPOConfig(output_dir=str(tmp_path), num_iterations=0, use_cpu=True)
     assert any(p.startswith("--num_iterations 0: ") and "use 1" in p for p in args.problems())

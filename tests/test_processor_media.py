@@ -19,8 +19,8 @@ from conftest import FAMILIES
 from PIL import Image
 
 from vlft.data.prepare import MediaSettings
+from vlft.data.processor_media import apply_media_settings, media_settings_from_args
 from vlft.merge import merge
-from vlft.models.processor_media import apply_media_settings, media_settings_from_args
 from vlft.predict import main as predict_main
 from vlft.run_dir import MEDIA_FILE, read_run_args
 from vlft.train.sft.run import run

@@ -16,8 +16,11 @@ import pytest
 import torch
 
 from vlft.cli import main
-from vlft.config import DPO_GROUPS, GRPO_GROUPS, SFT_GROUPS, parse_args, validate
+from vlft.config import parse_args, validate
 from vlft.run_dir import ARGS_FILE
+from vlft.train.dpo.config import GROUPS as DPO_GROUPS
+from vlft.train.grpo.config import GROUPS as GRPO_GROUPS
+from vlft.train.sft.config import GROUPS as SFT_GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"

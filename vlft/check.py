@@ -2,7 +2,7 @@
 loading the model or training: every record parsed, every image and video decoded, every sequence measured.
 
     vlft check-data --model_id DIR --data_path data.json [more.jsonl#1000 ...] --image_folder images/ \
-        [--stage sft|dpo|grpo|predict]
+        [--stage NAME]   (a row of vlft/stages.py: sft, dpo, grpo, predict, ...)
 
 For SFT data and a thinking model (a chat template that renders reasoning in a think block, Qwen3.5's), it also
 says how many records train on reasoning and how many on answers without it, how many turns' reasoning the template
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vlft.errors import VlftError
+from vlft.stages import STAGES, stage_help
 from vlft.utils import log
 
 # check-data warns when more than this share of a thinking model's SFT records train on answers without reasoning
@@ -28,13 +29,11 @@ CHECK_SEED = 42
 
 @dataclass
 class CheckArguments:
-    stage: str = field(
-        default="sft", metadata={"help": "Which stage's records the file holds: sft (conversations ending with a gpt "
-                                         "turn), dpo (preference pairs), grpo (prompts with reward columns), predict "
-                                         "(prompts, answers optional).", "choices": ["sft", "dpo", "grpo", "predict"]})
+    stage: str = field(default="sft", metadata={"help": stage_help() + ".", "choices": STAGES})  # read when parsing: every row
     truncation_mode: str = field(
-        default="keep_start", metadata={"help": "dpo: over-long pairs get their answers cut (keep_start, vlft dpo's "
-                                                "default) or are dropped (drop).", "choices": ["keep_start", "drop"]})
+        default="keep_start", metadata={"help": "Stages that cut over-long answers (dpo): cut them from their end "
+                                                "(keep_start, the stage's default) or leave the record out (drop).",
+                                        "choices": ["keep_start", "drop"]})
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlft.config import DataArguments, ModelArguments, family_for, parse_args, validate
     from vlft.data.encoding import ChatEncoder
     from vlft.data.mixture import parse_data_paths, prepare_mixture
-    from vlft.data.prepare import RECORD_FORMATS, length_flag_of
+    from vlft.data.prepare import length_flag_of
     from vlft.data.reasoning import Thinking
     from vlft.data.store import CUT
     from vlft.models.loading import load_family, load_processor
@@ -146,16 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))  # pixel defaults in the family's units
     thinking = Thinking.from_args(data_args)
-    record_format = RECORD_FORMATS.get(check_args.stage)
-    if check_args.stage == "grpo":  # prompts; they are limited by --max_prompt_length in `vlft grpo`
-        from vlft.data.grpo import PROMPT
-
-        record_format = PROMPT
-    elif check_args.stage == "dpo":  # the over-long policy of `vlft dpo` (data/dpo.py)
-        from vlft.data.dpo import PreferenceFormat
-
-        preference = PreferenceFormat(data_args.max_seq_length, check_args.truncation_mode)
-        record_format = preference.record_format()
+    stage = STAGES[check_args.stage]
+    record_format = stage.record_format_for(data_args.max_seq_length, check_args)  # its own flags: check_args
     # each file checked and reported on its own, then the mix a run would take (with --seed's default, 42)
     prepared = prepare_mixture(
         data_args.data_path, record_format, seed=CHECK_SEED, processor=processor,
@@ -164,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         **data_args.preparation(), length_flag=length_flag_of(data_args), thinking=thinking,
         max_bad_fraction=data_args.max_bad_fraction,
     )
-    truncated = prepared.count_flag(CUT) if check_args.stage == "dpo" else 0
+    truncated = prepared.count_flag(CUT)  # set only by formats that cut over-long answers (DPO's keep_start)
     cut = f"; {truncated} with answers to be cut to {length_flag_of(data_args)}" if truncated else ""
     log(f"{check_args.stage} data: {prepared.summary()}{cut}")
-    if check_args.stage == "sft":  # the stage that trains on the file's answers, every assistant turn of them
+    if stage.reports_reasoning:  # stages that train on the file's answers, every assistant turn of them
         encoder = ChatEncoder(processor, thinking)
         for line in reasoning_report(count_reasoning(encoder, prepared.samples), encoder.reasoning, thinking):
             log(line)

@@ -13,11 +13,10 @@ import os
 import sys
 
 from vlft.errors import VlftError
+from vlft.stages import STAGES
 
-COMMANDS = {
-    "sft": ("vlft.train.sft.run", "supervised fine-tuning (full or LoRA) on LLaVA-format data"),
-    "dpo": ("vlft.train.dpo.run", "direct preference optimisation (full or LoRA) on preference pairs"),
-    "grpo": ("vlft.train.grpo.run", "GRPO (RL with reward functions) on prompts, full or LoRA"),
+# command -> (module whose main(argv) runs it, help), besides the training stages (vlft/stages.py: `commands()`)
+TOOLS = {
     "merge": ("vlft.merge", "merge a LoRA run into a plain Hugging Face checkpoint"),
     "predict": ("vlft.predict", "generate answers for LLaVA records with a run, a merged or a base model"),
     "plot": ("vlft.plot", "draw a run's training curves (loss, lr, grad norm, tokens/s, eval, rewards) to a PNG"),
@@ -28,26 +27,47 @@ COMMANDS = {
     "tiny-model": ("vlft.models.tiny", "build the tiny offline Qwen-VL used by the demo and tests"),
 }
 
+
+def commands() -> dict[str, tuple[str, str]]:
+    """Every command -> (module, help): one per training stage of STAGES (read now), then TOOLS."""
+    return {**{name: (STAGES[name].entry, STAGES[name].help) for name in STAGES if STAGES[name].config}, **TOOLS}
+
+
+COMMANDS = commands()  # as the table stands at import (tests, docs); main() reads commands() each time
+
 _MODEL, _DATA, _TUNE = "vlft.config:ModelArguments", "vlft.config:DataArguments", "vlft.config:TuneArguments"
 
 # command -> "module:Class" of each argument dataclass it parses (vlft.config.parse_command), read from the source to
 # check flag names before any import. The argparse commands (merge, plot, plan, tiny-model) check their own.
-FLAG_GROUPS = {
-    "sft": (_MODEL, _DATA, _TUNE, "vlft.config:SFTConfig"),
-    "dpo": (_MODEL, _DATA, _TUNE, "vlft.config:DPOConfig"),
-    "grpo": (_MODEL, _DATA, _TUNE, "vlft.config:GRPOConfig"),
+TOOL_FLAG_GROUPS = {
     "predict": ("vlft.predict:PredictArguments", _DATA),
     "check-data": ("vlft.check:CheckArguments", _MODEL, _DATA),
     "preview": ("vlft.preview:PreviewArguments", _MODEL, _DATA),
     "convert": ("vlft.convert:ConvertArguments",),
 }
 
+
+def flag_groups() -> dict[str, tuple[str, ...]]:
+    """command -> the "module:Class" of each argument dataclass it parses: a training stage's are the shared groups
+    and its config (STAGES), the tools' TOOL_FLAG_GROUPS."""
+    stages = {name: (_MODEL, _DATA, _TUNE, s.config) for name, s in STAGES.items() if s.config}
+    return {**stages, **TOOL_FLAG_GROUPS}
+
+
+FLAG_GROUPS = flag_groups()  # as the table stands at import; the checks below read flag_groups() each time
+
 # command -> the flags that take a model id, checked against the hub before the import (vlft.utils.check_model_source).
 # Not plan: it never downloads (a hub id names a row of its table of released sizes, or is refused at once).
-MODEL_FLAGS = {
-    "sft": ("--model_id",), "dpo": ("--model_id",), "grpo": ("--model_id",), "check-data": ("--model_id",),
-    "preview": ("--model_id",), "predict": ("--model", "--base_model"), "merge": ("--base_model",),
+TOOL_MODEL_FLAGS = {
+    "check-data": ("--model_id",), "preview": ("--model_id",), "predict": ("--model", "--base_model"),
+    "merge": ("--base_model",),
 }
+
+
+def model_flags(command: str) -> tuple[str, ...]:
+    """The flags of `command` that take a model id: --model_id for every training stage, TOOL_MODEL_FLAGS else."""
+    stage = STAGES.get(command)
+    return ("--model_id",) if stage is not None and stage.config else TOOL_MODEL_FLAGS.get(command, ())
 
 # Base classes that live outside the module that names them (vlft.config imports TrainingArguments from transformers'
 # lazy top-level package): where their source is, relative to the package's folder.
@@ -56,7 +76,7 @@ _EXTERNAL_BASES = {"TrainingArguments": ("transformers", "training_args.py")}
 
 def _usage() -> str:
     lines = ["usage: vlft <command> [flags]   (vlft <command> --help for its flags)", "", "commands:"]
-    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in commands().items()]
     return "\n".join(lines)
 
 
@@ -78,20 +98,26 @@ def _default_is_true(value: ast.expr | None) -> bool:
 
 
 def _class_fields(tree: ast.Module, name: str) -> dict[str, bool]:
-    """{field: whether HfArgumentParser adds its negation, no_ + field (a bool defaulting to true)} for the annotated class
-    attributes (the dataclass fields) of class `name` in `tree` and of its bases, followed through the same module
-    or _EXTERNAL_BASES; a field defined again overrides its bases' (earlier bases win, as in the MRO of these
-    single-chain classes). Errs on the side of more names (ClassVar and init=False attributes are kept): an extra
-    name only lets a bad flag through to the full parser, which refuses it."""
+    """{field: whether HfArgumentParser adds its negation, no_ + field (a bool defaulting to true)} for the annotated
+    class attributes (the dataclass fields) of class `name` in `tree` and of its bases, followed through the same
+    module, a `from vlft.x import Base` of the module, or _EXTERNAL_BASES; a field defined again overrides its bases'
+    (earlier bases win, as in the MRO of these single-chain classes). Errs on the side of more names (ClassVar and
+    init=False attributes are kept): an extra name only lets a bad flag through to the full parser, which refuses it."""
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     if name not in classes:
         raise LookupError(name)
     node = classes[name]
+    imported = {alias.asname or alias.name: (stmt.module, alias.name) for stmt in tree.body
+                if isinstance(stmt, ast.ImportFrom) and stmt.module and stmt.module.startswith("vlft.")
+                for alias in stmt.names}
     fields: dict[str, bool] = {}
     for base in reversed(node.bases):
         base_name = base.id if isinstance(base, ast.Name) else None
         if base_name in classes:
             fields.update(_class_fields(tree, base_name))
+        elif base_name in imported:  # a vlft class from another module (a stage's config on VlftArgumentsMixin)
+            module, original = imported[base_name]
+            fields.update(_class_fields(_source_tree(module), original))
         elif base_name in _EXTERNAL_BASES:
             package, filename = _EXTERNAL_BASES[base_name]
             spec = importlib.util.find_spec(package)
@@ -110,7 +136,7 @@ def known_flags(command: str) -> set[str] | None:
     of its argument dataclasses: every field, the negation HfArgumentParser adds for a bool field that defaults to
     true, `config` and `help`. None for a command without dataclass groups or when a source cannot be read (the full parser then
     checks alone). tests/test_cli_speed.py holds this equal to the parser's own list."""
-    groups = FLAG_GROUPS.get(command)
+    groups = flag_groups().get(command)
     if not groups:
         return None
     names: set[str] = {"config", "help"}
@@ -197,7 +223,7 @@ def check_model_flags(command: str, argv: list[str]) -> None:
     --config file or a run's vlft_args.json are checked when they are loaded (vlft.models.loading)."""
     from vlft.utils import check_model_source
 
-    for flag in MODEL_FLAGS.get(command, ()):
+    for flag in model_flags(command):
         for value in _flag_values(argv, flag):
             check_model_source(value, flag)
 
@@ -208,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
+    table = commands()
+    if command not in table:
         from vlft.utils import closest_flag
 
-        near = closest_flag(command, COMMANDS)
+        near = closest_flag(command, table)
         hint = f" (did you mean {near}?)" if near else ""
         print(f"vlft: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
@@ -222,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if not {"-h", "--help"} & set(rest):
             check_flag_names(command, rest)
             check_model_flags(command, rest)
-        module = importlib.import_module(COMMANDS[command][0])
+        module = importlib.import_module(table[command][0])
         return module.main(rest) or 0
     except VlftError as err:
         print(f"vlft {command}: error: {err}", file=sys.stderr)

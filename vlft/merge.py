@@ -6,7 +6,7 @@ into a plain Hugging Face checkpoint that transformers, vLLM and other servers l
 --adapter is a finished run or any checkpoint-N inside it; the base model comes from its vlft_args.json
 (--base_model overrides). Every key is checked: a trained weight missing from the run, or a saved weight
 the model does not have, stops the merge and names it. The processor written carries training's pixel budgets
-and frame sampling (vlft/models/processor_media.py) and vlft_media.json records them exactly. The output is
+and frame sampling (vlft/data/processor_media.py) and vlft_media.json records them exactly. The output is
 written to a temporary directory and renamed into place at the end, so a failed merge leaves nothing behind.
 """
 from __future__ import annotations
@@ -164,12 +164,12 @@ def plain_lora_of(model, run_dir: Path, config, adapter: dict):
 
 
 def save_processor(run_dir: Path, out: Path, family) -> None:
-    """The run's processor into `out`, with the media settings training used (vlft/models/processor_media.py) and
+    """The run's processor into `out`, with the media settings training used (vlft/data/processor_media.py) and
     their record (MEDIA_FILE) for vlft's own predict. The run's saved processor carries them already; applying
     the settings of its vlft_args.json again also serves runs saved before it did."""
     from transformers import AutoProcessor
 
-    from vlft.models.processor_media import apply_media_settings, media_settings_from_args, write_media_record
+    from vlft.data.processor_media import apply_media_settings, media_settings_from_args, write_media_record
 
     processor = AutoProcessor.from_pretrained(str(run_dir))
     run_args = read_run_args(run_dir)

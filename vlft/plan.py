@@ -733,9 +733,9 @@ def measure_data(model_id: str, data_args) -> DataTokens:
     from vlft.data.encoding import ChatEncoder
     from vlft.data.mixture import data_files, parse_data_paths, prepare_mixture
     from vlft.data.prepare import CONVERSATION, length_flag_of
+    from vlft.data.processor_media import apply_media_settings
     from vlft.data.reasoning import Thinking
     from vlft.models.loading import load_family, load_processor
-    from vlft.models.processor_media import apply_media_settings
 
     files = " ".join(data_files(data_args.data_path))
     if not model_id or not Path(model_id).expanduser().is_dir():
@@ -936,7 +936,8 @@ def settings_from_args(args) -> Settings:
 def other_flags(extra: list[str]) -> tuple[list[str], list[str], list[str], str | None]:
     """vlft sft's flags that plan has no option of its own for, sorted: (TuneArguments tokens, DataArguments tokens,
     ignored flag names, --deepspeed's value). Raises VlftError for a flag vlft sft does not know, with the closest."""
-    from vlft.config import SFT_GROUPS, DataArguments, TuneArguments
+    from vlft.config import DataArguments, TuneArguments
+    from vlft.train.sft.config import GROUPS as SFT_GROUPS
 
     def names(cls):
         return {f.name for f in fields(cls)}

@@ -78,7 +78,7 @@ def _media_from_run(data_args, run_args: dict, explicit: set[str], extra: tuple[
     """The run's media settings (its vlft_args.json, or a merged model's vlft_media.json), and the `extra` flags it
     recorded (predict: THINKING_FIELDS), for every one of them not given on this command line."""
     from vlft.config import DataArguments
-    from vlft.models.processor_media import MEDIA_FIELDS
+    from vlft.data.processor_media import MEDIA_FIELDS
 
     values = {f.name: getattr(data_args, f.name) for f in dataclasses.fields(DataArguments) if f.init}
     for name in (set(MEDIA_FIELDS) | set(extra)) - explicit:

@@ -1,6 +1,6 @@
 """`vlft preview`: one self-contained HTML page that shows records the way training will see them.
 
-    vlft preview --model_id DIR --data_path train.json --image_folder images/ [--stage sft|dpo|grpo]
+    vlft preview --model_id DIR --data_path train.json --image_folder images/ [--stage NAME]   (a row of vlft/stages.py)
                  [--num_records 20 | --ids a,b,c] [--output preview.html]
 
 --model_id is a model directory (or id), or a run directory: then the model it trained from (its vlft_args.json's
@@ -41,25 +41,24 @@ from pathlib import Path
 
 from vlft.constants import IGNORE_INDEX, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 from vlft.errors import DataError, Problem, VlftError
+from vlft.stages import STAGES, stage_help
 from vlft.utils import log
 
-STAGES = ("sft", "dpo", "grpo")
 THINKING_FLAGS = ("enable_thinking", "preserve_thinking", "train_empty_think")  # a run's, used unless given here
 THUMB_SIDE = 192  # longest side of a thumbnail in the page, pixels
 
 
 @dataclass
 class PreviewArguments:
-    stage: str = field(default="sft", metadata={"help": "Which stage's records the file holds: sft (conversations), "
-                                                        "dpo (preference pairs), grpo (prompts with reward columns).",
-                                                "choices": list(STAGES)})
+    stage: str = field(default="sft", metadata={"help": stage_help() + ".", "choices": STAGES})  # read when parsing: every row
     num_records: int = field(default=20, metadata={"help": "Show the first N records of the file (not with --ids)."})
     ids: str | None = field(default=None, metadata={"help": "Show these records instead: their ids, comma-separated."})
     output: str = field(default="preview.html", metadata={"help": "HTML file to write (replaced if it exists)."})
     frames_per_video: int = field(default=4, metadata={"help": "Sampled frames of each video to show."})
     truncation_mode: str = field(
-        default="keep_start", metadata={"help": "dpo: over-long pairs get their answers cut (keep_start, vlft dpo's "
-                                                "default) or are dropped (drop).", "choices": ["keep_start", "drop"]})
+        default="keep_start", metadata={"help": "Stages that cut over-long answers (dpo): cut them from their end "
+                                                "(keep_start, the stage's default) or leave the record out (drop).",
+                                        "choices": ["keep_start", "drop"]})
 
 
 # --- which records --------------------------------------------------------------------------------------------
@@ -148,20 +147,6 @@ class Preview:
     tokenizer: object = None  # the processor's tokenizer, to show token text
 
 
-def _record_format(stage: str, max_seq_length: int, truncation_mode: str):
-    from vlft.data.prepare import RECORD_FORMATS
-
-    if stage == "grpo":
-        from vlft.data.grpo import PROMPT
-
-        return PROMPT
-    if stage == "dpo":
-        from vlft.data.dpo import PreferenceFormat
-
-        return PreferenceFormat(max_seq_length, truncation_mode).record_format()
-    return RECORD_FORMATS[stage]
-
-
 def _prepare(data_path: str, record_format, selection: Selection, raw: dict, **kwargs):
     """prepare_data on the selected records, bad ones skipped and listed. Returns (PreparedData or None, problems):
     None when no selected record is usable, which prepare_data reports without its list, so the check is run again
@@ -184,42 +169,45 @@ def _prepare(data_path: str, record_format, selection: Selection, raw: dict, **k
     return prepared, [*prepared.skipped, *prepared.overlong]
 
 
-def _dataset(stage: str, prepared, processor, media, max_length: int | None, thinking):
-    if stage == "dpo":
-        from vlft.data.dpo import PreferenceDataset
-
-        return PreferenceDataset(prepared.samples, prepared.image_paths, processor, media=media,
-                                 video_sources=prepared.video_sources, max_length=max_length,
-                                 rejected_media=prepared.rejected_media, thinking=thinking)
-    if stage == "grpo":
-        from vlft.data.grpo import PromptDataset
-
-        return PromptDataset(prepared.samples, prepared.image_paths, processor, media=media,
-                             video_sources=prepared.video_sources, thinking=thinking)
-    from vlft.data.sft import SFTDataset
-
-    return SFTDataset(prepared.samples, prepared.image_paths, processor, media=media,
-                      video_sources=prepared.video_sources, thinking=thinking)
+def conversation_parts(item: dict, encoder, sample, specs) -> list[Part]:
+    """The one sequence of a conversation item (SFTDataset: `input_ids`, `labels`) with the labels that train and
+    which tokens are reasoning (`_conversation_kinds`). `specs`: the record's (image, video) VisionSpecs from the
+    start-up check. A vlft/stages.py `preview_parts` function."""
+    ids = item["input_ids"].tolist()
+    return [Part("conversation", ids, item["labels"].tolist(), _conversation_kinds(encoder, sample, specs, ids))]
 
 
-def _parts(stage: str, item: dict, encoder, sample, specs) -> list[Part]:
-    """The token sequences of one dataset item, with the labels training uses (DPO: the answer masks) and which
-    tokens are reasoning (`_conversation_kinds`, `_completion_kinds`). `specs`: the record's (image, video)
-    VisionSpecs from the start-up check."""
-    if stage == "sft":
-        ids = item["input_ids"].tolist()
-        return [Part("conversation", ids, item["labels"].tolist(), _conversation_kinds(encoder, sample, specs, ids))]
+def completion_sides(item: dict) -> list[str]:
+    """The completion sides of a prompt + completions item, in item order: every S with `S_ids` and `S_mask`
+    (DPO: chosen, rejected)."""
+    return [key[:-4] for key in item if key.endswith("_ids") and f"{key[:-4]}_mask" in item]
+
+
+def completion_parts(item: dict, encoder, sample, specs) -> list[Part]:
+    """The prompt (`prompt_ids`) and each completion side of an item (`completion_sides`: `S_ids`, `S_mask` -> the
+    labels that train; a side with its own prompt, `S_prompt_ids`, shows it first), with which tokens are reasoning
+    (`_completion_kinds`, against the record's completions in side order). A prompt-only item (GRPO) is its prompt.
+    A vlft/stages.py `preview_parts` function."""
     prompt = item["prompt_ids"].tolist()
     parts = [Part("prompt", prompt, [IGNORE_INDEX] * len(prompt))]
-    if stage == "dpo":
-        for side, completion in zip(("chosen", "rejected"), sample.completions):
-            if side == "rejected" and "rejected_prompt_ids" in item:  # image-side pair: its own pictures
-                other = item["rejected_prompt_ids"].tolist()
-                parts.append(Part("rejected-prompt", other, [IGNORE_INDEX] * len(other)))
-            ids, mask = item[f"{side}_ids"].tolist(), item[f"{side}_mask"].tolist()
-            parts.append(Part(side, ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)],
-                              _completion_kinds(encoder, sample.messages, completion, ids)))
+    completions = list(getattr(sample, "completions", ()) or ())
+    for k, side in enumerate(completion_sides(item)):
+        if f"{side}_prompt_ids" in item:  # an image-side pair's rejected sequence: its own pictures
+            other = item[f"{side}_prompt_ids"].tolist()
+            parts.append(Part(f"{side}-prompt", other, [IGNORE_INDEX] * len(other)))
+        ids, mask = item[f"{side}_ids"].tolist(), item[f"{side}_mask"].tolist()
+        kinds = _completion_kinds(encoder, sample.messages, completions[k], ids) if k < len(completions) else None
+        parts.append(Part(side, ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)], kinds))
     return parts
+
+
+def trained_lengths(item: dict, prepared_lengths) -> tuple[int, ...]:
+    """The lengths that train: per completion side, its prompt plus the side as the item holds it (after any
+    keep_start cut); the prepared lengths for an item without sides."""
+    sides = completion_sides(item)
+    if not sides:
+        return tuple(prepared_lengths)
+    return tuple(len(item.get(f"{s}_prompt_ids", item["prompt_ids"])) + len(item[f"{s}_ids"]) for s in sides)
 
 
 def _conversation_kinds(encoder, sample, specs, ids: list[int]) -> list[int] | None:
@@ -316,7 +304,8 @@ def build_preview(args: PreviewArguments, model_args, data_args, *, processor_pa
     media = data_args.media_settings(family)
     raw: dict = {}
     thinking = Thinking.from_args(data_args)  # the reasoning flags decide what the template renders and what trains
-    record_format = _record_format(args.stage, data_args.max_seq_length, args.truncation_mode)
+    stage = STAGES[args.stage]
+    record_format = stage.record_format_for(data_args.max_seq_length, args)  # its own flags: args
     prepared, problems = _prepare(
         data_args.data_path, record_format, selection, raw, processor=processor, image_folder=data_args.image_folder,
         media=media, max_seq_length=data_args.max_seq_length, workers=data_args.check_workers,
@@ -331,16 +320,15 @@ def build_preview(args: PreviewArguments, model_args, data_args, *, processor_pa
     views: dict[int, RecordView] = {}
     n_records = prepared.n_records if prepared else len(raw)
     if prepared is not None:
-        dataset = _dataset(args.stage, prepared, processor, media, data_args.max_seq_length, thinking)  # as training
+        dataset = stage.load("dataset")(prepared, processor, media=media, max_length=data_args.max_seq_length,
+                                        thinking=thinking)  # items as training builds them
+        parts_of = stage.load("preview_parts")
         encoder, cache = dataset.encoder, {}
         for i, sample in enumerate(prepared.samples):
             item = dataset[i]
-            parts = _parts(args.stage, item, encoder, sample, (prepared.image_specs[i], prepared.video_specs[i]))
+            parts = parts_of(item, encoder, sample, (prepared.image_specs[i], prepared.video_specs[i]))
             view = RecordView(sample.index, sample.id, parts=parts, raw=raw.get(sample.index))
-            view.lengths = prepared.sequence_lengths[i]
-            if args.stage == "dpo":  # after any keep_start cut: what trains
-                view.lengths = tuple(len(item.get(f"{s}_prompt_ids", item["prompt_ids"])) + len(item[f"{s}_ids"])
-                                     for s in ("chosen", "rejected"))
+            view.lengths = trained_lengths(item, prepared.sequence_lengths[i])  # after any keep_start cut
             for path, grid in zip(prepared.image_paths[i], item.get("image_grid_thw", [])):
                 view.media.append(_image_media(path, grid.tolist(), encoder, media, cache))
             for source, grid in zip(prepared.video_sources[i], item.get("video_grid_thw", [])):

@@ -71,7 +71,7 @@ WRITE_PROBE_PREFIX = ".vlft-write-test-"  # + the process id: rank 0's writabili
 LATEST = "latest"  # --resume_from_checkpoint's word for the newest complete checkpoint (train/core/checkpoints.py)
 
 # a merged model's record of the media settings training used (it has no vlft_args.json); written by merge
-# (models/processor_media.py write_media_record), read by predict (`read_media_record`)
+# (data/processor_media.py write_media_record), read by predict (`read_media_record`)
 MEDIA_FILE = "vlft_media.json"
 
 # What a run writes into --output_dir before its first checkpoint: the staging area of a killed save, DPO's cached

@@ -339,7 +339,8 @@ def test_a_scripts_data_setting_may_name_several_files(tmp_path):
     """DATA="a.json b.json#3" reaches vlft as one --data_path value; it reads as the two files."""
     from test_scripts import launched_argv
 
-    from vlft.config import SFT_GROUPS, parse_args
+    from vlft.config import parse_args
+    from vlft.train.sft.config import GROUPS as SFT_GROUPS
 
     a, b = write(tmp_path / "a.json", [chat(0)]), write(tmp_path / "b.json", [chat(1)])
     calls = launched_argv(tmp_path, "finetune_lora.sh", DATA=f"{a} {b}#3", IMAGE_FOLDER=str(DEMO_IMAGES))

@@ -20,7 +20,8 @@ def test_deepspeed_accepts_the_filled_config(path, tmp_path, monkeypatch):
     from deepspeed.runtime.config import DeepSpeedConfig
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from vlft.config import SFT_GROUPS, parse_args
+    from vlft.config import parse_args
+    from vlft.train.sft.config import GROUPS as SFT_GROUPS
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     *_, args = parse_args(SFT_GROUPS, ["--output_dir", str(tmp_path), "--deepspeed", str(path), "--use_cpu", "true",

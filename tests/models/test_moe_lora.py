@@ -13,12 +13,13 @@ from conftest import DEMO_IMAGES, DEMO_MEDIA, assert_same_run, logged_losses
 from safetensors.torch import load_file
 from torch import nn
 
-from vlft.config import DPOConfig, TuneArguments, validate
+from vlft.config import TuneArguments, validate
 from vlft.errors import VlftError
 from vlft.models.freezing import apply_freeze, count_parameters, is_moe_gate
 from vlft.models.lora import apply_lora, lora_targets
 from vlft.models.registry import get_family
 from vlft.models.tiny import build_model, build_tokenizer
+from vlft.train.dpo.config import DPOConfig
 
 MOE = ("qwen3_5_moe", "qwen3_vl_moe")
 RANK = 4

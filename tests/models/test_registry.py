@@ -8,12 +8,13 @@ import json
 import pytest
 import transformers
 
-from vlft.config import SFT_GROUPS, DataArguments, parse_args, resolved_args, validate
+from vlft.config import DataArguments, parse_args, resolved_args, validate
 from vlft.errors import VlftError
 from vlft.models.freezing import apply_freeze, count_parameters, parameter_table
 from vlft.models.registry import FAMILIES, Family, get_family
 from vlft.models.tiny import FAMILIES as TINY_FAMILIES
 from vlft.models.tiny import build_model, build_processor, build_tokenizer
+from vlft.train.sft.config import GROUPS as SFT_GROUPS
 
 
 @pytest.fixture(scope="module", params=TINY_FAMILIES)

@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import DEMO_DATA, DEMO_IMAGES, final_weights, plotting
 
-from vlft.config import SFT_GROUPS, parse_args
+from vlft.config import parse_args
 from vlft.errors import DataError, VlftError
 from vlft.plot import PLOT_FILE, read_series
 from vlft.train.core.launch import check_training_flags
+from vlft.train.sft.config import GROUPS as SFT_GROUPS
 from vlft.train.sft.run import run
 
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1", "--seed", "0"]

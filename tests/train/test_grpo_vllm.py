@@ -308,7 +308,8 @@ def test_flag_refusals(tmp_path, fake, flags, expected):
 
 
 def test_tensor_parallel_must_divide_processes(tmp_path, fake, monkeypatch):
-    from vlft.config import GRPO_GROUPS, parse_args, validate
+    from vlft.config import parse_args, validate
+    from vlft.train.grpo.config import GROUPS as GRPO_GROUPS
 
     groups = parse_args(GRPO_GROUPS, [*BASE, str(tmp_path / "out"), "--use_vllm", "--vllm_tensor_parallel_size", "3"])
     monkeypatch.setenv("WORLD_SIZE", "4")

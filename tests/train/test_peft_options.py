@@ -194,7 +194,8 @@ def test_pissa_merge_without_initial_adapter_is_refused(tiny_model_factory, tmp_
 def test_scripts_pass_the_options_only_when_set(tmp_path):
     from test_scripts import launched_argv
 
-    from vlft.config import SFT_GROUPS, parse_args
+    from vlft.config import parse_args
+    from vlft.train.sft.config import GROUPS as SFT_GROUPS
 
     def tune(script, tmp, **settings):
         tmp.mkdir()

@@ -258,7 +258,8 @@ def test_unproven_combinations_are_refused(tiny_model_factory, tmp_path):
 def test_lora_script_takes_peft_type_and_num_virtual_tokens(tmp_path):
     from test_scripts import launched_argv
 
-    from vlft.config import SFT_GROUPS, parse_args, validate
+    from vlft.config import parse_args, validate
+    from vlft.train.sft.config import GROUPS as SFT_GROUPS
 
     calls = launched_argv(tmp_path, "finetune_lora.sh", PEFT_TYPE="prompt_tuning", NUM_VIRTUAL_TOKENS="12")
     groups = parse_args(SFT_GROUPS, calls["sft"])

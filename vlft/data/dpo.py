@@ -171,3 +171,23 @@ class PreferenceCollator:
                 start += n
             batch[key] = torch.tensor(copy_of, dtype=torch.long)
         return batch
+
+
+# --- the dpo row of vlft/stages.py ---------------------------------------------------------------------------------
+
+
+def record_format(max_seq_length: int, options=None) -> RecordFormat:
+    """Preference pairs under the over-long policy `options.truncation_mode` (default keep_start, `vlft dpo`'s)."""
+    return PreferenceFormat(max_seq_length, getattr(options, "truncation_mode", "keep_start")).record_format()
+
+
+def build_dataset(prepared, processor, *, media, max_length: int | None = None, thinking=None) -> PreferenceDataset:
+    """One item per pair of `prepared` (answers cut to `max_length` as keep_start cuts them), float pixels."""
+    return PreferenceDataset(prepared.samples, prepared.image_paths, processor, media=media,
+                             video_sources=prepared.video_sources, max_length=max_length,
+                             rejected_media=prepared.rejected_media, thinking=thinking)
+
+
+def build_collator(processor, model=None, *, family=None, distributed: bool = False) -> PreferenceCollator:
+    """Pairs -> [chosen; rejected] rows through the SFT collator matched to `model` (SFTCollator.for_model)."""
+    return PreferenceCollator(SFTCollator.for_model(processor, model, family=family, distributed=distributed))

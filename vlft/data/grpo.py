@@ -134,3 +134,25 @@ def training_rows(items: list[dict], num_generations: int, completions: list[tor
 def first_items(batch: list[dict]) -> list[dict]:
     """The DataLoader's collate function for GRPO: the items themselves (the trainer builds rows per step)."""
     return batch
+
+
+# --- the grpo row of vlft/stages.py --------------------------------------------------------------------------------
+
+
+def record_format(max_seq_length: int, options=None) -> RecordFormat:
+    """GRPO prompts (PROMPT); their limit, --max_prompt_length, is applied by `vlft grpo` itself."""
+    return PROMPT
+
+
+def build_dataset(prepared, processor, *, media, max_length: int | None = None, thinking=None) -> PromptDataset:
+    """One item per prompt of `prepared`, float pixels (`max_length` unused: prompts are never cut)."""
+    return PromptDataset(prepared.samples, prepared.image_paths, processor, media=media,
+                         video_sources=prepared.video_sources, thinking=thinking)
+
+
+def build_collator(processor, model=None, *, family=None, distributed: bool = False):
+    """Prompts -> a left-padded batch for generation (the rollout side; the trainer builds its training rows with
+    a right-padded SFT collator from the completions: `training_rows`)."""
+    from vlft.data.collator import SFTCollator
+
+    return SFTCollator.for_model(processor, model, family=family, distributed=distributed, padding_side="left")

@@ -167,7 +167,6 @@ CONVERSATION_OR_PROMPT = RecordFormat("conversation or prompt", _parse_conversat
 # DPO: a prompt with a chosen and a rejected answer (data/preference.py); one sequence per answer
 PREFERENCE = RecordFormat("preference", parse_preference_record, _preference_lengths, keys=PREFERENCE_KEYS,
                           cache_key="preference")
-RECORD_FORMATS = {"sft": CONVERSATION, "predict": CONVERSATION_OR_PROMPT, "dpo": PREFERENCE}
 
 
 class LengthRows(Sequence):

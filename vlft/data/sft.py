@@ -98,3 +98,30 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> list[dict]:
         return [self.dataset[j] for j in self.packs[i]]
+
+
+# --- the sft and predict rows of vlft/stages.py ------------------------------------------------------------------
+
+
+def record_format(max_seq_length: int, options=None):
+    """SFT records: LLaVA conversations ending with an answer (data/prepare.py CONVERSATION); the length limit is
+    applied by preparation's policy, so `max_seq_length` and `options` change nothing here."""
+    from vlft.data.prepare import CONVERSATION
+
+    return CONVERSATION
+
+
+def predict_record_format(max_seq_length: int, options=None):
+    """`vlft predict`'s records: conversations or prompts, the answer optional (CONVERSATION_OR_PROMPT)."""
+    from vlft.data.prepare import CONVERSATION_OR_PROMPT
+
+    return CONVERSATION_OR_PROMPT
+
+
+def build_dataset(prepared, processor, *, media: MediaSettings, max_length: int | None = None,
+                  thinking: Thinking | None = None) -> SFTDataset:
+    """An SFTDataset over `prepared` (data/prepare.py PreparedData), items as training builds them (float pixels:
+    for showing; training asks for raw uint8 ones). `max_length` is unused: SFT records over the limit were dropped
+    by preparation."""
+    return SFTDataset(prepared.samples, prepared.image_paths, processor, media=media,
+                      video_sources=prepared.video_sources, thinking=thinking)

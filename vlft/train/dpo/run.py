@@ -14,19 +14,20 @@ import hashlib
 import json
 from pathlib import Path
 
-from vlft.config import DPO_GROUPS, family_for, parse_args, resolved_args, validate
+from vlft.config import family_for, parse_args, resolved_args, validate
 from vlft.data.collator import SFTCollator
 from vlft.data.dpo import PreferenceCollator, PreferenceDataset, PreferenceFormat
 from vlft.data.mixture import prepare_mixture, record_keys
 from vlft.data.packing import length_grouped_order
 from vlft.data.prepare import length_flag_of
+from vlft.data.processor_media import apply_media_settings
 from vlft.data.reasoning import Thinking
 from vlft.data.store import CUT
 from vlft.errors import VlftError
-from vlft.models.processor_media import apply_media_settings
 from vlft.train.core.checkpoints import data_digest, media_digest
 from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
 from vlft.train.core.setup import zero_stage
+from vlft.train.dpo.config import GROUPS as DPO_GROUPS
 from vlft.train.preference.reference import freezing_flags, trained_next_to_lora
 from vlft.utils import log
 

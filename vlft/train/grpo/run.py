@@ -12,17 +12,18 @@ shape, so `vlft merge` and `vlft predict` take it unchanged.
 """
 from __future__ import annotations
 
-from vlft.config import GRPO_GROUPS, family_for, parse_args, resolved_args, validate
+from vlft.config import family_for, parse_args, resolved_args, validate
 from vlft.data.collator import SFTCollator
 from vlft.data.encoding import ChatEncoder
 from vlft.data.grpo import PROMPT, PromptDataset, first_items
 from vlft.data.mixture import data_files, prepare_mixture
 from vlft.data.prepare import length_flag_of
+from vlft.data.processor_media import apply_media_settings
 from vlft.data.reasoning import Thinking, prompt_opens_think
 from vlft.errors import VlftError
-from vlft.models.processor_media import apply_media_settings
 from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
 from vlft.train.core.setup import zero_stage
+from vlft.train.grpo.config import GROUPS as GRPO_GROUPS
 from vlft.train.grpo.vllm_rollout import check_vllm_data, check_vllm_flags, check_vllm_length
 from vlft.train.preference.reference import freezing_flags, trained_next_to_lora
 from vlft.utils import log

@@ -11,16 +11,17 @@ records (--eval_data_path) go through the same start-up check, before the model 
 from __future__ import annotations
 
 from vlft.check import quick_reasoning_counts, reasoning_report
-from vlft.config import SFT_GROUPS, family_for, parse_args, resolved_args, validate
+from vlft.config import family_for, parse_args, resolved_args, validate
 from vlft.data.collator import PackingCollator, SFTCollator
 from vlft.data.encoding import ChatEncoder
 from vlft.data.mixture import prepare_mixture
 from vlft.data.packing import length_grouped_order, plan_packs
 from vlft.data.prepare import CONVERSATION, length_flag_of, prepare_sft_data
+from vlft.data.processor_media import apply_media_settings
 from vlft.data.reasoning import Thinking
 from vlft.data.sft import PackedDataset, SFTDataset
-from vlft.models.processor_media import apply_media_settings
 from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
+from vlft.train.sft.config import GROUPS as SFT_GROUPS
 from vlft.utils import log
 
 
