@@ -519,6 +519,8 @@ def validate(*groups, family=None) -> None:
             if not group.output_dir:
                 errors.append("--output_dir is required")
             errors += group.problems() if hasattr(group, "problems") else []
+            if family is not None and hasattr(group, "family_problems"):
+                errors += group.family_problems(family)  # the stage's own refusals for this family
     if family is not None:
         errors += family_problems(family, *groups)
         errors += moe_problems(family, tune) if tune is not None else []

@@ -238,6 +238,27 @@ def test_a_family_refusal_names_the_flag_the_family_and_the_reason():
     validate(DataArguments(data_path="d.json"), TuneArguments(), family=family)  # not asked for: no refusal
     for fam in FAMILIES.values():  # every refusal a family declares is a reason, for a feature validate knows
         from vlft.config import _FAMILY_FEATURES
+        from vlft.stages import STAGES
 
-        assert set(fam.unsupported) <= {f[0] for f in _FAMILY_FEATURES}, fam.model_type
+        assert set(fam.unsupported) <= {f[0] for f in _FAMILY_FEATURES} | set(STAGES), fam.model_type
         assert all(len(reason) > 20 for reason in fam.unsupported.values())
+
+
+def test_a_family_can_refuse_a_stage_and_validate_reports_it_with_every_other_problem(tmp_path):
+    """validate() gathers the flag rules, the stage config's problems() and the family's refusal of the stage
+    (Family.unsupported keyed by the stage's name) into one error."""
+    from types import MappingProxyType
+
+    from vlft.train.dpo.config import GROUPS as DPO_GROUPS
+
+    family = dataclasses.replace(get_family("qwen2_vl"), unsupported=MappingProxyType({
+        "dpo": "its preference data path is not proven yet"}))
+    groups = parse_args(DPO_GROUPS, ["--model_id", "m", "--data_path", "d.json", "--output_dir", str(tmp_path),
+                                     "--beta", "-1", "--lora_rank", "0", "--lora_enable", "true"])
+    with pytest.raises(VlftError) as err:
+        validate(*groups, family=family)
+    text = str(err.value)
+    assert "vlft dpo is not available for Qwen2-VL (qwen2_vl): its preference data path is not proven yet" in text
+    assert "--lora_rank must be >= 1" in text and "--beta must be > 0" in text  # the other groups' problems, in the same error
+    validate(*parse_args(DPO_GROUPS, ["--model_id", "m", "--data_path", "d.json", "--output_dir", str(tmp_path)]),
+             family=get_family("qwen2_vl"))  # the family as it is: nothing refused

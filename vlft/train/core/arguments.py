@@ -48,6 +48,13 @@ class VlftArgumentsMixin:
 
         init_distributed_early(deepspeed="deepspeed" in given)
 
+    def family_problems(self, family) -> list[str]:
+        """What this stage cannot do with `family` (a models/families descriptor), each with the family's reason:
+        the stage itself when the family refuses it (`Family.unsupported[stage]`, e.g. "kto"); stages add theirs."""
+        reason = family.refusal(self.stage_name.lower())
+        return [f"vlft {self.stage_name.lower()} is not available for {family.display_name} ({family.model_type}): "
+                f"{reason}"] if reason else []
+
     def problems(self) -> list[str]:
         """What is wrong with these arguments together ([] when nothing); the stages' configs add theirs."""
         errors = []
