@@ -331,7 +331,7 @@ def test_train_empty_think_is_sft_only(stage, tiny_model_factory, tmp_path):
 
     from vlft.errors import VlftError
 
-    run = __import__(f"vlft.train.{stage}", fromlist=["run"]).run
+    run = __import__(f"vlft.train.{stage}.run", fromlist=["run"]).run
     data = REPO / "data_examples" / f"{stage}_demo.json"
     with pytest.raises(VlftError, match=f"--train_empty_think decides which tokens SFT learns; in vlft {stage}"):
         run(["--model_id", str(tiny_model_factory("qwen3_5")), "--data_path", str(data), "--train_empty_think", "true",
