@@ -191,7 +191,7 @@ def test_predict_takes_media_flags_from_a_config_file_over_the_run(trained, tmp_
 
     _, _, run_dir = trained
     seen = {}
-    monkeypatch.setattr(vlft.predict, "predict", lambda pred_args, data_args: seen.setdefault("data", data_args))
+    monkeypatch.setattr(vlft.predict, "predict", lambda pred_args, data_args, *_: seen.setdefault("data", data_args))
     config = tmp_path / "predict.yaml"
     config.write_text("image_max_pixels: 4096\n")
     predict_main(["--model", str(run_dir), "--data_path", str(DEMO_DATA), "--output", str(tmp_path / "p.jsonl"),

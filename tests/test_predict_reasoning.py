@@ -203,14 +203,15 @@ def test_the_runs_recorded_flag_is_used_unless_one_is_given(full_run, data, tmp_
     assert len(spy["ids"]) == 3 and all(tok.decode(ids).endswith(ENDS["true"]) for ids in spy["ids"])
 
 
-def test_recorded_reasoning_flags_reach_the_data_arguments(tmp_path, monkeypatch):
+def test_recorded_reasoning_flags_reach_the_data_arguments(qwen3_5, tmp_path, monkeypatch):
     """Both prompt flags come from the run, each unless given; train_empty_think (training's) is not taken."""
-    run = tmp_path / "run"
+    run = tmp_path / "run"  # a LoRA run's small files: describe_trained reads them, no weights are loaded
     run.mkdir()
-    (run / "vlft_args.json").write_text(json.dumps({"model_id": "x", "enable_thinking": False,
+    (run / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (run / "vlft_args.json").write_text(json.dumps({"model_id": str(qwen3_5), "enable_thinking": False,
                                                     "preserve_thinking": True, "train_empty_think": True}))
     seen = {}
-    monkeypatch.setattr(vlft.predict, "predict", lambda pred_args, data_args: seen.setdefault("data", data_args))
+    monkeypatch.setattr(vlft.predict, "predict", lambda pred_args, data_args, *_: seen.setdefault("data", data_args))
     predict_main(["--model", str(run), "--data_path", "d.json", "--output", str(tmp_path / "p.jsonl")])
     assert (seen["data"].enable_thinking, seen["data"].preserve_thinking, seen["data"].train_empty_think) == \
         (False, True, False)

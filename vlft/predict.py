@@ -2,8 +2,9 @@
 
     vlft predict --model output/finetune_lora/latest --data_path val.json --image_folder images/ --output preds.jsonl
 
---model is a run directory with an adapter (its base model and trained weights are loaded, as by merge),
-a merged or fully fine-tuned directory, or a base model id. When it holds vlft_args.json (a run) or
+--model is anything vlft wrote, opened by models/loading.py `open_trained`: a run directory or a checkpoint-N in it
+(LoRA: its base model and trained weights, merged as by vlft merge; virtual tokens: kept as inputs; full fine-tuning),
+a merged model, or a base model id. When it holds vlft_args.json (a run) or
 vlft_media.json (a model merged by vlft merge), the media settings of training (pixel budgets, frame sampling)
 are used unless given here, and so are a run's reasoning flags (--enable_thinking, --preserve_thinking): a thinking
 model is prompted as it trained. Each record's last gpt turn, when present, is the reference; the prompt is
@@ -38,36 +39,13 @@ class PredictArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace --output if it exists."})
 
 
-def load_for_inference(model_path: str, *, base_model: str | None, dtype: str):
-    from vlft.merge import load_adapted_model
-    from vlft.models.loading import load_model, set_use_cache
-    from vlft.models.virtual_tokens import is_virtual_token_run, load_virtual_tokens
-    from vlft.run_dir import base_model_of, is_adapter_run
+def load_for_inference(trained, *, dtype: str):
+    """(model, family) to generate with: models/loading.py `open_trained` on what `describe_trained` found at
+    --model (a LoRA run merged into its base, a virtual-token run in VirtualTokenModel; eval mode, KV cache on)."""
+    from vlft.models.loading import open_trained
 
-    path = Path(model_path)
-    if path.is_dir() and is_virtual_token_run(path):  # not mergeable: the virtual tokens stay an adapter
-        base, family = load_model(base_model_of(path, base_model), dtype=dtype)
-        set_use_cache(base, True)
-        return load_virtual_tokens(base, path), family
-    if path.is_dir() and is_adapter_run(path):
-        peft_model, family, _ = load_adapted_model(path, base_model=base_model, dtype=dtype)
-        model = peft_model.merge_and_unload()
-    else:
-        model, family = load_model(model_path, dtype=dtype)
-    set_use_cache(model, True)
-    return model.eval(), family
-
-
-def _family(pred_args: PredictArguments):
-    """The family of the model to predict with, from its config alone (an adapter run: its base model's), so that
-    the media settings are known before the data check and the model load."""
-    from vlft.models.loading import load_family
-    from vlft.run_dir import base_model_of, is_adapter_run
-
-    path = Path(pred_args.model)
-    if path.is_dir() and is_adapter_run(path):
-        return load_family(base_model_of(path, pred_args.base_model))
-    return load_family(pred_args.model)
+    opened = open_trained(trained, dtype=dtype)
+    return opened.model, opened.family
 
 
 # The reasoning flags that decide a prompt (train_empty_think only decides which tokens training learns)
@@ -124,7 +102,9 @@ def reference_answer(message: dict) -> str:
         return (message.get("content") or "").strip()
 
 
-def predict(pred_args: PredictArguments, data_args) -> dict:
+def predict(pred_args: PredictArguments, data_args, trained=None) -> dict:
+    """Generate for every record of --data_path and write the rows (`prediction_row`); returns the summary.
+    `trained`: models/loading.py `describe_trained` of --model when the caller has it (main), else read here."""
     import torch
     from transformers import set_seed
 
@@ -135,7 +115,7 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
     from vlft.data.prepare import length_flag_of, prepare_sft_data
     from vlft.data.reasoning import Thinking
     from vlft.data.sft import SFTDataset
-    from vlft.models.loading import load_processor
+    from vlft.models.loading import describe_trained, load_processor
 
     data_path = single_data_path(  # a training run's several files or #N selection do not apply here
         data_args.data_path, command="vlft predict",
@@ -143,8 +123,9 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
     out_path = Path(pred_args.output)
     if out_path.exists() and not pred_args.overwrite:
         raise VlftError(f"--output {out_path} already exists; choose another file or pass --overwrite true")
-    processor = load_processor(pred_args.model)
-    media = data_args.media_settings(_family(pred_args))  # pixel defaults in the family's units
+    trained = trained or describe_trained(pred_args.model, base_model=pred_args.base_model)
+    processor = load_processor(trained.processor_source)
+    media = data_args.media_settings(trained.family)  # pixel defaults in the family's units
     thinking = Thinking.from_args(data_args)
     checked = prepare_sft_data(data_path, processor=processor, image_folder=data_args.image_folder,
                                media=media, max_seq_length=data_args.max_seq_length,
@@ -162,7 +143,7 @@ def predict(pred_args: PredictArguments, data_args) -> dict:
                          video_sources=checked.video_sources, add_generation_prompt=True, thinking=thinking)
 
     set_seed(pred_args.seed)
-    model, _ = load_for_inference(pred_args.model, base_model=pred_args.base_model, dtype=pred_args.dtype)
+    model, _ = load_for_inference(trained, dtype=pred_args.dtype)
     bare = model.get_base_model() if hasattr(model, "get_base_model") else model  # (virtual tokens: a PeftModel)
     collate = SFTCollator.for_model(processor, bare, padding_side="left")
     tok = processor.tokenizer
@@ -215,23 +196,22 @@ def generation_prompt(dataset, i: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from vlft.config import DataArguments, parse_command, validate
-    from vlft.run_dir import read_media_record, read_run_args
+    from vlft.models.loading import describe_trained
 
     (pred_args, data_args), given = parse_command((PredictArguments, DataArguments), list(argv or []),
                                                   prog="vlft predict")
     if not pred_args.model or not data_args.data_path or not pred_args.output:
         raise VlftError("vlft predict needs --model, --data_path and --output")
-    model_dir = Path(pred_args.model)
-    recorded = (read_run_args(model_dir) or read_media_record(model_dir)) if model_dir.is_dir() else {}
     if data_args.train_empty_think:
         raise VlftError("--train_empty_think decides which tokens training learns; vlft predict learns nothing: "
                         "leave the flag out (--enable_thinking decides whether the prompt opens a think block)")
-    if recorded:  # a run or a merged model: the settings training used
-        data_args = _media_from_run(data_args, recorded, given, extra=THINKING_FIELDS)
+    trained = describe_trained(pred_args.model, base_model=pred_args.base_model)
+    if trained.media:  # a run or a merged model: the settings training used
+        data_args = _media_from_run(data_args, trained.media, given, extra=THINKING_FIELDS)
     if not {"max_seq_length", "max_length"} & given:
         data_args.max_seq_length = 10**9  # prediction keeps every record; the check still reports bad ones
     validate(data_args)
-    predict(pred_args, data_args)
+    predict(pred_args, data_args, trained)
     return 0
 
 

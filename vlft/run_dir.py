@@ -1,6 +1,6 @@
 """One owner of what a run directory (and every checkpoint-N inside it) holds besides the weights: its file
-names, the writing and the reading. Merge, predict and the training stages go through here, never through
-file names of their own.
+names, the writing and the reading. The training stages and models/loading.py (`describe_trained`, `open_trained`:
+what predict, merge and a reference open) go through here, never through file names of their own.
 
     output_dir/
       adapter_model.safetensors, adapter_config.json   LoRA runs (written by PEFT through the Trainer)
@@ -34,16 +34,16 @@ from pathlib import Path
 
 # vlft's own files, in the run directory and in every checkpoint-N (written by `write_run_files` on each save)
 ARGS_FILE = "vlft_args.json"  # the resolved arguments; read by `read_run_args` (merge, predict, preview, --config)
-NON_LORA_FILE = "non_lora_trainables.safetensors"  # LoRA runs' fully trained weights; read by merge, a resume
-TRAINED_FILE = "vlft_trained.json"  # what trained (`trained_record`); read by merge (`read_trained`)
-INITIAL_ADAPTER = "initial_adapter"  # PiSSA / OLoRA: the adapter as created (folder); read by merge's conversion
+NON_LORA_FILE = "non_lora_trainables.safetensors"  # LoRA runs' fully trained weights; read by open_trained, a resume
+TRAINED_FILE = "vlft_trained.json"  # what trained (`trained_record`); read by open_trained (`read_trained`)
+INITIAL_ADAPTER = "initial_adapter"  # PiSSA / OLoRA: the adapter as created (folder); read by open_trained's conversion
 CARD_FILE = "README.md"  # the model card (`checkpoint_card`, `write_run_card`); read by people and the Hub
 
 # PEFT's and transformers' names for what their save_pretrained writes (peft.utils.constants CONFIG_NAME /
 # SAFETENSORS_WEIGHTS_NAME, transformers.utils SAFE_WEIGHTS_NAME / SAFE_WEIGHTS_INDEX_NAME), spelled here so that
 # vlft's readers need not import those packages
-ADAPTER_CONFIG = "adapter_config.json"  # written by PEFT; read by merge, predict (`is_adapter_run`), models/virtual_tokens.py
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # written by PEFT (and `write_initial_adapter`); read by merge, virtual tokens
+ADAPTER_CONFIG = "adapter_config.json"  # written by PEFT; read by describe_trained (`is_adapter_run`), virtual tokens
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # written by PEFT (and `write_initial_adapter`); read by open_trained
 MODEL_WEIGHTS = "model.safetensors"  # a full model's single weights file (save_pretrained); read by models/extra_keys.py
 MODEL_INDEX = "model.safetensors.index.json"  # a sharded model's weight map; written by save_pretrained, and updated
 # by models/extra_keys.py `carry_extra_tensors` (merge, a full run's final save), which also writes these shards:
@@ -71,8 +71,14 @@ WRITE_PROBE_PREFIX = ".vlft-write-test-"  # + the process id: rank 0's writabili
 LATEST = "latest"  # --resume_from_checkpoint's word for the newest complete checkpoint (train/core/checkpoints.py)
 
 # a merged model's record of the media settings training used (it has no vlft_args.json); written by merge
-# (data/processor_media.py write_media_record), read by predict (`read_media_record`)
+# (data/processor_media.py write_media_record), read by describe_trained (`read_media_record`) for predict
 MEDIA_FILE = "vlft_media.json"
+
+# a reward model (`vlft rm`): its scalar head, beside the language model's own files in the run directory and in every
+# checkpoint-N (the model's files stay those of an SFT run, so the shared loaders open them); written by
+# train/rm/trainer.py, read by train/rm/model.py `load_reward_model` (and a resume)
+REWARD_HEAD_WEIGHTS = "reward_head.safetensors"  # the head's weight [1, hidden] (key "weight"), float32
+REWARD_HEAD_CONFIG = "reward_head.json"  # what the head reads: its shape, the pooling rule, the pad token
 
 # What a run writes into --output_dir before its first checkpoint: the staging area of a killed save, DPO's cached
 # reference log-probs, GRPO's completions log, the log lines, TensorBoard's event folders. A run killed before its

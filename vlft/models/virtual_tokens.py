@@ -133,7 +133,8 @@ def apply_virtual_tokens(model, config) -> VirtualTokenModel:
 
 
 def load_virtual_tokens(model, run_dir) -> VirtualTokenModel:
-    """A saved virtual-token run on its base model, for inference (PEFT's loading, into VirtualTokenModel)."""
+    """A saved virtual-token run on its base model, for inference (PEFT's loading, into VirtualTokenModel); the
+    opener of models/loading.py `open_trained` for this kind. VlftError when the adapter file holds other tensors."""
     from pathlib import Path
 
     from peft import PeftConfig, set_peft_model_state_dict
@@ -146,7 +147,11 @@ def load_virtual_tokens(model, run_dir) -> VirtualTokenModel:
     # the encoder) and, in inference mode, uses them as they are; loading is a strict load_state_dict
     state = load_file(str(Path(run_dir) / ADAPTER_WEIGHTS))
     if set(state) != {"prompt_embeddings"}:
-        raise ValueError(f"{run_dir}/{ADAPTER_WEIGHTS} holds {sorted(state)[:4]}, not PEFT's prompt_embeddings")
+        from vlft.errors import VlftError
+
+        raise VlftError(f"{Path(run_dir) / ADAPTER_WEIGHTS} holds {sorted(state)[:4]}, not the prompt_embeddings PEFT "
+                        "saves for virtual tokens: the run's adapter files do not belong together; give another "
+                        "checkpoint of the run")
     set_peft_model_state_dict(peft_model, state)
     return peft_model.eval()
 

@@ -153,11 +153,13 @@ def disable_dropout(model) -> None:
 
 def load_model_copy(model_args, tune_args, train_args):
     """A second copy of the starting model, loaded like the policy (dtype, attention, Liger kernels): the frozen
-    reference of full fine-tuning (train/preference/reference.py). Under ZeRO-3 it is sharded like the policy."""
-    from vlft.models.loading import load_model
+    reference of full fine-tuning (train/preference/reference.py), opened by models/loading.py `open_trained` as
+    every reader of a model is. The KV cache stays off, as the policy's (a forward with it on ignores packed rows'
+    position ids: `load_model`). Under ZeRO-3 it is sharded like the policy."""
+    from vlft.models.loading import open_trained
 
-    copy, _ = load_model(model_args.model_id, dtype=weights_dtype(train_args),
-                         attn_implementation=model_args.attn_implementation)
+    copy = open_trained(model_args.model_id, dtype=weights_dtype(train_args),
+                        attn_implementation=model_args.attn_implementation, use_cache=False).model
     if tune_args.use_liger:
         from vlft.models.patches import apply_liger
 
