@@ -31,6 +31,7 @@ if _FAULT and _IS_RANK:
     import vlft.train.core.trainer as _trainer
 
     if _mode in ("kill_step", "term_step", "int_step"):
+        # set on the composition, ahead of the concern mixins whose training_step it runs (counting, guard)
         _step_fn = _trainer.VlftTrainerMixin.training_step
         _sent = []
 

@@ -1,13 +1,15 @@
 """The table of private `transformers.Trainer` methods vlft overrides (vlft/train/core/overrides.py) against the installed
-Trainer and against vlft's trainer classes: a transformers upgrade that renames such a method, changes its
-parameters or stops calling it, and a new override that is not tabled, fail here instead of silently bypassing
-vlft's behaviour (or raising a TypeError mid-run)."""
+Trainer, against vlft's trainer classes and against the concern mixins VlftTrainerMixin is composed of: a transformers
+upgrade that renames such a method, changes its parameters or stops calling it, a new override that is not tabled,
+and a concern mixin overriding what the table gives another concern, fail here instead of silently bypassing vlft's
+behaviour (or raising a TypeError mid-run)."""
 from __future__ import annotations
 
 import ast
 import dataclasses
 import importlib
 import inspect
+import re
 
 from conftest import REPO
 from transformers import Trainer
@@ -17,6 +19,7 @@ from vlft.train.core.overrides import (
     TRAINERS,
     Param,
     check_private_overrides,
+    misattributed_overrides,
     trainer_params,
     uncovered_overrides,
 )
@@ -78,6 +81,7 @@ def test_every_row_is_filled_in_and_named_once():
     for row in PRIVATE_TRAINER_OVERRIDES:
         assert row.name.startswith("_") and not row.name.startswith("__"), row.name
         assert row.classes and row.callers and row.why, row.name
+        assert row.owner.startswith("vlft.train.core."), (row.name, row.owner)
 
 
 def test_the_table_describes_the_installed_trainer():
@@ -150,6 +154,86 @@ def test_an_untabled_override_and_a_wrong_row_are_reported():
                                                              classes=("Extra", "SFTTrainer")),)
     problems = uncovered_overrides([Extra], table=wrong)
     assert problems == ["_get_eval_sampler: the table lists SFTTrainer, which does not define it itself"]
+
+
+# ------------------------------------------------------------------------------------------------------ (2b)
+
+def _concerns() -> list[type]:
+    """The concern mixins VlftTrainerMixin is composed of, in MRO order."""
+    from vlft.train.core.trainer import VlftTrainerMixin
+
+    return [cls for cls in VlftTrainerMixin.__mro__[1:] if cls is not object]
+
+
+def test_every_private_override_sits_in_the_concern_module_that_owns_it():
+    assert misattributed_overrides() == []
+    concerns = _concerns()
+    modules = [cls.__module__ for cls in concerns]
+    assert len(set(modules)) == len(modules) == 7, modules  # one concern per module
+    assert all(m.startswith("vlft.train.core.") for m in modules), modules
+    own = _own_classes()
+    for row in PRIVATE_TRAINER_OVERRIDES:  # the owner's mixin is one of the classes the row names
+        assert [name for name in row.classes if own[name].__module__ == row.owner], (row.name, row.owner)
+    # each owner's mixin says in its docstring which private Trainer methods it overrides: exactly its rows
+    for cls in concerns:
+        owned = {row.name for row in PRIVATE_TRAINER_OVERRIDES if row.owner == cls.__module__}
+        named = {name for name in re.findall(r"`(_\w+)`", cls.__doc__) if hasattr(Trainer, name)}
+        assert "Overrides" in cls.__doc__ and named == owned, (cls.__name__, named, owned)
+
+
+def test_a_concern_overriding_outside_its_rows_and_a_misattributed_row_are_reported():
+    from vlft.train.core.counting import CountingMixin
+    from vlft.train.core.guard import NonFiniteGuardMixin
+    from vlft.train.core.inputs import InputsMixin
+    from vlft.train.core.optimizer import OptimizerMixin
+    from vlft.train.core.resume import ResumeMixin
+    from vlft.train.core.saving import SavingMixin
+    from vlft.train.core.token_loss import TokenLossMixin
+    from vlft.train.core.trainer import VlftTrainerMixin
+
+    class GreedyGuard(NonFiniteGuardMixin):  # a concern that also takes saving's method, and one nobody owns
+        def _get_output_dir(self, trial):
+            return None
+
+        def _get_eval_sampler(self, eval_dataset):
+            return None
+
+    class Composed(OptimizerMixin, InputsMixin, CountingMixin, TokenLossMixin, GreedyGuard, SavingMixin, ResumeMixin):
+        pass
+
+    problems = misattributed_overrides(Composed)
+    where = f"{__name__}.{GreedyGuard.__qualname__}"
+    assert problems == [
+        f"{where} overrides the Trainer's private _get_eval_sampler, which PRIVATE_TRAINER_OVERRIDES "
+        "(vlft/train/core/overrides.py) attributes to no module",
+        f"{where} overrides the Trainer's private _get_output_dir, which PRIVATE_TRAINER_OVERRIDES "
+        "(vlft/train/core/overrides.py) attributes to vlft.train.core.saving"], problems
+
+    class Itself(VlftTrainerMixin):  # the composition overriding one itself
+        def _save(self, output_dir=None, state_dict=None):
+            return None
+
+    assert misattributed_overrides(Itself) == [
+        "test_a_concern_overriding_outside_its_rows_and_a_misattributed_row_are_reported.<locals>.Itself._save "
+        "overrides the Trainer's private _save itself; it belongs in the concern mixin that owns it"]
+
+    rows = {row.name: row for row in PRIVATE_TRAINER_OVERRIDES}
+    wrong = tuple(
+        dataclasses.replace(row, owner="vlft.train.core.resume") if row.name == "_save" else
+        dataclasses.replace(row, classes=("VlftTrainerMixin",)) if row.name == "_get_output_dir" else
+        dataclasses.replace(row, owner="vlft.train.core.helpers") if row.name == "_get_grad_norm" else row
+        for row in rows.values())
+    problems = misattributed_overrides(table=wrong)
+    assert problems == [
+        "vlft.train.core.guard.NonFiniteGuardMixin overrides the Trainer's private _get_grad_norm, which "
+        "PRIVATE_TRAINER_OVERRIDES (vlft/train/core/overrides.py) attributes to vlft.train.core.helpers",
+        "vlft.train.core.saving.SavingMixin overrides the Trainer's private _save, which PRIVATE_TRAINER_OVERRIDES "
+        "(vlft/train/core/overrides.py) attributes to vlft.train.core.resume",
+        "_get_output_dir: the table says vlft.train.core.saving owns it, but its classes do not name SavingMixin",
+        "_save: the table says vlft.train.core.resume owns it, but vlft.train.core.resume.ResumeMixin does not "
+        "define it",
+        "_get_grad_norm: its owner vlft.train.core.helpers is not the module of a concern mixin of VlftTrainerMixin",
+    ], problems
 
 
 # ------------------------------------------------------------------------------------------------------ (3)

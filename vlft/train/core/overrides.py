@@ -6,17 +6,21 @@ it. Each of those leaves vlft's override silently bypassed (the Trainer no longe
 no non-finite-step check, no uint8 pixels normalised...) or broken (the Trainer calls it with an argument the
 override does not take: a TypeError mid-run). Each row records what vlft relies on in the installed Trainer: the
 method's parameters (name, kind, default; annotations are typing only and not compared), the Trainer methods that
-call it, which vlft classes override it and why. `check_private_overrides` compares the rows with a Trainer class;
-`uncovered_overrides` compares them with vlft's trainer classes. tests/train/test_trainer_overrides.py runs both,
+call it, which vlft classes override it and why, and its owner: the concern module of train/core/ whose mixin
+(one of the concerns VlftTrainerMixin is composed of, train/core/trainer.py) overrides it for every stage.
+`check_private_overrides` compares the rows with a Trainer class; `uncovered_overrides` compares them with vlft's
+trainer classes; `misattributed_overrides` with the concern mixins. tests/train/test_trainer_overrides.py runs them,
 and checks that every override accepts every call the Trainer's own signature accepts.
 
 When that test fails after a transformers upgrade:
 1. Read the new Trainer's method (transformers/trainer.py) and its callers: what changed, and why.
-2. Adapt each override named in the row (the row's `classes`): its parameters, what it passes to `super()`, and the
-   behaviour the row's `why` describes, if the Trainer now does it elsewhere (a renamed method, a new caller).
+2. Adapt each override named in the row (the row's `classes`, the `owner` module's first): its parameters, what
+   it passes to `super()`, and the behaviour the row's `why` describes, if the Trainer now does it elsewhere (a
+   renamed method, a new caller).
 3. Update the row (parameters, callers) and `READ_AGAINST`, then run the tests that the row's overrides carry
    (resume, checkpoints, non-finite steps, packing, GRPO: tests/train/).
-A new override of a private Trainer method gets a row here in the same change (the test fails without one).
+A new override of a private Trainer method gets a row here in the same change (the test fails without one); a
+concern mixin overrides only the methods of the rows that name its module as owner.
 """
 from __future__ import annotations
 
@@ -31,11 +35,13 @@ REQUIRED = inspect.Parameter.empty  # Param.default of a parameter without a def
 POSITIONAL_OR_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
 # vlft's Trainer subclasses, "module:class". Their MROs' vlft classes (mixins included) are where overrides live.
+# (VlftTrainerMixin's concern mixins are read from its bases, COMPOSITION.)
 TRAINERS: tuple[str, ...] = (
     "vlft.train.core.trainer:SFTTrainer",
     "vlft.train.dpo.trainer:DPOTrainer",
     "vlft.train.grpo.trainer:GRPOTrainer",
 )
+COMPOSITION = "vlft.train.core.trainer:VlftTrainerMixin"  # its bases are the concern mixins; it overrides nothing itself
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class PrivateOverride:
     params: tuple[Param, ...]  # its parameters in the Trainer, `self` excluded, in order
     callers: tuple[str, ...]  # Trainer methods whose calls of it vlft relies on (`self.<name>` in their source)
     classes: tuple[str, ...]  # vlft classes that define it themselves (class names, as in TRAINERS' MROs)
+    owner: str  # the module that owns the override: a concern module of VlftTrainerMixin, "vlft.train.core.<concern>"
     why: str  # what vlft does there
 
 
@@ -66,48 +73,48 @@ PRIVATE_TRAINER_OVERRIDES: tuple[PrivateOverride, ...] = (
     PrivateOverride(
         name="_get_train_sampler", params=(Param("train_dataset", None),),
         callers=("get_train_dataloader",),  # passed as sampler_fn; _get_dataloader calls sampler_fn(dataset)
-        classes=("VlftTrainerMixin", "GRPOTrainer"),
+        classes=("InputsMixin", "GRPOTrainer"), owner="vlft.train.core.inputs",
         why="the epoch's length-grouped order (train_order) instead of the Trainer's shuffling; GRPO: PromptStepSampler "
             "(each prompt num_generations times, --num_iterations cycles)"),
     PrivateOverride(
         name="_get_grad_norm", params=(Param("model"), Param("grad_norm", None)),
         callers=("_run_epoch",),
-        classes=("VlftTrainerMixin",),
+        classes=("NonFiniteGuardMixin",), owner="vlft.train.core.guard",
         why="called once per step right before optimizer.step(): a non-finite loss or gradient norm stops the run or "
             "skips the step there, and a preemption stop is agreed in the same collective"),
     PrivateOverride(
         name="_get_output_dir", params=(Param("trial"),),
         callers=("_save_checkpoint",),
-        classes=("VlftTrainerMixin",),
+        classes=("SavingMixin",), owner="vlft.train.core.saving",
         why="points the Trainer's checkpoint save at <output_dir>/.vlft-staging while _save_checkpoint stages one"),
     PrivateOverride(
         name="_save_checkpoint", params=(Param("model"), Param("trial")),
         callers=("_maybe_log_save_evaluate",),
-        classes=("VlftTrainerMixin",),
+        classes=("SavingMixin",), owner="vlft.train.core.saving",
         why="checkpoints written atomically: weights checked finite, staged, renamed into place on every rank's "
             "success, best-checkpoint path fixed, then --save_total_limit rotation"),
     PrivateOverride(
         name="_prepare_inputs", params=(Param("inputs"),),
         callers=("training_step", "prediction_step"),
-        classes=("VlftTrainerMixin", "GRPOTrainer"),
+        classes=("InputsMixin", "GRPOTrainer"), owner="vlft.train.core.inputs",
         why="the model's inputs from vlft's batches on the device (uint8 pixels normalised, packed rows' mRoPE "
             "positions: train/core/model_inputs.py); GRPO: a batch of prompts becomes its rollout batch here"),
     PrivateOverride(
         name="_load_from_checkpoint", params=(Param("resume_from_checkpoint"), Param("model", None)),
         callers=("train", "_prepare_for_training"),
-        classes=("VlftTrainerMixin",),
+        classes=("ResumeMixin",), owner="vlft.train.core.resume",
         why="a resume restores the fully trained non-LoRA weights next to a PEFT adapter, and loads full fine-tuning "
             "weights through from_pretrained's key conversion with every key checked"),
     PrivateOverride(
         name="_load_best_model", params=(),
         callers=("_finalize_training",),
-        classes=("VlftTrainerMixin",),
+        classes=("ResumeMixin",), owner="vlft.train.core.resume",
         why="--load_best_model_at_end loads the best checkpoint the way a resume does (HF's path drops the non-LoRA "
             "weights and misses the full fine-tuning keys); DeepSpeed and FSDP keep HF's path"),
     PrivateOverride(
         name="_save", params=(Param("output_dir", None), Param("state_dict", None)),
         callers=("save_model",),
-        classes=("VlftTrainerMixin",),
+        classes=("SavingMixin",), owner="vlft.train.core.saving",
         why="every save also writes vlft's run files (non_lora_trainables, vlft_trained.json, vlft_args.json) and the "
             "run's resume identity"),
 )
@@ -171,6 +178,48 @@ def uncovered_overrides(classes, trainer_cls=None, table: tuple[PrivateOverride,
         for cls_name in row.classes:
             if cls_name in own and row.name not in vars(own[cls_name]):
                 problems.append(f"{row.name}: the table lists {cls_name}, which does not define it itself")
+    return problems
+
+
+def misattributed_overrides(composition=None, trainer_cls=None,
+                            table: tuple[PrivateOverride, ...] = PRIVATE_TRAINER_OVERRIDES) -> list[str]:
+    """Disagreements between the rows' `owner`s and the concern mixins of `composition` (default: COMPOSITION, the
+    class VlftTrainerMixin; its concerns are the classes of its MRO after itself, outside `trainer_cls`'s MRO), one
+    readable line each: a private method of `trainer_cls` (default: the installed `transformers.Trainer`) that the
+    composition defines itself; one that a concern mixin defines but no row owned by its module lists; a row owned
+    by a concern's module that this concern does not define or whose `classes` do not name it; a row whose owner is
+    no concern's module. [] when every private override sits in the concern that the table says owns it."""
+    if trainer_cls is None:
+        from transformers import Trainer as trainer_cls
+    if composition is None:
+        import importlib
+
+        module, _, name = COMPOSITION.partition(":")
+        composition = getattr(importlib.import_module(module), name)
+    base = set(trainer_cls.__mro__)
+
+    def private(cls) -> set[str]:
+        return {a for a in vars(cls) if a.startswith("_") and not a.startswith("__") and hasattr(trainer_cls, a)}
+
+    problems = [f"{composition.__qualname__}.{attr} overrides the Trainer's private {attr} itself; it belongs in the "
+                "concern mixin that owns it" for attr in sorted(private(composition))]
+    concerns = [cls for cls in composition.__mro__[1:] if cls not in base]
+    for cls in concerns:
+        rows = {row.name: row for row in table if row.owner == cls.__module__}
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        for attr in sorted(private(cls) - rows.keys()):
+            owners = [row.owner for row in table if row.name == attr]
+            problems.append(f"{where} overrides the Trainer's private {attr}, which PRIVATE_TRAINER_OVERRIDES "
+                            f"(vlft/train/core/overrides.py) attributes to {owners[0] if owners else 'no module'}")
+        for attr, row in sorted(rows.items()):
+            if attr not in vars(cls):
+                problems.append(f"{attr}: the table says {cls.__module__} owns it, but {where} does not define it")
+            elif cls.__name__ not in row.classes:
+                problems.append(f"{attr}: the table says {cls.__module__} owns it, but its classes do not name "
+                                f"{cls.__name__}")
+    modules = {cls.__module__ for cls in concerns}
+    problems += [f"{row.name}: its owner {row.owner} is not the module of a concern mixin of "
+                 f"{composition.__qualname__}" for row in table if row.owner not in modules]
     return problems
 
 
