@@ -4,70 +4,51 @@
         --output_dir output/dpo_run --lora_enable true --beta 0.1 --loss_type sigmoid --bf16 true
 
 The same order as SFT (train/sft/run.py): arguments, data preparation (every pair checked before the model loads),
-model set-up (train/core/setup.py, one definition for every stage), then the reference (train/preference/reference.py), the data
-pipeline (data/dpo.py) and the trainer (train/dpo/trainer.py). The run directory has an SFT run's shape, so
+model set-up (train/core/setup.py, one definition for every stage), then the reference (train/preference/reference.py;
+none for the reference-free losses orpo, simpo, cpo: train/dpo/loss.py), the data pipeline (data/dpo.py) and the
+trainer (train/dpo/trainer.py). The run directory has an SFT run's shape, so
 `vlft merge` and `vlft predict` take it unchanged.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
 from vlft.config import family_for, parse_args, resolved_args, validate
 from vlft.data.collator import SFTCollator
 from vlft.data.dpo import PreferenceCollator, PreferenceDataset, PreferenceFormat
-from vlft.data.mixture import prepare_mixture, record_keys
+from vlft.data.mixture import prepare_mixture
 from vlft.data.packing import length_grouped_order
 from vlft.data.prepare import length_flag_of
 from vlft.data.processor_media import apply_media_settings
 from vlft.data.reasoning import Thinking
 from vlft.data.store import CUT
 from vlft.errors import VlftError
-from vlft.train.core.checkpoints import data_digest, media_digest
+from vlft.train.core.checkpoints import media_digest
 from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
 from vlft.train.core.setup import zero_stage
 from vlft.train.dpo.config import GROUPS as DPO_GROUPS
+from vlft.train.dpo.loss import needs_reference
 from vlft.train.preference.reference import freezing_flags, trained_next_to_lora
+from vlft.train.preference.reference import reference_cache_key as shared_cache_key
 from vlft.utils import log
 
 
 def reference_cache_key(*, data_path, data, media_sha256: str, model_id: str, media, thinking: Thinking,
                         chat_template: str | None, model_args, tune_args, train_args, max_length: int) -> str:
-    """What the reference log-probs depend on, hashed (16 hex digits): the data files' bytes (each with its #N / #p)
-    and the records kept, in order (data/mixture.py `record_keys`: a mix's file of each pair too),
-    the media's contents record by record (`media_sha256`: train/core/checkpoints.py's `media_digest`; a changed
-    --image_folder or a picture redrawn in place changes it), the tokenisation (the chat template's text and the
-    reasoning flags it is rendered with), the model's files (name, size, modification time; or the hub id), the
-    weights dtype, quantisation and attention kernel, the media settings (pixel budgets, frame sampling), the
-    length limit and --ld_alpha."""
-    model = Path(model_id)
-    files = (sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.iterdir() if p.is_file())
-             if model.is_dir() else model_id)
-    parts = {
-        "data": data_digest(data_path),  # each file (with its #N / #p), or every file of a dataset folder
-        "records": record_keys(data),  # each pair's file and record, in order, repeats included
-        "media_files": media_sha256,
-        "chat_template": hashlib.sha256((chat_template or "").encode()).hexdigest(),
-        "thinking": thinking.template_kwargs(),
-        "model": files,
-        "dtype": "bf16" if train_args.bf16 else "fp16" if train_args.fp16 else "fp32",
-        "quantisation": [tune_args.bits, tune_args.quant_type, tune_args.double_quant] if tune_args.bits < 16 else None,
-        "attn": model_args.attn_implementation,
-        "media": repr(media),
-        "max_length": max_length,
-        "truncation": train_args.truncation_mode,
-        "ld_alpha": train_args.ld_alpha,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The DPO stage's reference-cache key: train/preference/reference.py's `reference_cache_key` (data, records,
+    media contents, tokenisation, model, dtype, media settings, length limit) with DPO's own parts, the truncation
+    mode and --ld_alpha (the cached values are LD-weighted)."""
+    return shared_cache_key(
+        data_path=data_path, data=data, media_sha256=media_sha256, model_id=model_id, media=media, thinking=thinking,
+        chat_template=chat_template, model_args=model_args, tune_args=tune_args, train_args=train_args,
+        max_length=max_length, extra={"truncation": train_args.truncation_mode, "ld_alpha": train_args.ld_alpha},
+        stage="dpo")
 
 
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
     from vlft.models.loading import load_family, load_processor
     from vlft.train.core.setup import disable_dropout, load_model_copy, prepare_model, refuse_base_mutating_init
-    from vlft.train.dpo.trainer import DPOTrainer, ReferenceCache
-    from vlft.train.preference.reference import make_reference
+    from vlft.train.dpo.trainer import DPOTrainer
+    from vlft.train.preference.reference import ReferenceCache, make_reference
 
     model_args, data_args, tune_args, train_args = parse_args(DPO_GROUPS, argv, prog="vlft dpo")
     validate(model_args, data_args, tune_args, train_args, family=family_for(model_args))
@@ -75,8 +56,9 @@ def run(argv: list[str]):
     refuse_base_mutating_init(tune_args, "vlft dpo")
     if data_args.packing:
         raise VlftError("--packing is not available for DPO: a pair's two rows share one prompt; drop --packing")
+    with_reference = needs_reference(train_args.loss_type)  # False: orpo, simpo, cpo*: no reference at all
     trained = trained_next_to_lora(tune_args)
-    if trained and zero_stage(train_args) == 3 and not train_args.precompute_ref_log_probs:
+    if with_reference and trained and zero_stage(train_args) == 3 and not train_args.precompute_ref_log_probs:
         raise VlftError(  # before the data and the model load: the same rule as make_reference's
             f"under ZeRO-3, LoRA with fully trained parameters next to the adapters ({'; '.join(trained)}) needs "
             "--precompute_ref_log_probs true: their starting values must stay the reference and ZeRO-3 keeps them as "
@@ -103,9 +85,13 @@ def run(argv: list[str]):
     prepared = prepare_model(model_args, tune_args, train_args)  # load, Liger, LoRA, freeze
     if train_args.disable_dropout:
         disable_dropout(prepared.model)
-    reference = make_reference(prepared, load_copy=lambda: load_model_copy(model_args, tune_args, train_args),
-                               precompute=train_args.precompute_ref_log_probs, zero_stage=zero_stage(train_args))
-    log(reference.describe() if reference is not None else "reference: precomputed before the first step")
+    reference = None
+    if with_reference:
+        reference = make_reference(prepared, load_copy=lambda: load_model_copy(model_args, tune_args, train_args),
+                                   precompute=train_args.precompute_ref_log_probs, zero_stage=zero_stage(train_args))
+        log(reference.describe() if reference is not None else "reference: precomputed before the first step")
+    else:
+        log(f"reference: none (--loss_type {train_args.loss_type[0]} is reference-free)")
 
     dataset = PreferenceDataset(data.samples, data.image_paths, processor, media=media,
                                 video_sources=data.video_sources, max_length=max_length, raw_pixels=True,
@@ -119,7 +105,7 @@ def run(argv: list[str]):
     # the pictures' contents, record by record: the reference cache's key and the resume identity
     media_sha256 = media_digest(data, workers=data_args.check_workers)
     ref_cache = None
-    if train_args.precompute_ref_log_probs:
+    if with_reference and train_args.precompute_ref_log_probs:
         key = reference_cache_key(
             data_path=data_args.data_path, data=data, media_sha256=media_sha256, model_id=model_args.model_id,
             media=media, thinking=Thinking.from_args(data_args), chat_template=dataset.encoder.template,
