@@ -33,6 +33,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
+from vlft.data import llava
 from vlft.data.llava import LLAVA_KEYS, TAGS, Report, check_media, check_reasoning, check_text, parse_record
 from vlft.errors import Problem
 
@@ -102,10 +103,11 @@ def _answer(value: object, key: str, report: Report) -> Answer | None:
     return None if pair is None else (pair[1], pair[0])
 
 
-def parse_preference_record(record: object, index: int, file: str) -> tuple[PreferenceSample | None, list[Problem]]:
-    """Convert one preference record (either layout above); on any defect return (None, every problem found)."""
-    if not isinstance(record, dict):
-        return parse_record(record, index, file)  # reports the non-object record the SFT way
+def parse_prompt(record: dict, index: int, file: str) -> tuple[llava.Sample | None, list[Problem], Report]:
+    """The prompt of a record that carries its answers in other keys (preference pairs, KTO's labelled answers):
+    its `conversations` (LLaVA, ending with a human turn) or its flat `prompt` (a string or a conversation), with
+    media, parsed the SFT way. Returns (the prompt's sample or None, the problems so far -- under the field the
+    user wrote --, a `report(field, message, hint)` that adds one more for this record)."""
     flat = "conversations" not in record and "prompt" in record
     as_llava = dict(record)
     if flat:
@@ -121,6 +123,15 @@ def parse_preference_record(record: object, index: int, file: str) -> tuple[Pref
     def report(where: str, message: str, hint: str) -> None:
         problems.append(Problem(file, index, where, message, hint, record_id))
 
+    return sample, problems, report
+
+
+def parse_preference_record(record: object, index: int, file: str) -> tuple[PreferenceSample | None, list[Problem]]:
+    """Convert one preference record (either layout above); on any defect return (None, every problem found)."""
+    if not isinstance(record, dict):
+        return parse_record(record, index, file)  # reports the non-object record the SFT way
+    sample, problems, report = parse_prompt(record, index, file)
+    flat = "conversations" not in record and "prompt" in record  # the field to name
     for key in record:  # a misspelt rejected_* key would silently make an ordinary pair of an image-side one
         if isinstance(key, str) and key.startswith("rejected") and key not in ("rejected", *REJECTED_MEDIA):
             close = difflib.get_close_matches(key, ["rejected", *REJECTED_MEDIA], n=1, cutoff=0.6)
