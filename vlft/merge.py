@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vlft.errors import VlftError
 from vlft.models.extra_keys import carry_extra_tensors
-from vlft.run_dir import ADAPTER_CONFIG, ARGS_FILE
+from vlft.run_dir import ADAPTER_CONFIG, ARGS_FILE, REWARD_HEAD_CONFIG, REWARD_HEAD_WEIGHTS
 from vlft.utils import FlagParser, log
 
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
@@ -101,6 +101,9 @@ def merge(adapter: str, output: str, *, base_model: str | None = None, dtype: st
         merged.save_pretrained(tmp, max_shard_size="5GB")
         carry_extra_tensors(base, tmp, family.extra_checkpoint_prefixes)  # e.g. Qwen3.5's mtp.*, dropped on load
         save_processor(opened, tmp)
+        for name in (REWARD_HEAD_WEIGHTS, REWARD_HEAD_CONFIG):  # a reward model's scalar head (vlft rm), as saved
+            if (Path(opened.path) / name).is_file():
+                shutil.copy2(Path(opened.path) / name, tmp / name)
         readable_by_all(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -232,8 +232,10 @@ def read_media_record(model_dir: str | os.PathLike) -> dict:
 # directory (`write_run_card`, from train/core/launch.py train_and_save). The front matter is the Hub's model-card
 # metadata (huggingface_hub ModelCardData's fields: base_model, library_name, pipeline_tag, tags).
 STAGE_NAMES = {"sft": "supervised fine-tuning (SFT)", "dpo": "preference tuning (DPO)",
-               "grpo": "reinforcement learning with rewards (GRPO)"}
-_STAGE_UNITS = {"sft": "records", "dpo": "preference pairs", "grpo": "prompts"}
+               "grpo": "reinforcement learning with rewards (GRPO)", "kto": "preference tuning on labelled answers (KTO)",
+               "rm": "reward modelling (Bradley-Terry, a scalar head)"}
+_STAGE_UNITS = {"sft": "records", "dpo": "preference pairs", "grpo": "prompts", "kto": "labelled answers",
+                "rm": "preference pairs"}
 _VIRTUAL_NAMES = {"p_tuning": "P-Tuning", "prompt_tuning": "prompt tuning"}
 
 
@@ -394,7 +396,11 @@ def run_card(run_dir: str | os.PathLike, args: dict, *, stage: str | None, famil
         predict += f" --image_folder {q(str(args['image_folder']))}"
     predict += " --output predictions.jsonl"
     lines += ["## Use it", "", "```bash"]
-    if virtual:
+    if stage == "rm":
+        lines += [f"vlft grpo --reward_funcs rm:{q(run)} ...   # scores each completion with its prompt's media",
+                  f"# in Python: vlft.train.rm.model.load_reward_model({str(run)!r}, device='cuda', dtype='bf16'); "
+                  f"the head is {REWARD_HEAD_WEIGHTS} + {REWARD_HEAD_CONFIG} next to the model's files"]
+    elif virtual:
         lines += ["# virtual tokens are extra inputs, not weights: no merge, no vLLM; vlft predict loads them",
                   predict]
     elif adapter:
@@ -424,7 +430,7 @@ def write_run_card(trainer, summary: dict) -> Path | None:
         family = getattr(trainer, "family", None)
         dataset = trainer.train_dataset
         dataset = getattr(dataset, "dataset", dataset) if type(dataset).__name__ == "PackedDataset" else dataset
-        stage = type(trainer).__name__.removesuffix("Trainer").lower() or None
+        stage = getattr(trainer.args, "stage_key", None)  # the stage's config (train/<stage>/config.py)
         text = run_card(out, trainer.vlft_args, stage=stage if stage in STAGE_NAMES else None,
                         family=getattr(family, "display_name", None),
                         records=len(dataset) if hasattr(dataset, "__len__") else None,

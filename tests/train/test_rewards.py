@@ -1,7 +1,8 @@
 """vlft/train/grpo/rewards.py: every built-in reward on right and wrong completions (the length and repetition penalties
 also against TRL 1.16's own implementations as oracles), loading rewards from a file, a module and TRL, and the
 pre-flight `check_rewards` (missing column, wrong length, NaN, errors, the table, TRL's rewards unchanged: those
-reading strings or ids get strings, those reading TRL's conversational completions get that shape)."""
+reading strings or ids get strings, those reading TRL's conversational completions get that shape), and the `rm:PATH`
+spec of a reward model (parsed, checked before anything loads; `prompt_media` only to the functions that take it)."""
 from __future__ import annotations
 
 import math
@@ -593,3 +594,60 @@ def test_load_module_whose_import_fails_names_the_missing_dependency(tmp_path, m
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(VlftError, match=r"reward 'vlft_test_needs_dep:f'.*install 'vlft_missing_dependency_xyz'"):
         load_reward_funcs(["vlft_test_needs_dep:f"])
+
+
+# ------------------------------------------------------------------------------------------------- rm:PATH (vlft rm)
+
+@pytest.mark.parametrize("spec, expected", [
+    ("rm:output/rm_run", ("output/rm_run", None)),
+    ("rm:output/rm_run@cpu", ("output/rm_run", "cpu")),
+    ("rm:/runs/rm@cuda:1", ("/runs/rm", "cuda:1")),
+    ("rm:/runs/rm@2", ("/runs/rm", "cuda:2")),
+    ("rm:/runs/me@home/rm", ("/runs/me@home/rm", None)),  # an @ that names no device is part of the path
+])
+def test_rm_spec_names_a_path_and_an_optional_device(spec, expected):
+    from vlft.train.grpo.rewards import parse_rm_spec
+
+    assert parse_rm_spec(spec) == expected
+
+
+def test_rm_spec_is_checked_before_anything_loads(tmp_path):
+    from vlft.run_dir import REWARD_HEAD_WEIGHTS
+    from vlft.train.grpo.rewards import RewardModelReward
+
+    with pytest.raises(VlftError, match=r"reward 'rm:.*missing.*is no folder"):
+        load_reward_funcs([f"rm:{tmp_path / 'missing'}"])
+    with pytest.raises(VlftError, match=rf"holds no {REWARD_HEAD_WEIGHTS}, so it is no reward model.*vlft rm"):
+        load_reward_funcs([f"rm:{tmp_path}"])
+    (tmp_path / REWARD_HEAD_WEIGHTS).write_bytes(b"")  # the check reads no weights: the model loads at the pre-flight
+    (name, func), = load_reward_funcs([f"rm:{tmp_path}@cpu"], device="cuda:0", dtype="bf16")
+    assert name == "rm" and isinstance(func, RewardModelReward) and func._model is None
+    assert (func.path, func.device, func.dtype) == (str(tmp_path), "cpu", "bf16")  # the spec's device wins
+    (_, func), = load_reward_funcs([f"rm:{tmp_path}"], device="cuda:0")
+    assert func.device == "cuda:0"  # else the policy's
+
+
+def test_prompt_media_reach_only_the_functions_that_take_them():
+    """A function with `takes_prompt_media` gets each sample's messages, images and videos (`prompt_media`, one per
+    completion, keyed by sample); a TRL-style function never gets the extra keyword."""
+    seen = {}
+
+    def media_reward(completions, prompt_media, **kwargs):
+        seen["media"] = prompt_media
+        return [float(len(m.images)) for m in prompt_media]
+
+    media_reward.takes_prompt_media = True
+
+    def plain(completions, **kwargs):
+        seen["plain"] = set(kwargs)
+        return [0.0] * len(completions)
+
+    samples = _samples()
+    samples[0] |= {"images": ["/data/a.png", "/data/b.png"], "videos": [], "messages": [{"role": "user", "content": "q"}]}
+    checked = preflight_rewards([("media", media_reward), ("plain", plain)], None, samples)
+    first, second = seen["media"]
+    assert (first.images, first.messages, first.key) == (["/data/a.png", "/data/b.png"], samples[0]["messages"], 0)
+    assert (second.images, second.videos, second.key) == ([], [], 1)
+    assert second.messages == [{"role": "user", "content": "How many cubes?"}]  # the default one-turn prompt
+    assert "prompt_media" not in seen["plain"]
+    assert checked.table.splitlines()[2].split()[-3] == "2"  # the media reward's value for the two-image record

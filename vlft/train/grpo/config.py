@@ -16,6 +16,7 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
     defaults (trl 1.16) for what vlft implements (train/grpo/loss.py, train/grpo/rewards.py, train/grpo/trainer.py).
     As in TRL, --per_device_train_batch_size counts completions: prompts per step = it / --num_generations."""
 
+    stage_key = "grpo"
     stage_name = "GRPO"
     router_aux_loss_joins = False
 
@@ -47,8 +48,9 @@ class GRPOConfig(VlftArgumentsMixin, TrainingArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
         metadata={"help": "Rewards: built-in names (format, think_format, accuracy, count, choice, iou, overlong, "
-                          "repetition), path/to/file.py:function or module:function, with TRL's signature. Thinking "
-                          "models: accuracy, count, choice and iou score the answer after </think>."})
+                          "repetition), path/to/file.py:function or module:function, with TRL's signature, or "
+                          "rm:PATH[@DEVICE] (a `vlft rm` run scoring each completion with its prompt's images and "
+                          "video). Thinking models: accuracy, count, choice and iou score the answer after </think>."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward (default 1)."})
     log_completions: bool = field(
         default=True, metadata={"help": "Write every step's completions and rewards to <output_dir>/completions.jsonl."})

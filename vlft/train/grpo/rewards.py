@@ -31,6 +31,14 @@ earns nothing, and a completion whose reasoning never closes has an empty answer
 tags score as they always did. `format` and `think_format` read a completion of an opened prompt as if it began
 with `<think>`.
 
+A trained reward model (`vlft rm`) is a reward too: `rm:PATH[@DEVICE]` (`RewardModelReward`, named `rm`) scores each
+completion with the model at PATH, on its prompt's own images and videos encoded with that model's processor and
+media settings (data/rm.py `CompletionRows`), in batches, under torch.no_grad, on DEVICE (cpu, cuda, cuda:1, ...) or
+else the policy's device. It is a plain module beside the policy, never wrapped by DeepSpeed: each process scores its
+own completions, with no collective (so nothing can hang under ZeRO-3). TRL's reward signature passes no pixels, so a
+function that needs the prompt's media says so with `takes_prompt_media = True` and gets one more keyword,
+`prompt_media`: a data/rm.py `PromptMedia` (messages, image paths, video sources) per completion.
+
 `load_reward_funcs` turns `--reward_funcs` specs into functions; `check_rewards` calls every function once on real
 records before training step 1, so that a missing column, a wrong return length or a NaN stops the run with a message
 instead of surfacing as a crash (or a silent NaN advantage) hours later.
@@ -593,8 +601,92 @@ BUILTIN: dict[str, Callable] = {
 
 # ----------------------------------------------------------------------------------------------------------- loading
 
-_SPEC_HELP = ("a reward spec is a built-in name (" + ", ".join(BUILTIN) + "), path/to/file.py:function, or "
-              "package.module:function")
+_SPEC_HELP = ("a reward spec is a built-in name (" + ", ".join(BUILTIN) + "), path/to/file.py:function, "
+              "package.module:function, or rm:PATH[@DEVICE] (a reward model trained with vlft rm)")
+
+# ------------------------------------------------------------------------------------------------------ reward model
+
+RM_PREFIX = "rm:"
+_DEVICE_RE = re.compile(r"cpu|(?:cuda|xpu|npu|mps)(?::\d+)?|\d+")
+
+
+def takes_prompt_media(func: Callable) -> bool:
+    """Whether a reward function wants each completion's prompt with its media (`prompt_media`, see the module
+    docstring): it sets `takes_prompt_media = True`."""
+    return bool(getattr(func, "takes_prompt_media", False))
+
+
+def completion_message(completion: Any, prompt: Any = None) -> dict:
+    """One completion as the assistant message a reward model encodes after its prompt: {"content": text}, or, when
+    it holds reasoning (`split_completion` against the rendered `prompt`), {"content": answer, "reasoning_content":
+    reasoning}, as vlft's pairs carry them."""
+    reasoning, answer = split_completion(completion, prompt)
+    if reasoning is None:
+        return {"content": completion_text(completion)}
+    return {"content": answer, "reasoning_content": reasoning}
+
+
+def parse_rm_spec(spec: str) -> tuple[str, str | None]:
+    """`rm:PATH[@DEVICE]` -> (PATH, DEVICE or None); a bare number N is `cuda:N`. A last `@...` that names no device
+    stays part of the path."""
+    rest = spec[len(RM_PREFIX):]
+    path, at, device = rest.rpartition("@")
+    if at and path and _DEVICE_RE.fullmatch(device):
+        return path, f"cuda:{device}" if device.isdigit() else device
+    return rest, None
+
+
+class RewardModelReward:
+    """`--reward_funcs rm:PATH[@DEVICE]`: the rewards of a reward model trained with `vlft rm` (train/rm/model.py
+    `load_reward_model`: PATH is its run directory or a checkpoint-N in it), one float per completion, higher is
+    better. The model loads on the first call (the pre-flight, before the policy loads) on `device`, in `dtype`
+    ("fp32", "bf16"); every call scores the completions after their own prompts and media (`prompt_media`), in
+    batches of `batch_size`, under torch.no_grad."""
+
+    takes_prompt_media = True
+
+    def __init__(self, path: str, *, device=None, dtype: str = "fp32", batch_size: int = 16):
+        self.path, self.device, self.dtype, self.batch_size = path, device, dtype, batch_size
+        self.__name__ = "rm"
+        self._model = None
+
+    def load(self):
+        """The reward model (train/rm/model.py RewardModel), loaded on the first call."""
+        if self._model is None:
+            from vlft.train.rm.model import load_reward_model
+
+            self._model = load_reward_model(self.path, device=self.device, dtype=self.dtype)
+        return self._model
+
+    def __call__(self, prompts: list, completions: list, prompt_media: list, **kwargs) -> list[float]:
+        if len(prompt_media) != len(completions):
+            raise ValueError(f"rm reward: {len(prompt_media)} prompts for {len(completions)} completions")
+        if not isinstance(prompts, (list, tuple)) or len(prompts) != len(completions):
+            prompts = [None] * len(completions)
+        messages = [completion_message(c, p) for c, p in zip(completions, prompts)]
+        scores = self.load().score(list(prompt_media), messages, batch_size=self.batch_size)
+        return [float(v) for v in scores]
+
+    def __repr__(self) -> str:
+        return f"RewardModelReward({self.path!r}, device={self.device!r}, dtype={self.dtype!r})"
+
+
+def _reward_model_reward(spec: str, device, dtype: str) -> RewardModelReward:
+    """The `rm:` spec checked before anything loads: PATH holds a reward head (run_dir.py REWARD_HEAD_WEIGHTS)."""
+    from vlft.run_dir import REWARD_HEAD_WEIGHTS
+
+    path, given = parse_rm_spec(spec)
+    if not path:
+        raise VlftError(f"reward '{spec}': no path after rm: -> give the output_dir of a vlft rm run, e.g. "
+                        "rm:output/rm_run (or rm:output/rm_run@cuda:1 for another device)")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise VlftError(f"reward '{spec}': {folder.resolve()} is no folder -> give the output_dir of a vlft rm run or "
+                        f"a checkpoint-N inside it (a relative path is read from {Path.cwd()})")
+    if not (folder / REWARD_HEAD_WEIGHTS).is_file():
+        raise VlftError(f"reward '{spec}': {folder} holds no {REWARD_HEAD_WEIGHTS}, so it is no reward model -> train "
+                        "one with vlft rm (scripts/finetune_rm.sh) and give its output_dir or a checkpoint-N inside it")
+    return RewardModelReward(str(folder), device=given if given is not None else device, dtype=dtype)
 
 
 def _load_file(path_text: str, spec: str):
@@ -638,9 +730,11 @@ def _looks_like_path(text: str) -> bool:
     return text.endswith(".py") or "/" in text or "\\" in text
 
 
-def load_reward_funcs(specs: list[str]) -> list[tuple[str, Callable]]:
-    """Each spec: a built-in name (a key of `BUILTIN`), `path/to/file.py:function`, or `package.module:function`
-    (`function` may be dotted: `module:obj.method`). -> (display name, function), in order.
+def load_reward_funcs(specs: list[str], *, device=None, dtype: str = "fp32") -> list[tuple[str, Callable]]:
+    """Each spec: a built-in name (a key of `BUILTIN`), `path/to/file.py:function`, `package.module:function`
+    (`function` may be dotted: `module:obj.method`), or `rm:PATH[@DEVICE]` (a vlft rm reward model,
+    `RewardModelReward`, named `rm`; on DEVICE, else `device`: the policy's; weights in `dtype`). -> (display name,
+    function), in order.
 
     The display name (used for the logged reward columns) is the built-in name or the function's `__name__`; if two
     specs would share a name, the later one is named by its spec. A file is imported as a module of its own (once per
@@ -653,6 +747,9 @@ def load_reward_funcs(specs: list[str]) -> list[tuple[str, Callable]]:
         spec = str(raw).strip()
         if spec in BUILTIN:
             name, func = spec, BUILTIN[spec]
+        elif spec.startswith(RM_PREFIX):
+            func = _reward_model_reward(spec, device, dtype)
+            name = func.__name__
         else:
             if ":" not in spec:
                 raise VlftError(f"unknown reward '{spec}' -> {_SPEC_HELP}")
@@ -748,9 +845,11 @@ def preflight_rewards(funcs: list[tuple[str, Callable]], weights: list[float] | 
 
     `samples`: one dict per record, {"prompt": str (the rendered prompt), "completion": str, "completion_ids":
     list[int], "columns": dict[str, object], "messages": list[dict] (optional: the prompt's messages; default one
-    user turn holding `prompt`)}; columns = that record's extra keys. The call is TRL's: `prompts`, `completions` and
-    `completion_ids` as lists over the samples, every column as a keyword list (a column missing from some records
-    is passed with None for those), plus `trainer_state`, `log_extra` and `log_metric` as GRPOTrainer passes them.
+    user turn holding `prompt`), "images" / "videos": the record's resolved media (optional; for the functions that
+    take `prompt_media`, e.g. a reward model)}; columns = that record's extra keys. The call is TRL's: `prompts`,
+    `completions` and `completion_ids` as lists over the samples, every column as a keyword list (a column missing
+    from some records is passed with None for those), plus `trainer_state`, `log_extra` and `log_metric` as
+    GRPOTrainer passes them, and `prompt_media` to the functions that take it.
 
     Shapes (TRL's two, see the module docstring): each function is called with strings (`TEXT`); only if that raises,
     again with the prompts as message lists and each completion as `[{"role": "assistant", "content": text}]`
@@ -793,10 +892,16 @@ def preflight_rewards(funcs: list[tuple[str, Callable]], weights: list[float] | 
     call_kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns,
                    **_trainer_extras()}
     passed = set(call_kwargs)
+    messages = [s.get("messages") or [{"role": "user", "content": str(s.get("prompt") or "")}] for s in samples]
+    media_kwargs = {}
+    if any(takes_prompt_media(func) for _, func in funcs):
+        from vlft.data.rm import PromptMedia
 
-    def conversational_kwargs() -> dict:
-        messages = [s.get("messages") or [{"role": "user", "content": str(s.get("prompt") or "")}] for s in samples]
-        return {**call_kwargs, "prompts": [conversational_prompt(m) for m in messages],
+        media_kwargs["prompt_media"] = [PromptMedia(m, list(s.get("images") or []), list(s.get("videos") or []), key=i)
+                                        for i, (m, s) in enumerate(zip(messages, samples))]
+
+    def conversational_kwargs(kwargs: dict) -> dict:
+        return {**kwargs, "prompts": [conversational_prompt(m) for m in messages],
                 "completions": [conversational_completion(completion_text(c)) for c in completions]}
 
     def missing_error(name: str, missing: list[str]) -> VlftError:
@@ -809,13 +914,16 @@ def preflight_rewards(funcs: list[tuple[str, Callable]], weights: list[float] | 
     results: list[list] = []
     shapes: list[str] = []
     for name, func in funcs:
+        func_kwargs = {**call_kwargs, **media_kwargs} if takes_prompt_media(func) else call_kwargs
+        if isinstance(func, RewardModelReward):
+            func.load()  # a run that does not load says so as itself, not as a failed reward call
         try:
             signature = inspect.signature(func)
         except (TypeError, ValueError):
             signature = None
         if signature is not None:
             try:
-                signature.bind(**call_kwargs)
+                signature.bind(**func_kwargs)
             except TypeError as e:
                 missing = _missing_arguments(e, passed)
                 if missing:
@@ -826,13 +934,13 @@ def preflight_rewards(funcs: list[tuple[str, Callable]], weights: list[float] | 
                                 f" must be called first, in your own file") from e
         shape = TEXT
         try:
-            out = _call(func, call_kwargs)
+            out = _call(func, func_kwargs)
         except Exception as text_error:
             missing = _missing_arguments(text_error, passed) if isinstance(text_error, TypeError) else []
             if missing:
                 raise missing_error(name, missing) from text_error
             try:  # TRL's shape for conversational prompts (trl.rewards' own functions read completion[0]["content"])
-                out, shape = _call(func, conversational_kwargs()), CONVERSATIONAL
+                out, shape = _call(func, conversational_kwargs(func_kwargs)), CONVERSATIONAL
             except Exception as chat_error:
                 if _shape_error(text_error):
                     raise VlftError(_raised(name, chat_error, partial, after=text_error)) from chat_error

@@ -22,7 +22,7 @@ from vlft.data.processor_media import apply_media_settings
 from vlft.data.reasoning import Thinking, prompt_opens_think
 from vlft.errors import VlftError
 from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
-from vlft.train.core.setup import zero_stage
+from vlft.train.core.setup import weights_dtype, zero_stage
 from vlft.train.grpo.config import GROUPS as GRPO_GROUPS
 from vlft.train.grpo.vllm_rollout import check_vllm_data, check_vllm_flags, check_vllm_length
 from vlft.train.preference.reference import freezing_flags, trained_next_to_lora
@@ -31,9 +31,10 @@ from vlft.utils import log
 
 def sample_completions(data, encoder, n: int = 4, max_completion_length: int = 512) -> list[dict]:
     """Up to `n` real records (one per media kind and one holding each column first, more than `n` if need be) with a
-    plausible completion, for the reward pre-flight: the record's solution in the think/answer layout, or a
-    placeholder answer; without the opening `<think>` where the prompt already opened the block (a thinking
-    model's generation prompt, e.g. Qwen3.5's `...<think>\\n`), as the model would write it."""
+    plausible completion and their resolved media (a reward model reads them), for the reward pre-flight: the
+    record's solution in the think/answer layout, or a placeholder answer; without the opening `<think>` where the
+    prompt already opened the block (a thinking model's generation prompt, e.g. Qwen3.5's `...<think>\\n`), as the
+    model would write it."""
     kinds: dict[str, int] = {}
     for i, s in enumerate(data.samples):
         kinds.setdefault("video" if s.videos else "image" if s.images else "text", i)
@@ -51,7 +52,7 @@ def sample_completions(data, encoder, n: int = 4, max_completion_length: int = 5
         out.append({"prompt": prompt, "completion": completion,
                     "completion_ids": encoder.tokenizer(completion, add_special_tokens=False)["input_ids"],
                     "columns": {"id": s.id, **s.columns, "max_completion_length": max_completion_length},
-                    "messages": s.messages})
+                    "messages": s.messages, "images": data.image_paths[i], "videos": data.video_sources[i]})
     return out
 
 
@@ -104,7 +105,9 @@ def run(argv: list[str]):
     log(epoch_plan(len(data.samples), train_args)[2])  # TRL's rule: an incomplete last step is left out
     batch_warning(len(data.samples), train_args, what="prompts", prompts_per_step=prompts_per_step(train_args))
     encoder = ChatEncoder(processor, Thinking.from_args(data_args))
-    reward_funcs = load_reward_funcs(train_args.reward_funcs)
+    # a reward model (rm:PATH) scores on the policy's device unless its spec names one, in the policy's dtype
+    reward_funcs = load_reward_funcs(train_args.reward_funcs, device=train_args.device,
+                                     dtype=weights_dtype(train_args))
     samples = sample_completions(data, encoder, max_completion_length=train_args.max_completion_length)
     checked = preflight_rewards(reward_funcs, train_args.reward_weights, samples)  # and each function's shape
     log("rewards on real records with a sample completion (before step 1):\n" + checked.table)

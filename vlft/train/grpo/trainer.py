@@ -48,6 +48,7 @@ from transformers import GenerationConfig, Trainer
 from vlft.constants import END_OF_REPLY_TOKENS, VISION_TOKENS
 from vlft.data.encoding import special_token_ids
 from vlft.data.grpo import generation_rows, training_rows
+from vlft.data.rm import PromptMedia
 from vlft.errors import VlftError
 from vlft.run_dir import COMPLETIONS_FILE, ROLLOUTS_FILE
 from vlft.train.core.trainer import VlftTrainerMixin
@@ -58,6 +59,7 @@ from vlft.train.grpo.rewards import (
     conversational_completion,
     conversational_prompt,
     split_completion,
+    takes_prompt_media,
 )
 from vlft.train.preference.logprobs import completion_columns, completion_log_probs
 from vlft.train.preference.reference import FrozenCopy
@@ -255,13 +257,20 @@ class GRPOTrainer(VlftTrainerMixin, Trainer):
         columns.setdefault("max_completion_length", self.args.max_completion_length)  # the built-in overlong reads it
         per_func = torch.full((len(texts), len(self.reward_funcs)), math.nan)
         ids = [c.tolist() for c in completions]
+        media = None  # each completion's prompt with its media, for the functions that take it (a reward model)
+        if any(takes_prompt_media(func) for _, func in self.reward_funcs):
+            dataset = self.train_dataset
+            records = [int(item["record"]) for item in items for _ in range(g)]
+            media = {"prompt_media": [PromptMedia(self.samples[r].messages, dataset.image_paths[r],
+                                                  dataset.video_sources[r], key=r) for r in records]}
         for f, (name, func) in enumerate(self.reward_funcs):
             if self.reward_shapes[f] == CONVERSATIONAL:  # TRL's shape for chat prompts; new lists for every call
                 shaped = {"prompts": [conversational_prompt(s.messages) for s in samples],
                           "completions": [conversational_completion(t) for t in texts]}
             else:
                 shaped = {"prompts": prompts, "completions": texts}
-            values = func(**shaped, completion_ids=ids, **columns, **extras)
+            values = func(**shaped, completion_ids=ids, **columns, **extras,
+                          **(media if media is not None and takes_prompt_media(func) else {}))
             if not isinstance(values, (list, tuple)) or len(values) != len(texts):
                 got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
                 raise VlftError(f"reward {name!r} returned {got} value(s) for {len(texts)} completions at step "
