@@ -31,7 +31,7 @@ activation checkpointing on (--checkpointing false turns it off), sdpa attention
 
 How to read the table. `step s`: median seconds per optimizer step over the logged steps after the first --warmup;
 each comes from the run's trainer_state.json, where vlft's ThroughputCallback logs `samples_per_second` on every
-step (logging_steps 1); a DPO batch counts its pairs as samples (vlft/train/core/trainer.py: TrainCounts), so a step
+step (logging_steps 1); a DPO batch counts its pairs as samples (vlft/train/core/counting.py: TrainCounts), so a step
 takes batch / samples_per_second (checked: the steps must add up to the Trainer's train_runtime within 10%).
 `peak GB`: the largest `peak_memory_gb` logged, torch.cuda.max_memory_allocated over the whole run (1e9 bytes;
 in the dry run the process's peak RSS). `x plain`: the figure over the same setup's plain run (below 1 is better).

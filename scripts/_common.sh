@@ -181,7 +181,7 @@ shared_settings() {
   LOG_LINE_STEPS="${LOG_LINE_STEPS:-10}"               # one readable line on the terminal every N steps
   REPORT_TO="${REPORT_TO:-$(default_report_to)}"       # tensorboard when installed, else none; or wandb
   EVAL_DATA="${EVAL_DATA:-}"                           # held-out records (DATA's format): eval_loss every EVAL_STEPS
-  EVAL_STEPS="${EVAL_STEPS:-$SAVE_STEPS}"              # steps between evaluations (SFT only)
+  EVAL_STEPS="${EVAL_STEPS:-$SAVE_STEPS}"              # steps between evaluations (sft, rm)
   PACKING="${PACKING:-false}"                          # 1/true: pack records into MAX_SEQ_LENGTH rows
   GROUP_BY_LENGTH="${GROUP_BY_LENGTH:-false}"          # padded batches of similar lengths (not with PACKING)
   RESUME="${RESUME:-}"                                 # latest (newest complete checkpoint in OUTPUT_DIR) or a path

@@ -197,9 +197,34 @@ def test_settings_and_extra_flags_reach_vlft(tmp_path):
     assert (values["save_steps"], values["seed"]) == (7, 3)  # the extra flags come last, so they win
 
 
-@pytest.mark.parametrize("script", ["finetune.sh", "finetune_lora.sh", "finetune_dpo.sh", "finetune_grpo.sh"])
+def _stage_of(script: str) -> str:
+    """The stage a finetune script launches (`vlft_launch <stage>`)."""
+    return re.search(r"vlft_launch (\w+)", (SCRIPTS / script).read_text()).group(1)
+
+
+FINETUNE_SCRIPTS = sorted(p.name for p in SCRIPTS.glob("finetune*.sh"))
+
+
+@pytest.mark.parametrize("script", FINETUNE_SCRIPTS)
+@pytest.mark.parametrize("demo", [True, False], ids=["demo", "real-model"])
+def test_every_finetune_script_launches_a_stage_with_flags_it_parses(tmp_path, script, demo):
+    """Each scripts/finetune*.sh launches a stage of vlft/stages.py whose parser takes every flag it passes (on
+    the demo and with a real MODEL), and the arguments pass validate()."""
+    import importlib
+
+    from vlft.stages import STAGES
+
+    stage = STAGES[_stage_of(script)]
+    groups = importlib.import_module(stage.config.split(":")[0]).GROUPS
+    calls = launched_argv(tmp_path, script, **({} if demo else {"MODEL": "Qwen/Qwen2-VL-2B-Instruct"}))
+    parsed = parse_args(groups, calls[stage.name])
+    validate(*parsed)
+    assert flat(parsed)["output_dir"] == str(tmp_path / "out")
+
+
+@pytest.mark.parametrize("script", FINETUNE_SCRIPTS)
 def test_resume_setting_reaches_vlft(tmp_path, script):
-    command = {"finetune_dpo.sh": "dpo", "finetune_grpo.sh": "grpo"}.get(script, "sft")
+    command = _stage_of(script)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     resumed = launched_argv(tmp_path / "a", script, RESUME="latest")[command]

@@ -37,6 +37,7 @@ def test_every_reference_imports_with_the_signature_the_tools_call(name):
         config = stage.load("config")
         assert issubclass(config, VlftArgumentsMixin)
         assert config.__module__ == f"vlft.train.{name}.config"  # each stage's config lives beside its stage
+        assert config.stage_key == name  # a family refuses the stage by this name (Family.unsupported)
         groups = importlib.import_module(config.__module__).GROUPS
         assert groups[-1] is config
 

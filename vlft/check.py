@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     truncated = prepared.count_flag(CUT)  # set only by formats that cut over-long answers (DPO's keep_start)
     cut = f"; {truncated} with answers to be cut to {length_flag_of(data_args)}" if truncated else ""
     log(f"{check_args.stage} data: {prepared.summary()}{cut}")
+    where = ", ".join(data_args.data_path)
+    for line in stage.load("report")(prepared, check_args, where=where) if stage.report else ():
+        log(line)
     if stage.reports_reasoning:  # stages that train on the file's answers, every assistant turn of them
         encoder = ChatEncoder(processor, thinking)
         for line in reasoning_report(count_reasoning(encoder, prepared.samples), encoder.reasoning, thinking):

@@ -45,7 +45,7 @@ class DataArguments:
         default=None,
         metadata={"help": "Held-out records in --data_path's format, checked at start-up like it (same --image_folder "
                           "and media settings); their loss is logged as eval_loss every --eval_steps (default: "
-                          "--logging_steps). SFT only."},
+                          "--logging_steps). vlft sft and vlft rm (reward accuracy too)."},
     )
     image_folder: str | None = field(
         default=None,

@@ -34,6 +34,8 @@ class Stage:
     - records: what one record holds (check-data's and preview's --stage help).
     - reports_reasoning: check-data counts the records that train on reasoning (stages that train on the file's
       answers with the token loss).
+    - report: "module:function", `f(prepared, options, *, where) -> list[str]`: the stage's own lines in
+      check-data's report (KTO: the label balance; `where` names the data files), or None.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Stage:
     entry: str | None = None
     config: str | None = None
     reports_reasoning: bool = False
+    report: str | None = None
 
     def load(self, attribute: str):
         """The object a reference field (`record_format`, `dataset`, ...) names, imported now."""
@@ -76,6 +79,16 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           record_format="vlft.data.grpo:record_format", dataset="vlft.data.grpo:build_dataset",
           collator="vlft.data.grpo:build_collator", preview_parts="vlft.preview:completion_parts",
           entry="vlft.train.grpo.run", config="vlft.train.grpo.config:GRPOConfig"),
+    Stage("kto", "KTO (full or LoRA) on single answers marked good or bad",
+          records="a prompt, one answer and its label (true: desirable, false: undesirable)",
+          record_format="vlft.data.kto:record_format", dataset="vlft.data.kto:build_dataset",
+          collator="vlft.data.kto:build_collator", preview_parts="vlft.preview:completion_parts",
+          entry="vlft.train.kto.run", config="vlft.train.kto.config:KTOConfig", report="vlft.data.kto:check_report"),
+    Stage("rm", "a reward model (full or LoRA) from preference pairs, for GRPO's --reward_funcs rm:RUN",
+          records="preference pairs: a prompt, a chosen and a rejected answer, an optional margin",
+          record_format="vlft.data.rm:record_format", dataset="vlft.data.rm:build_dataset",
+          collator="vlft.data.rm:build_collator", preview_parts="vlft.preview:completion_parts",
+          entry="vlft.train.rm.run", config="vlft.train.rm.config:RewardConfig"),
     # (new stages' rows go here, before predict)
     Stage("predict", "prompts to answer with `vlft predict`",
           records="prompts, answers optional",

@@ -246,7 +246,7 @@ def test_every_override_takes_every_call_the_trainer_method_takes():
             override = vars(own[name])[row.name]
             assert _rejected_calls(override, getattr(Trainer, row.name)) == [], (name, row.name)
             checked += 1
-    assert checked == 10  # 8 rows; _get_train_sampler and _prepare_inputs also in GRPOTrainer
+    assert checked == 11  # 8 rows; GRPOTrainer: _get_train_sampler, _prepare_inputs; RewardTrainer: _load_from_checkpoint
 
 
 def test_call_shapes_and_a_narrow_override_is_caught():

@@ -35,10 +35,13 @@ class VlftArgumentsMixin:
                                      "step and its records. Not with --deepspeed (its engine steps inside backward)."}
     )
 
-    # How messages name the stage, and whether its loss is the token cross-entropy that a mixture-of-experts
-    # load-balancing term can join (--router_aux_loss_coef); each stage's config sets its own.
+    # The stage's row in vlft/stages.py, how messages name it, whether its loss is the token cross-entropy that a
+    # mixture-of-experts load-balancing term can join (--router_aux_loss_coef), and whether it evaluates held-out
+    # records (--eval_data_path); each stage's config sets its own.
+    stage_key = "sft"
     stage_name = "SFT"
     router_aux_loss_joins = True
+    evaluates = False
 
     @classmethod
     def before_parse(cls, given: set[str]) -> None:
@@ -51,8 +54,8 @@ class VlftArgumentsMixin:
     def family_problems(self, family) -> list[str]:
         """What this stage cannot do with `family` (a models/families descriptor), each with the family's reason:
         the stage itself when the family refuses it (`Family.unsupported[stage]`, e.g. "kto"); stages add theirs."""
-        reason = family.refusal(self.stage_name.lower())
-        return [f"vlft {self.stage_name.lower()} is not available for {family.display_name} ({family.model_type}): "
+        reason = family.refusal(self.stage_key)
+        return [f"vlft {self.stage_key} is not available for {family.display_name} ({family.model_type}): "
                 f"{reason}"] if reason else []
 
     def problems(self) -> list[str]:

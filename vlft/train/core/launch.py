@@ -111,9 +111,10 @@ def check_training_flags(data_args, train_args, *, stage: str) -> None:
 
     - --report_to: each reporter's package is installed (tensorboard, wandb);
     - --train_empty_think: SFT only (which tokens SFT learns);
-    - evaluation, SFT: --eval_data_path turns on --eval_strategy steps when that was left at "no" (every
-      --eval_steps, which the Trainer defaults to --logging_steps); --eval_strategy or --load_best_model_at_end
-      without --eval_data_path is an error. Other stages do not evaluate yet: any of these flags is an error."""
+    - evaluation, stages whose config `evaluates` (sft, rm): --eval_data_path turns on --eval_strategy steps when
+      that was left at "no" (every --eval_steps, which the Trainer defaults to --logging_steps); --eval_strategy or
+      --load_best_model_at_end without --eval_data_path is an error. Other stages do not evaluate yet: any of these
+      flags is an error."""
     import importlib.util
 
     from transformers.trainer_utils import IntervalStrategy
@@ -125,18 +126,17 @@ def check_training_flags(data_args, train_args, *, stage: str) -> None:
                             f"pip install {packages[0]}, or choose another --report_to (none, tensorboard, wandb)")
 
     if stage != "sft" and getattr(data_args, "train_empty_think", False):
-        what = ("every completion token the policy generates is scored, an empty block's included" if stage == "dpo"
-                else "the completions are the policy's own; nothing is learned from labels")
+        what = ("the completions are the policy's own; nothing is learned from labels" if stage == "grpo" else
+                "every token of the answers is scored, an empty think block's included")
         raise VlftError(f"--train_empty_think decides which tokens SFT learns; in vlft {stage} {what}: drop the flag")
 
     evaluating = train_args.eval_strategy != IntervalStrategy.NO
     asked = [flag for flag, on in (("--eval_data_path", bool(data_args.eval_data_path)),
                                    (f"--eval_strategy {train_args.eval_strategy.value}", evaluating),
                                    ("--load_best_model_at_end", train_args.load_best_model_at_end)) if on]
-    if stage != "sft":
+    if not getattr(train_args, "evaluates", stage == "sft"):
         if asked:
-            raise VlftError(f"{', '.join(asked)}: vlft {stage} does not evaluate during training yet (only vlft sft "
-                            "does); drop the flag(s)")
+            raise VlftError(f"{', '.join(asked)}: vlft {stage} does not evaluate during training yet; drop the flag(s)")
         return
     if data_args.eval_data_path:
         if not evaluating:

@@ -40,6 +40,8 @@ TRAINERS: tuple[str, ...] = (
     "vlft.train.core.trainer:SFTTrainer",
     "vlft.train.dpo.trainer:DPOTrainer",
     "vlft.train.grpo.trainer:GRPOTrainer",
+    "vlft.train.kto.trainer:KTOTrainer",
+    "vlft.train.rm.trainer:RewardTrainer",
 )
 COMPOSITION = "vlft.train.core.trainer:VlftTrainerMixin"  # its bases are the concern mixins; it overrides nothing itself
 
@@ -102,9 +104,10 @@ PRIVATE_TRAINER_OVERRIDES: tuple[PrivateOverride, ...] = (
     PrivateOverride(
         name="_load_from_checkpoint", params=(Param("resume_from_checkpoint"), Param("model", None)),
         callers=("train", "_prepare_for_training"),
-        classes=("ResumeMixin",), owner="vlft.train.core.resume",
+        classes=("ResumeMixin", "RewardTrainer"), owner="vlft.train.core.resume",
         why="a resume restores the fully trained non-LoRA weights next to a PEFT adapter, and loads full fine-tuning "
-            "weights through from_pretrained's key conversion with every key checked"),
+            "weights through from_pretrained's key conversion with every key checked; the reward model takes its "
+            "scalar head out around that load and restores it from its own file"),
     PrivateOverride(
         name="_load_best_model", params=(),
         callers=("_finalize_training",),

@@ -13,5 +13,7 @@ from vlft.train.core.arguments import VlftArgumentsMixin, stage_groups
 class SFTConfig(VlftArgumentsMixin, TrainingArguments):
     """HF TrainingArguments with vlft's additions (the SFT stage)."""
 
+    evaluates = True
+
 
 GROUPS = stage_groups(SFTConfig)
