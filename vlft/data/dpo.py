@@ -181,10 +181,12 @@ def record_format(max_seq_length: int, options=None) -> RecordFormat:
     return PreferenceFormat(max_seq_length, getattr(options, "truncation_mode", "keep_start")).record_format()
 
 
-def build_dataset(prepared, processor, *, media, max_length: int | None = None, thinking=None) -> PreferenceDataset:
-    """One item per pair of `prepared` (answers cut to `max_length` as keep_start cuts them), float pixels."""
+def build_dataset(prepared, processor, *, media, max_length: int | None = None, thinking=None,
+                  raw_pixels: bool = False) -> PreferenceDataset:
+    """One item per pair of `prepared` (answers cut to `max_length` as keep_start cuts them); float pixels, or
+    uint8 patch rows normalised on the device with `raw_pixels` (training's: train/core/model_inputs.py)."""
     return PreferenceDataset(prepared.samples, prepared.image_paths, processor, media=media,
-                             video_sources=prepared.video_sources, max_length=max_length,
+                             video_sources=prepared.video_sources, max_length=max_length, raw_pixels=raw_pixels,
                              rejected_media=prepared.rejected_media, thinking=thinking)
 
 

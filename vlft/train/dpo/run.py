@@ -11,24 +11,25 @@ trainer (train/dpo/trainer.py). The run directory has an SFT run's shape, so
 """
 from __future__ import annotations
 
-from vlft.config import family_for, parse_args, resolved_args, validate
-from vlft.data.collator import SFTCollator
-from vlft.data.dpo import PreferenceCollator, PreferenceDataset, PreferenceFormat
+from vlft.config import family_for, parse_args, validate
+from vlft.data.dpo import PreferenceFormat, build_collator, build_dataset
 from vlft.data.mixture import prepare_mixture
-from vlft.data.packing import length_grouped_order
 from vlft.data.prepare import length_flag_of
 from vlft.data.processor_media import apply_media_settings
 from vlft.data.reasoning import Thinking
 from vlft.data.store import CUT
-from vlft.errors import VlftError
-from vlft.train.core.checkpoints import media_digest
 from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
-from vlft.train.core.setup import zero_stage
+from vlft.train.core.stage import length_order, trainer_kwargs
 from vlft.train.dpo.config import GROUPS as DPO_GROUPS
 from vlft.train.dpo.loss import needs_reference
-from vlft.train.preference.reference import freezing_flags, trained_next_to_lora
 from vlft.train.preference.reference import reference_cache_key as shared_cache_key
+from vlft.train.preference.setup import build_reference, check_reference_flags, media_and_cache
 from vlft.utils import log
+
+
+def _cache_extra(train_args) -> dict:
+    """DPO's own parts of the reference-cache key: the truncation mode and --ld_alpha (the values are LD-weighted)."""
+    return {"truncation": train_args.truncation_mode, "ld_alpha": train_args.ld_alpha}
 
 
 def reference_cache_key(*, data_path, data, media_sha256: str, model_id: str, media, thinking: Thinking,
@@ -39,44 +40,34 @@ def reference_cache_key(*, data_path, data, media_sha256: str, model_id: str, me
     return shared_cache_key(
         data_path=data_path, data=data, media_sha256=media_sha256, model_id=model_id, media=media, thinking=thinking,
         chat_template=chat_template, model_args=model_args, tune_args=tune_args, train_args=train_args,
-        max_length=max_length, extra={"truncation": train_args.truncation_mode, "ld_alpha": train_args.ld_alpha},
-        stage="dpo")
+        max_length=max_length, extra=_cache_extra(train_args), stage="dpo")
 
 
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
     from vlft.models.loading import load_family, load_processor
-    from vlft.train.core.setup import disable_dropout, load_model_copy, prepare_model, refuse_base_mutating_init
+    from vlft.train.core.setup import disable_dropout, prepare_model
     from vlft.train.dpo.trainer import DPOTrainer
-    from vlft.train.preference.reference import ReferenceCache, make_reference
 
-    model_args, data_args, tune_args, train_args = parse_args(DPO_GROUPS, argv, prog="vlft dpo")
-    validate(model_args, data_args, tune_args, train_args, family=family_for(model_args))
+    groups = parse_args(DPO_GROUPS, argv, prog="vlft dpo")
+    model_args, data_args, tune_args, train_args = groups
+    validate(*groups, family=family_for(model_args))
     check_training_flags(data_args, train_args, stage="dpo")
-    refuse_base_mutating_init(tune_args, "vlft dpo")
-    if data_args.packing:
-        raise VlftError("--packing is not available for DPO: a pair's two rows share one prompt; drop --packing")
     with_reference = needs_reference(train_args.loss_type)  # False: orpo, simpo, cpo*: no reference at all
-    trained = trained_next_to_lora(tune_args)
-    if with_reference and trained and zero_stage(train_args) == 3 and not train_args.precompute_ref_log_probs:
-        raise VlftError(  # before the data and the model load: the same rule as make_reference's
-            f"under ZeRO-3, LoRA with fully trained parameters next to the adapters ({'; '.join(trained)}) needs "
-            "--precompute_ref_log_probs true: their starting values must stay the reference and ZeRO-3 keeps them as "
-            f"shards vlft cannot swap. Or freeze them ({freezing_flags(tune_args)})")
+    check_reference_flags(data_args, tune_args, train_args, command="vlft dpo", rows="a pair's two rows",
+                          with_reference=with_reference)
     check_output_dir(train_args)
 
     processor = load_processor(model_args.model_id)
     media = data_args.media_settings(load_family(model_args.model_id))
     apply_media_settings(processor, media)  # saved with every checkpoint: servers resize as training did
-    max_length = data_args.max_seq_length
-    fmt = PreferenceFormat(max_length, train_args.truncation_mode)
+    max_length, thinking = data_args.max_seq_length, Thinking.from_args(data_args)
     data = prepare_mixture(  # one or more files, each checked on its own, then each one's #N / #p selection
-        data_args.data_path, fmt.record_format(), seed=train_args.seed, processor=processor,
-        image_folder=data_args.image_folder, media=media, max_seq_length=max_length,
-        reject_overlong=data_args.reject_overlong,
+        data_args.data_path, PreferenceFormat(max_length, train_args.truncation_mode).record_format(),
+        seed=train_args.seed, processor=processor, image_folder=data_args.image_folder, media=media,
+        max_seq_length=max_length, reject_overlong=data_args.reject_overlong,
         skip_bad_samples=data_args.skip_bad_samples, **data_args.preparation(),
-        length_flag=length_flag_of(data_args), thinking=Thinking.from_args(data_args),
-        max_bad_fraction=data_args.max_bad_fraction)
+        length_flag=length_flag_of(data_args), thinking=thinking, max_bad_fraction=data_args.max_bad_fraction)
     truncated = data.count_flag(CUT)
     cut = f"; {truncated} with answers cut to {length_flag_of(data_args)} {max_length}" if truncated else ""
     log(f"data: {data.summary()}{cut}")
@@ -85,40 +76,21 @@ def run(argv: list[str]):
     prepared = prepare_model(model_args, tune_args, train_args)  # load, Liger, LoRA, freeze
     if train_args.disable_dropout:
         disable_dropout(prepared.model)
-    reference = None
     if with_reference:
-        reference = make_reference(prepared, load_copy=lambda: load_model_copy(model_args, tune_args, train_args),
-                                   precompute=train_args.precompute_ref_log_probs, zero_stage=zero_stage(train_args))
-        log(reference.describe() if reference is not None else "reference: precomputed before the first step")
+        reference = build_reference(prepared, model_args, tune_args, train_args)
     else:
+        reference = None
         log(f"reference: none (--loss_type {train_args.loss_type[0]} is reference-free)")
 
-    dataset = PreferenceDataset(data.samples, data.image_paths, processor, media=media,
-                                video_sources=data.video_sources, max_length=max_length, raw_pixels=True,
-                                rejected_media=data.rejected_media, thinking=Thinking.from_args(data_args))
-    collator = PreferenceCollator(SFTCollator.for_model(processor, prepared.base_model, family=prepared.family,
-                                                        distributed=train_args.world_size > 1))
-    order = None
-    if data_args.group_by_length:
-        batch = train_args.per_device_train_batch_size * train_args.world_size
-        order = lambda epoch: length_grouped_order(data.lengths, batch, train_args.seed + epoch)  # noqa: E731
+    dataset = build_dataset(data, processor, media=media, max_length=max_length, thinking=thinking, raw_pixels=True)
+    collator = build_collator(processor, prepared.base_model, family=prepared.family,
+                              distributed=train_args.world_size > 1)
     # the pictures' contents, record by record: the reference cache's key and the resume identity
-    media_sha256 = media_digest(data, workers=data_args.check_workers)
-    ref_cache = None
-    if with_reference and train_args.precompute_ref_log_probs:
-        key = reference_cache_key(
-            data_path=data_args.data_path, data=data, media_sha256=media_sha256, model_id=model_args.model_id,
-            media=media, thinking=Thinking.from_args(data_args), chat_template=dataset.encoder.template,
-            model_args=model_args, tune_args=tune_args, train_args=train_args, max_length=max_length)
-        ref_cache = ReferenceCache(train_args.output_dir, key, len(dataset))
-
-    trainer = DPOTrainer(
-        model=prepared.model, args=train_args, train_dataset=dataset, processing_class=processor,
-        data_collator=collator, callbacks=prepared.callbacks, vlft_args=resolved_args(model_args, data_args,
-        tune_args, train_args), family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
-        loraplus_lr_ratio=tune_args.loraplus_lr_ratio,
-        train_order=order, pixel_norms=(dataset.image_norm, dataset.video_norm), reference=reference,
-        ref_cache=ref_cache, media_sha256=media_sha256)
+    media_sha256, ref_cache = media_and_cache(data, dataset, groups, media=media, thinking=thinking, stage="dpo",
+                                              extra=_cache_extra(train_args), with_reference=with_reference)
+    trainer = DPOTrainer(**trainer_kwargs(prepared, processor, dataset, collator, groups,
+                                          order=length_order(data.lengths, data_args, train_args)),
+                         reference=reference, ref_cache=ref_cache, media_sha256=media_sha256)
     return train_and_save(trainer, lora=tune_args.any_lora)
 
 

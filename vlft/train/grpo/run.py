@@ -12,7 +12,7 @@ shape, so `vlft merge` and `vlft predict` take it unchanged.
 """
 from __future__ import annotations
 
-from vlft.config import family_for, parse_args, resolved_args, validate
+from vlft.config import family_for, parse_args, validate
 from vlft.data.collator import SFTCollator
 from vlft.data.encoding import ChatEncoder
 from vlft.data.grpo import PROMPT, PromptDataset, first_items
@@ -23,6 +23,7 @@ from vlft.data.reasoning import Thinking, prompt_opens_think
 from vlft.errors import VlftError
 from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
 from vlft.train.core.setup import weights_dtype, zero_stage
+from vlft.train.core.stage import trainer_kwargs
 from vlft.train.grpo.config import GROUPS as GRPO_GROUPS
 from vlft.train.grpo.vllm_rollout import check_vllm_data, check_vllm_flags, check_vllm_length
 from vlft.train.preference.reference import freezing_flags, trained_next_to_lora
@@ -126,12 +127,9 @@ def run(argv: list[str]):
     generation_collator = SFTCollator.for_model(processor, prepared.base_model, padding_side="left")
     training_collator = SFTCollator.for_model(processor, prepared.base_model, family=prepared.family,
                                               distributed=train_args.world_size > 1)
+    groups = (model_args, data_args, tune_args, train_args)
     trainer = GRPOTrainer(
-        model=prepared.model, args=train_args, train_dataset=dataset, processing_class=processor,
-        data_collator=first_items, callbacks=prepared.callbacks, vlft_args=resolved_args(model_args, data_args,
-        tune_args, train_args), family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
-        loraplus_lr_ratio=tune_args.loraplus_lr_ratio,
-        pixel_norms=(dataset.image_norm, dataset.video_norm), reward_funcs=reward_funcs,
+        **trainer_kwargs(prepared, processor, dataset, first_items, groups), reward_funcs=reward_funcs,
         reward_weights=train_args.reward_weights, reward_shapes=checked.shapes, samples=data.samples,
         generation_collator=generation_collator, training_collator=training_collator, encoder=encoder,
         reference=reference)

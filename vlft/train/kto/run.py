@@ -11,42 +11,31 @@ directory has an SFT run's shape, so `vlft merge` and `vlft predict` take it unc
 """
 from __future__ import annotations
 
-from vlft.config import family_for, parse_args, resolved_args, validate
+from vlft.config import family_for, parse_args, validate
 from vlft.data.kto import KL_PAIRING, build_collator, build_dataset, label_balance, record_format
 from vlft.data.mixture import prepare_mixture
-from vlft.data.packing import length_grouped_order
 from vlft.data.prepare import length_flag_of
 from vlft.data.processor_media import apply_media_settings
 from vlft.data.reasoning import Thinking
 from vlft.data.store import CUT
-from vlft.errors import VlftError
-from vlft.train.core.checkpoints import media_digest
 from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
-from vlft.train.core.setup import zero_stage
+from vlft.train.core.stage import length_order, trainer_kwargs
 from vlft.train.kto.config import GROUPS as KTO_GROUPS
-from vlft.train.preference.reference import ReferenceCache, freezing_flags, reference_cache_key, trained_next_to_lora
+from vlft.train.preference.setup import build_reference, check_reference_flags, media_and_cache
 from vlft.utils import log
 
 
 def run(argv: list[str]):
     """Train; returns (summary dict, trainer). The summary is also printed."""
     from vlft.models.loading import load_family, load_processor
-    from vlft.train.core.setup import disable_dropout, load_model_copy, prepare_model, refuse_base_mutating_init
+    from vlft.train.core.setup import disable_dropout, prepare_model
     from vlft.train.kto.trainer import KTOTrainer
-    from vlft.train.preference.reference import make_reference
 
-    model_args, data_args, tune_args, train_args = parse_args(KTO_GROUPS, argv, prog="vlft kto")
-    validate(model_args, data_args, tune_args, train_args, family=family_for(model_args))
+    groups = parse_args(KTO_GROUPS, argv, prog="vlft kto")
+    model_args, data_args, tune_args, train_args = groups
+    validate(*groups, family=family_for(model_args))
     check_training_flags(data_args, train_args, stage="kto")
-    refuse_base_mutating_init(tune_args, "vlft kto")
-    if data_args.packing:
-        raise VlftError("--packing is not available for KTO: a record's two rows share one prompt; drop --packing")
-    trained = trained_next_to_lora(tune_args)
-    if trained and zero_stage(train_args) == 3 and not train_args.precompute_ref_log_probs:
-        raise VlftError(  # before the data and the model load: the same rule as make_reference's
-            f"under ZeRO-3, LoRA with fully trained parameters next to the adapters ({'; '.join(trained)}) needs "
-            "--precompute_ref_log_probs true: their starting values must stay the reference and ZeRO-3 keeps them as "
-            f"shards vlft cannot swap. Or freeze them ({freezing_flags(tune_args)})")
+    check_reference_flags(data_args, tune_args, train_args, command="vlft kto", rows="a record's two rows")
     check_output_dir(train_args)
 
     processor = load_processor(model_args.model_id)
@@ -73,35 +62,18 @@ def run(argv: list[str]):
     prepared = prepare_model(model_args, tune_args, train_args)  # load, Liger, LoRA, freeze
     if train_args.disable_dropout:
         disable_dropout(prepared.model)
-    reference = make_reference(prepared, load_copy=lambda: load_model_copy(model_args, tune_args, train_args),
-                               precompute=train_args.precompute_ref_log_probs, zero_stage=zero_stage(train_args))
-    log(reference.describe() if reference is not None else "reference: precomputed before the first step")
+    reference = build_reference(prepared, model_args, tune_args, train_args)
 
     dataset = build_dataset(data, processor, media=media, max_length=max_length, thinking=thinking)
     collator = build_collator(processor, prepared.base_model, family=prepared.family,
                               distributed=train_args.world_size > 1)
-    order = None
-    if data_args.group_by_length:
-        batch = train_args.per_device_train_batch_size * train_args.world_size
-        order = lambda epoch: length_grouped_order(data.lengths, batch, train_args.seed + epoch)  # noqa: E731
     # the pictures' contents, record by record: the reference cache's key and the resume identity
-    media_sha256 = media_digest(data, workers=data_args.check_workers)
-    ref_cache = None
-    if train_args.precompute_ref_log_probs:
-        key = reference_cache_key(
-            data_path=data_args.data_path, data=data, media_sha256=media_sha256, model_id=model_args.model_id,
-            media=media, thinking=thinking, chat_template=dataset.encoder.template, model_args=model_args,
-            tune_args=tune_args, train_args=train_args, max_length=max_length,
-            extra={"truncation": train_args.truncation_mode, "kl_pairing": KL_PAIRING})
-        ref_cache = ReferenceCache(train_args.output_dir, key, len(dataset), columns=KTOTrainer.ref_columns)
-
-    trainer = KTOTrainer(
-        model=prepared.model, args=train_args, train_dataset=dataset, processing_class=processor,
-        data_collator=collator, callbacks=prepared.callbacks, vlft_args=resolved_args(model_args, data_args,
-        tune_args, train_args), family=prepared.family, vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr,
-        loraplus_lr_ratio=tune_args.loraplus_lr_ratio,
-        train_order=order, pixel_norms=(dataset.image_norm, dataset.video_norm), reference=reference,
-        ref_cache=ref_cache, media_sha256=media_sha256)
+    media_sha256, ref_cache = media_and_cache(
+        data, dataset, groups, media=media, thinking=thinking, stage="kto", columns=KTOTrainer.ref_columns,
+        extra={"truncation": train_args.truncation_mode, "kl_pairing": KL_PAIRING})
+    trainer = KTOTrainer(**trainer_kwargs(prepared, processor, dataset, collator, groups,
+                                          order=length_order(data.lengths, data_args, train_args)),
+                         reference=reference, ref_cache=ref_cache, media_sha256=media_sha256)
     return train_and_save(trainer, lora=tune_args.any_lora)
 
 

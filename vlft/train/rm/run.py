@@ -12,16 +12,16 @@ train/rm/model.py `load_reward_model` opens it.
 """
 from __future__ import annotations
 
-from vlft.config import family_for, parse_args, resolved_args, validate
+from vlft.config import family_for, parse_args, validate
 from vlft.data.collator import SFTCollator
 from vlft.data.mixture import prepare_mixture
-from vlft.data.packing import length_grouped_order
 from vlft.data.prepare import length_flag_of, prepare_data
 from vlft.data.processor_media import apply_media_settings
 from vlft.data.reasoning import Thinking
 from vlft.data.rm import RewardCollator, RewardDataset, reward_format
 from vlft.errors import VlftError
 from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
+from vlft.train.core.stage import length_order, trainer_kwargs
 from vlft.train.rm.config import GROUPS as RM_GROUPS
 from vlft.utils import log
 
@@ -89,17 +89,10 @@ def run(argv: list[str]):
     eval_dataset = pairs(eval_data) if eval_data is not None else None
     collator = RewardCollator(SFTCollator.for_model(processor, owner, family=prepared.family,
                                                     distributed=train_args.world_size > 1))
-    order = None
-    if data_args.group_by_length:
-        batch = train_args.per_device_train_batch_size * train_args.world_size
-        order = lambda epoch: length_grouped_order(data.lengths, batch, train_args.seed + epoch)  # noqa: E731
-
-    trainer = RewardTrainer(
-        model=prepared.model, args=train_args, train_dataset=dataset, eval_dataset=eval_dataset,
-        processing_class=processor, data_collator=collator, callbacks=prepared.callbacks,
-        vlft_args=resolved_args(model_args, data_args, tune_args, train_args), family=prepared.family,
-        vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr, loraplus_lr_ratio=tune_args.loraplus_lr_ratio,
-        train_order=order, pixel_norms=(dataset.image_norm, dataset.video_norm), head_owner=owner)
+    groups = (model_args, data_args, tune_args, train_args)
+    trainer = RewardTrainer(**trainer_kwargs(prepared, processor, dataset, collator, groups,
+                                             order=length_order(data.lengths, data_args, train_args)),
+                            eval_dataset=eval_dataset, head_owner=owner)
     return train_and_save(trainer, lora=tune_args.any_lora)
 
 

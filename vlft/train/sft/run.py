@@ -11,16 +11,17 @@ records (--eval_data_path) go through the same start-up check, before the model 
 from __future__ import annotations
 
 from vlft.check import quick_reasoning_counts, reasoning_report
-from vlft.config import family_for, parse_args, resolved_args, validate
+from vlft.config import family_for, parse_args, validate
 from vlft.data.collator import PackingCollator, SFTCollator
 from vlft.data.encoding import ChatEncoder
 from vlft.data.mixture import prepare_mixture
-from vlft.data.packing import length_grouped_order, plan_packs
+from vlft.data.packing import plan_packs
 from vlft.data.prepare import CONVERSATION, length_flag_of, prepare_sft_data
 from vlft.data.processor_media import apply_media_settings
 from vlft.data.reasoning import Thinking
 from vlft.data.sft import PackedDataset, SFTDataset
 from vlft.train.core.launch import batch_warning, check_output_dir, check_training_flags, run_stage, train_and_save
+from vlft.train.core.stage import length_order, trainer_kwargs
 from vlft.train.sft.config import GROUPS as SFT_GROUPS
 from vlft.utils import log
 
@@ -82,16 +83,12 @@ def run(argv: list[str]):
         dataset, collator = PackedDataset(dataset, packs), PackingCollator(collator)
         if eval_dataset is not None:  # the collator packs: eval batches are packed rows too
             eval_dataset = PackedDataset(eval_dataset, plan_packs(eval_data.lengths, data_args.max_seq_length))
-    elif data_args.group_by_length:
-        batch = train_args.per_device_train_batch_size * train_args.world_size
-        order = lambda epoch: length_grouped_order(data.lengths, batch, train_args.seed + epoch)  # noqa: E731
+    else:
+        order = length_order(data.lengths, data_args, train_args)
 
-    trainer = SFTTrainer(
-        model=prepared.model, args=train_args, train_dataset=dataset, eval_dataset=eval_dataset,
-        processing_class=processor, data_collator=collator, callbacks=prepared.callbacks,
-        vlft_args=resolved_args(model_args, data_args, tune_args, train_args), family=prepared.family,
-        vision_lr=tune_args.vision_lr, merger_lr=tune_args.merger_lr, loraplus_lr_ratio=tune_args.loraplus_lr_ratio,
-        train_order=order, pixel_norms=pixel_norms)
+    groups = (model_args, data_args, tune_args, train_args)
+    trainer = SFTTrainer(**trainer_kwargs(prepared, processor, dataset, collator, groups, order=order,
+                                          pixel_norms=pixel_norms), eval_dataset=eval_dataset)
     return train_and_save(trainer, lora=tune_args.any_lora or tune_args.virtual_tokens)
 
 
