@@ -130,6 +130,7 @@ class RecordView:
     parts: list[Part] = field(default_factory=list)
     media: list[Media] = field(default_factory=list)
     lengths: tuple[int, ...] = ()  # tokens of each sequence that trains (SFT: 1, DPO: chosen and rejected)
+    sides: list[str] = field(default_factory=list)  # the completion sides those sequences end with (DPO, KTO)
     columns: dict = field(default_factory=dict)  # GRPO: the record's extra keys
     problems: list[Problem] = field(default_factory=list)
     raw: object = None  # the record as read (LLaVA form), shown for a bad record
@@ -329,6 +330,7 @@ def build_preview(args: PreviewArguments, model_args, data_args, *, processor_pa
             parts = parts_of(item, encoder, sample, (prepared.image_specs[i], prepared.video_specs[i]))
             view = RecordView(sample.index, sample.id, parts=parts, raw=raw.get(sample.index))
             view.lengths = trained_lengths(item, prepared.sequence_lengths[i])  # after any keep_start cut
+            view.sides = completion_sides(item)
             for path, grid in zip(prepared.image_paths[i], item.get("image_grid_thw", [])):
                 view.media.append(_image_media(path, grid.tolist(), encoder, media, cache))
             for source, grid in zip(prepared.video_sources[i], item.get("video_grid_thw", [])):
@@ -521,8 +523,8 @@ def record_html(view: RecordView, text: TokenText) -> str:
                      f'<h3>{part.name} ({counts["tokens"]} tokens, {counts["trained"]} trained)</h3>')
             blocks.append(f'{label}<div class="tokens part-{part.name}" data-trained="{counts["trained"]}" '
                           f'data-reasoning="{counts["trained_reasoning"]}">{spans}</div>')
-        if len(view.lengths) == 2:
-            length = f"<b>{view.lengths[0]}</b> tokens with the chosen answer, <b>{view.lengths[1]}</b> with the rejected"
+        if len(view.sides) > 1 and len(view.lengths) == len(view.sides):  # one sequence per completion side
+            length = ", ".join(f"<b>{n}</b> tokens with the {side} answer" for n, side in zip(view.lengths, view.sides))
         else:
             length = f"<b>{view.lengths[0] if view.lengths else total['tokens']}</b> tokens"
         trains = (" (a prompt: the completions are generated, and trained, during the run)"

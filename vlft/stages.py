@@ -82,7 +82,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("kto", "KTO (full or LoRA) on single answers marked good or bad",
           records="a prompt, one answer and its label (true: desirable, false: undesirable)",
           record_format="vlft.data.kto:record_format", dataset="vlft.data.kto:build_dataset",
-          collator="vlft.data.kto:build_collator", preview_parts="vlft.preview:completion_parts",
+          collator="vlft.data.kto:build_collator", preview_parts="vlft.train.kto.preview:preview_parts",
           entry="vlft.train.kto.run", config="vlft.train.kto.config:KTOConfig", report="vlft.data.kto:check_report"),
     Stage("rm", "a reward model (full or LoRA) from preference pairs, for GRPO's --reward_funcs rm:RUN",
           records="preference pairs: a prompt, a chosen and a rejected answer, an optional margin",

@@ -290,3 +290,39 @@ def test_log_probs_equal_plain_forwards_in_one_mixed_batch(family, tiny_model_fa
             want = plain_sum(model, processor, ds.encoder, sample.messages, text, data.image_paths[i],
                              data.video_sources[i])
             assert math.isclose(got.item(), want, rel_tol=0, abs_tol=1e-5), (family, sample.id, side, got, want)
+
+
+def test_an_answer_the_template_cannot_render_is_named_by_the_kto_field():
+    """A completion-level encoding problem names KTO's own field, `completion` (DPO's would be `chosen`)."""
+    from vlft.data.encoding import EncodingError
+    from vlft.data.kto import KTOSample
+    from vlft.data.prepare import _encoding_field
+
+    sample = KTOSample(index=0, id=None, messages=[{"role": "user", "content": "q"}], completion="a", label=True,
+                       images=[])
+    assert _encoding_field(EncodingError("x", completion=0), sample) == "completion"
+    assert _encoding_field(EncodingError("x", completion=0), object()) == "chosen"  # a pair's first answer
+
+
+def test_preview_and_check_data_show_a_kto_record_as_training_sees_it(tiny_model_dir, tmp_path, capsys):
+    """preview --stage kto: the record's answer trains, the KL sequence (another record's answer) trains nothing;
+    check-data --stage kto reports the label balance."""
+    import re
+
+    from vlft.check import main as check_main
+    from vlft.preview import main as preview_main
+
+    data = str(REPO / "data_examples" / "kto_demo.json")
+    out = tmp_path / "kto.html"
+    assert preview_main(["--stage", "kto", "--model_id", str(tiny_model_dir), "--data_path", data,
+                         "--num_records", "3", "--output", str(out)]) == 0
+    page = out.read_text()
+    answers = re.findall(r'<h3>completion \((\d+) tokens, (\d+) trained\)</h3>', page)
+    kl = re.findall(r'<h3>kl_estimate \((\d+) tokens, (\d+) trained\)</h3>', page)
+    assert len(answers) == len(kl) == 3
+    assert all(int(trained) > 0 for _, trained in answers) and all(trained == "0" for _, trained in kl)
+    assert check_main(["--stage", "kto", "--model_id", str(tiny_model_dir), "--data_path", data]) == 0
+    records = json.loads((REPO / "data_examples" / "kto_demo.json").read_text())
+    good = sum(bool(r["label"]) for r in records)
+    assert f"labels: {good} desirable, {len(records) - good} undesirable of {len(records)} records" in \
+        capsys.readouterr().err

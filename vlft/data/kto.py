@@ -71,6 +71,7 @@ class KTOSample:
     videos: list = field(default_factory=list)
     completion_reasoning: str | None = None  # the answer's reasoning, inline or from the field; None when none
     turn_offset: int = 0  # messages[k] is the record's conversations[k - turn_offset] (llava.Sample)
+    answer_keys = (ANSWER_KEY,)  # the record field of each completion, for problems (data/prepare.py)
 
     @property
     def completions(self) -> tuple[dict]:

@@ -306,8 +306,9 @@ def _relative(raw) -> bool:
 def _encoding_field(error: EncodingError, sample) -> str:
     """The record field an EncodingError is about, as the LLaVA layout names it (`loaded.source` maps it to the
     user's own format); a message index counts the system message of a `system` key (`sample.turn_offset`)."""
-    if error.completion is not None:
-        return ANSWER_KEYS[error.completion] if error.completion < len(ANSWER_KEYS) else "conversations"
+    if error.completion is not None:  # the record field of that completion: the sample's own names, else DPO's
+        keys = getattr(sample, "answer_keys", ANSWER_KEYS)
+        return keys[error.completion] if error.completion < len(keys) else "conversations"
     if error.turn is None:
         return "conversations"
     turn = error.turn - getattr(sample, "turn_offset", 0)

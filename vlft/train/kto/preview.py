@@ -1,0 +1,18 @@
+"""How `vlft preview --stage kto` shows a record (vlft/stages.py `preview_parts`): the prompt, the record's own
+answer with the tokens that train, and the KL sequence -- the prompt with another record's answer (data/kto.py
+KL_PAIRING) -- whose log-probs only estimate the KL reference point, detached: none of its tokens train."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from vlft.constants import IGNORE_INDEX
+from vlft.preview import completion_parts
+
+KL_PART = "kl_estimate"
+
+
+def preview_parts(item: dict, encoder, sample, specs) -> list:
+    """preview.completion_parts with the KL side renamed KL_PART and all its labels IGNORE_INDEX."""
+    parts = completion_parts(item, encoder, sample, specs)
+    return [replace(p, name=KL_PART, labels=[IGNORE_INDEX] * len(p.ids), kinds=None) if p.name == "kl" else p
+            for p in parts]
