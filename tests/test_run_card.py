@@ -107,3 +107,14 @@ def test_virtual_token_card_has_no_merge(tmp_path):
     assert "Prompt tuning (20 virtual tokens)" in card and "library_name: peft" in card
     assert "vlft merge" not in card and "vllm serve" not in card and "vlft predict --model" in card
     assert "not logged at the first" in card
+
+
+def test_the_card_names_a_pair_loss_other_than_dpo_and_the_reward_models_accuracy(tmp_path):
+    orpo = run_card(tmp_path / "run", _args(loss_type=["orpo"]), stage="dpo", family=None, records=4, counts=None,
+                    history=[], summary={"steps": 2})
+    assert "by preference tuning (orpo loss) with vlft" in orpo
+    history = [{"step": 1, "loss": 0.7, "accuracy": 0.5}, {"step": 2, "loss": 0.2, "accuracy": 1.0}]
+    rm = run_card(tmp_path / "run", _args(), stage="rm", family=None, records=4, counts=None, history=history,
+                  summary={"steps": 2})
+    assert "by reward modelling (Bradley-Terry, a scalar head) with vlft" in rm
+    assert "- pair accuracy (last): 1" in rm and "--reward_funcs rm:" in rm and "vllm serve" not in rm

@@ -104,6 +104,7 @@ def merge(adapter: str, output: str, *, base_model: str | None = None, dtype: st
         for name in (REWARD_HEAD_WEIGHTS, REWARD_HEAD_CONFIG):  # a reward model's scalar head (vlft rm), as saved
             if (Path(opened.path) / name).is_file():
                 shutil.copy2(Path(opened.path) / name, tmp / name)
+                log(f"reward model: {name} copied next to the merged weights")
         readable_by_all(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -337,6 +337,9 @@ def run_card(run_dir: str | os.PathLike, args: dict, *, stage: str | None, famil
     adapter = _is_adapter(args)
     virtual = (args.get("peft_type") or "lora") != "lora"
     stage_name = STAGE_NAMES.get(stage or "", stage or "training")
+    losses = args.get("loss_type") or []
+    if stage == "dpo" and isinstance(losses, list) and losses and losses != ["sigmoid"]:  # TRL's names, e.g. ORPO
+        stage_name = f"preference tuning ({', '.join(map(str, losses))} loss)"
     lines = _front_matter(args, stage)
     method = training_method(args)
     lines += [f"# {os.path.basename(run)}", "",
@@ -379,7 +382,8 @@ def run_card(run_dir: str | os.PathLike, args: dict, *, stage: str | None, famil
               f"- loss: {_figure(summary.get('first_loss'))} at the first logged step, "
               f"{_figure(summary.get('last_loss'))} at the last"]
     for key, label in (("eval_loss", "evaluation loss (last)"), ("rewards/margins", "reward margin (last)"),
-                       ("rewards/accuracies", "preference accuracy (last)")):
+                       ("rewards/accuracies", "preference accuracy (last)"), ("accuracy", "pair accuracy (last)"),
+                       ("eval_accuracy", "held-out pair accuracy (last)")):
         values = _series(history, key)
         if values:
             lines.append(f"- {label}: {_figure(float(values[-1]))}")
@@ -398,6 +402,8 @@ def run_card(run_dir: str | os.PathLike, args: dict, *, stage: str | None, famil
     lines += ["## Use it", "", "```bash"]
     if stage == "rm":
         lines += [f"vlft grpo --reward_funcs rm:{q(run)} ...   # scores each completion with its prompt's media",
+                  *([f"vlft merge --adapter {q(run)} --output {q(f'{run}-merged')}   # carries reward_head.* along"]
+                    if adapter else []),
                   f"# in Python: vlft.train.rm.model.load_reward_model({str(run)!r}, device='cuda', dtype='bf16'); "
                   f"the head is {REWARD_HEAD_WEIGHTS} + {REWARD_HEAD_CONFIG} next to the model's files"]
     elif virtual:

@@ -317,7 +317,9 @@ def test_preview_and_check_data_show_a_kto_record_as_training_sees_it(tiny_model
     assert preview_main(["--stage", "kto", "--model_id", str(tiny_model_dir), "--data_path", data,
                          "--num_records", "3", "--output", str(out)]) == 0
     page = out.read_text()
-    answers = re.findall(r'<h3>completion \((\d+) tokens, (\d+) trained\)</h3>', page)
+    answers = re.findall(r'<h3>(?:un)?desirable \((\d+) tokens, (\d+) trained\)</h3>', page)
+    labels = [bool(r["label"]) for r in json.loads((REPO / "data_examples" / "kto_demo.json").read_text())[:3]]
+    assert re.findall(r'<h3>((?:un)?desirable) \(', page) == ["desirable" if x else "undesirable" for x in labels]
     kl = re.findall(r'<h3>kl_estimate \((\d+) tokens, (\d+) trained\)</h3>', page)
     assert len(answers) == len(kl) == 3
     assert all(int(trained) > 0 for _, trained in answers) and all(trained == "0" for _, trained in kl)

@@ -173,3 +173,10 @@ def test_a_missing_rejected_image_is_named_by_its_field(processor, tmp_path):
     (problem,) = err.value.problems
     assert (problem.index, problem.field) == (0, "rejected_image[0]") and "nowhere.png" in str(problem)
     assert "--image_folder" in problem.hint
+
+
+def test_a_kto_record_given_to_a_pair_stage_is_pointed_to_vlft_kto():
+    sample, problems = parse_preference_record({"prompt": "Is it a cat?", "completion": "Yes.", "label": True},
+                                               4, "thumbs.json")
+    assert sample is None and [p.field for p in problems] == ["completion"]
+    assert "KTO's layout" in problems[0].message and "`vlft kto`" in problems[0].hint

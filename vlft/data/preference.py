@@ -131,6 +131,10 @@ def parse_preference_record(record: object, index: int, file: str) -> tuple[Pref
     if not isinstance(record, dict):
         return parse_record(record, index, file)  # reports the non-object record the SFT way
     sample, problems, report = parse_prompt(record, index, file)
+    if "completion" in record and "label" in record and "chosen" not in record:  # a KTO record given to a pair stage
+        report("completion", "this record is a single answer with a label (KTO's layout), not a pair",
+               "train labelled answers with `vlft kto`; for a pair, give 'chosen' and 'rejected' answers to one prompt")
+        return None, problems
     flat = "conversations" not in record and "prompt" in record  # the field to name
     for key in record:  # a misspelt rejected_* key would silently make an ordinary pair of an image-side one
         if isinstance(key, str) and key.startswith("rejected") and key not in ("rejected", *REJECTED_MEDIA):

@@ -63,7 +63,8 @@ class LogLineCallback(TrainerCallback):
         [vlft] step 40/1000 | epoch 0.40 | loss 1.234 | grad_norm 0.87 | lr 2.00e-05 | tokens/s 4,210 | 12.3 s/step
 
     then `| eta 3h16m` while steps remain. Figures are the means over the log entries since the previous line
-    (learning rate and epoch: the latest), in the order of FIGURES, those present: DPO's reward margin and accuracy,
+    (learning rate and epoch: the latest), in the order of FIGURES, those present: DPO's and KTO's reward margin and
+    accuracy, the reward model's (TRL's reward-trainer names, `margin` and `accuracy`),
     GRPO's mean reward and, with several reward functions, each one's mean, its KL and mean completion length.
     s/step and eta are wall-clock, from the steps since the previous line. An evaluation prints its own line at once
     (`eval at step 40/1000 | eval_loss 1.2`); the Trainer's end-of-training summary is left to vlft's closing
@@ -72,7 +73,8 @@ class LogLineCallback(TrainerCallback):
     # (logged key, label, format), in the order shown
     FIGURES = (("epoch", "epoch", "{:.2f}"), ("loss", "loss", "{:.4g}"), ("aux_loss", "aux_loss", "{:.4g}"),
                ("rewards/margins", "margin", "{:.3g}"), ("rewards/accuracies", "accuracy", "{:.2f}"),
-               ("reward", "reward", "{:.3g}"), ("kl", "kl", "{:.3g}"), ("completions/mean_length", "length", "{:.0f}"),
+               ("margin", "margin", "{:.3g}"), ("accuracy", "accuracy", "{:.2f}"), ("reward", "reward", "{:.3g}"),
+               ("kl", "kl", "{:.3g}"), ("completions/mean_length", "length", "{:.0f}"),
                ("grad_norm", "grad_norm", "{:.3g}"), ("learning_rate", "lr", "{:.2e}"),
                ("tokens_per_second", "tokens/s", "{:,.0f}"), ("mfu", "mfu", "{:.1%}"))
     LATEST = {"learning_rate", "epoch"}  # a state, not a per-step figure: the latest value, not a mean

@@ -12,7 +12,9 @@ KL_PART = "kl_estimate"
 
 
 def preview_parts(item: dict, encoder, sample, specs) -> list:
-    """preview.completion_parts with the KL side renamed KL_PART and all its labels IGNORE_INDEX."""
-    parts = completion_parts(item, encoder, sample, specs)
-    return [replace(p, name=KL_PART, labels=[IGNORE_INDEX] * len(p.ids), kinds=None) if p.name == "kl" else p
-            for p in parts]
+    """preview.completion_parts with the record's answer named by its label ("desirable" / "undesirable") and the
+    KL side renamed KL_PART, all its labels IGNORE_INDEX."""
+    label = "desirable" if sample.label else "undesirable"
+    return [replace(p, name=KL_PART, labels=[IGNORE_INDEX] * len(p.ids), kinds=None) if p.name == "kl" else
+            replace(p, name=label) if p.name == "completion" else p
+            for p in completion_parts(item, encoder, sample, specs)]
