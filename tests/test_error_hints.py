@@ -220,9 +220,9 @@ ZERO3_LORA = ("--lora_enable", "true", "--freeze_merger", "true", "--freeze_visi
 def test_dpo_zero3_hint_freezes_what_trains_not_what_is_frozen(tmp_path, cli, monkeypatch):
     """Before: 'Or freeze them (--freeze_merger true ...)' to a run with --freeze_merger true, where
     --unfreeze_topk_llm was what trained next to LoRA."""
-    import vlft.train.dpo.run
+    import vlft.train.core.setup
 
-    monkeypatch.setattr(vlft.train.dpo.run, "zero_stage", lambda args: 3)
+    monkeypatch.setattr(vlft.train.core.setup, "zero_stage", lambda args: 3)  # read by train/preference/setup.py
     rc, err = cli("dpo", "--model_id", "m", "--data_path", "d.json", "--output_dir", tmp_path / "out", *ZERO3_LORA)
     assert rc == 2
     assert "(--unfreeze_topk_llm 1) needs --precompute_ref_log_probs true" in err
@@ -293,7 +293,8 @@ def test_model_load_errors_name_no_flag_of_another_command(tmp_path, cli, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.json").write_text(json.dumps([GOOD]))
     rc, err = cli("predict", "--model", "nobody/no-such-model", "--data_path", "d.json", "--output", "p.jsonl")
-    assert rc == 2 and "could not load the processor from 'nobody/no-such-model'" in err and "--model_id" not in err
+    # predict reads the model's config first (models/loading.py describe_trained), then its processor
+    assert rc == 2 and "could not load the config from 'nobody/no-such-model'" in err and "--model_id" not in err
     with pytest.raises(VlftError) as info:
         get_family("llava")
     assert "--model_id" not in str(info.value)

@@ -162,7 +162,7 @@ def _fake_data_and_encoder(prompt: str):
     sample = SimpleNamespace(id="q1", images=[], videos=[], columns={"solution": "7"}, messages=[])
     encoder = SimpleNamespace(render=lambda messages, add_generation_prompt: (prompt,),
                               tokenizer=lambda text, add_special_tokens: {"input_ids": list(range(len(text)))})
-    return SimpleNamespace(samples=[sample]), encoder
+    return SimpleNamespace(samples=[sample], image_paths=[[]], video_sources=[[]]), encoder
 
 
 @pytest.mark.parametrize("prompt", [PLAIN, OPENED])
