@@ -328,3 +328,30 @@ def test_preview_and_check_data_show_a_kto_record_as_training_sees_it(tiny_model
     good = sum(bool(r["label"]) for r in records)
     assert f"labels: {good} desirable, {len(records) - good} undesirable of {len(records)} records" in \
         capsys.readouterr().err
+
+
+def test_the_label_balance_is_counted_from_the_stored_flags_without_reading_a_record(tiny_model_dir):
+    """Start-up at any data size: the DESIRABLE bit of data/store.py, set at preparation, gives the balance; no
+    record's payload is unpickled for it (a samples view that refuses to be read still gives the counts)."""
+    from types import SimpleNamespace
+
+    from vlft.data.store import DESIRABLE
+    from vlft.models.loading import load_processor
+
+    prepared = prepare(KTO_DEMO, load_processor(str(tiny_model_dir)))
+    labels = [bool(r["label"]) for r in json.loads(KTO_DEMO.read_text())]
+    assert prepared.count_flag(DESIRABLE) == sum(labels) and 0 < sum(labels) < len(labels)
+    assert [bool(int(f) & DESIRABLE) for f in prepared.flags] == labels
+
+    class Unreadable:
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            raise AssertionError("a record was read")
+
+    view = SimpleNamespace(samples=Unreadable(), count_flag=prepared.count_flag)
+    balance = label_balance(view)
+    assert (balance.n_desirable, balance.n_undesirable) == (sum(labels), len(labels) - sum(labels))
+    listed = label_balance(list(prepared.samples))  # a plain list of samples: counted from them
+    assert (listed.n_desirable, listed.n_undesirable) == (balance.n_desirable, balance.n_undesirable)

@@ -266,15 +266,20 @@ class LabelBalance:
 
 def label_balance(samples, *, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
                   where: str = "the data") -> LabelBalance:
-    """The LabelBalance of prepared KTO samples. VlftError (naming `where`, the data file(s)) when every record
-    has the same label: KTO's loss then has no counterpart to weigh against and its reference point learns
-    nothing from the other side."""
-    n_desirable = sum(1 for s in samples if s.label)
-    n_undesirable = len(samples) - n_desirable
+    """The LabelBalance of prepared KTO data: data/prepare.py's PreparedData (its stored DESIRABLE flags count the
+    labels without reading a record: start-up at any data size) or a list of KTOSamples. VlftError (naming
+    `where`, the data file(s)) when every record has the same label: KTO's loss then has no counterpart to weigh
+    against and its reference point learns nothing from the other side."""
+    from vlft.data.store import DESIRABLE
+
+    counted = samples.count_flag(DESIRABLE) if hasattr(samples, "count_flag") else None
+    records = getattr(samples, "samples", samples)
+    n_desirable = counted if counted is not None else sum(1 for s in records if s.label)
+    n_undesirable = len(records) - n_desirable
     if not n_desirable or not n_undesirable:
         label, other = ("true", "false (undesirable, thumbs down)") if n_desirable else \
             ("false", "true (desirable, thumbs up)")
-        raise VlftError(f"{where}: all {len(samples)} usable records have label {label}; KTO needs answers of both "
+        raise VlftError(f"{where}: all {len(records)} usable records have label {label}; KTO needs answers of both "
                         f"kinds -> add records with label {other}, or train on desirable answers alone with `vlft sft`")
     return LabelBalance(n_desirable, n_undesirable, desirable_weight, undesirable_weight)
 
@@ -283,6 +288,6 @@ def check_report(prepared, options=None, *, where: str = "the data") -> list[str
     """check-data's lines for KTO data (vlft/stages.py `report`): the label balance under the weights in
     `options` (desirable_weight / undesirable_weight, default 1 each, TRL's) and, when it is outside the KTO
     paper's range, the weights that would balance it. VlftError naming `where` when every record has one label."""
-    balance = label_balance(prepared.samples, desirable_weight=getattr(options, "desirable_weight", 1.0),
+    balance = label_balance(prepared, desirable_weight=getattr(options, "desirable_weight", 1.0),
                             undesirable_weight=getattr(options, "undesirable_weight", 1.0), where=where)
     return [balance.line()] + ([f"warning: {balance.advice()}"] if balance.advice() else [])

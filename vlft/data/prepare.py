@@ -207,7 +207,7 @@ class PreparedData:
     video_specs: Sequence[list[VisionSpec]] = field(default_factory=list)  # grid and timing of each video
     # image-side preference pairs: the rejected sequence's resolved (images, videos), else None; parallel to samples
     rejected_media: Sequence[tuple[list, list] | None] = field(default_factory=list)
-    # data/store.py REASONED / CUT bits of each record, parallel to samples (empty when built by hand)
+    # data/store.py REASONED / CUT / DESIRABLE bits of each record, parallel to samples (empty when built by hand)
     flags: Sequence[int] = field(default_factory=list)
     # each sample's record index in its file (None: read from samples[i].index)
     indices: Sequence[int] | None = None
@@ -467,7 +467,7 @@ def prepare_records(job, indices) -> list:
     """data/store.py RecordResults of the records `indices` of `job` (data/index.py `Job`: the converted records,
     the format, the encoder and settings): parse, resolve, probe each media file once (in `job.workers` threads:
     PIL and PyAV release the GIL while decoding), measure. Pure of global state, so processes can split a file."""
-    from vlft.data.store import CUT, REASONED, RecordResult, file_stat, media_files, record_digest
+    from vlft.data.store import CUT, DESIRABLE, REASONED, RecordResult, file_stat, media_files, record_digest
 
     file, image_folder, record_format, encoder, media = (job.file, job.image_folder, job.record_format, job.encoder,
                                                          job.media)
@@ -582,7 +582,8 @@ def prepare_records(job, indices) -> list:
             continue
         result = results[sample.index]
         result.lengths = tuple(int(n) for n in lengths)
-        result.flags = (REASONED if _reasoned(sample) else 0) | (CUT if getattr(lengths, "cut", False) else 0)
+        result.flags = ((REASONED if _reasoned(sample) else 0) | (CUT if getattr(lengths, "cut", False) else 0)
+                        | (DESIRABLE if getattr(sample, "label", None) is True else 0))  # KTO's labels, unread later
         result.payload = (
             sample, images[sample.index], [list(v) if isinstance(v, tuple) else v for v in videos[sample.index]],
             specs["image"], specs["video"],

@@ -9,7 +9,8 @@ One store is a folder:
                      rejected media), concatenated; `offsets.npy` (int64 [n_records, 2]) holds each one's byte range
     lengths.npy      int32 [n_records, k]: tokens of each sequence the stage builds (0 for unusable records)
     status.npy       uint8 [n_records]: OK, BAD (problems found) or ABSENT
-    flags.npy        uint8 [n_records]: REASONED (the last answer carries reasoning), CUT (DPO: answers truncated)
+    flags.npy        uint8 [n_records]: REASONED (the last answer carries reasoning), CUT (DPO: answers truncated),
+                     DESIRABLE (KTO: the answer's label is true)
     digests.npy      uint8 [n_records, 16]: blake2b of the record as converted to LLaVA (reuse after an edit)
     media.pkl        the resolved media files of the records (a frame list counts each frame), in first-use order
     media_stat.npy   int64 [n_media, 3]: size, mtime_ns and inode of each when it was probed (-1: missing)
@@ -39,9 +40,9 @@ import numpy as np
 
 from vlft.errors import Problem
 
-FORMAT_VERSION = 1  # bumped when the layout of a store or what a record's payload holds changes
+FORMAT_VERSION = 2  # bumped when the layout of a store or what a record's payload holds changes
 OK, BAD, ABSENT = 1, 2, 0
-REASONED, CUT = 1, 2
+REASONED, CUT, DESIRABLE = 1, 2, 4
 MISSING_STAT = (-1, -1, -1)
 
 

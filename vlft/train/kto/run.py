@@ -52,7 +52,7 @@ def run(argv: list[str]):
     cut = f"; {truncated} with the answer cut to {length_flag_of(data_args)} {max_length}" if truncated else ""
     log(f"data: {data.summary()}{cut}")
     # the balance of thumbs up and down, and the loss weights the KTO paper's rule (eq. 8) would set
-    balance = label_balance(data.samples, desirable_weight=train_args.desirable_weight,
+    balance = label_balance(data, desirable_weight=train_args.desirable_weight,
                             undesirable_weight=train_args.undesirable_weight, where=", ".join(data_args.data_path))
     log(balance.line())
     if balance.advice():
